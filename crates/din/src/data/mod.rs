@@ -1,0 +1,60 @@
+//! Data: delimited readers into columnar datasets with ragged histories.
+//!
+//! A [`Dataset`] stores every column of a file, histories concatenated with
+//! per-row offsets (no padding is stored, so none is computed on). A training
+//! or inference step works on a [`Batch`], gathered from a dataset by row index.
+
+mod batch;
+mod reader;
+mod vocab;
+
+pub use batch::{Batch, Ragged};
+pub use reader::{read_dataset, ReadOptions};
+pub use vocab::{apply_vocab, id_counts, infer_vocab};
+
+use std::path::PathBuf;
+
+/// The rows of one file, column by column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// The file the rows came from (for error messages).
+    pub source: PathBuf,
+    /// 1-based line number of each row in `source`.
+    pub lines: Vec<u64>,
+    /// All columns used by the model.
+    pub batch: Batch,
+    /// Raw user ids for GAUC (when the schema names a user column).
+    pub users: Option<Vec<u64>>,
+}
+
+impl Dataset {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Splits off the last `fraction` of the rows, in file order (Keras'
+    /// `validation_split`: the first `floor(n * (1 - fraction))` rows stay).
+    pub fn split_tail(self, fraction: f64) -> (Dataset, Dataset) {
+        let n = self.len();
+        let cut = ((n as f64) * (1.0 - fraction)).floor() as usize;
+        let head: Vec<usize> = (0..cut).collect();
+        let tail: Vec<usize> = (cut..n).collect();
+        (self.select(&head), self.select(&tail))
+    }
+
+    /// The rows at `rows`, in that order.
+    pub fn select(&self, rows: &[usize]) -> Dataset {
+        Dataset {
+            source: self.source.clone(),
+            lines: rows.iter().map(|&r| self.lines[r]).collect(),
+            batch: self.batch.gather(rows),
+            users: self.users.as_ref().map(|u| rows.iter().map(|&r| u[r]).collect()),
+        }
+    }
+}

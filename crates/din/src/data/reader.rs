@@ -1,0 +1,207 @@
+//! The delimited reader: the tutorial's headerless TSV (columns named in the
+//! config) and general files with a header row.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use super::{Batch, Dataset, Ragged};
+use crate::schema::{Config, Layout, SequenceOrder, SequenceSlot, Truncation};
+use crate::{Error, Result};
+
+/// How strictly to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Whether the label column must be present (training, evaluation) or
+    /// may be absent (prediction; it is ignored when present).
+    pub require_label: bool,
+}
+
+/// Where each schema column sits in the file.
+struct ColumnMap {
+    sparse: Vec<usize>,
+    dense: Vec<usize>,
+    sequences: Vec<usize>,
+    label: Option<usize>,
+    user: Option<usize>,
+    width: usize,
+}
+
+/// Reads a delimited file into a [`Dataset`]. Ids are stored as written;
+/// [`apply_vocab`](super::apply_vocab) checks them against the tables.
+///
+/// Errors name the file, the line, the column and the value: a row with the
+/// wrong number of columns, a non-numeric id or value, a label other than 0
+/// or 1, a history whose paired columns differ in length, or a file without
+/// data rows.
+pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: ReadOptions) -> Result<Dataset> {
+    let input = &config.input;
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot open data file", e))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(input.delimiter_byte()?)
+        .has_headers(input.header)
+        .flexible(true)
+        .from_reader(BufReader::new(file));
+    let columns: Vec<String> = if input.header {
+        let header = reader.headers().map_err(|e| csv_error(path, e))?;
+        header.iter().map(|h| h.trim().to_string()).collect()
+    } else {
+        input.columns.clone()
+    };
+    let map = ColumnMap::new(path, &columns, layout, options)?;
+    let sep = input.separator_byte()? as char;
+
+    let mut batch = Batch {
+        sparse: vec![Vec::new(); layout.sparse.len()],
+        dense: vec![Vec::new(); layout.dense.len()],
+        sequences: vec![Ragged::new(); layout.sequences.len()],
+        labels: Vec::new(),
+        rows: 0,
+    };
+    let mut lines = Vec::new();
+    let mut users: Option<Vec<u64>> = map.user.map(|_| Vec::new());
+    let mut user_ids: HashMap<String, u64> = HashMap::new();
+    let mut record = csv::StringRecord::new();
+    let mut ids: Vec<u32> = Vec::with_capacity(64);
+    let pair_histories: Vec<usize> = layout.pairs.iter().map(|&(_, h)| h).collect();
+
+    loop {
+        match reader.read_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => return Err(csv_error(path, e)),
+        }
+        let line = record.position().map_or(0, |p| p.line());
+        if record.len() == 1 && record[0].trim().is_empty() {
+            continue; // a blank line
+        }
+        if record.len() != map.width {
+            return Err(Error::RowLength { path: path.to_path_buf(), line, expected: map.width, found: record.len() });
+        }
+        let field = |col: usize| record[col].trim();
+        let bad = |name: &str, value: &str, reason: &str| Error::Parse {
+            path: path.to_path_buf(),
+            line,
+            column: name.to_string(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+
+        for (f, &col) in map.sparse.iter().enumerate() {
+            let name = &layout.sparse[f].name;
+            let v = field(col);
+            batch.sparse[f].push(parse_id(v).map_err(|r| bad(name, v, r))?);
+        }
+        for (f, &col) in map.dense.iter().enumerate() {
+            let (name, dim) = (&layout.dense[f].0, layout.dense[f].1);
+            let v = field(col);
+            let mut n = 0;
+            for piece in v.split(sep) {
+                let x: f32 = piece.trim().parse().map_err(|_| bad(name, v, "not a number"))?;
+                if !x.is_finite() {
+                    return Err(bad(name, v, "not a finite number"));
+                }
+                batch.dense[f].push(x);
+                n += 1;
+            }
+            if n != dim {
+                return Err(bad(name, v, &format!("expected {dim} values separated by {sep:?}, found {n}")));
+            }
+        }
+        for (f, &col) in map.sequences.iter().enumerate() {
+            let slot = &layout.sequences[f];
+            let v = field(col);
+            ids.clear();
+            for piece in v.split(sep) {
+                let piece = piece.trim();
+                if piece.is_empty() {
+                    continue;
+                }
+                let id = parse_id(piece).map_err(|r| bad(&slot.name, piece, r))?;
+                if id != 0 {
+                    ids.push(id); // 0 is padding: not stored
+                }
+            }
+            batch.sequences[f].push(truncate(slot, &ids));
+        }
+        if let Some(&first) = pair_histories.first() {
+            let len = batch.sequences[first].row(batch.rows).len();
+            for &h in &pair_histories[1..] {
+                let other = batch.sequences[h].row(batch.rows).len();
+                if other != len {
+                    let (a, b) = (&layout.sequences[first].name, &layout.sequences[h].name);
+                    return Err(bad(b, field(map.sequences[h]), &format!("histories `{a}` and `{b}` are aligned per position but have {len} and {other} ids")));
+                }
+            }
+        }
+        if let (Some(col), true) = (map.label, options.require_label) {
+            let v = field(col);
+            let y: f32 = v.parse().map_err(|_| bad(&layout.label, v, "label must be 0 or 1"))?;
+            if y != 0.0 && y != 1.0 {
+                return Err(bad(&layout.label, v, "label must be 0 or 1"));
+            }
+            batch.labels.push(y);
+        }
+        if let (Some(col), Some(users)) = (map.user, users.as_mut()) {
+            let next = user_ids.len() as u64;
+            users.push(*user_ids.entry(field(col).to_string()).or_insert(next));
+        }
+        lines.push(line);
+        batch.rows += 1;
+    }
+    if batch.rows == 0 {
+        return Err(Error::EmptyFile { path: path.to_path_buf() });
+    }
+    Ok(Dataset { source: path.to_path_buf(), lines, batch, users })
+}
+
+impl ColumnMap {
+    fn new(path: &Path, columns: &[String], layout: &Layout, options: ReadOptions) -> Result<ColumnMap> {
+        let find = |name: &str| -> Result<usize> {
+            columns.iter().position(|c| c == name).ok_or_else(|| Error::MissingColumn {
+                path: path.to_path_buf(),
+                column: name.to_string(),
+                header: columns.join(","),
+            })
+        };
+        let label = if options.require_label { Some(find(&layout.label)?) } else { columns.iter().position(|c| c == &layout.label) };
+        Ok(ColumnMap {
+            sparse: layout.sparse.iter().map(|s| find(&s.name)).collect::<Result<_>>()?,
+            dense: layout.dense.iter().map(|d| find(&d.0)).collect::<Result<_>>()?,
+            sequences: layout.sequences.iter().map(|s| find(&s.name)).collect::<Result<_>>()?,
+            label,
+            user: layout.user.as_deref().map(find).transpose()?,
+            width: columns.len(),
+        })
+    }
+}
+
+fn parse_id(v: &str) -> std::result::Result<u32, &'static str> {
+    let id: u64 = v.parse().map_err(|_| "not a non-negative integer id")?;
+    u32::try_from(id).map_err(|_| "id too large (at most 4294967295)")
+}
+
+/// Keeps at most `max_len` ids, at the end that `truncation` names.
+fn truncate<'a>(slot: &SequenceSlot, ids: &'a [u32]) -> &'a [u32] {
+    if ids.len() <= slot.max_len {
+        return ids;
+    }
+    let keep_front = matches!(
+        (slot.order, slot.truncation),
+        (SequenceOrder::RecentFirst, Truncation::KeepRecent) | (SequenceOrder::OldestFirst, Truncation::KeepOldest)
+    );
+    if keep_front {
+        &ids[..slot.max_len]
+    } else {
+        &ids[ids.len() - slot.max_len..]
+    }
+}
+
+fn csv_error(path: &Path, e: csv::Error) -> Error {
+    let line = e.position().map_or(0, |p| p.line());
+    match e.into_kind() {
+        csv::ErrorKind::Io(source) => Error::io(path, "cannot read data file", source),
+        other => Error::Csv { path: path.to_path_buf(), line, message: format!("{other:?}") },
+    }
+}

@@ -1,0 +1,99 @@
+//! Vocabulary sizes: inferred from training data, then enforced.
+
+use super::Dataset;
+use crate::schema::{Layout, Oov};
+use crate::{Error, Result};
+
+/// Every (table, column name, ids, row of each id) source in a dataset.
+fn id_sources<'a>(layout: &'a Layout, data: &'a Dataset) -> impl Iterator<Item = (usize, &'a str, &'a [u32], Option<&'a [u32]>)> {
+    let sparse = layout.sparse.iter().enumerate().map(move |(f, s)| (s.table, s.name.as_str(), data.batch.sparse[f].as_slice(), None));
+    let seqs = layout
+        .sequences
+        .iter()
+        .enumerate()
+        .map(move |(f, s)| (s.table, s.name.as_str(), data.batch.sequences[f].values.as_slice(), Some(data.batch.sequences[f].offsets.as_slice())));
+    sparse.chain(seqs)
+}
+
+/// Sets each table whose vocabulary size is not given to the largest id seen
+/// in `train` (over every feature using the table) plus one.
+pub fn infer_vocab(layout: &mut Layout, train: &Dataset) {
+    let mut max = vec![0u32; layout.tables.len()];
+    for (t, _, ids, _) in id_sources(layout, train) {
+        if let Some(&m) = ids.iter().max() {
+            max[t] = max[t].max(m);
+        }
+    }
+    for (t, table) in layout.tables.iter_mut().enumerate() {
+        if table.vocab_size.is_none() {
+            table.vocab_size = Some(max[t] as usize + 1);
+        }
+    }
+}
+
+/// Checks every id against its table: an id at or above the vocabulary size
+/// is an error (naming file, line, column and id) under `oov = "error"`, and is
+/// mapped to the reserved row under `oov = "reserved"`.
+pub fn apply_vocab(layout: &Layout, data: &mut Dataset) -> Result<()> {
+    let mut remap: Vec<(bool, usize, usize)> = Vec::new(); // (is_sequence, feature, position)
+    for (t, name, ids, offsets) in id_sources(layout, data) {
+        let table = &layout.tables[t];
+        let vocab = table.vocab_size.unwrap_or(0);
+        for (i, &id) in ids.iter().enumerate() {
+            if (id as usize) < vocab {
+                continue;
+            }
+            match table.oov {
+                Oov::Reserved => {
+                    let f = feature_index(layout, name, offsets.is_some());
+                    remap.push((offsets.is_some(), f, i));
+                }
+                Oov::Error => {
+                    let row = match offsets {
+                        None => i,
+                        Some(o) => o.partition_point(|&start| start as usize <= i) - 1,
+                    };
+                    return Err(Error::OutOfVocabulary {
+                        path: data.source.clone(),
+                        line: data.lines[row],
+                        column: name.to_string(),
+                        id: u64::from(id),
+                        vocab_size: vocab,
+                        table: table.name.clone(),
+                    });
+                }
+            }
+        }
+    }
+    for (is_seq, f, i) in remap {
+        let (table, slot) = if is_seq {
+            (layout.sequences[f].table, &mut data.batch.sequences[f].values[i])
+        } else {
+            (layout.sparse[f].table, &mut data.batch.sparse[f][i])
+        };
+        *slot = layout.tables[table].vocab_size.unwrap_or(0) as u32;
+    }
+    Ok(())
+}
+
+fn feature_index(layout: &Layout, name: &str, is_seq: bool) -> usize {
+    if is_seq {
+        layout.sequences.iter().position(|s| s.name == name).unwrap_or(0)
+    } else {
+        layout.sparse.iter().position(|s| s.name == name).unwrap_or(0)
+    }
+}
+
+/// How often each id of each table occurs in `data` (the n_j of the paper's
+/// mini-batch-aware regularisation). Call after [`apply_vocab`].
+pub fn id_counts(layout: &Layout, data: &Dataset) -> Vec<Vec<u32>> {
+    let mut counts: Vec<Vec<u32>> = layout.tables.iter().map(|t| vec![0; t.rows()]).collect();
+    for (t, _, ids, _) in id_sources(layout, data) {
+        for &id in ids {
+            if let Some(c) = counts[t].get_mut(id as usize) {
+                *c += 1;
+            }
+        }
+    }
+    counts
+}

@@ -1,0 +1,32 @@
+//! # din: the Deep Interest Network for click-through-rate prediction
+//!
+//! A Rust implementation of DIN (Zhou et al., KDD 2018). The modules follow the
+//! data flow:
+//!
+//! ```text
+//! schema -> data -> model -> train -> metrics -> checkpoint -> scorer
+//! ```
+//!
+//! * [`schema`]: the feature schema and the run configuration (TOML for people,
+//!   JSON inside a model directory), validated once.
+//! * [`data`]: delimited readers that turn files into columnar [`data::Dataset`]s
+//!   with ragged (unpadded) behaviour histories.
+//! * [`model`]: embeddings, the local activation unit, the DNN tower, each with an
+//!   explicit forward and backward over one GEMM crate.
+//! * [`train`]: loss, optimizers, regularisation and the training loop.
+//! * [`metrics`]: logloss, AUC, GAUC and RelaImpr.
+//! * [`checkpoint`]: the model directory (`config.json` + `model.safetensors`),
+//!   written atomically.
+//! * [`scorer`]: a loaded model that predicts and evaluates.
+#![deny(missing_docs)]
+
+pub mod checkpoint;
+pub mod data;
+pub mod error;
+pub mod metrics;
+pub mod model;
+pub mod schema;
+pub mod scorer;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,323 @@
+//! Activations with their parameters: PReLU, Dice, ReLU, sigmoid.
+
+use super::param::{Module, Param, Role};
+use super::Mode;
+use crate::schema::ActivationKind;
+
+/// Dice's epsilon inside the square root of the variance.
+pub const DICE_EPS: f32 = 1e-8;
+/// Dice's moving-average momentum (as DeepCTR's BatchNormalization).
+pub const DICE_MOMENTUM: f32 = 0.99;
+/// PReLU's initial slope for negative inputs.
+pub const PRELU_INIT: f32 = 0.25;
+
+/// An element-wise activation over `[rows, channels]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Activation {
+    /// Which function.
+    pub kind: ActivationKind,
+    /// Per-channel slope (PReLU, Dice), `[channels]`.
+    pub alpha: Option<Param>,
+    /// Dice's moving mean, `[channels]`.
+    pub running_mean: Option<Param>,
+    /// Dice's moving variance, `[channels]`.
+    pub running_var: Option<Param>,
+}
+
+/// What the backward pass of an activation needs besides its input.
+#[derive(Debug, Clone, Default)]
+pub struct ActivationCache {
+    /// Dice: the mean used per channel (batch or moving).
+    mean: Vec<f32>,
+    /// Dice: the biased variance of the batch per channel (training only).
+    batch_var: Vec<f32>,
+    /// Dice: `1 / sqrt(var + eps)` per channel.
+    inv_std: Vec<f32>,
+    /// Dice: `sigmoid(z)` per element.
+    p: Vec<f32>,
+    /// Whether batch statistics were used.
+    batch_stats: bool,
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl Activation {
+    /// A new activation over `channels`.
+    pub fn new(kind: ActivationKind, channels: usize) -> Self {
+        let (alpha, stats) = match kind {
+            ActivationKind::Prelu => (Some(Param::filled(PRELU_INIT, vec![channels], Role::Alpha)), false),
+            ActivationKind::Dice => (Some(Param::filled(0.0, vec![channels], Role::Alpha)), true),
+            ActivationKind::Relu | ActivationKind::Sigmoid => (None, false),
+        };
+        Activation {
+            kind,
+            alpha,
+            running_mean: stats.then(|| Param::filled(0.0, vec![channels], Role::Statistic)),
+            running_var: stats.then(|| Param::filled(1.0, vec![channels], Role::Statistic)),
+        }
+    }
+
+    /// `y = act(x)` over `[rows, channels]`. Dice uses batch statistics in
+    /// [`Mode::Train`] and the moving averages in [`Mode::Infer`].
+    pub fn forward(&self, x: &[f32], rows: usize, mode: Mode, y: &mut Vec<f32>) -> ActivationCache {
+        y.clear();
+        y.resize(x.len(), 0.0);
+        let mut cache = ActivationCache::default();
+        if x.is_empty() {
+            return cache;
+        }
+        let c = x.len() / rows;
+        match self.kind {
+            ActivationKind::Relu => y.iter_mut().zip(x).for_each(|(y, &x)| *y = x.max(0.0)),
+            ActivationKind::Sigmoid => y.iter_mut().zip(x).for_each(|(y, &x)| *y = sigmoid(x)),
+            ActivationKind::Prelu => {
+                let alpha = &self.alpha_values();
+                for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    for ((y, &x), &a) in yr.iter_mut().zip(xr).zip(alpha) {
+                        *y = if x > 0.0 { x } else { a * x };
+                    }
+                }
+            }
+            ActivationKind::Dice => {
+                cache.batch_stats = mode == Mode::Train;
+                if cache.batch_stats {
+                    let (mean, var) = column_moments(x, rows, c);
+                    cache.mean = mean;
+                    cache.batch_var = var;
+                } else {
+                    cache.mean = self.running_mean.as_ref().map_or_else(|| vec![0.0; c], |p| p.value.clone());
+                    cache.batch_var = self.running_var.as_ref().map_or_else(|| vec![1.0; c], |p| p.value.clone());
+                }
+                cache.inv_std = cache.batch_var.iter().map(|v| 1.0 / (v + DICE_EPS).sqrt()).collect();
+                cache.p = vec![0.0; x.len()];
+                let alpha = &self.alpha_values();
+                for ((yr, xr), pr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(cache.p.chunks_exact_mut(c)) {
+                    for j in 0..c {
+                        let p = sigmoid((xr[j] - cache.mean[j]) * cache.inv_std[j]);
+                        pr[j] = p;
+                        yr[j] = xr[j] * (alpha[j] + (1.0 - alpha[j]) * p); // p·x + (1-p)·α·x
+                    }
+                }
+                if !cache.batch_stats {
+                    cache.batch_var.clear();
+                }
+            }
+        }
+        cache
+    }
+
+    /// Writes `dx` from `dy` and accumulates the slope gradient.
+    pub fn backward(&mut self, x: &[f32], y: &[f32], rows: usize, cache: &ActivationCache, dy: &[f32], dx: &mut Vec<f32>) {
+        dx.clear();
+        dx.resize(x.len(), 0.0);
+        if x.is_empty() {
+            return;
+        }
+        let c = x.len() / rows;
+        match self.kind {
+            ActivationKind::Relu => dx.iter_mut().zip(x).zip(dy).for_each(|((d, &x), &g)| *d = if x > 0.0 { g } else { 0.0 }),
+            ActivationKind::Sigmoid => dx.iter_mut().zip(y).zip(dy).for_each(|((d, &y), &g)| *d = g * y * (1.0 - y)),
+            ActivationKind::Prelu => {
+                let alpha = self.alpha_values();
+                let mut dalpha = vec![0.0f32; c];
+                for ((dr, xr), gr) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(dy.chunks_exact(c)) {
+                    for j in 0..c {
+                        if xr[j] > 0.0 {
+                            dr[j] = gr[j];
+                        } else {
+                            dr[j] = alpha[j] * gr[j];
+                            dalpha[j] += gr[j] * xr[j];
+                        }
+                    }
+                }
+                self.add_alpha_grad(&dalpha);
+            }
+            ActivationKind::Dice => {
+                let alpha = self.alpha_values();
+                let mut dalpha = vec![0.0f32; c];
+                // gz: gradient reaching z = (x - mean) * inv_std.
+                let mut gz = vec![0.0f32; x.len()];
+                for r in 0..rows {
+                    for j in 0..c {
+                        let i = r * c + j;
+                        let (xi, p, g) = (x[i], cache.p[i], dy[i]);
+                        dx[i] = g * (alpha[j] + (1.0 - alpha[j]) * p);
+                        dalpha[j] += g * xi * (1.0 - p);
+                        gz[i] = g * (1.0 - alpha[j]) * xi * p * (1.0 - p);
+                    }
+                }
+                if cache.batch_stats {
+                    // Batch-normalisation backward: the mean and variance depend on x.
+                    let n = rows as f32;
+                    let mut mean_gz = vec![0.0f32; c];
+                    let mut mean_gz_z = vec![0.0f32; c];
+                    for r in 0..rows {
+                        for j in 0..c {
+                            let i = r * c + j;
+                            let z = (x[i] - cache.mean[j]) * cache.inv_std[j];
+                            mean_gz[j] += gz[i] / n;
+                            mean_gz_z[j] += gz[i] * z / n;
+                        }
+                    }
+                    for r in 0..rows {
+                        for j in 0..c {
+                            let i = r * c + j;
+                            let z = (x[i] - cache.mean[j]) * cache.inv_std[j];
+                            dx[i] += cache.inv_std[j] * (gz[i] - mean_gz[j] - z * mean_gz_z[j]);
+                        }
+                    }
+                } else {
+                    for r in 0..rows {
+                        for j in 0..c {
+                            dx[r * c + j] += gz[r * c + j] * cache.inv_std[j];
+                        }
+                    }
+                }
+                self.add_alpha_grad(&dalpha);
+            }
+        }
+    }
+
+    /// Folds a training batch's statistics into Dice's moving averages.
+    pub fn update_statistics(&mut self, cache: &ActivationCache) {
+        if !cache.batch_stats {
+            return;
+        }
+        for (stat, batch) in [(&mut self.running_mean, &cache.mean), (&mut self.running_var, &cache.batch_var)] {
+            if let Some(p) = stat {
+                for (m, b) in p.value.iter_mut().zip(batch) {
+                    *m = DICE_MOMENTUM * *m + (1.0 - DICE_MOMENTUM) * b;
+                }
+            }
+        }
+    }
+
+    fn alpha_values(&self) -> Vec<f32> {
+        self.alpha.as_ref().map(|a| a.value.clone()).unwrap_or_default()
+    }
+
+    fn add_alpha_grad(&mut self, d: &[f32]) {
+        if let Some(a) = &mut self.alpha {
+            a.grad.iter_mut().zip(d).for_each(|(g, d)| *g += d);
+        }
+    }
+}
+
+/// Per-column mean and biased variance of `[rows, c]`, accumulated in f64.
+fn column_moments(x: &[f32], rows: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut sum = vec![0.0f64; c];
+    for xr in x.chunks_exact(c) {
+        sum.iter_mut().zip(xr).for_each(|(s, &v)| *s += f64::from(v));
+    }
+    let mean: Vec<f64> = sum.iter().map(|s| s / rows as f64).collect();
+    let mut sq = vec![0.0f64; c];
+    for xr in x.chunks_exact(c) {
+        for j in 0..c {
+            let d = f64::from(xr[j]) - mean[j];
+            sq[j] += d * d;
+        }
+    }
+    (mean.iter().map(|&m| m as f32).collect(), sq.iter().map(|&s| (s / rows as f64) as f32).collect())
+}
+
+impl Module for Activation {
+    fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(String, &'a Param)) {
+        let tensors = [("alpha", &self.alpha), ("running_mean", &self.running_mean), ("running_var", &self.running_var)];
+        for (name, p) in tensors {
+            if let Some(p) = p {
+                f(format!("{prefix}.{name}"), p);
+            }
+        }
+    }
+    fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(String, &mut Param)) {
+        let tensors = [("alpha", &mut self.alpha), ("running_mean", &mut self.running_mean), ("running_var", &mut self.running_var)];
+        for (name, p) in tensors {
+            if let Some(p) = p {
+                f(format!("{prefix}.{name}"), p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{assert_close, dot, numeric_grad, rand_vec};
+    use super::*;
+
+    fn check(kind: ActivationKind, mode: Mode) {
+        let (rows, c) = (6, 3);
+        let mut act = Activation::new(kind, c);
+        if let Some(a) = &mut act.alpha {
+            a.value = vec![0.1, 0.3, -0.2];
+        }
+        if let Some(m) = &mut act.running_mean {
+            m.value = vec![0.1, -0.2, 0.05];
+        }
+        if let Some(v) = &mut act.running_var {
+            v.value = vec![0.5, 1.5, 0.8];
+        }
+        // Keep inputs away from PReLU/ReLU's kink at 0, where finite differences are undefined.
+        let x: Vec<f32> = rand_vec(rows * c, 7).iter().map(|v| if v.abs() < 0.05 { v + 0.1 } else { *v }).collect();
+        let r = rand_vec(rows * c, 8);
+        let loss = |a: &Activation, x: &[f32]| {
+            let mut y = Vec::new();
+            a.forward(x, rows, mode, &mut y);
+            dot(&r, &y)
+        };
+        let mut y = Vec::new();
+        let cache = act.forward(&x, rows, mode, &mut y);
+        let mut dx = Vec::new();
+        act.backward(&x, &y, rows, &cache, &r, &mut dx);
+        let nx = numeric_grad(&x, 1e-3, |x| loss(&act, x));
+        assert_close(&format!("{kind:?} {mode:?} dx"), &dx, &nx, 1e-2);
+        if let Some(alpha) = &act.alpha {
+            let na = numeric_grad(&alpha.value, 1e-3, |a| {
+                let mut m = act.clone();
+                if let Some(p) = &mut m.alpha {
+                    p.value = a.to_vec();
+                }
+                loss(&m, &x)
+            });
+            assert_close(&format!("{kind:?} {mode:?} dalpha"), &alpha.grad, &na, 1e-2);
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for kind in [ActivationKind::Prelu, ActivationKind::Dice, ActivationKind::Relu, ActivationKind::Sigmoid] {
+            for mode in [Mode::Train, Mode::Infer] {
+                check(kind, mode);
+            }
+        }
+    }
+
+    #[test]
+    fn prelu_values() {
+        let act = Activation::new(ActivationKind::Prelu, 2);
+        let mut y = Vec::new();
+        act.forward(&[-2.0, 3.0], 1, Mode::Infer, &mut y);
+        assert_eq!(y, vec![-2.0 * PRELU_INIT, 3.0]);
+    }
+
+    #[test]
+    fn dice_uses_batch_statistics_in_training_and_moving_averages_at_inference() {
+        let mut act = Activation::new(ActivationKind::Dice, 1);
+        // alpha = 0: y = x * sigmoid((x - mean) / sqrt(var + eps)).
+        let x = [1.0f32, 3.0];
+        let mut y = Vec::new();
+        let cache = act.forward(&x, 2, Mode::Train, &mut y);
+        // Batch mean 2, variance 1: z = -1, +1.
+        let s = |z: f32| 1.0 / (1.0 + (-z).exp());
+        assert!((y[0] - 1.0 * s(-1.0)).abs() < 1e-6 && (y[1] - 3.0 * s(1.0)).abs() < 1e-6);
+        act.update_statistics(&cache);
+        // Moving averages start at (0, 1): 0.99*0 + 0.01*2 = 0.02; 0.99*1 + 0.01*1 = 1.
+        let m = act.running_mean.as_ref().map(|p| p.value[0]);
+        let v = act.running_var.as_ref().map(|p| p.value[0]);
+        assert!((m.unwrap_or(f32::NAN) - 0.02).abs() < 1e-7 && (v.unwrap_or(f32::NAN) - 1.0).abs() < 1e-6);
+        act.forward(&x, 2, Mode::Infer, &mut y);
+        let z0 = (1.0 - 0.02) / (1.0f32 + DICE_EPS).sqrt();
+        assert!((y[0] - s(z0)).abs() < 1e-6, "inference uses the moving averages, not the batch");
+    }
+}

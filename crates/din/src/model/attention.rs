@@ -1,0 +1,312 @@
+//! The local activation unit and attention pooling (DIN's core).
+//!
+//! For a candidate (query) `q` and each past behaviour (key) `k` of the same
+//! sample, an MLP over `[q, k, q-k, q*k]` gives a score; the history is pooled
+//! as `Σ_t w_t k_t` with `w = score` (the paper) or `softmax(score)`.
+//!
+//! The first layer is split exactly (architecture.md, trick 1): with
+//! `W = [Wq; Wk; Wd; Wp]` acting on `[q, k, q-k, q*k]`,
+//! `[q, k, q-k, q*k]·W = q·(Wq+Wd) + k·(Wk-Wd) + (q*k)·Wp`, so the query term
+//! is computed once per sample rather than once per behaviour, and the
+//! `[rows, 4D]` input is never built. Histories are ragged: only real
+//! behaviours are computed (trick 2).
+
+use rand::Rng;
+
+use super::activation::ActivationCache;
+use super::linalg::{matmul, matmul_a_bt, matmul_at_b};
+use super::linear::Linear;
+use super::mlp::{Block, Mlp, MlpCache};
+use super::param::{Module, Param};
+use super::Mode;
+use crate::schema::{AttentionConfig, Normalization};
+
+/// The local activation unit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attention {
+    /// First hidden layer; its weight is `[4D, H1]` over `[q, k, q-k, q*k]`.
+    pub first: Block,
+    /// The remaining hidden layers.
+    pub rest: Mlp,
+    /// Score layer, `[H_last, 1]`.
+    pub output: Linear,
+    /// Score normalisation.
+    pub normalization: Normalization,
+}
+
+/// Intermediate values of [`Attention::forward`].
+#[derive(Debug, Clone, Default)]
+pub struct AttentionCache {
+    /// Sample of each behaviour row, `[N]`.
+    owner: Vec<u32>,
+    /// `Wq + Wd`, `[D, H1]`.
+    wq: Vec<f32>,
+    /// `Wk - Wd`, `[D, H1]`.
+    wk: Vec<f32>,
+    /// `q * k` per behaviour, `[N, D]`.
+    qk: Vec<f32>,
+    /// First layer pre-activation, `[N, H1]`.
+    pre1: Vec<f32>,
+    /// First layer output, `[N, H1]`.
+    h1: Vec<f32>,
+    first_act: ActivationCache,
+    rest: MlpCache,
+    /// Attention weights after normalisation, `[N]`.
+    pub weights: Vec<f32>,
+}
+
+impl Attention {
+    /// A unit for queries and keys of width `dim`.
+    pub fn new(dim: usize, config: &AttentionConfig, rng: &mut impl Rng) -> Self {
+        let units = &config.hidden_units;
+        let h1 = units.first().copied().unwrap_or(1);
+        let first = Block::new(4 * dim, h1, config.activation, 0.0, rng);
+        let rest = Mlp::new(h1, &units[1.min(units.len())..], config.activation, 0.0, rng);
+        let output = Linear::new(rest.output_dim(h1), 1, rng);
+        Attention { first, rest, output, normalization: config.normalization }
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        let h1 = self.first.linear.output_dim();
+        (self.first.linear.input_dim() / 4, h1)
+    }
+
+    /// Pools each sample's keys by their attention to its query.
+    ///
+    /// `q`: `[B, D]`; `keys`: `[N, D]`, sample `b` owning rows
+    /// `offsets[b]..offsets[b+1]`. Returns the pooled history `[B, D]`.
+    pub fn forward(&self, q: &[f32], keys: &[f32], offsets: &[u32], mode: Mode) -> (Vec<f32>, AttentionCache) {
+        let (d, h1) = self.dims();
+        let b = offsets.len() - 1;
+        let n = keys.len() / d.max(1);
+        let w = &self.first.linear.weight.value; // [4D, H1]
+        let (wq_, wk_, wd, wp) = (&w[..d * h1], &w[d * h1..2 * d * h1], &w[2 * d * h1..3 * d * h1], &w[3 * d * h1..]);
+        let wq: Vec<f32> = wq_.iter().zip(wd).map(|(a, b)| a + b).collect(); // [D, H1]
+        let wk: Vec<f32> = wk_.iter().zip(wd).map(|(a, b)| a - b).collect(); // [D, H1]
+
+        let mut owner = Vec::with_capacity(n);
+        for s in 0..b {
+            owner.extend(std::iter::repeat(s as u32).take((offsets[s + 1] - offsets[s]) as usize));
+        }
+        let mut aq = vec![0.0; b * h1];
+        matmul(b, d, h1, q, &wq, &mut aq, false); // [B, H1], once per sample
+        let mut qk = vec![0.0; n * d]; // [N, D]
+        let mut pre1 = Vec::with_capacity(n * h1); // [N, H1]
+        for (t, &s) in owner.iter().enumerate() {
+            let (qs, ks) = (&q[s as usize * d..(s as usize + 1) * d], &keys[t * d..(t + 1) * d]);
+            qk[t * d..(t + 1) * d].iter_mut().zip(qs.iter().zip(ks)).for_each(|(o, (a, b))| *o = a * b);
+            let a = &aq[s as usize * h1..(s as usize + 1) * h1];
+            pre1.extend(a.iter().zip(&self.first.linear.bias.value).map(|(a, b)| a + b));
+        }
+        matmul(n, d, h1, keys, &wk, &mut pre1, true); // += k·(Wk-Wd)
+        matmul(n, d, h1, &qk, wp, &mut pre1, true); // += (q*k)·Wp
+        let mut h1v = Vec::new();
+        let first_act = self.first.activation.forward(&pre1, n, mode, &mut h1v); // [N, H1]
+        let rest = self.rest.forward(h1v.clone(), n, mode, None); // [N, H_last]
+        let mut scores = Vec::new();
+        self.output.forward(&rest.output, n, &mut scores); // [N, 1]
+
+        let mut weights = scores;
+        if self.normalization == Normalization::Softmax {
+            for s in 0..b {
+                softmax_in_place(&mut weights[offsets[s] as usize..offsets[s + 1] as usize]);
+            }
+        }
+        let mut pooled = vec![0.0; b * d]; // [B, D]
+        for (t, &s) in owner.iter().enumerate() {
+            let wt = weights[t];
+            pooled[s as usize * d..(s as usize + 1) * d].iter_mut().zip(&keys[t * d..(t + 1) * d]).for_each(|(p, k)| *p += wt * k);
+        }
+        let cache = AttentionCache { owner, wq, wk, qk, pre1, h1: h1v, first_act, rest, weights };
+        (pooled, cache)
+    }
+
+    /// Accumulates parameter gradients and returns `(dq [B, D], dkeys [N, D])`.
+    pub fn backward(&mut self, q: &[f32], keys: &[f32], cache: &AttentionCache, dpooled: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (d, h1) = self.dims();
+        let b = q.len() / d.max(1);
+        let n = cache.owner.len();
+        let rows = |x: &[f32], i: u32| x[i as usize * d..(i as usize + 1) * d].to_vec();
+
+        // Pooling: pooled_b = Σ_t w_t k_t.
+        let mut dk = vec![0.0; n * d]; // [N, D]
+        let mut dw = vec![0.0; n]; // [N]
+        for (t, &s) in cache.owner.iter().enumerate() {
+            let g = &dpooled[s as usize * d..(s as usize + 1) * d];
+            let k = &keys[t * d..(t + 1) * d];
+            dw[t] = g.iter().zip(k).map(|(a, b)| a * b).sum();
+            dk[t * d..(t + 1) * d].iter_mut().zip(g).for_each(|(o, g)| *o = cache.weights[t] * g);
+        }
+        // Normalisation.
+        let mut dscore = dw;
+        if self.normalization == Normalization::Softmax {
+            let mut start = 0;
+            while start < n {
+                let s = cache.owner[start];
+                let end = start + cache.owner[start..].iter().take_while(|&&o| o == s).count();
+                let w = &cache.weights[start..end];
+                let dot: f32 = w.iter().zip(&dscore[start..end]).map(|(a, b)| a * b).sum();
+                for (g, wt) in dscore[start..end].iter_mut().zip(w) {
+                    *g = wt * (*g - dot);
+                }
+                start = end;
+            }
+        }
+        // Score MLP.
+        let mut dh = Vec::new();
+        self.output.backward(&cache.rest.output, n, &dscore, Some(&mut dh)); // [N, H_last]
+        let dh1 = self.rest.backward(&cache.rest, n, dh); // [N, H1]
+        let mut dpre1 = Vec::new();
+        self.first.activation.backward(&cache.pre1, &cache.h1, n, &cache.first_act, &dh1, &mut dpre1);
+
+        // First layer, split: pre1_t = q_b·Wq' + k_t·Wk' + (q_b*k_t)·Wp + b1.
+        let lin = &mut self.first.linear;
+        for r in dpre1.chunks_exact(h1) {
+            lin.bias.grad.iter_mut().zip(r).for_each(|(g, d)| *g += d);
+        }
+        let mut ds = vec![0.0; b * h1]; // [B, H1] = Σ_{t∈b} dpre1_t
+        for (t, &s) in cache.owner.iter().enumerate() {
+            ds[s as usize * h1..(s as usize + 1) * h1].iter_mut().zip(&dpre1[t * h1..(t + 1) * h1]).for_each(|(a, g)| *a += g);
+        }
+        let mut dwq = vec![0.0; d * h1];
+        matmul_at_b(d, b, h1, q, &ds, &mut dwq, false); // [D, H1]
+        let mut dwk = vec![0.0; d * h1];
+        matmul_at_b(d, n, h1, keys, &dpre1, &mut dwk, false); // [D, H1]
+        let grad = &mut lin.weight.grad;
+        matmul_at_b(d, n, h1, &cache.qk, &dpre1, &mut grad[3 * d * h1..], true); // dWp
+        for i in 0..d * h1 {
+            grad[i] += dwq[i]; // dWq = dWq'
+            grad[d * h1 + i] += dwk[i]; // dWk = dWk'
+            grad[2 * d * h1 + i] += dwq[i] - dwk[i]; // dWd = dWq' - dWk'
+        }
+        let wp = &lin.weight.value[3 * d * h1..];
+        let mut dq = vec![0.0; b * d];
+        matmul_a_bt(b, h1, d, &ds, &cache.wq, &mut dq, false); // [B, D]
+        matmul_a_bt(n, h1, d, &dpre1, &cache.wk, &mut dk, true); // [N, D]
+        let mut gp = vec![0.0; n * d];
+        matmul_a_bt(n, h1, d, &dpre1, wp, &mut gp, false); // [N, D] gradient reaching q*k
+        for (t, &s) in cache.owner.iter().enumerate() {
+            let (qs, ks) = (rows(q, s), &keys[t * d..(t + 1) * d]);
+            let g = &gp[t * d..(t + 1) * d];
+            for j in 0..d {
+                dk[t * d + j] += g[j] * qs[j];
+                dq[s as usize * d + j] += g[j] * ks[j];
+            }
+        }
+        (dq, dk)
+    }
+
+    /// Folds training batch statistics into Dice's moving averages.
+    pub fn update_statistics(&mut self, cache: &AttentionCache) {
+        self.first.activation.update_statistics(&cache.first_act);
+        self.rest.update_statistics(&cache.rest);
+    }
+}
+
+fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    x.iter_mut().for_each(|v| *v /= sum);
+}
+
+impl Module for Attention {
+    fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(String, &'a Param)) {
+        self.first.visit(&format!("{prefix}.layers.0"), f);
+        self.rest.visit_from(&format!("{prefix}.layers"), 1, f);
+        self.output.visit(&format!("{prefix}.output"), f);
+    }
+    fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(String, &mut Param)) {
+        self.first.visit_mut(&format!("{prefix}.layers.0"), f);
+        self.rest.visit_from_mut(&format!("{prefix}.layers"), 1, f);
+        self.output.visit_mut(&format!("{prefix}.output"), f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{assert_close, dot, numeric_grad, rand_vec};
+    use super::*;
+    use crate::schema::ActivationKind;
+    use rand::SeedableRng;
+
+    /// The split first layer equals the textbook MLP over `[q, k, q-k, q*k]`.
+    #[test]
+    fn split_first_layer_equals_concatenated_input() {
+        let d = 3;
+        let config = AttentionConfig { hidden_units: vec![5], activation: ActivationKind::Sigmoid, normalization: Normalization::None };
+        let att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
+        let q = rand_vec(d, 2);
+        let keys = rand_vec(2 * d, 3);
+        let (pooled, cache) = att.forward(&q, &keys, &[0, 2], Mode::Infer);
+        for t in 0..2 {
+            let k = &keys[t * d..(t + 1) * d];
+            let x: Vec<f32> = q.iter().chain(k).copied().chain(q.iter().zip(k).map(|(a, b)| a - b)).chain(q.iter().zip(k).map(|(a, b)| a * b)).collect();
+            let mut pre = Vec::new();
+            att.first.linear.forward(&x, 1, &mut pre);
+            let mut h = Vec::new();
+            att.first.activation.forward(&pre, 1, Mode::Infer, &mut h);
+            let mut s = Vec::new();
+            att.output.forward(&h, 1, &mut s);
+            assert!((s[0] - cache.weights[t]).abs() < 1e-5, "score {t}: {} vs {}", s[0], cache.weights[t]);
+        }
+        let want: Vec<f32> = (0..d).map(|j| cache.weights[0] * keys[j] + cache.weights[1] * keys[d + j]).collect();
+        assert_close("pooled", &pooled, &want.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(), 1e-5);
+    }
+
+    fn check(activation: ActivationKind, normalization: Normalization, mode: Mode) {
+        let d = 4;
+        let config = AttentionConfig { hidden_units: vec![6, 5], activation, normalization };
+        let mut att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(11));
+        // Sample 1 has an empty history.
+        let offsets = [0u32, 3, 3, 5];
+        let q = rand_vec(3 * d, 12);
+        let keys = rand_vec(5 * d, 13);
+        let r = rand_vec(3 * d, 14);
+        let loss = |a: &Attention, q: &[f32], k: &[f32]| dot(&r, &a.forward(q, k, &offsets, mode).0);
+        let (pooled, cache) = att.forward(&q, &keys, &offsets, mode);
+        assert!(pooled[d..2 * d].iter().all(|v| *v == 0.0), "an empty history pools to zero");
+        let (dq, dk) = att.backward(&q, &keys, &cache, &r);
+        let name = format!("{activation:?}/{normalization:?}/{mode:?}");
+        assert_close(&format!("{name} dq"), &dq, &numeric_grad(&q, 1e-3, |q| loss(&att, q, &keys)), 2e-2);
+        assert_close(&format!("{name} dk"), &dk, &numeric_grad(&keys, 1e-3, |k| loss(&att, &q, k)), 2e-2);
+        let w = att.first.linear.weight.value.clone();
+        let nw = numeric_grad(&w, 1e-3, |w| {
+            let mut a = att.clone();
+            a.first.linear.weight.value = w.to_vec();
+            loss(&a, &q, &keys)
+        });
+        assert_close(&format!("{name} dW1"), &att.first.linear.weight.grad, &nw, 2e-2);
+        let nb = numeric_grad(&att.output.weight.value.clone(), 1e-3, |w| {
+            let mut a = att.clone();
+            a.output.weight.value = w.to_vec();
+            loss(&a, &q, &keys)
+        });
+        assert_close(&format!("{name} dWout"), &att.output.weight.grad, &nb, 2e-2);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for (act, norm, mode) in [
+            (ActivationKind::Sigmoid, Normalization::None, Mode::Train),
+            (ActivationKind::Sigmoid, Normalization::Softmax, Mode::Train),
+            (ActivationKind::Dice, Normalization::None, Mode::Train),
+            (ActivationKind::Dice, Normalization::Softmax, Mode::Infer),
+            (ActivationKind::Prelu, Normalization::Softmax, Mode::Train),
+        ] {
+            check(act, norm, mode);
+        }
+    }
+
+    #[test]
+    fn softmax_weights_sum_to_one_per_sample() {
+        let config = AttentionConfig { hidden_units: vec![4], activation: ActivationKind::Prelu, normalization: Normalization::Softmax };
+        let att = Attention::new(2, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
+        let (_, cache) = att.forward(&rand_vec(4, 1), &rand_vec(8, 2), &[0, 1, 4], Mode::Infer);
+        assert!((cache.weights[0] - 1.0).abs() < 1e-6);
+        assert!((cache.weights[1..].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,125 @@
+//! Matrix products over the `gemm` crate. All matrices are row-major `f32`.
+
+use gemm::{gemm, Parallelism};
+
+/// Products smaller than this many multiply-adds run on the calling thread.
+const PARALLEL_THRESHOLD: usize = 1 << 16;
+
+#[allow(clippy::too_many_arguments)]
+fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    a: &[f32],
+    (a_rs, a_cs): (isize, isize),
+    b: &[f32],
+    (b_rs, b_cs): (isize, isize),
+    accumulate: bool,
+) {
+    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matrix product shape mismatch");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].iter_mut().for_each(|x| *x = 0.0);
+        }
+        return;
+    }
+    let parallelism = if m * n * k >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the assert above checks that every matrix holds the elements
+    // addressed by its shape and strides; `c` does not alias `a` or `b`
+    // (guaranteed by the borrow checker: `c` is a unique borrow).
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `c[m,n] (+)= a[m,k] · b[k,n]`.
+pub fn matmul(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    product(m, n, k, c, a, (k as isize, 1), b, (n as isize, 1), accumulate);
+}
+
+/// `c[m,n] (+)= aᵀ · b` where `a` is stored `[k,m]` and `b` is `[k,n]`.
+pub fn matmul_at_b(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    product(m, n, k, c, a, (1, m as isize), b, (n as isize, 1), accumulate);
+}
+
+/// `c[m,n] (+)= a · bᵀ` where `a` is `[m,k]` and `b` is stored `[n,k]`.
+pub fn matmul_a_bt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+    product(m, n, k, c, a, (k as isize, 1), b, (1, k as isize), accumulate);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, k: usize, n: usize, a: impl Fn(usize, usize) -> f32, b: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a(i, p) * b(p, j)).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn all_three_layouts_match_a_naive_product() {
+        let (m, k, n) = (7, 5, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want = naive(m, k, n, |i, p| a[i * k + p], |p, j| b[p * n + j]);
+        let mut c = vec![1.0; m * n];
+        matmul(m, k, n, &a, &b, &mut c, false);
+        for (x, y) in c.iter().zip(&want) {
+            assert!((x - y).abs() < 1e-5);
+        }
+        // aᵀ stored [k, m]
+        let at: Vec<f32> = (0..k * m).map(|idx| a[(idx % m) * k + idx / m]).collect();
+        let mut c2 = vec![1.0; m * n];
+        matmul_at_b(m, k, n, &at, &b, &mut c2, true);
+        for (x, y) in c2.iter().zip(&want) {
+            assert!((x - (y + 1.0)).abs() < 1e-5, "accumulate adds to c");
+        }
+        // bᵀ stored [n, k]
+        let bt: Vec<f32> = (0..n * k).map(|idx| b[(idx % k) * n + idx / k]).collect();
+        let mut c3 = vec![0.0; m * n];
+        matmul_a_bt(m, k, n, &a, &bt, &mut c3, false);
+        for (x, y) in c3.iter().zip(&want) {
+            assert!((x - y).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn empty_inner_dimension_gives_zeros() {
+        let mut c = vec![3.0; 4];
+        matmul(2, 0, 2, &[], &[], &mut c, false);
+        assert_eq!(c, vec![0.0; 4]);
+    }
+}

@@ -1,0 +1,189 @@
+//! A stack of fully connected layers with activations and dropout.
+
+use rand::Rng;
+
+use super::activation::{Activation, ActivationCache};
+use super::linear::Linear;
+use super::param::{Module, Param};
+use super::Mode;
+use crate::schema::ActivationKind;
+
+/// One hidden layer: `act(x·W + b)`, then dropout in training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Block {
+    /// The affine map.
+    pub linear: Linear,
+    /// The activation.
+    pub activation: Activation,
+    /// Dropout rate.
+    pub dropout: f32,
+}
+
+/// Hidden layers, applied in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mlp {
+    /// The layers.
+    pub blocks: Vec<Block>,
+}
+
+/// Intermediate values of [`Mlp::forward`] kept for the backward pass.
+#[derive(Debug, Clone, Default)]
+pub struct MlpCache {
+    /// Input of each block, `[rows, in_i]`.
+    inputs: Vec<Vec<f32>>,
+    /// Pre-activation of each block, `[rows, out_i]`.
+    pre: Vec<Vec<f32>>,
+    /// Activation output of each block (before dropout).
+    activated: Vec<Vec<f32>>,
+    /// Activation caches.
+    activations: Vec<ActivationCache>,
+    /// Dropout multipliers (empty when no dropout was applied).
+    masks: Vec<Vec<f32>>,
+    /// The MLP's output, `[rows, out_last]`.
+    pub output: Vec<f32>,
+}
+
+impl Block {
+    /// A block from `input` to `output` units.
+    pub fn new(input: usize, output: usize, activation: ActivationKind, dropout: f32, rng: &mut impl Rng) -> Self {
+        Block { linear: Linear::new(input, output, rng), activation: Activation::new(activation, output), dropout }
+    }
+}
+
+impl Mlp {
+    /// Layers `input -> units[0] -> units[1] ...`.
+    pub fn new(input: usize, units: &[usize], activation: ActivationKind, dropout: f32, rng: &mut impl Rng) -> Self {
+        let mut blocks = Vec::with_capacity(units.len());
+        let mut width = input;
+        for &u in units {
+            blocks.push(Block::new(width, u, activation, dropout, rng));
+            width = u;
+        }
+        Mlp { blocks }
+    }
+
+    /// Output width, given the input width.
+    pub fn output_dim(&self, input: usize) -> usize {
+        self.blocks.last().map_or(input, |b| b.linear.output_dim())
+    }
+
+    /// Runs every block on `x` (`[rows, in]`). `rng` drives dropout in training.
+    pub fn forward(&self, x: Vec<f32>, rows: usize, mode: Mode, rng: Option<&mut dyn rand::RngCore>) -> MlpCache {
+        let mut cache = MlpCache::default();
+        let mut rng = rng;
+        let mut h = x;
+        for b in &self.blocks {
+            let mut pre = Vec::new();
+            b.linear.forward(&h, rows, &mut pre); // [rows, out]
+            let mut a = Vec::new();
+            let ac = b.activation.forward(&pre, rows, mode, &mut a); // [rows, out]
+            let mut out = a.clone();
+            let mut mask = Vec::new();
+            if mode == Mode::Train && b.dropout > 0.0 {
+                if let Some(rng) = rng.as_deref_mut() {
+                    let keep = 1.0 - b.dropout;
+                    mask = (0..out.len()).map(|_| if rng.gen::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect();
+                    out.iter_mut().zip(&mask).for_each(|(o, m)| *o *= m);
+                }
+            }
+            cache.inputs.push(h);
+            cache.pre.push(pre);
+            cache.activated.push(a);
+            cache.activations.push(ac);
+            cache.masks.push(mask);
+            h = out;
+        }
+        cache.output = h;
+        cache
+    }
+
+    /// Accumulates parameter gradients and returns `dx` (`[rows, in]`).
+    pub fn backward(&mut self, cache: &MlpCache, rows: usize, dy: Vec<f32>) -> Vec<f32> {
+        let mut g = dy;
+        let mut dpre = Vec::new();
+        for (i, b) in self.blocks.iter_mut().enumerate().rev() {
+            if !cache.masks[i].is_empty() {
+                g.iter_mut().zip(&cache.masks[i]).for_each(|(g, m)| *g *= m);
+            }
+            b.activation.backward(&cache.pre[i], &cache.activated[i], rows, &cache.activations[i], &g, &mut dpre);
+            b.linear.backward(&cache.inputs[i], rows, &dpre, Some(&mut g));
+        }
+        g
+    }
+
+    /// Folds training batch statistics into Dice's moving averages.
+    pub fn update_statistics(&mut self, cache: &MlpCache) {
+        for (b, c) in self.blocks.iter_mut().zip(&cache.activations) {
+            b.activation.update_statistics(c);
+        }
+    }
+
+    /// Visits the blocks' tensors as `{prefix}.{first_index + i}.*`.
+    pub fn visit_from<'a>(&'a self, prefix: &str, first_index: usize, f: &mut dyn FnMut(String, &'a Param)) {
+        for (i, b) in self.blocks.iter().enumerate() {
+            b.visit(&format!("{prefix}.{}", first_index + i), f);
+        }
+    }
+
+    /// Mutable [`Mlp::visit_from`].
+    pub fn visit_from_mut(&mut self, prefix: &str, first_index: usize, f: &mut dyn FnMut(String, &mut Param)) {
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            b.visit_mut(&format!("{prefix}.{}", first_index + i), f);
+        }
+    }
+}
+
+impl Module for Block {
+    fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(String, &'a Param)) {
+        self.linear.visit(prefix, f);
+        self.activation.visit(&format!("{prefix}.activation"), f);
+    }
+    fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(String, &mut Param)) {
+        self.linear.visit_mut(prefix, f);
+        self.activation.visit_mut(&format!("{prefix}.activation"), f);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{assert_close, dot, numeric_grad, rand_vec};
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for kind in [ActivationKind::Dice, ActivationKind::Prelu, ActivationKind::Sigmoid] {
+            let (rows, input) = (5, 4);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+            let mut mlp = Mlp::new(input, &[6, 3], kind, 0.0, &mut rng);
+            let x = rand_vec(rows * input, 4);
+            let r = rand_vec(rows * 3, 5);
+            let loss = |m: &Mlp, x: &[f32]| dot(&r, &m.forward(x.to_vec(), rows, Mode::Train, None).output);
+            let cache = mlp.forward(x.clone(), rows, Mode::Train, None);
+            let dx = mlp.backward(&cache, rows, r.clone());
+            assert_close(&format!("{kind:?} dx"), &dx, &numeric_grad(&x, 1e-3, |x| loss(&mlp, x)), 2e-2);
+            let w0 = mlp.blocks[0].linear.weight.value.clone();
+            let nw = numeric_grad(&w0, 1e-3, |w| {
+                let mut m = mlp.clone();
+                m.blocks[0].linear.weight.value = w.to_vec();
+                loss(&m, &x)
+            });
+            assert_close(&format!("{kind:?} dW0"), &mlp.blocks[0].linear.weight.grad, &nw, 2e-2);
+        }
+    }
+
+    #[test]
+    fn dropout_zeroes_and_rescales_in_training_only() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mlp = Mlp::new(4, &[64], ActivationKind::Sigmoid, 0.5, &mut rng);
+        let x = rand_vec(2 * 4, 1);
+        let plain = mlp.forward(x.clone(), 2, Mode::Infer, None).output;
+        let mut drng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let dropped = mlp.forward(x, 2, Mode::Train, Some(&mut drng)).output;
+        let zeros = dropped.iter().filter(|v| **v == 0.0).count();
+        assert!(zeros > 20 && zeros < 108, "about half dropped, got {zeros} of 128");
+        for (d, p) in dropped.iter().zip(&plain) {
+            assert!(*d == 0.0 || (d - 2.0 * p).abs() < 1e-6, "kept units are scaled by 1/(1-p)");
+        }
+    }
+}

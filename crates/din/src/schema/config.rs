@@ -1,0 +1,516 @@
+//! Serde configuration structs with defaults.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The whole run configuration: where the data is, how to read it, the feature
+/// schema, the model and the training hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Data files (paths relative to the config file).
+    #[serde(default)]
+    pub data: DataConfig,
+    /// How data files are laid out.
+    #[serde(default)]
+    pub input: InputConfig,
+    /// The features.
+    pub schema: Schema,
+    /// The network.
+    #[serde(default)]
+    pub model: ModelConfig,
+    /// Training hyper-parameters.
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+/// Where the training and validation data are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training file.
+    pub train: Option<PathBuf>,
+    /// Separate validation file; exclusive with `validation_split`.
+    pub validation: Option<PathBuf>,
+    /// Fraction of the training file's rows held out for validation, taken
+    /// from the end of the file without shuffling (as Keras' `validation_split`).
+    pub validation_split: Option<f64>,
+}
+
+/// Layout of a delimited data file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// Field delimiter, one character (`"\t"` for the tutorial's file).
+    #[serde(default = "default_delimiter")]
+    pub delimiter: String,
+    /// Whether the first line names the columns.
+    #[serde(default)]
+    pub header: bool,
+    /// Column names in file order, when there is no header. Columns that no
+    /// feature uses are read and ignored.
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// Separator between the ids of a history (and the values of a dense
+    /// feature of dimension > 1) inside one column.
+    #[serde(default = "default_sequence_separator")]
+    pub sequence_separator: String,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        InputConfig {
+            delimiter: default_delimiter(),
+            header: false,
+            columns: Vec::new(),
+            sequence_separator: default_sequence_separator(),
+        }
+    }
+}
+
+fn default_delimiter() -> String {
+    "\t".into()
+}
+fn default_sequence_separator() -> String {
+    ",".into()
+}
+
+/// The features of a DIN model and how they are linked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schema {
+    /// Label column (0 or 1).
+    pub label: String,
+    /// Column identifying the user, used to group samples for GAUC.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Categorical features with one id per sample.
+    #[serde(default)]
+    pub sparse: Vec<SparseFeature>,
+    /// Numeric features.
+    #[serde(default)]
+    pub dense: Vec<DenseFeature>,
+    /// Variable-length id sequences (behaviour histories).
+    #[serde(default)]
+    pub sequence: Vec<SequenceFeature>,
+    /// Target / history pairs fed to the local activation unit. Several pairs
+    /// are concatenated per position, e.g. (item, cate) with (hist_items, hist_cates).
+    #[serde(default)]
+    pub din_pairs: Vec<DinPair>,
+}
+
+/// A categorical feature with one id per sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SparseFeature {
+    /// Column name.
+    pub name: String,
+    /// Number of ids (rows of the embedding table). Inferred from the training
+    /// data as max id + 1 when absent, then frozen in the model directory.
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
+    /// Embedding width (8 when absent; a sharing feature takes its table's).
+    #[serde(default)]
+    pub embedding_dim: Option<usize>,
+    /// What to do with an id at or above `vocab_size`.
+    #[serde(default)]
+    pub oov: Oov,
+    /// Use another feature's embedding table instead of an own one.
+    #[serde(default)]
+    pub shares_embedding_with: Option<String>,
+}
+
+/// Embedding width used when a table's owner does not set one.
+pub const DEFAULT_EMBEDDING_DIM: usize = 8;
+
+/// Policy for ids at or above the vocabulary size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Oov {
+    /// Reject the row with an error naming file, line and column.
+    #[default]
+    Error,
+    /// Map it to one extra, zero-initialised row at index `vocab_size`.
+    Reserved,
+}
+
+/// A numeric feature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenseFeature {
+    /// Column name.
+    pub name: String,
+    /// Number of values (separated by `sequence_separator` when above 1).
+    #[serde(default = "one")]
+    pub dim: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A variable-length sequence of ids, such as a behaviour history. Id 0 is padding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SequenceFeature {
+    /// Column name.
+    pub name: String,
+    /// Longest history kept; longer ones are truncated by `truncation`.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    /// The feature whose embedding table this sequence uses (e.g. the target item).
+    #[serde(default)]
+    pub shares_embedding_with: Option<String>,
+    /// Own table size when not sharing (inferred when absent).
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
+    /// Own embedding width when not sharing.
+    #[serde(default)]
+    pub embedding_dim: Option<usize>,
+    /// Own out-of-vocabulary policy when not sharing.
+    #[serde(default)]
+    pub oov: Oov,
+    /// Order of the ids in the file.
+    #[serde(default)]
+    pub order: SequenceOrder,
+    /// Which end to keep when a history is longer than `max_len`.
+    #[serde(default)]
+    pub truncation: Truncation,
+}
+
+fn default_max_len() -> usize {
+    50
+}
+
+/// Order of a history's ids in the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SequenceOrder {
+    /// Oldest behaviour first (the DIN paper's Amazon files).
+    #[default]
+    OldestFirst,
+    /// Most recent behaviour first (the tutorial's `movie_sample.txt`).
+    RecentFirst,
+}
+
+/// Which behaviours to keep when a history exceeds `max_len`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// Keep the `max_len` most recent behaviours.
+    #[default]
+    KeepRecent,
+    /// Keep the `max_len` oldest behaviours.
+    KeepOldest,
+}
+
+/// One target feature attended against one history feature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DinPair {
+    /// A sparse feature (the candidate), e.g. `movie_id`.
+    pub target: String,
+    /// A sequence feature (the behaviours), e.g. `hist_movie_id`.
+    pub history: String,
+}
+
+/// The network's shape.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The local activation unit.
+    #[serde(default)]
+    pub attention: AttentionConfig,
+    /// The DNN tower.
+    #[serde(default)]
+    pub dnn: DnnConfig,
+}
+
+/// Activation functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivationKind {
+    /// Parametric ReLU, one slope per channel (initialised to 0.25).
+    Prelu,
+    /// Dice (the DIN paper): batch statistics in training, moving averages at inference.
+    Dice,
+    /// max(x, 0).
+    Relu,
+    /// 1 / (1 + exp(-x)).
+    Sigmoid,
+}
+
+/// Normalisation of attention scores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalization {
+    /// Raw scores (the paper: keeps the intensity of interest).
+    #[default]
+    None,
+    /// Softmax over the real behaviours of each sample (the authors' released code).
+    Softmax,
+}
+
+/// The local activation unit: an MLP over `[q, k, q-k, q*k]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionConfig {
+    /// Hidden layer widths (at least one).
+    #[serde(default = "default_attention_units")]
+    pub hidden_units: Vec<usize>,
+    /// Hidden activation.
+    #[serde(default = "default_activation")]
+    pub activation: ActivationKind,
+    /// Score normalisation.
+    #[serde(default)]
+    pub normalization: Normalization,
+}
+
+impl Default for AttentionConfig {
+    fn default() -> Self {
+        AttentionConfig {
+            hidden_units: default_attention_units(),
+            activation: default_activation(),
+            normalization: Normalization::None,
+        }
+    }
+}
+
+fn default_attention_units() -> Vec<usize> {
+    vec![256, 128, 64]
+}
+fn default_activation() -> ActivationKind {
+    ActivationKind::Prelu
+}
+
+/// The DNN tower on top of the concatenated features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnnConfig {
+    /// Hidden layer widths (may be empty: logistic regression on the features).
+    #[serde(default = "default_dnn_units")]
+    pub hidden_units: Vec<usize>,
+    /// Hidden activation.
+    #[serde(default = "default_activation")]
+    pub activation: ActivationKind,
+    /// Dropout rate after each hidden layer, in [0, 1).
+    #[serde(default)]
+    pub dropout: f32,
+}
+
+impl Default for DnnConfig {
+    fn default() -> Self {
+        DnnConfig {
+            hidden_units: default_dnn_units(),
+            activation: default_activation(),
+            dropout: 0.0,
+        }
+    }
+}
+
+fn default_dnn_units() -> Vec<usize> {
+    vec![200, 80]
+}
+
+/// Optimizers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// Adam (Keras defaults: beta1 0.9, beta2 0.999, epsilon 1e-7); lazy on embedding rows.
+    #[default]
+    Adam,
+    /// Adagrad (initial accumulator 0.1, epsilon 1e-7).
+    Adagrad,
+    /// Plain stochastic gradient descent.
+    Sgd,
+}
+
+/// Regularisation kinds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RegularizationKind {
+    /// None.
+    #[default]
+    None,
+    /// lambda * ||W||^2 on the MLP weight matrices and on the embedding rows of each batch.
+    L2,
+    /// The paper's mini-batch-aware regularisation (eq. 4): for each embedding
+    /// row j in the batch, lambda / n_j * ||w_j||^2, n_j = the id's count in
+    /// the training data.
+    MiniBatchAware,
+}
+
+/// Regularisation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegularizationConfig {
+    /// Which kind.
+    #[serde(default)]
+    pub kind: RegularizationKind,
+    /// Strength.
+    #[serde(default)]
+    pub lambda: f32,
+}
+
+/// Metric watched by early stopping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Monitor {
+    /// Validation logloss (lower is better).
+    #[default]
+    ValLogloss,
+    /// Validation AUC (higher is better).
+    ValAuc,
+    /// Validation GAUC (higher is better).
+    ValGauc,
+}
+
+/// Stop when the monitored metric has not improved for `patience` epochs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStoppingConfig {
+    /// The metric.
+    #[serde(default)]
+    pub monitor: Monitor,
+    /// Epochs without improvement before stopping (at least 1).
+    #[serde(default = "default_patience")]
+    pub patience: usize,
+    /// Restore the weights of the best epoch before saving.
+    #[serde(default)]
+    pub restore_best: bool,
+}
+
+fn default_patience() -> usize {
+    2
+}
+
+/// Training hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer.
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// Learning rate.
+    #[serde(default = "default_lr")]
+    pub learning_rate: f32,
+    /// Samples per training step.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Samples per inference batch (validation, evaluate, predict).
+    #[serde(default = "default_eval_batch_size")]
+    pub eval_batch_size: usize,
+    /// Passes over the training data.
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    /// Seed for initialisation, shuffling and dropout.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Shuffle the training rows every epoch.
+    #[serde(default = "default_true")]
+    pub shuffle: bool,
+    /// Worker threads (0 = all cores). Same seed and threads give the same model.
+    #[serde(default)]
+    pub threads: usize,
+    /// Regularisation.
+    #[serde(default)]
+    pub regularization: RegularizationConfig,
+    /// Early stopping (off when absent).
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStoppingConfig>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            optimizer: OptimizerKind::Adam,
+            learning_rate: default_lr(),
+            batch_size: default_batch_size(),
+            eval_batch_size: default_eval_batch_size(),
+            epochs: default_epochs(),
+            seed: default_seed(),
+            shuffle: true,
+            threads: 0,
+            regularization: RegularizationConfig::default(),
+            early_stopping: None,
+        }
+    }
+}
+
+fn default_lr() -> f32 {
+    0.001
+}
+fn default_batch_size() -> usize {
+    64
+}
+fn default_eval_batch_size() -> usize {
+    1024
+}
+fn default_epochs() -> usize {
+    10
+}
+fn default_seed() -> u64 {
+    2024
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Config {
+    /// Parses a TOML config. Relative data paths are resolved against the
+    /// file's folder.
+    pub fn from_toml_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read config", e))?;
+        let mut config = Config::from_toml_str(&text).map_err(|e| match e {
+            Error::ConfigSyntax { message, .. } => Error::ConfigSyntax {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        config.data.resolve_relative_to(base);
+        Ok(config)
+    }
+
+    /// Parses a TOML config from a string (paths stay as written).
+    pub fn from_toml_str(text: &str) -> Result<Config> {
+        toml::from_str(text).map_err(|e| Error::ConfigSyntax {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })
+    }
+}
+
+impl DataConfig {
+    /// Makes relative paths relative to `base`.
+    pub fn resolve_relative_to(&mut self, base: &Path) {
+        for p in [&mut self.train, &mut self.validation].into_iter().flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+}
+
+impl InputConfig {
+    /// The delimiter as one byte.
+    pub fn delimiter_byte(&self) -> Result<u8> {
+        single_byte("input.delimiter", &self.delimiter)
+    }
+
+    /// The sequence separator as one byte.
+    pub fn separator_byte(&self) -> Result<u8> {
+        single_byte("input.sequence_separator", &self.sequence_separator)
+    }
+}
+
+pub(crate) fn single_byte(field: &str, s: &str) -> Result<u8> {
+    match s.as_bytes() {
+        [b] => Ok(*b),
+        _ => Err(Error::config(field, format!("{s:?}"), "must be exactly one ASCII character")),
+    }
+}
