@@ -1,1 +1,48 @@
-fn main(){}
+//! `din`: train, evaluate and predict with the Deep Interest Network.
+//!
+//! `main` only parses, sets up logging, dispatches to a command and reports
+//! the error chain once (exit code 2 on any error).
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Deep Interest Network (Zhou et al., KDD 2018) for click-through-rate prediction.
+#[derive(Debug, Parser)]
+#[command(name = "din", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a model; with no arguments, the tutorial model on the bundled sample.
+    Train(commands::train::Args),
+    /// Compute logloss, AUC and GAUC of a saved model on labelled data.
+    Evaluate(commands::evaluate::Args),
+    /// Write click probabilities of a saved model for every row of a file.
+    Predict(commands::predict::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Train(args) => commands::train::run(args),
+        Command::Evaluate(args) => commands::evaluate::run(args),
+        Command::Predict(args) => commands::predict::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,1 +1,136 @@
-//! checkpoint
+//! The model directory: `config.json` (the resolved config), `model.safetensors`
+//! (tensor names are field paths, e.g. `attention.layers.0.weight`) and
+//! `history.json` (per-epoch metrics). Every file is written atomically: to a
+//! temporary file in the same folder, fsynced, then renamed over the old one,
+//! so a crash never leaves a half-written model.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Din, Module};
+use crate::schema::{Config, Layout};
+use crate::train::EpochReport;
+use crate::{Error, Result};
+
+/// The config file's name.
+pub const CONFIG_FILE: &str = "config.json";
+/// The weights file's name.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The training history's file name.
+pub const HISTORY_FILE: &str = "history.json";
+/// Version of the model-directory format.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// What `config.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelFile {
+    /// [`FORMAT_VERSION`] at save time.
+    pub format_version: u32,
+    /// The crate version that wrote it.
+    pub din_version: String,
+    /// The resolved configuration (vocabulary sizes frozen).
+    pub config: Config,
+}
+
+/// Writes `model` and `config` (and `history` when given) into `dir`, creating it.
+pub fn save(dir: &Path, config: &Config, model: &Din, history: Option<&[EpochReport]>) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create model directory", e))?;
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
+    let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    model.visit("", &mut |name, p| {
+        let raw: Vec<u8> = p.value.iter().flat_map(|v| v.to_le_bytes()).collect();
+        bytes.push((name, p.shape.clone(), raw));
+    });
+    for (name, shape, raw) in &bytes {
+        let view = TensorView::new(Dtype::F32, shape.clone(), raw).map_err(|e| Error::Checkpoint { path: weights_path.clone(), reason: format!("tensor `{name}`: {e}") })?;
+        views.push((name.clone(), view));
+    }
+    let info = HashMap::from([("format".to_string(), "din".to_string()), ("format_version".to_string(), FORMAT_VERSION.to_string())]);
+    let blob = safetensors::serialize(views, Some(info)).map_err(|e| Error::Checkpoint { path: weights_path.clone(), reason: e.to_string() })?;
+    write_atomic(&weights_path, &blob)?;
+
+    let file = ModelFile { format_version: FORMAT_VERSION, din_version: env!("CARGO_PKG_VERSION").to_string(), config: config.clone() };
+    let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Checkpoint { path: dir.join(CONFIG_FILE), reason: e.to_string() })?;
+    write_atomic(&dir.join(CONFIG_FILE), &json)?;
+    if let Some(h) = history {
+        let json = serde_json::to_vec_pretty(h).map_err(|e| Error::Checkpoint { path: dir.join(HISTORY_FILE), reason: e.to_string() })?;
+        write_atomic(&dir.join(HISTORY_FILE), &json)?;
+    }
+    Ok(())
+}
+
+/// Reads a model directory written by [`save`]. Every tensor the config's
+/// model needs must be present with its exact shape, and no other.
+pub fn load(dir: &Path) -> Result<(Config, Layout, Din)> {
+    let config_path = dir.join(CONFIG_FILE);
+    let text = fs::read(&config_path).map_err(|e| Error::io(&config_path, "cannot read model config", e))?;
+    let file: ModelFile = serde_json::from_slice(&text).map_err(|e| Error::ConfigSyntax { path: config_path.clone(), message: e.to_string() })?;
+    if file.format_version != FORMAT_VERSION {
+        return Err(Error::Checkpoint { path: config_path, reason: format!("format_version {} is not supported (this build reads {FORMAT_VERSION})", file.format_version) });
+    }
+    let config = file.config;
+    let layout = config.validate()?;
+    if let Some(t) = layout.tables.iter().find(|t| t.vocab_size.is_none()) {
+        return Err(Error::Checkpoint { path: config_path, reason: format!("embedding table `{}` has no vocab_size", t.name) });
+    }
+    let mut model = Din::new(&layout, &config.model, 0);
+
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let blob = fs::read(&weights_path).map_err(|e| Error::io(&weights_path, "cannot read model weights", e))?;
+    let tensors = SafeTensors::deserialize(&blob).map_err(|e| Error::Checkpoint { path: weights_path.clone(), reason: e.to_string() })?;
+    let mut expected: BTreeMap<String, ()> = BTreeMap::new();
+    let mut failure: Option<Error> = None;
+    model.visit_mut("", &mut |name, p| {
+        if failure.is_some() {
+            return;
+        }
+        let fail = |reason: String| Some(Error::Checkpoint { path: weights_path.clone(), reason: format!("tensor `{name}`: {reason}") });
+        match tensors.tensor(&name) {
+            Err(_) => failure = fail("missing".into()),
+            Ok(view) if view.dtype() != Dtype::F32 => failure = fail(format!("dtype {:?}, expected F32", view.dtype())),
+            Ok(view) if view.shape() != p.shape.as_slice() => failure = fail(format!("shape {:?}, expected {:?} from config.json", view.shape(), p.shape)),
+            Ok(view) => {
+                for (v, b) in p.value.iter_mut().zip(view.data().chunks_exact(4)) {
+                    *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+        }
+        expected.insert(name, ());
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if let Some(extra) = tensors.names().into_iter().find(|n| !expected.contains_key(*n)) {
+        return Err(Error::Checkpoint { path: weights_path, reason: format!("tensor `{extra}` is not part of the model described by config.json") });
+    }
+    Ok((config, layout, model))
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        // Make the rename itself durable.
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io(path, "cannot write", e)
+    })
+}

@@ -1,1 +1,215 @@
-//! train
+//! Training: data preparation, the loop, loss, optimizers, regularisation,
+//! early stopping.
+
+pub mod early_stopping;
+pub mod loss;
+pub mod optim;
+pub mod regularization;
+
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+pub use early_stopping::EarlyStopping;
+pub use loss::bce_with_logits;
+pub use optim::Optimizer;
+pub use regularization::regularize;
+
+use crate::data::{apply_vocab, id_counts, infer_vocab, read_dataset, Dataset, ReadOptions};
+use crate::metrics::Metrics;
+use crate::model::{Din, Mode};
+use crate::schema::{Config, Layout};
+use crate::{Error, Result};
+
+/// Training and validation data, read and checked against a frozen vocabulary.
+#[derive(Debug, Clone)]
+pub struct TrainingData {
+    /// The config with inferred vocabulary sizes written in.
+    pub config: Config,
+    /// The resolved schema (every vocabulary size known).
+    pub layout: Layout,
+    /// Training rows.
+    pub train: Dataset,
+    /// Validation rows (a separate file or the tail of the training file).
+    pub validation: Option<Dataset>,
+}
+
+/// Reads `config.data`: the training file, then the validation file or the
+/// Keras-style tail split; infers missing vocabulary sizes from the training
+/// rows and checks every id against them.
+pub fn load_training_data(config: &Config) -> Result<TrainingData> {
+    let mut layout = config.validate()?;
+    let train_path = config
+        .data
+        .train
+        .clone()
+        .ok_or_else(|| Error::config("data.train", "(none)", "name the training file"))?;
+    let options = ReadOptions { require_label: true };
+    let mut train = read_dataset(&train_path, config, &layout, options)?;
+    let mut validation = match (&config.data.validation, config.data.validation_split) {
+        (Some(path), _) => Some(read_dataset(path, config, &layout, options)?),
+        (None, Some(fraction)) => {
+            let (head, tail) = train.split_tail(fraction);
+            train = head;
+            if train.is_empty() || tail.is_empty() {
+                return Err(Error::config("data.validation_split", fraction, format!("leaves an empty training or validation set from {} rows", train.len() + tail.len())));
+            }
+            Some(tail)
+        }
+        (None, None) => None,
+    };
+    infer_vocab(&mut layout, &train);
+    apply_vocab(&layout, &mut train)?;
+    if let Some(v) = validation.as_mut() {
+        apply_vocab(&layout, v)?;
+    }
+    let mut config = config.clone();
+    config.freeze_vocab(&layout);
+    Ok(TrainingData { config, layout, train, validation })
+}
+
+/// What one epoch did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training BCE over the epoch's batches (without the penalty).
+    pub train_loss: f64,
+    /// Validation metrics after the epoch.
+    pub validation: Option<Metrics>,
+    /// Wall-clock seconds of the epoch (training and validation).
+    pub seconds: f64,
+    /// Training samples per second.
+    pub samples_per_second: f64,
+}
+
+/// Receives progress during [`fit`]; the library itself prints nothing.
+pub trait Observer {
+    /// After each training batch: batches done out of the epoch's total, and
+    /// the running mean loss.
+    fn on_batch(&mut self, _epoch: usize, _done: usize, _total: usize, _running_loss: f64) {}
+    /// After each epoch, with the model as it is then (e.g. to save it).
+    fn on_epoch(&mut self, _report: &EpochReport, _model: &Din) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An observer that ignores everything.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// The result of [`fit`].
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// The trained model (the best epoch's when `restore_best` is set).
+    pub model: Din,
+    /// One report per epoch run.
+    pub history: Vec<EpochReport>,
+    /// The best epoch by the early-stopping monitor, if early stopping is on.
+    pub best_epoch: Option<usize>,
+    /// Whether early stopping ended training.
+    pub stopped_early: bool,
+}
+
+/// A rayon pool with `threads` workers (0 = all cores).
+pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Training(format!("cannot start {threads} threads: {e}")))
+}
+
+/// Trains a model from scratch on `data` with `data.config.train`.
+pub fn fit(data: &TrainingData, observer: &mut (dyn Observer + Send)) -> Result<TrainOutcome> {
+    let tc = &data.config.train;
+    thread_pool(tc.threads)?.install(|| {
+        let model = Din::new(&data.layout, &data.config.model, tc.seed);
+        fit_model(model, data, observer)
+    })
+}
+
+fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer + Send)) -> Result<TrainOutcome> {
+    let tc = &data.config.train;
+    let mut optimizer = Optimizer::new(tc.optimizer, tc.learning_rate, &model);
+    let counts = id_counts(&data.layout, &data.train);
+    // Separate streams for shuffling and dropout, both from the one seed.
+    let mut shuffle_rng = ChaCha8Rng::seed_from_u64(tc.seed);
+    shuffle_rng.set_stream(1);
+    let mut dropout_rng = ChaCha8Rng::seed_from_u64(tc.seed);
+    dropout_rng.set_stream(2);
+    let mut early = tc.early_stopping.clone().map(EarlyStopping::new);
+    let mut best_model: Option<Din> = None;
+    let mut history = Vec::new();
+    let mut stopped_early = false;
+    let mut order: Vec<usize> = (0..data.train.len()).collect();
+    let mut dlogits = Vec::new();
+    let n_batches = data.train.len().div_ceil(tc.batch_size);
+
+    for epoch in 1..=tc.epochs {
+        let start = Instant::now();
+        if tc.shuffle {
+            order.shuffle(&mut shuffle_rng);
+        }
+        let mut loss_sum = 0.0f64;
+        for (i, rows) in order.chunks(tc.batch_size).enumerate() {
+            let batch = data.train.batch.gather(rows);
+            let (logits, cache) = model.forward(&batch, Mode::Train, Some(&mut dropout_rng));
+            let loss = bce_with_logits(&logits, &batch.labels, &mut dlogits);
+            if !loss.is_finite() {
+                return Err(Error::Training(format!("the loss became {loss} at epoch {epoch}, batch {}; lower train.learning_rate", i + 1)));
+            }
+            model.zero_grad();
+            let mut emb = model.backward(&batch, &cache, &dlogits);
+            regularize(&tc.regularization, &mut model, &mut emb, &counts);
+            optimizer.step(&mut model, &emb);
+            model.update_statistics(&cache);
+            loss_sum += loss;
+            observer.on_batch(epoch, i + 1, n_batches, loss_sum / (i + 1) as f64);
+        }
+        let train_seconds = start.elapsed().as_secs_f64();
+        let validation = data.validation.as_ref().map(|v| evaluate(&model, v, tc.eval_batch_size));
+        let report = EpochReport {
+            epoch,
+            train_loss: loss_sum / n_batches.max(1) as f64,
+            validation,
+            seconds: start.elapsed().as_secs_f64(),
+            samples_per_second: data.train.len() as f64 / train_seconds.max(1e-9),
+        };
+        let mut stop = false;
+        if let (Some(es), Some(v)) = (early.as_mut(), &report.validation) {
+            if es.observe(epoch, v) && tc.early_stopping.as_ref().is_some_and(|c| c.restore_best) {
+                best_model = Some(model.clone());
+            }
+            stop = es.should_stop();
+        }
+        observer.on_epoch(&report, &model)?;
+        history.push(report);
+        if stop && epoch < tc.epochs {
+            stopped_early = true;
+            break;
+        }
+    }
+    let best_epoch = early.as_ref().and_then(|e| e.best()).map(|b| b.0);
+    Ok(TrainOutcome { model: best_model.unwrap_or(model), history, best_epoch, stopped_early })
+}
+
+/// Click probabilities for every row, `batch_size` rows at a time.
+pub fn predict(model: &Din, data: &Dataset, batch_size: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut start = 0;
+    while start < data.len() {
+        let end = (start + batch_size).min(data.len());
+        out.extend(model.predict(&data.batch.slice(start, end)));
+        start = end;
+    }
+    out
+}
+
+/// Logloss, AUC and GAUC of `model` on `data` (which must have labels).
+pub fn evaluate(model: &Din, data: &Dataset, batch_size: usize) -> Metrics {
+    let probs = predict(model, data, batch_size);
+    Metrics::compute(&data.batch.labels, &probs, data.users.as_deref())
+}

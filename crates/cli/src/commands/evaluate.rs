@@ -1,0 +1,46 @@
+//! `din evaluate`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use din::scorer::Scorer;
+use din::train::load_training_data;
+
+use super::format_metrics;
+
+/// Evaluate a saved model.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Model directory written by `din train`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Labelled data in the model's input format. Default: the validation
+    /// data the model was trained with (its data.validation, or the tail split).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Worker threads (0 = all cores; default: the training setting).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the metrics as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `din evaluate`.
+pub fn run(args: Args) -> Result<()> {
+    let scorer = Scorer::load(&args.model).with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let data = match &args.data {
+        Some(path) => scorer.read(path, true)?,
+        None => load_training_data(&scorer.config)?
+            .validation
+            .context("no --data given and the model's config has no validation data")?,
+    };
+    let threads = args.threads.unwrap_or(scorer.config.train.threads);
+    let metrics = scorer.evaluate(&data, threads)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&metrics)?);
+    } else {
+        println!("{}  (rows {}, positives {})", format_metrics("", &metrics), metrics.n, metrics.positives);
+    }
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! One module per subcommand.
+
+pub mod evaluate;
+pub mod predict;
+pub mod train;
+
+use din::metrics::Metrics;
+
+/// One line of metrics for people.
+pub fn format_metrics(prefix: &str, m: &Metrics) -> String {
+    let opt = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.4}"));
+    format!("{prefix}logloss {:.4}  {prefix}auc {}  {prefix}gauc {}", m.logloss, opt(m.auc), opt(m.gauc))
+}
