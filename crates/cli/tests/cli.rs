@@ -1,0 +1,754 @@
+//! End-to-end tests of the `din` binary: help, training, save/load/predict,
+//! evaluation, error reporting and determinism.
+//!
+//! Every test runs the real binary in its own temporary folder (which is also
+//! its working directory) and always passes `--out`, so nothing is written
+//! into the repository. Trainings use `--threads 1` and one or two epochs.
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// Command-line arguments from strings and paths.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => {
+        vec![$(OsString::from(AsRef::<OsStr>::as_ref(&$a))),*]
+    };
+}
+
+/// Rows in `data/movie_sample.txt`.
+const SAMPLE_ROWS: usize = 1380;
+/// Rows of the validation split of the bundled config: 1380 - floor(1380 * 0.7).
+const VALIDATION_ROWS: usize = 415;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn bundled_config() -> PathBuf {
+    root().join("configs/movie_sample.toml")
+}
+
+fn sample() -> PathBuf {
+    root().join("data/movie_sample.txt")
+}
+
+/// Runs `din` with `args` in `cwd`.
+fn din<I, S>(cwd: &Path, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_din"))
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("cannot run the din binary")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts that the command succeeded, showing its output otherwise.
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "din failed with {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// Asserts exit code 2 and exactly one stderr line, starting with `error:`,
+/// that contains every one of `needles`; returns that line.
+fn assert_error(out: &Output, needles: &[&str]) -> String {
+    let err = stderr(out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit code 2\nstdout:\n{}\nstderr:\n{err}",
+        stdout(out)
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected exactly one line on stderr, got:\n{err}"
+    );
+    let line = lines[0];
+    assert!(
+        line.starts_with("error:"),
+        "stderr line does not start with `error:`: {line}"
+    );
+    for needle in needles {
+        assert!(
+            line.contains(needle),
+            "error message lacks {needle:?}: {line}"
+        );
+    }
+    line.to_string()
+}
+
+/// The lines of the bundled sample.
+fn sample_lines() -> Vec<String> {
+    let text = fs::read_to_string(sample()).expect("cannot read data/movie_sample.txt");
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), SAMPLE_ROWS, "data/movie_sample.txt changed");
+    lines
+}
+
+/// Writes `lines` (newline-terminated) to `dir/name`.
+fn write_lines(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
+    let path = dir.join(name);
+    let mut text = lines.join("\n");
+    text.push('\n');
+    fs::write(&path, text).expect("cannot write test data");
+    path
+}
+
+/// Column indices of the sample's tab-separated rows.
+const MOVIE_ID: usize = 5;
+const HIST_MOVIE_ID: usize = 3;
+
+/// `line` with column `col` replaced by `value`.
+fn with_column(line: &str, col: usize, value: &str) -> String {
+    let mut fields: Vec<&str> = line.split('\t').collect();
+    assert_eq!(fields.len(), 8, "sample row without 8 columns: {line}");
+    fields[col] = value;
+    fields.join("\t")
+}
+
+/// The first `n` sample rows with row `bad` (0-based, so file line `bad + 1`) replaced by `f(row)`.
+fn rows_with_bad(n: usize, bad: usize, f: impl Fn(&str) -> String) -> Vec<String> {
+    let mut rows: Vec<String> = sample_lines().into_iter().take(n).collect();
+    rows[bad] = f(&rows[bad]);
+    rows
+}
+
+/// Trains on the bundled config into `dir`, with extra arguments.
+fn train(cwd: &Path, dir: &Path, extra: &[&str]) -> Output {
+    let mut args = args![
+        "train",
+        "--config",
+        bundled_config(),
+        "--out",
+        dir,
+        "--threads",
+        "1"
+    ];
+    args.extend(extra.iter().map(OsString::from));
+    din(cwd, args)
+}
+
+fn read_json(path: &Path) -> Value {
+    let text =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// The (logloss, auc, gauc) of a metrics object, as parsed.
+fn metric_triple(m: &Value) -> (f64, f64, f64) {
+    let get = |k: &str| {
+        m[k].as_f64()
+            .unwrap_or_else(|| panic!("metric `{k}` is not a number in {m}"))
+    };
+    (get("logloss"), get("auc"), get("gauc"))
+}
+
+// ---------------------------------------------------------------- help
+
+#[test]
+fn help_lists_subcommands_and_flags() {
+    let tmp = TempDir::new().unwrap();
+    let out = din(tmp.path(), ["--help"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    for word in ["train", "evaluate", "predict"] {
+        assert!(
+            text.contains(word),
+            "`din --help` does not mention {word}:\n{text}"
+        );
+    }
+
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "train",
+            &[
+                "--config",
+                "--data",
+                "--validation",
+                "--validation-split",
+                "--out",
+                "--epochs",
+                "--batch-size",
+                "--learning-rate",
+                "--seed",
+                "--threads",
+                "--json",
+            ],
+        ),
+        ("evaluate", &["--model", "--data", "--threads", "--json"]),
+        ("predict", &["--model", "--data", "--out", "--threads"]),
+    ];
+    for (cmd, flags) in cases {
+        let out = din(tmp.path(), [cmd, "--help"]);
+        assert_ok(&out);
+        let text = stdout(&out);
+        for flag in flags {
+            assert!(
+                text.contains(flag),
+                "`din {cmd} --help` does not mention {flag}:\n{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn usage_errors_exit_with_code_2() {
+    let tmp = TempDir::new().unwrap();
+    let out = din(tmp.path(), ["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    let out = din(tmp.path(), ["evaluate"]);
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    assert!(stderr(&out).contains("--model"), "{}", stderr(&out));
+}
+
+// ---------------------------------------------------------------- training
+
+#[test]
+fn train_with_bundled_config_reports_epochs_and_saves_model() {
+    let tmp = TempDir::new().unwrap();
+    let model = tmp.path().join("model");
+    let out = train(tmp.path(), &model, &["--epochs", "2"]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.contains("training on 965 rows, validating on 415 rows"),
+        "{text}"
+    );
+    let epochs: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("epoch"))
+        .collect();
+    assert_eq!(epochs.len(), 2, "expected two epoch lines:\n{text}");
+    for (i, line) in epochs.iter().enumerate() {
+        assert!(line.contains(&format!("{}/2", i + 1)), "{line}");
+        for key in ["train_loss", "val_logloss", "val_auc", "val_gauc"] {
+            assert!(line.contains(key), "epoch line lacks {key}: {line}");
+        }
+        assert!(
+            !line.contains("n/a"),
+            "a validation metric is missing: {line}"
+        );
+    }
+    assert!(
+        text.contains(&format!("saved model to {}", model.display())),
+        "{text}"
+    );
+    for file in ["config.json", "model.safetensors", "history.json"] {
+        assert!(
+            model.join(file).is_file(),
+            "{file} missing from the model directory"
+        );
+    }
+    // Nothing else lands in the working directory (e.g. a default runs/ folder).
+    let entries: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from("model")]);
+
+    let history = read_json(&model.join("history.json"));
+    let history = history.as_array().expect("history.json is an array");
+    assert_eq!(history.len(), 2);
+    let config = read_json(&model.join("config.json"));
+    assert_eq!(config["config"]["train"]["epochs"], 2);
+    assert_eq!(config["config"]["train"]["threads"], 1);
+}
+
+#[test]
+fn train_json_prints_model_dir_and_history() {
+    let tmp = TempDir::new().unwrap();
+    let model = tmp.path().join("model");
+    let out = train(tmp.path(), &model, &["--epochs", "2", "--json"]);
+    assert_ok(&out);
+    let doc: Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{}", stdout(&out)));
+    assert_eq!(
+        doc["model_dir"].as_str(),
+        Some(model.to_str().unwrap()),
+        "{doc}"
+    );
+    let history = doc["history"].as_array().expect("history is an array");
+    assert_eq!(history.len(), 2);
+    for (i, epoch) in history.iter().enumerate() {
+        assert_eq!(epoch["epoch"].as_u64(), Some(i as u64 + 1));
+        assert!(
+            epoch["train_loss"]
+                .as_f64()
+                .is_some_and(|l| l.is_finite() && l > 0.0),
+            "{epoch}"
+        );
+        assert_eq!(
+            epoch["validation"]["n"].as_u64(),
+            Some(VALIDATION_ROWS as u64),
+            "{epoch}"
+        );
+        let (logloss, auc, gauc) = metric_triple(&epoch["validation"]);
+        assert!(
+            logloss > 0.0 && (0.0..=1.0).contains(&auc) && (0.0..=1.0).contains(&gauc),
+            "{epoch}"
+        );
+    }
+    assert_eq!(doc["stopped_early"], false);
+    // The printed history is the one saved with the model.
+    assert_eq!(&read_json(&model.join("history.json")), &doc["history"]);
+}
+
+// ---------------------------------------------------------------- save, load, predict, evaluate
+
+#[test]
+fn saved_model_predicts_reproducibly_and_evaluates_like_training() {
+    let tmp = TempDir::new().unwrap();
+    let model = tmp.path().join("model");
+    assert_ok(&train(tmp.path(), &model, &["--epochs", "2"]));
+
+    // Predict twice: identical files, one probability per input row.
+    let mut scores = Vec::new();
+    for name in ["scores1.txt", "scores2.txt"] {
+        let path = tmp.path().join(name);
+        let out = din(
+            tmp.path(),
+            args![
+                "predict",
+                "--model",
+                model,
+                "--data",
+                sample(),
+                "--out",
+                path
+            ],
+        );
+        assert_ok(&out);
+        assert!(
+            stderr(&out).contains(&format!("wrote {SAMPLE_ROWS} scores")),
+            "{}",
+            stderr(&out)
+        );
+        scores.push(fs::read(&path).unwrap());
+    }
+    assert_eq!(
+        scores[0], scores[1],
+        "two predictions with the same model differ"
+    );
+    let text = String::from_utf8(scores[0].clone()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), SAMPLE_ROWS);
+    for (i, line) in lines.iter().enumerate() {
+        let p: f64 = line
+            .parse()
+            .unwrap_or_else(|_| panic!("line {}: not a number: {line:?}", i + 1));
+        assert!(
+            p > 0.0 && p < 1.0,
+            "line {}: {p} is not a probability in (0, 1)",
+            i + 1
+        );
+    }
+
+    // The last epoch's validation metrics, as saved with the model.
+    let history = read_json(&model.join("history.json"));
+    let last = history
+        .as_array()
+        .and_then(|h| h.last())
+        .expect("empty history")
+        .clone();
+    assert_eq!(last["epoch"], 2);
+    let expected = metric_triple(&last["validation"]);
+
+    // Evaluate without --data: the model's own validation split.
+    let out = din(tmp.path(), args!["evaluate", "--model", model, "--json"]);
+    assert_ok(&out);
+    let metrics: Value = serde_json::from_str(&stdout(&out))
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(&out)));
+    assert_eq!(metrics["n"].as_u64(), Some(VALIDATION_ROWS as u64));
+    assert_eq!(metrics["positives"], last["validation"]["positives"]);
+    assert_eq!(
+        metric_triple(&metrics),
+        expected,
+        "evaluate differs from the training history"
+    );
+
+    // Evaluate on a file holding the same 415 rows.
+    let tail: Vec<String> = sample_lines().split_off(SAMPLE_ROWS - VALIDATION_ROWS);
+    let tail_path = write_lines(tmp.path(), "tail.txt", &tail);
+    let out = din(
+        tmp.path(),
+        args!["evaluate", "--model", model, "--data", tail_path, "--json"],
+    );
+    assert_ok(&out);
+    let metrics: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(metrics["n"].as_u64(), Some(VALIDATION_ROWS as u64));
+    assert_eq!(
+        metric_triple(&metrics),
+        expected,
+        "evaluate --data (the validation rows) differs from the training history"
+    );
+
+    // The human-readable form shows the same numbers, rounded.
+    let out = din(tmp.path(), args!["evaluate", "--model", model]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("logloss {:.4}", expected.0))
+            && text.contains(&format!("auc {:.4}", expected.1)),
+        "{text}"
+    );
+    assert!(text.contains(&format!("rows {VALIDATION_ROWS}")), "{text}");
+}
+
+// ---------------------------------------------------------------- bad inputs
+
+/// `din train --config <bundled> --data FILE --epochs 1 --out DIR --threads 1`.
+fn train_on(tmp: &TempDir, data: &Path) -> Output {
+    let out_dir = tmp.path().join("model");
+    let out = din(
+        tmp.path(),
+        args![
+            "train",
+            "--config",
+            bundled_config(),
+            "--data",
+            data,
+            "--epochs",
+            "1",
+            "--out",
+            out_dir,
+            "--threads",
+            "1",
+        ],
+    );
+    if !out.status.success() {
+        assert!(
+            !out_dir.join("model.safetensors").exists(),
+            "a failed training wrote a model"
+        );
+    }
+    out
+}
+
+#[test]
+fn short_row_names_file_line_and_column_counts() {
+    let tmp = TempDir::new().unwrap();
+    // Line 5 loses its last column.
+    let rows = rows_with_bad(20, 4, |r| r.rsplit_once('\t').unwrap().0.to_string());
+    let data = write_lines(tmp.path(), "short.txt", &rows);
+    let out = train_on(&tmp, &data);
+    assert_error(
+        &out,
+        &[
+            &format!("{}:5:", data.display()),
+            "expected 8 columns, found 7",
+        ],
+    );
+}
+
+#[test]
+fn non_numeric_id_names_file_line_column_and_value() {
+    let tmp = TempDir::new().unwrap();
+    let rows = rows_with_bad(20, 6, |r| with_column(r, MOVIE_ID, "abc"));
+    let data = write_lines(tmp.path(), "abc.txt", &rows);
+    let out = train_on(&tmp, &data);
+    assert_error(
+        &out,
+        &[&format!("{}:7:", data.display()), "movie_id", "abc"],
+    );
+}
+
+#[test]
+fn non_numeric_history_id_names_the_history_column() {
+    let tmp = TempDir::new().unwrap();
+    let rows = rows_with_bad(20, 2, |r| with_column(r, HIST_MOVIE_ID, "186,x7,0,0"));
+    let data = write_lines(tmp.path(), "hist.txt", &rows);
+    let out = train_on(&tmp, &data);
+    assert_error(
+        &out,
+        &[&format!("{}:3:", data.display()), "hist_movie_id", "x7"],
+    );
+}
+
+#[test]
+fn id_beyond_vocabulary_is_rejected_in_training() {
+    let tmp = TempDir::new().unwrap();
+    let rows = rows_with_bad(20, 3, |r| with_column(r, MOVIE_ID, "5000"));
+    let data = write_lines(tmp.path(), "oov.txt", &rows);
+    let out = train_on(&tmp, &data);
+    assert_error(
+        &out,
+        &[&format!("{}:4:", data.display()), "movie_id", "5000", "209"],
+    );
+}
+
+#[test]
+fn id_beyond_vocabulary_in_validation_rows_is_rejected_with_its_line() {
+    let tmp = TempDir::new().unwrap();
+    // 20 rows, split 0.3: rows 15..20 validate; line 18 is in the validation part.
+    let rows = rows_with_bad(20, 17, |r| with_column(r, MOVIE_ID, "5000"));
+    let data = write_lines(tmp.path(), "oov_val.txt", &rows);
+    let out = train_on(&tmp, &data);
+    assert_error(
+        &out,
+        &[
+            &format!("{}:18:", data.display()),
+            "movie_id",
+            "5000",
+            "209",
+        ],
+    );
+}
+
+#[test]
+fn history_id_beyond_vocabulary_names_line_and_history_column() {
+    let tmp = TempDir::new().unwrap();
+    let rows = rows_with_bad(20, 8, |r| with_column(r, HIST_MOVIE_ID, "186,5000,0,0"));
+    let data = write_lines(tmp.path(), "oov_hist.txt", &rows);
+    let out = train_on(&tmp, &data);
+    assert_error(
+        &out,
+        &[
+            &format!("{}:9:", data.display()),
+            "hist_movie_id",
+            "5000",
+            "209",
+        ],
+    );
+}
+
+#[test]
+fn id_beyond_vocabulary_is_rejected_by_predict() {
+    let tmp = TempDir::new().unwrap();
+    // A small model: 20 good rows, one epoch.
+    let good = write_lines(tmp.path(), "good.txt", &sample_lines()[..20]);
+    let out = train_on(&tmp, &good);
+    assert_ok(&out);
+    let model = tmp.path().join("model");
+
+    let rows = rows_with_bad(10, 5, |r| with_column(r, MOVIE_ID, "5000"));
+    let data = write_lines(tmp.path(), "oov.txt", &rows);
+    let scores = tmp.path().join("scores.txt");
+    let out = din(
+        tmp.path(),
+        args!["predict", "--model", model, "--data", data, "--out", scores],
+    );
+    assert_error(
+        &out,
+        &[&format!("{}:6:", data.display()), "movie_id", "5000", "209"],
+    );
+    assert!(!scores.exists(), "predict wrote scores despite the error");
+
+    // The same file through evaluate.
+    let out = din(
+        tmp.path(),
+        args!["evaluate", "--model", model, "--data", data],
+    );
+    assert_error(
+        &out,
+        &[&format!("{}:6:", data.display()), "movie_id", "5000", "209"],
+    );
+}
+
+#[test]
+fn line_numbers_count_blank_lines() {
+    let tmp = TempDir::new().unwrap();
+    let mut rows: Vec<String> = sample_lines().into_iter().take(20).collect();
+    rows.insert(2, String::new()); // line 3 is blank
+    rows[6] = with_column(&rows[6], MOVIE_ID, "abc"); // line 7
+    let data = write_lines(tmp.path(), "blank.txt", &rows);
+    let out = train_on(&tmp, &data);
+    assert_error(
+        &out,
+        &[&format!("{}:7:", data.display()), "movie_id", "abc"],
+    );
+}
+
+#[test]
+fn empty_file_is_reported() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("empty.txt");
+    fs::write(&data, "").unwrap();
+    let out = train_on(&tmp, &data);
+    assert_error(&out, &[&data.display().to_string(), "no data rows"]);
+
+    // Also through predict on a saved model.
+    let good = write_lines(tmp.path(), "good.txt", &sample_lines()[..20]);
+    assert_ok(&train_on(&tmp, &good));
+    let out = din(
+        tmp.path(),
+        args![
+            "predict",
+            "--model",
+            tmp.path().join("model"),
+            "--data",
+            data,
+            "--out",
+            tmp.path().join("s.txt")
+        ],
+    );
+    assert_error(&out, &["empty.txt", "no data rows"]);
+}
+
+#[test]
+fn missing_data_file_names_the_path() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("no_such_file.txt");
+    let out = train_on(&tmp, &data);
+    assert_error(&out, &[&data.display().to_string()]);
+}
+
+#[test]
+fn missing_config_file_names_the_path() {
+    let tmp = TempDir::new().unwrap();
+    let config = tmp.path().join("no_such_config.toml");
+    let out = din(
+        tmp.path(),
+        args!["train", "--config", config, "--out", tmp.path().join("m")],
+    );
+    assert_error(&out, &[&config.display().to_string()]);
+}
+
+#[test]
+fn missing_model_directory_is_reported_by_evaluate_and_predict() {
+    let tmp = TempDir::new().unwrap();
+    let model = tmp.path().join("no_such_model");
+    let out = din(tmp.path(), args!["evaluate", "--model", model]);
+    assert_error(&out, &[&model.display().to_string()]);
+    let out = din(
+        tmp.path(),
+        args![
+            "predict",
+            "--model",
+            model,
+            "--data",
+            sample(),
+            "--out",
+            tmp.path().join("s.txt")
+        ],
+    );
+    assert_error(&out, &[&model.display().to_string()]);
+}
+
+/// The bundled config with `from` replaced (once) by `to`, its data path made absolute.
+fn config_with(dir: &Path, from: &str, to: &str) -> PathBuf {
+    let text = fs::read_to_string(bundled_config()).unwrap();
+    assert!(text.contains(from), "the bundled config lacks {from:?}");
+    let data = sample().canonicalize().unwrap();
+    let text = text.replacen(from, to, 1).replacen(
+        "\"../data/movie_sample.txt\"",
+        &format!("'{}'", data.display()),
+        1,
+    );
+    let path = dir.join("bad.toml");
+    fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn bad_config_values_name_field_and_value() {
+    let tmp = TempDir::new().unwrap();
+    let cases = [
+        (
+            "embedding_dim = 8",
+            "embedding_dim = 0",
+            vec!["schema.sparse[0].embedding_dim", "value: 0"],
+        ),
+        (
+            "learning_rate = 0.001",
+            "learning_rate = -1.0",
+            vec!["train.learning_rate", "value: -1"],
+        ),
+        (
+            "validation_split = 0.3",
+            "validation_split = 1.5",
+            vec!["data.validation_split", "1.5"],
+        ),
+    ];
+    for (from, to, needles) in cases {
+        let config = config_with(tmp.path(), from, to);
+        let out = din(
+            tmp.path(),
+            args![
+                "train",
+                "--config",
+                config,
+                "--epochs",
+                "1",
+                "--threads",
+                "1",
+                "--out",
+                tmp.path().join("m")
+            ],
+        );
+        assert_error(&out, &needles);
+        assert!(
+            !tmp.path().join("m").exists(),
+            "a rejected config still wrote a model ({to})"
+        );
+    }
+}
+
+#[test]
+fn bad_command_line_values_name_field_and_value() {
+    let tmp = TempDir::new().unwrap();
+    let out = train(tmp.path(), &tmp.path().join("m"), &["--epochs", "0"]);
+    assert_error(&out, &["train.epochs", "value: 0"]);
+    let out = train(tmp.path(), &tmp.path().join("m"), &["--batch-size", "0"]);
+    assert_error(&out, &["train.batch_size", "value: 0"]);
+    let out = train(
+        tmp.path(),
+        &tmp.path().join("m"),
+        &["--validation-split", "0"],
+    );
+    assert_error(&out, &["data.validation_split", "value: 0"]);
+}
+
+#[test]
+fn unknown_config_key_is_a_syntax_error_naming_the_file() {
+    let tmp = TempDir::new().unwrap();
+    let config = config_with(tmp.path(), "epochs = 10", "epoch = 10");
+    let out = din(
+        tmp.path(),
+        args!["train", "--config", config, "--out", tmp.path().join("m")],
+    );
+    let line = assert_error(&out, &[&config.display().to_string(), "epoch"]);
+    assert!(line.contains("unknown field"), "{line}");
+}
+
+// ---------------------------------------------------------------- determinism
+
+#[test]
+fn same_seed_gives_identical_weights_and_another_seed_does_not() {
+    let tmp = TempDir::new().unwrap();
+    let weights = |name: &str, seed: &str| {
+        let dir = tmp.path().join(name);
+        assert_ok(&train(tmp.path(), &dir, &["--seed", seed, "--epochs", "1"]));
+        fs::read(dir.join("model.safetensors")).unwrap()
+    };
+    let a = weights("a", "7");
+    let b = weights("b", "7");
+    let c = weights("c", "8");
+    assert!(
+        a == b,
+        "two trainings with seed 7 and one thread wrote different weights"
+    );
+    assert!(a != c, "seeds 7 and 8 wrote identical weights");
+}

@@ -1,0 +1,66 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use din::data::{Batch, Ragged};
+use din::schema::{Config, Layout};
+
+/// A config with two DIN pairs (item, cate) x (hist_items, hist_cates), a
+/// user feature, a dense feature and one mean-pooled sequence.
+pub fn config(attention_activation: &str, normalization: &str, dnn_activation: &str) -> Config {
+    let text = format!(
+        r#"
+[input]
+columns = ["user", "item", "cate", "price", "hist_items", "hist_cates", "tags", "label"]
+[schema]
+label = "label"
+user = "user"
+sparse = [
+  {{ name = "user", vocab_size = 5, embedding_dim = 3 }},
+  {{ name = "item", vocab_size = 12, embedding_dim = 4 }},
+  {{ name = "cate", vocab_size = 6, embedding_dim = 2 }},
+]
+dense = [{{ name = "price", dim = 2 }}]
+sequence = [
+  {{ name = "hist_items", shares_embedding_with = "item", max_len = 5 }},
+  {{ name = "hist_cates", shares_embedding_with = "cate", max_len = 5 }},
+  {{ name = "tags", vocab_size = 7, embedding_dim = 2, max_len = 4 }},
+]
+din_pairs = [{{ target = "item", history = "hist_items" }}, {{ target = "cate", history = "hist_cates" }}]
+[model.attention]
+hidden_units = [6, 4]
+activation = "{attention_activation}"
+normalization = "{normalization}"
+[model.dnn]
+hidden_units = [5, 3]
+activation = "{dnn_activation}"
+"#
+    );
+    Config::from_toml_str(&text).expect("test config parses")
+}
+
+/// A batch of four samples for [`config`]; sample 2 has an empty history.
+pub fn batch() -> Batch {
+    let ragged = |rows: &[&[u32]]| {
+        let mut r = Ragged::new();
+        for row in rows {
+            r.push(row);
+        }
+        r
+    };
+    Batch {
+        sparse: vec![vec![1, 2, 3, 1], vec![3, 7, 11, 5], vec![1, 2, 5, 4]],
+        dense: vec![vec![0.5, -1.0, 1.5, 0.2, -0.3, 0.8, 0.0, 1.0]],
+        sequences: vec![
+            ragged(&[&[1, 2, 4], &[5, 6, 7, 8, 9], &[], &[10, 3]]),
+            ragged(&[&[1, 1, 2], &[3, 4, 5, 1, 2], &[], &[3, 3]]),
+            ragged(&[&[1, 2], &[], &[6], &[3, 4, 5, 6]]),
+        ],
+        labels: vec![1.0, 0.0, 0.0, 1.0],
+        rows: 4,
+    }
+}
+
+/// The layout of `config`, validated.
+pub fn layout(config: &Config) -> Layout {
+    config.validate().expect("test config is valid")
+}

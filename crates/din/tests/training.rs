@@ -1,0 +1,145 @@
+//! The training loop on the bundled sample: learning, determinism, early
+//! stopping, regularisation, config validation.
+
+mod common;
+
+use std::path::Path;
+
+use din::model::SparseGrad;
+use din::model::{Din, Module};
+use din::schema::{Config, EarlyStoppingConfig, Monitor, RegularizationConfig, RegularizationKind};
+use din::train::{fit, load_training_data, regularize, Silent};
+
+fn bundled() -> Config {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/movie_sample.toml");
+    let mut c = Config::from_toml_file(&path).expect("bundled config");
+    // A smaller network keeps the test fast; the mathematics is the same.
+    c.model.attention.hidden_units = vec![16, 8];
+    c.model.dnn.hidden_units = vec![16];
+    c.train.threads = 1;
+    c
+}
+
+fn weights(model: &Din) -> Vec<u32> {
+    let mut out = Vec::new();
+    model.visit("", &mut |_, p| out.extend(p.value.iter().map(|v| v.to_bits())));
+    out
+}
+
+#[test]
+fn training_lowers_the_loss_and_reports_validation_metrics() {
+    let mut config = bundled();
+    config.train.epochs = 4;
+    let data = load_training_data(&config).expect("data");
+    assert_eq!((data.train.len(), data.validation.as_ref().map(|v| v.len())), (965, Some(415)));
+    let out = fit(&data, &mut Silent).expect("trains");
+    assert_eq!(out.history.len(), 4);
+    let first = out.history[0].train_loss;
+    let last = out.history[3].train_loss;
+    assert!(last < first, "train loss {first} -> {last}");
+    let v = out.history[3].validation.expect("validation metrics");
+    assert_eq!(v.n, 415);
+    assert!(v.logloss.is_finite() && v.auc.is_some() && v.gauc.is_some());
+}
+
+#[test]
+fn same_seed_and_threads_give_the_same_model_and_other_seeds_do_not() {
+    let mut config = bundled();
+    config.train.epochs = 1;
+    config.model.dnn.dropout = 0.2;
+    let data = load_training_data(&config).expect("data");
+    let a = fit(&data, &mut Silent).expect("a");
+    let b = fit(&data, &mut Silent).expect("b");
+    assert_eq!(weights(&a.model), weights(&b.model));
+    let mut other = data.clone();
+    other.config.train.seed += 1;
+    let c = fit(&other, &mut Silent).expect("c");
+    assert_ne!(weights(&a.model), weights(&c.model));
+}
+
+#[test]
+fn early_stopping_stops_and_can_restore_the_best_epoch() {
+    let mut config = bundled();
+    config.train.epochs = 30;
+    config.train.learning_rate = 0.01; // overfits fast on 3 users
+    config.train.early_stopping = Some(EarlyStoppingConfig { monitor: Monitor::ValLogloss, patience: 2, restore_best: true });
+    let data = load_training_data(&config).expect("data");
+    let out = fit(&data, &mut Silent).expect("trains");
+    assert!(out.stopped_early, "stopped before 30 epochs");
+    let best = out.best_epoch.expect("best epoch");
+    assert_eq!(out.history.len(), best + 2, "patience 2 after the best epoch");
+    let best_logloss = out.history[best - 1].validation.expect("metrics").logloss;
+    let restored = din::train::evaluate(&out.model, data.validation.as_ref().expect("validation"), config.train.eval_batch_size);
+    assert_eq!(restored.logloss, best_logloss, "the returned model is the best epoch's");
+}
+
+#[test]
+fn mini_batch_aware_regularisation_scales_by_inverse_frequency() {
+    let config = common::config("prelu", "none", "prelu");
+    let layout = common::layout(&config);
+    let mut model = Din::new(&layout, &config.model, 0);
+    let item = layout.sparse[1].table;
+    let mut emb: Vec<SparseGrad> = model.embeddings.iter().map(|e| SparseGrad::new(e.dim())).collect();
+    emb[item].add(3, &[0.0; 4]);
+    emb[item].add(5, &[1.0; 4]);
+    let mut counts: Vec<Vec<u32>> = layout.tables.iter().map(|t| vec![1; t.rows()]).collect();
+    counts[item][3] = 4;
+    counts[item][5] = 1;
+    let cfg = RegularizationConfig { kind: RegularizationKind::MiniBatchAware, lambda: 0.5 };
+    let before = model.clone();
+    let penalty = regularize(&cfg, &mut model, &mut emb, &counts);
+    let (w3, w5) = (before.embeddings[item].row(3), before.embeddings[item].row(5));
+    let sq = |w: &[f32]| w.iter().map(|v| f64::from(v * v)).sum::<f64>();
+    // Σ_j λ/n_j ||w_j||² = 0.5/4 ||w3||² + 0.5/1 ||w5||²
+    let want = 0.125 * sq(w3) + 0.5 * sq(w5);
+    assert!((penalty - want).abs() < 1e-9, "{penalty} vs {want}");
+    for j in 0..4 {
+        assert!((emb[item].get(3).expect("row 3")[j] - 2.0 * 0.125 * w3[j]).abs() < 1e-9);
+        assert!((emb[item].get(5).expect("row 5")[j] - (1.0 + 2.0 * 0.5 * w5[j])).abs() < 1e-7);
+    }
+    assert_eq!(model, before, "MBA touches no dense gradient and no weight");
+
+    // Plain L2 also regularises MLP weights.
+    let cfg = RegularizationConfig { kind: RegularizationKind::L2, lambda: 0.5 };
+    model.zero_grad();
+    regularize(&cfg, &mut model, &mut emb, &counts);
+    let w = &model.output.weight;
+    assert!(w.grad.iter().zip(&w.value).all(|(g, v)| (g - v).abs() < 1e-6), "grad = 2 * 0.5 * w");
+}
+
+#[test]
+fn regularised_training_runs_with_every_optimizer() {
+    for (opt, reg) in [("adam", "mini_batch_aware"), ("adagrad", "l2"), ("sgd", "none")] {
+        let mut config = bundled();
+        config.train.epochs = 1;
+        config.train.optimizer = toml::Value::String(opt.into()).try_into().expect("optimizer");
+        config.train.regularization = RegularizationConfig { kind: toml::Value::String(reg.into()).try_into().expect("kind"), lambda: 0.01 };
+        let data = load_training_data(&config).expect("data");
+        let out = fit(&data, &mut Silent).expect(opt);
+        assert!(out.history[0].train_loss.is_finite(), "{opt}");
+    }
+}
+
+#[test]
+fn invalid_configs_name_the_field_and_value() {
+    let base = bundled();
+    let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+        (Box::new(|c| c.schema.sparse[0].embedding_dim = Some(0)), "schema.sparse[0].embedding_dim`: must be at least 1 (value: 0)"),
+        (Box::new(|c| c.train.learning_rate = -1.0), "train.learning_rate`: must be a positive number (value: -1)"),
+        (Box::new(|c| c.schema.din_pairs[0].target = "nope".into()), "schema.din_pairs[0].target`: is not a sparse feature (value: nope)"),
+        (Box::new(|c| c.schema.sequence[0].shares_embedding_with = Some("ghost".into())), "shares_embedding_with`: shares_embedding_with must name a feature"),
+        (Box::new(|c| c.data.validation_split = Some(1.5)), "data.validation_split`: must be in (0, 1) (value: 1.5)"),
+        (Box::new(|c| c.model.dnn.dropout = 1.0), "model.dnn.dropout`: must be in [0, 1) (value: 1)"),
+        (Box::new(|c| c.model.attention.hidden_units.clear()), "model.attention.hidden_units`"),
+        (Box::new(|c| c.schema.sparse[1].name = "user_id".into()), "duplicate feature name"),
+        (Box::new(|c| c.input.sequence_separator = "\t".into()), "input.sequence_separator`: must differ"),
+    ];
+    for (edit, want) in cases {
+        let mut c = base.clone();
+        edit(&mut c);
+        let err = c.validate().expect_err(want).to_string();
+        assert!(err.contains(want), "{err}\n  wanted: {want}");
+    }
+    let err = Config::from_toml_str("[schema]\nlabel = 3\n").expect_err("type").to_string();
+    assert!(err.contains("label"), "{err}");
+}
