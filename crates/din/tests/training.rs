@@ -123,7 +123,8 @@ fn regularised_training_runs_with_every_optimizer() {
 #[test]
 fn invalid_configs_name_the_field_and_value() {
     let base = bundled();
-    let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut Config)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|c| c.schema.sparse[0].embedding_dim = Some(0)), "schema.sparse[0].embedding_dim`: must be at least 1 (value: 0)"),
         (Box::new(|c| c.train.learning_rate = -1.0), "train.learning_rate`: must be a positive number (value: -1)"),
         (Box::new(|c| c.schema.din_pairs[0].target = "nope".into()), "schema.din_pairs[0].target`: is not a sparse feature (value: nope)"),

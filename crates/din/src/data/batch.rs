@@ -66,7 +66,7 @@ impl Batch {
             .dense
             .iter()
             .map(|c| {
-                let dim = if self.rows == 0 { 0 } else { c.len() / self.rows };
+                let dim = c.len().checked_div(self.rows).unwrap_or(0);
                 rows.iter().flat_map(|&r| c[r * dim..(r + 1) * dim].iter().copied()).collect()
             })
             .collect();

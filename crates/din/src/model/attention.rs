@@ -86,7 +86,7 @@ impl Attention {
 
         let mut owner = Vec::with_capacity(n);
         for s in 0..b {
-            owner.extend(std::iter::repeat(s as u32).take((offsets[s + 1] - offsets[s]) as usize));
+            owner.extend(std::iter::repeat_n(s as u32, (offsets[s + 1] - offsets[s]) as usize));
         }
         let mut aq = vec![0.0; b * h1];
         matmul(b, d, h1, q, &wq, &mut aq, false); // [B, H1], once per sample

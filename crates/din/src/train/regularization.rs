@@ -38,10 +38,9 @@ pub fn regularize(config: &RegularizationConfig, model: &mut Din, emb: &mut Embe
                 }
                 _ => lambda,
             };
-            let row = table.row(id);
-            for j in 0..d {
-                g.grads[k * d + j] += 2.0 * scale * row[j];
-                penalty += f64::from(scale * row[j] * row[j]);
+            for (g, &w) in g.grads[k * d..(k + 1) * d].iter_mut().zip(table.row(id)) {
+                *g += 2.0 * scale * w;
+                penalty += f64::from(scale * w * w);
             }
         }
     }
