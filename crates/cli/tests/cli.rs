@@ -649,7 +649,6 @@ fn unknown_config_key_is_a_syntax_error_naming_file_and_line() {
 /// prints its `source` and `main` prints the error chain (`{:#}`), e.g.
 /// `error: X: cannot open data file: No such file or directory (os error 2): No such file or directory (os error 2)`.
 #[test]
-#[ignore = "bug: I/O errors repeat the OS error (Error::Io displays its source and anyhow's {:#} prints it again)"]
 fn io_errors_state_the_os_error_once() {
     let tmp = TempDir::new().unwrap();
     let data = tmp.path().join("no_such_file.txt");
@@ -668,7 +667,6 @@ fn io_errors_state_the_os_error_once() {
 /// without `--data` only finds the validation rows from the folder the model
 /// was trained in.
 #[test]
-#[ignore = "bug: relative data paths are stored as given in config.json, so evaluate without --data depends on the current folder"]
 fn evaluate_without_data_does_not_depend_on_the_current_folder() {
     let tmp = TempDir::new().unwrap();
     write_lines(tmp.path(), "good.txt", &sample_lines()[..40]);
@@ -736,7 +734,6 @@ fn same_seed_gives_identical_weights_and_another_seed_does_not() {
 /// randomised per process, so the header's `__metadata__` keys come out in
 /// either order and the files differ although every weight is identical.
 #[test]
-#[ignore = "bug: the safetensors __metadata__ comes from a HashMap, so its key order (and the file bytes) vary between runs"]
 fn same_seed_gives_byte_identical_safetensors() {
     let tmp = TempDir::new().unwrap();
     // Two processes pick each metadata order with probability 1/2; four runs

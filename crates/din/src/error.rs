@@ -9,8 +9,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// field or column, and the offending value.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file could not be opened, read or written.
-    #[error("{}: {action}: {source}", path.display())]
+    /// A file could not be opened, read or written. The OS error is the
+    /// source (not repeated in this message; print the error chain).
+    #[error("{}: {action}", path.display())]
     Io {
         /// The file.
         path: PathBuf,

@@ -39,7 +39,10 @@ fn save_load_predict_is_bitwise_identical() {
         assert_eq!(loaded, model, "every tensor, Dice statistics included, survives");
         let batch = common::batch();
         let (a, b) = (model.predict(&batch), loaded.predict(&batch));
-        assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -57,7 +60,10 @@ fn dice_statistics_switch_between_training_and_inference_and_are_saved() {
     let batch = common::batch();
     let (train_logits, _) = model.forward(&batch, Mode::Train, None);
     let infer = model.forward(&batch, Mode::Infer, None).0;
-    assert_ne!(train_logits, infer, "inference uses moving averages, not batch statistics");
+    assert_ne!(
+        train_logits, infer,
+        "inference uses moving averages, not batch statistics"
+    );
     let dir = tempfile::tempdir().expect("tmp");
     save(dir.path(), &config, &model, None).expect("save");
     let (_, _, loaded) = load(dir.path()).expect("load");
@@ -101,7 +107,10 @@ fn tensor_names_are_field_paths() {
     ];
     assert_eq!(names, want);
     // [q, k, q-k, q*k] with q = item (4) + cate (2) => 24 inputs, 6 units.
-    assert_eq!(st.tensor("attention.layers.0.weight").expect("present").shape(), &[24, 6]);
+    assert_eq!(
+        st.tensor("attention.layers.0.weight").expect("present").shape(),
+        &[24, 6]
+    );
     assert_eq!(st.tensor("embeddings.item.weight").expect("present").shape(), &[12, 4]);
 }
 
@@ -114,10 +123,19 @@ fn corrupt_or_mismatched_directories_are_rejected_with_the_file_named() {
     let mut other = config.clone();
     other.model.dnn.hidden_units = vec![7, 3];
     let dir2 = tempfile::tempdir().expect("tmp");
-    save(dir2.path(), &other, &Din::new(&common::layout(&other), &other.model, 0), None).expect("save");
+    save(
+        dir2.path(),
+        &other,
+        &Din::new(&common::layout(&other), &other.model, 0),
+        None,
+    )
+    .expect("save");
     std::fs::copy(dir.path().join(WEIGHTS_FILE), dir2.path().join(WEIGHTS_FILE)).expect("copy");
     let err = load(dir2.path()).expect_err("shape mismatch").to_string();
-    assert!(err.contains("model.safetensors") && err.contains("dnn.layers.0.weight") && err.contains("shape"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("dnn.layers.0.weight") && err.contains("shape"),
+        "{err}"
+    );
     // Truncated weights.
     let bytes = std::fs::read(dir.path().join(WEIGHTS_FILE)).expect("read");
     std::fs::write(dir.path().join(WEIGHTS_FILE), &bytes[..bytes.len() / 2]).expect("truncate");
@@ -135,7 +153,10 @@ fn saving_leaves_no_temporary_files() {
     let dir = tempfile::tempdir().expect("tmp");
     save(dir.path(), &config, &model, Some(&[])).expect("save");
     save(dir.path(), &config, &model, Some(&[])).expect("overwrite");
-    let mut files: Vec<String> = std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
     files.sort();
     assert_eq!(files, ["config.json", "history.json", "model.safetensors"]);
 }

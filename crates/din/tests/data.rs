@@ -41,7 +41,11 @@ fn reads_the_tutorial_sample_with_ragged_histories() {
     // The stored history length equals the hist_len column (which counts
     // beyond the 50 ids the file keeps) on every row.
     for r in 0..data.len() {
-        assert_eq!(data.batch.sequences[0].row(r).len() as f32, data.batch.dense[0][r].min(50.0), "row {r}");
+        assert_eq!(
+            data.batch.sequences[0].row(r).len() as f32,
+            data.batch.dense[0][r].min(50.0),
+            "row {r}"
+        );
     }
     let positives = data.batch.labels.iter().filter(|y| **y == 1.0).count();
     assert_eq!(positives, 230);
@@ -62,7 +66,11 @@ fn keras_style_split_keeps_file_order() {
 }
 
 fn tiny_config(extra_sequence: &str, header: bool) -> Config {
-    let input = if header { "header = true\ndelimiter = \",\"\nsequence_separator = \"|\"".to_string() } else { "columns = [\"item\", \"hist\", \"label\"]".to_string() };
+    let input = if header {
+        "header = true\ndelimiter = \",\"\nsequence_separator = \"|\"".to_string()
+    } else {
+        "columns = [\"item\", \"hist\", \"label\"]".to_string()
+    };
     Config::from_toml_str(&format!(
         r#"
 [input]
@@ -82,10 +90,13 @@ fn truncation_keeps_the_chosen_end() {
     let dir = tempfile::tempdir().expect("tmp");
     let p = write(dir.path(), "d.tsv", "9\t1,2,3,4,5\t1\n");
     for (extra, want) in [
-        ("", vec![3, 4, 5]),                                                       // oldest first, keep recent
-        (", truncation = \"keep_oldest\"", vec![1, 2, 3]),                        // oldest first, keep oldest
-        (", order = \"recent_first\"", vec![1, 2, 3]),                             // recent first, keep recent
-        (", order = \"recent_first\", truncation = \"keep_oldest\"", vec![3, 4, 5]), // recent first, keep oldest
+        ("", vec![3, 4, 5]),                               // oldest first, keep recent
+        (", truncation = \"keep_oldest\"", vec![1, 2, 3]), // oldest first, keep oldest
+        (", order = \"recent_first\"", vec![1, 2, 3]),     // recent first, keep recent
+        (
+            ", order = \"recent_first\", truncation = \"keep_oldest\"",
+            vec![3, 4, 5],
+        ), // recent first, keep oldest
     ] {
         let config = tiny_config(extra, false);
         let layout = config.validate().expect("valid");
@@ -106,14 +117,21 @@ fn header_files_map_columns_by_name_and_allow_extra_columns() {
     assert!(d.batch.sequences[0].row(1).is_empty());
     assert_eq!(d.batch.labels, vec![1.0, 0.0]);
     infer_vocab(&mut layout, &d);
-    assert_eq!(layout.tables[0].vocab_size, Some(8), "max id over item and hist (7) + 1");
+    assert_eq!(
+        layout.tables[0].vocab_size,
+        Some(8),
+        "max id over item and hist (7) + 1"
+    );
     apply_vocab(&layout, &mut d).expect("in vocabulary");
     // A file without the label column can be read for prediction.
     let p2 = write(dir.path(), "p.csv", "item,hist\n3,1|2\n");
     let d2 = read_dataset(&p2, &config, &layout, ReadOptions { require_label: false }).expect("reads");
     assert!(d2.batch.labels.is_empty());
     let err = read_dataset(&p2, &config, &layout, REQUIRE).expect_err("label required");
-    assert!(matches!(err, Error::MissingColumn { ref column, .. } if column == "label"), "{err}");
+    assert!(
+        matches!(err, Error::MissingColumn { ref column, .. } if column == "label"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -123,9 +141,21 @@ fn errors_name_file_line_column_and_value() {
     let layout = config.validate().expect("valid");
     let cases = [
         ("short", "1\t2\t0\n3\t1\n", "short:2: expected 3 columns, found 2"),
-        ("nonnum", "1\t2\t0\nabc\t1\t1\n", "nonnum:2: column `item`: not a non-negative integer id: \"abc\""),
-        ("badhist", "1\t2,x\t0\n", "badhist:1: column `hist`: not a non-negative integer id: \"x\""),
-        ("label", "1\t2\t0.5\n", "label:1: column `label`: label must be 0 or 1: \"0.5\""),
+        (
+            "nonnum",
+            "1\t2\t0\nabc\t1\t1\n",
+            "nonnum:2: column `item`: not a non-negative integer id: \"abc\"",
+        ),
+        (
+            "badhist",
+            "1\t2,x\t0\n",
+            "badhist:1: column `hist`: not a non-negative integer id: \"x\"",
+        ),
+        (
+            "label",
+            "1\t2\t0.5\n",
+            "label:1: column `label`: label must be 0 or 1: \"0.5\"",
+        ),
         ("huge", "99999999999\t2\t0\n", "column `item`: id too large"),
     ];
     for (name, text, want) in cases {
@@ -137,7 +167,10 @@ fn errors_name_file_line_column_and_value() {
     let err = read_dataset(&empty, &config, &layout, REQUIRE).expect_err("empty");
     assert!(matches!(err, Error::EmptyFile { .. }), "{err}");
     let err = read_dataset(&dir.path().join("absent.tsv"), &config, &layout, REQUIRE).expect_err("missing");
-    assert!(err.to_string().contains("absent.tsv") && err.to_string().contains("cannot open"), "{err}");
+    assert!(
+        err.to_string().contains("absent.tsv") && err.to_string().contains("cannot open"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -149,7 +182,10 @@ fn out_of_vocabulary_ids_error_or_map_to_the_reserved_row() {
     let layout = config.validate().expect("valid");
     let mut d = read_dataset(&p, &config, &layout, REQUIRE).expect("reads");
     let err = apply_vocab(&layout, &mut d).expect_err("9 >= 5").to_string();
-    assert!(err.contains("d.tsv:2: column `hist`: id 9 is at or above the vocabulary size 5"), "{err}");
+    assert!(
+        err.contains("d.tsv:2: column `hist`: id 9 is at or above the vocabulary size 5"),
+        "{err}"
+    );
 
     config.schema.sparse[0].oov = din::schema::Oov::Reserved;
     let layout = config.validate().expect("valid");
@@ -182,7 +218,9 @@ din_pairs = [{ target = "item", history = "hist_items" }, { target = "cate", his
     let layout = config.validate().expect("valid");
     assert_eq!(layout.query_dim(), 12, "item (8) and cate (4) concatenated");
     let p = write(dir.path(), "d.txt", "1 2 3;4 5;6;7;1\n");
-    let err = read_dataset(&p, &config, &layout, REQUIRE).expect_err("misaligned").to_string();
+    let err = read_dataset(&p, &config, &layout, REQUIRE)
+        .expect_err("misaligned")
+        .to_string();
     assert!(err.contains("d.txt:1") && err.contains("have 3 and 2 ids"), "{err}");
 }
 
@@ -191,11 +229,20 @@ din_pairs = [{ target = "item", history = "hist_items" }, { target = "cate", his
 fn reads_the_amazon_fixture_when_shared_data_is_present() {
     let path = workspace().join("../shared/data/fixtures/paddlerec_din_sample_data.txt");
     if !path.exists() {
-        eprintln!("skipped: {} is absent (it is only beside the project in CI)", path.display());
+        eprintln!(
+            "skipped: {} is absent (it is only beside the project in CI)",
+            path.display()
+        );
         return;
     }
     let mut config = bundled();
-    config.input.columns = vec!["hist_items".into(), "hist_cates".into(), "item".into(), "cate".into(), "label".into()];
+    config.input.columns = vec![
+        "hist_items".into(),
+        "hist_cates".into(),
+        "item".into(),
+        "cate".into(),
+        "label".into(),
+    ];
     config.input.delimiter = ";".into();
     config.input.sequence_separator = " ".into();
     let text = r#"

@@ -34,7 +34,10 @@ fn check(attention: &str, normalization: &str, dnn: &str) {
     // embeddings so that every path carries signal.
     model.visit_mut("", &mut |name, p| {
         if name.ends_with("alpha") {
-            p.value.iter_mut().enumerate().for_each(|(i, a)| *a = 0.1 + 0.05 * (i % 5) as f32);
+            p.value
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, a)| *a = 0.1 + 0.05 * (i % 5) as f32);
         }
         if name.starts_with("embeddings") {
             p.value.iter_mut().for_each(|v| *v *= 10.0);
@@ -57,7 +60,11 @@ fn check(attention: &str, normalization: &str, dnn: &str) {
     for (t, g) in layout.tables.iter().zip(&emb) {
         for (k, &id) in g.ids.iter().enumerate() {
             for j in 0..g.dim {
-                cases.push((format!("embeddings.{}.weight", t.name), id as usize * g.dim + j, g.grads[k * g.dim + j]));
+                cases.push((
+                    format!("embeddings.{}.weight", t.name),
+                    id as usize * g.dim + j,
+                    g.grads[k * g.dim + j],
+                ));
             }
         }
     }
@@ -92,13 +99,24 @@ fn check(attention: &str, normalization: &str, dnn: &str) {
         checked += 1;
         tensors_seen.insert(name.clone());
         let err = (f64::from(*analytic) - n2).abs();
-        assert!(err <= tol + 1e-2 * n2.abs(), "{attention}/{normalization}/{dnn}: {name}[{i}] analytic {analytic} vs numeric {n2} (scale {scale})");
+        assert!(
+            err <= tol + 1e-2 * n2.abs(),
+            "{attention}/{normalization}/{dnn}: {name}[{i}] analytic {analytic} vs numeric {n2} (scale {scale})"
+        );
     }
-    assert!(skipped * 50 <= cases.len(), "too many kinks: {skipped} of {}", cases.len());
+    assert!(
+        skipped * 50 <= cases.len(),
+        "too many kinks: {skipped} of {}",
+        cases.len()
+    );
     assert!(checked > 300, "checked {checked}");
     // Every tensor with a gradient was checked, embeddings of every table included.
     for t in &layout.tables {
-        assert!(tensors_seen.contains(&format!("embeddings.{}.weight", t.name)), "table {}", t.name);
+        assert!(
+            tensors_seen.contains(&format!("embeddings.{}.weight", t.name)),
+            "table {}",
+            t.name
+        );
     }
     assert!(tensors_seen.iter().any(|n| n.starts_with("attention.layers.0")));
     assert!(tensors_seen.iter().any(|n| n.starts_with("dnn.layers.1")));

@@ -31,7 +31,10 @@ fn training_lowers_the_loss_and_reports_validation_metrics() {
     let mut config = bundled();
     config.train.epochs = 4;
     let data = load_training_data(&config).expect("data");
-    assert_eq!((data.train.len(), data.validation.as_ref().map(|v| v.len())), (965, Some(415)));
+    assert_eq!(
+        (data.train.len(), data.validation.as_ref().map(|v| v.len())),
+        (965, Some(415))
+    );
     let out = fit(&data, &mut Silent).expect("trains");
     assert_eq!(out.history.len(), 4);
     let first = out.history[0].train_loss;
@@ -62,14 +65,22 @@ fn early_stopping_stops_and_can_restore_the_best_epoch() {
     let mut config = bundled();
     config.train.epochs = 30;
     config.train.learning_rate = 0.01; // overfits fast on 3 users
-    config.train.early_stopping = Some(EarlyStoppingConfig { monitor: Monitor::ValLogloss, patience: 2, restore_best: true });
+    config.train.early_stopping = Some(EarlyStoppingConfig {
+        monitor: Monitor::ValLogloss,
+        patience: 2,
+        restore_best: true,
+    });
     let data = load_training_data(&config).expect("data");
     let out = fit(&data, &mut Silent).expect("trains");
     assert!(out.stopped_early, "stopped before 30 epochs");
     let best = out.best_epoch.expect("best epoch");
     assert_eq!(out.history.len(), best + 2, "patience 2 after the best epoch");
     let best_logloss = out.history[best - 1].validation.expect("metrics").logloss;
-    let restored = din::train::evaluate(&out.model, data.validation.as_ref().expect("validation"), config.train.eval_batch_size);
+    let restored = din::train::evaluate(
+        &out.model,
+        data.validation.as_ref().expect("validation"),
+        config.train.eval_batch_size,
+    );
     assert_eq!(restored.logloss, best_logloss, "the returned model is the best epoch's");
 }
 
@@ -85,7 +96,10 @@ fn mini_batch_aware_regularisation_scales_by_inverse_frequency() {
     let mut counts: Vec<Vec<u32>> = layout.tables.iter().map(|t| vec![1; t.rows()]).collect();
     counts[item][3] = 4;
     counts[item][5] = 1;
-    let cfg = RegularizationConfig { kind: RegularizationKind::MiniBatchAware, lambda: 0.5 };
+    let cfg = RegularizationConfig {
+        kind: RegularizationKind::MiniBatchAware,
+        lambda: 0.5,
+    };
     let before = model.clone();
     let penalty = regularize(&cfg, &mut model, &mut emb, &counts);
     let (w3, w5) = (before.embeddings[item].row(3), before.embeddings[item].row(5));
@@ -100,11 +114,17 @@ fn mini_batch_aware_regularisation_scales_by_inverse_frequency() {
     assert_eq!(model, before, "MBA touches no dense gradient and no weight");
 
     // Plain L2 also regularises MLP weights.
-    let cfg = RegularizationConfig { kind: RegularizationKind::L2, lambda: 0.5 };
+    let cfg = RegularizationConfig {
+        kind: RegularizationKind::L2,
+        lambda: 0.5,
+    };
     model.zero_grad();
     regularize(&cfg, &mut model, &mut emb, &counts);
     let w = &model.output.weight;
-    assert!(w.grad.iter().zip(&w.value).all(|(g, v)| (g - v).abs() < 1e-6), "grad = 2 * 0.5 * w");
+    assert!(
+        w.grad.iter().zip(&w.value).all(|(g, v)| (g - v).abs() < 1e-6),
+        "grad = 2 * 0.5 * w"
+    );
 }
 
 #[test]
@@ -113,7 +133,10 @@ fn regularised_training_runs_with_every_optimizer() {
         let mut config = bundled();
         config.train.epochs = 1;
         config.train.optimizer = toml::Value::String(opt.into()).try_into().expect("optimizer");
-        config.train.regularization = RegularizationConfig { kind: toml::Value::String(reg.into()).try_into().expect("kind"), lambda: 0.01 };
+        config.train.regularization = RegularizationConfig {
+            kind: toml::Value::String(reg.into()).try_into().expect("kind"),
+            lambda: 0.01,
+        };
         let data = load_training_data(&config).expect("data");
         let out = fit(&data, &mut Silent).expect(opt);
         assert!(out.history[0].train_loss.is_finite(), "{opt}");
@@ -125,15 +148,42 @@ fn invalid_configs_name_the_field_and_value() {
     let base = bundled();
     type Edit = Box<dyn Fn(&mut Config)>;
     let cases: Vec<(Edit, &str)> = vec![
-        (Box::new(|c| c.schema.sparse[0].embedding_dim = Some(0)), "schema.sparse[0].embedding_dim`: must be at least 1 (value: 0)"),
-        (Box::new(|c| c.train.learning_rate = -1.0), "train.learning_rate`: must be a positive number (value: -1)"),
-        (Box::new(|c| c.schema.din_pairs[0].target = "nope".into()), "schema.din_pairs[0].target`: is not a sparse feature (value: nope)"),
-        (Box::new(|c| c.schema.sequence[0].shares_embedding_with = Some("ghost".into())), "shares_embedding_with`: shares_embedding_with must name a feature"),
-        (Box::new(|c| c.data.validation_split = Some(1.5)), "data.validation_split`: must be in (0, 1) (value: 1.5)"),
-        (Box::new(|c| c.model.dnn.dropout = 1.0), "model.dnn.dropout`: must be in [0, 1) (value: 1)"),
-        (Box::new(|c| c.model.attention.hidden_units.clear()), "model.attention.hidden_units`"),
-        (Box::new(|c| c.schema.sparse[1].name = "user_id".into()), "duplicate feature name"),
-        (Box::new(|c| c.input.sequence_separator = "\t".into()), "input.sequence_separator`: must differ"),
+        (
+            Box::new(|c| c.schema.sparse[0].embedding_dim = Some(0)),
+            "schema.sparse[0].embedding_dim`: must be at least 1 (value: 0)",
+        ),
+        (
+            Box::new(|c| c.train.learning_rate = -1.0),
+            "train.learning_rate`: must be a positive number (value: -1)",
+        ),
+        (
+            Box::new(|c| c.schema.din_pairs[0].target = "nope".into()),
+            "schema.din_pairs[0].target`: is not a sparse feature (value: nope)",
+        ),
+        (
+            Box::new(|c| c.schema.sequence[0].shares_embedding_with = Some("ghost".into())),
+            "shares_embedding_with`: shares_embedding_with must name a feature",
+        ),
+        (
+            Box::new(|c| c.data.validation_split = Some(1.5)),
+            "data.validation_split`: must be in (0, 1) (value: 1.5)",
+        ),
+        (
+            Box::new(|c| c.model.dnn.dropout = 1.0),
+            "model.dnn.dropout`: must be in [0, 1) (value: 1)",
+        ),
+        (
+            Box::new(|c| c.model.attention.hidden_units.clear()),
+            "model.attention.hidden_units`",
+        ),
+        (
+            Box::new(|c| c.schema.sparse[1].name = "user_id".into()),
+            "duplicate feature name",
+        ),
+        (
+            Box::new(|c| c.input.sequence_separator = "\t".into()),
+            "input.sequence_separator`: must differ",
+        ),
     ];
     for (edit, want) in cases {
         let mut c = base.clone();
@@ -141,6 +191,8 @@ fn invalid_configs_name_the_field_and_value() {
         let err = c.validate().expect_err(want).to_string();
         assert!(err.contains(want), "{err}\n  wanted: {want}");
     }
-    let err = Config::from_toml_str("[schema]\nlabel = 3\n").expect_err("type").to_string();
-    assert!(err.contains("label"), "{err}");
+    let err = Config::from_toml_str("[schema]\nlabel = 3\n")
+        .expect_err("type")
+        .to_string();
+    assert!(err.contains("line 2, column 9: invalid type: integer `3`, expected a string"), "{err}");
 }

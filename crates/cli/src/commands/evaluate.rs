@@ -28,7 +28,8 @@ pub struct Args {
 
 /// Runs `din evaluate`.
 pub fn run(args: Args) -> Result<()> {
-    let scorer = Scorer::load(&args.model).with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let scorer =
+        Scorer::load(&args.model).with_context(|| format!("loading the model from {}", args.model.display()))?;
     let data = match &args.data {
         Some(path) => scorer.read(path, true)?,
         None => load_training_data(&scorer.config)?
@@ -40,7 +41,12 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&metrics)?);
     } else {
-        println!("{}  (rows {}, positives {})", format_metrics("", &metrics), metrics.n, metrics.positives);
+        println!(
+            "{}  (rows {}, positives {})",
+            format_metrics("", &metrics),
+            metrics.n,
+            metrics.positives
+        );
     }
     Ok(())
 }

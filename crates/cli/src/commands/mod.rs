@@ -9,5 +9,10 @@ use din::metrics::Metrics;
 /// One line of metrics for people.
 pub fn format_metrics(prefix: &str, m: &Metrics) -> String {
     let opt = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.4}"));
-    format!("{prefix}logloss {:.4}  {prefix}auc {}  {prefix}gauc {}", m.logloss, opt(m.auc), opt(m.gauc))
+    format!(
+        "{prefix}logloss {:.4}  {prefix}auc {}  {prefix}gauc {}",
+        m.logloss,
+        opt(m.auc),
+        opt(m.gauc)
+    )
 }

@@ -26,7 +26,8 @@ pub struct Args {
 
 /// Runs `din predict`.
 pub fn run(args: Args) -> Result<()> {
-    let scorer = Scorer::load(&args.model).with_context(|| format!("loading the model from {}", args.model.display()))?;
+    let scorer =
+        Scorer::load(&args.model).with_context(|| format!("loading the model from {}", args.model.display()))?;
     let data = scorer.read(&args.data, false)?;
     let probs = scorer.predict(&data, args.threads.unwrap_or(scorer.config.train.threads))?;
     let mut text = String::with_capacity(probs.len() * 12);

@@ -29,7 +29,7 @@ pub struct Args {
     /// Hold out the last fraction of the training rows for validation.
     #[arg(long)]
     validation_split: Option<f64>,
-    /// Model directory to write (default: runs/<config name>).
+    /// Model directory to write (default: `runs/<config name>`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Passes over the data.
@@ -65,12 +65,18 @@ fn bundled_config() -> Result<PathBuf> {
     bail!("no --config given and the bundled {BUNDLED_CONFIG} was not found; run from the repository root or pass --config")
 }
 
+/// Makes a command-line path absolute, so that the saved config.json still
+/// finds the data from any folder.
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
 fn apply_overrides(config: &mut Config, args: &Args) {
     if let Some(p) = &args.data {
-        config.data.train = Some(p.clone());
+        config.data.train = Some(absolute(p));
     }
     if let Some(p) = &args.validation {
-        config.data.validation = Some(p.clone());
+        config.data.validation = Some(absolute(p));
         config.data.validation_split = None;
     }
     if let Some(f) = args.validation_split {
@@ -99,7 +105,8 @@ impl Observer for Progress {
     fn on_batch(&mut self, epoch: usize, done: usize, total: usize, running_loss: f64) {
         let bar = self.bar.get_or_insert_with(|| {
             let bar = ProgressBar::new(total as u64);
-            let style = ProgressStyle::with_template("epoch {msg} [{bar:30}] {pos}/{len} batches {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar());
+            let style = ProgressStyle::with_template("epoch {msg} [{bar:30}] {pos}/{len} batches {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style.progress_chars("=> "));
             bar
         });
@@ -114,7 +121,11 @@ impl Observer for Progress {
         self.history.push(report.clone());
         checkpoint::save(&self.out, &self.config, model, Some(&self.history))?;
         if !self.json {
-            let val = report.validation.as_ref().map(|m| format_metrics("val_", m)).unwrap_or_default();
+            let val = report
+                .validation
+                .as_ref()
+                .map(|m| format_metrics("val_", m))
+                .unwrap_or_default();
             println!(
                 "epoch {:>3}/{}  train_loss {:.4}  {val}  ({:.1} s, {:.0} samples/s)",
                 report.epoch, self.epochs, report.train_loss, report.seconds, report.samples_per_second
@@ -134,16 +145,31 @@ pub fn run(args: Args) -> Result<()> {
     apply_overrides(&mut config, &args);
     let data = load_training_data(&config)?;
     let out = args.out.clone().unwrap_or_else(|| {
-        let stem = config_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+        let stem = config_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
         PathBuf::from("runs").join(stem)
     });
     if !args.json {
         let val = data.validation.as_ref().map_or(0, |v| v.len());
-        println!("training on {} rows, validating on {val} rows ({})", data.train.len(), config_path.display());
+        println!(
+            "training on {} rows, validating on {val} rows ({})",
+            data.train.len(),
+            config_path.display()
+        );
     }
-    let mut progress = Progress { bar: None, out: out.clone(), config: data.config.clone(), history: Vec::new(), epochs: data.config.train.epochs, json: args.json };
+    let mut progress = Progress {
+        bar: None,
+        out: out.clone(),
+        config: data.config.clone(),
+        history: Vec::new(),
+        epochs: data.config.train.epochs,
+        json: args.json,
+    };
     let outcome = fit(&data, &mut progress)?;
-    checkpoint::save(&out, &data.config, &outcome.model, Some(&outcome.history)).with_context(|| format!("saving the model to {}", out.display()))?;
+    checkpoint::save(&out, &data.config, &outcome.model, Some(&outcome.history))
+        .with_context(|| format!("saving the model to {}", out.display()))?;
     if args.json {
         let doc = serde_json::json!({
             "model_dir": out,
@@ -153,7 +179,12 @@ pub fn run(args: Args) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        if let Some(best) = outcome.history.iter().filter_map(|r| r.validation.map(|m| (r.epoch, m.logloss))).min_by(|a, b| a.1.total_cmp(&b.1)) {
+        if let Some(best) = outcome
+            .history
+            .iter()
+            .filter_map(|r| r.validation.map(|m| (r.epoch, m.logloss)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+        {
             println!("best val_logloss {:.4} at epoch {}", best.1, best.0);
         }
         if outcome.stopped_early {

@@ -49,18 +49,36 @@ pub fn save(dir: &Path, config: &Config, model: &Din, history: Option<&[EpochRep
         bytes.push((name, p.shape.clone(), raw));
     });
     for (name, shape, raw) in &bytes {
-        let view = TensorView::new(Dtype::F32, shape.clone(), raw).map_err(|e| Error::Checkpoint { path: weights_path.clone(), reason: format!("tensor `{name}`: {e}") })?;
+        let view = TensorView::new(Dtype::F32, shape.clone(), raw).map_err(|e| Error::Checkpoint {
+            path: weights_path.clone(),
+            reason: format!("tensor `{name}`: {e}"),
+        })?;
         views.push((name.clone(), view));
     }
-    let info = HashMap::from([("format".to_string(), "din".to_string()), ("format_version".to_string(), FORMAT_VERSION.to_string())]);
-    let blob = safetensors::serialize(views, Some(info)).map_err(|e| Error::Checkpoint { path: weights_path.clone(), reason: e.to_string() })?;
+    // One metadata key: a HashMap's order would make the header, and so the
+    // file, differ between runs with the same weights.
+    let info = HashMap::from([("format".to_string(), format!("din/{FORMAT_VERSION}"))]);
+    let blob = safetensors::serialize(views, Some(info)).map_err(|e| Error::Checkpoint {
+        path: weights_path.clone(),
+        reason: e.to_string(),
+    })?;
     write_atomic(&weights_path, &blob)?;
 
-    let file = ModelFile { format_version: FORMAT_VERSION, din_version: env!("CARGO_PKG_VERSION").to_string(), config: config.clone() };
-    let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Checkpoint { path: dir.join(CONFIG_FILE), reason: e.to_string() })?;
+    let file = ModelFile {
+        format_version: FORMAT_VERSION,
+        din_version: env!("CARGO_PKG_VERSION").to_string(),
+        config: config.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Checkpoint {
+        path: dir.join(CONFIG_FILE),
+        reason: e.to_string(),
+    })?;
     write_atomic(&dir.join(CONFIG_FILE), &json)?;
     if let Some(h) = history {
-        let json = serde_json::to_vec_pretty(h).map_err(|e| Error::Checkpoint { path: dir.join(HISTORY_FILE), reason: e.to_string() })?;
+        let json = serde_json::to_vec_pretty(h).map_err(|e| Error::Checkpoint {
+            path: dir.join(HISTORY_FILE),
+            reason: e.to_string(),
+        })?;
         write_atomic(&dir.join(HISTORY_FILE), &json)?;
     }
     Ok(())
@@ -71,31 +89,57 @@ pub fn save(dir: &Path, config: &Config, model: &Din, history: Option<&[EpochRep
 pub fn load(dir: &Path) -> Result<(Config, Layout, Din)> {
     let config_path = dir.join(CONFIG_FILE);
     let text = fs::read(&config_path).map_err(|e| Error::io(&config_path, "cannot read model config", e))?;
-    let file: ModelFile = serde_json::from_slice(&text).map_err(|e| Error::ConfigSyntax { path: config_path.clone(), message: e.to_string() })?;
+    let file: ModelFile = serde_json::from_slice(&text).map_err(|e| Error::ConfigSyntax {
+        path: config_path.clone(),
+        message: e.to_string(),
+    })?;
     if file.format_version != FORMAT_VERSION {
-        return Err(Error::Checkpoint { path: config_path, reason: format!("format_version {} is not supported (this build reads {FORMAT_VERSION})", file.format_version) });
+        return Err(Error::Checkpoint {
+            path: config_path,
+            reason: format!(
+                "format_version {} is not supported (this build reads {FORMAT_VERSION})",
+                file.format_version
+            ),
+        });
     }
     let config = file.config;
     let layout = config.validate()?;
     if let Some(t) = layout.tables.iter().find(|t| t.vocab_size.is_none()) {
-        return Err(Error::Checkpoint { path: config_path, reason: format!("embedding table `{}` has no vocab_size", t.name) });
+        return Err(Error::Checkpoint {
+            path: config_path,
+            reason: format!("embedding table `{}` has no vocab_size", t.name),
+        });
     }
     let mut model = Din::new(&layout, &config.model, 0);
 
     let weights_path = dir.join(WEIGHTS_FILE);
     let blob = fs::read(&weights_path).map_err(|e| Error::io(&weights_path, "cannot read model weights", e))?;
-    let tensors = SafeTensors::deserialize(&blob).map_err(|e| Error::Checkpoint { path: weights_path.clone(), reason: e.to_string() })?;
+    let tensors = SafeTensors::deserialize(&blob).map_err(|e| Error::Checkpoint {
+        path: weights_path.clone(),
+        reason: e.to_string(),
+    })?;
     let mut expected: BTreeMap<String, ()> = BTreeMap::new();
     let mut failure: Option<Error> = None;
     model.visit_mut("", &mut |name, p| {
         if failure.is_some() {
             return;
         }
-        let fail = |reason: String| Some(Error::Checkpoint { path: weights_path.clone(), reason: format!("tensor `{name}`: {reason}") });
+        let fail = |reason: String| {
+            Some(Error::Checkpoint {
+                path: weights_path.clone(),
+                reason: format!("tensor `{name}`: {reason}"),
+            })
+        };
         match tensors.tensor(&name) {
             Err(_) => failure = fail("missing".into()),
             Ok(view) if view.dtype() != Dtype::F32 => failure = fail(format!("dtype {:?}, expected F32", view.dtype())),
-            Ok(view) if view.shape() != p.shape.as_slice() => failure = fail(format!("shape {:?}, expected {:?} from config.json", view.shape(), p.shape)),
+            Ok(view) if view.shape() != p.shape.as_slice() => {
+                failure = fail(format!(
+                    "shape {:?}, expected {:?} from config.json",
+                    view.shape(),
+                    p.shape
+                ))
+            }
             Ok(view) => {
                 for (v, b) in p.value.iter_mut().zip(view.data().chunks_exact(4)) {
                     *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
@@ -108,15 +152,24 @@ pub fn load(dir: &Path) -> Result<(Config, Layout, Din)> {
         return Err(e);
     }
     if let Some(extra) = tensors.names().into_iter().find(|n| !expected.contains_key(*n)) {
-        return Err(Error::Checkpoint { path: weights_path, reason: format!("tensor `{extra}` is not part of the model described by config.json") });
+        return Err(Error::Checkpoint {
+            path: weights_path,
+            reason: format!("tensor `{extra}` is not part of the model described by config.json"),
+        });
     }
     Ok((config, layout, model))
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp)?;

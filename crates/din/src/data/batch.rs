@@ -12,7 +12,10 @@ pub struct Ragged {
 impl Ragged {
     /// An empty ragged array with no rows.
     pub fn new() -> Self {
-        Ragged { offsets: vec![0], values: Vec::new() }
+        Ragged {
+            offsets: vec![0],
+            values: Vec::new(),
+        }
     }
 
     /// Appends one row.
@@ -61,13 +64,19 @@ impl Batch {
 
     /// The rows at `rows`, in that order.
     pub fn gather(&self, rows: &[usize]) -> Batch {
-        let sparse = self.sparse.iter().map(|c| rows.iter().map(|&r| c[r]).collect()).collect();
+        let sparse = self
+            .sparse
+            .iter()
+            .map(|c| rows.iter().map(|&r| c[r]).collect())
+            .collect();
         let dense = self
             .dense
             .iter()
             .map(|c| {
                 let dim = c.len().checked_div(self.rows).unwrap_or(0);
-                rows.iter().flat_map(|&r| c[r * dim..(r + 1) * dim].iter().copied()).collect()
+                rows.iter()
+                    .flat_map(|&r| c[r * dim..(r + 1) * dim].iter().copied())
+                    .collect()
             })
             .collect();
         let sequences = self
@@ -81,8 +90,18 @@ impl Batch {
                 out
             })
             .collect();
-        let labels = if self.labels.is_empty() { Vec::new() } else { rows.iter().map(|&r| self.labels[r]).collect() };
-        Batch { sparse, dense, sequences, labels, rows: rows.len() }
+        let labels = if self.labels.is_empty() {
+            Vec::new()
+        } else {
+            rows.iter().map(|&r| self.labels[r]).collect()
+        };
+        Batch {
+            sparse,
+            dense,
+            sequences,
+            labels,
+            rows: rows.len(),
+        }
     }
 
     /// Consecutive rows `start..end`.

@@ -77,7 +77,12 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
             continue; // a blank line
         }
         if record.len() != map.width {
-            return Err(Error::RowLength { path: path.to_path_buf(), line, expected: map.width, found: record.len() });
+            return Err(Error::RowLength {
+                path: path.to_path_buf(),
+                line,
+                expected: map.width,
+                found: record.len(),
+            });
         }
         let field = |col: usize| record[col].trim();
         let bad = |name: &str, value: &str, reason: &str| Error::Parse {
@@ -106,7 +111,11 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
                 n += 1;
             }
             if n != dim {
-                return Err(bad(name, v, &format!("expected {dim} values separated by {sep:?}, found {n}")));
+                return Err(bad(
+                    name,
+                    v,
+                    &format!("expected {dim} values separated by {sep:?}, found {n}"),
+                ));
             }
         }
         for (f, &col) in map.sequences.iter().enumerate() {
@@ -131,7 +140,11 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
                 let other = batch.sequences[h].row(batch.rows).len();
                 if other != len {
                     let (a, b) = (&layout.sequences[first].name, &layout.sequences[h].name);
-                    return Err(bad(b, field(map.sequences[h]), &format!("histories `{a}` and `{b}` are aligned per position but have {len} and {other} ids")));
+                    return Err(bad(
+                        b,
+                        field(map.sequences[h]),
+                        &format!("histories `{a}` and `{b}` are aligned per position but have {len} and {other} ids"),
+                    ));
                 }
             }
         }
@@ -151,21 +164,35 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         batch.rows += 1;
     }
     if batch.rows == 0 {
-        return Err(Error::EmptyFile { path: path.to_path_buf() });
+        return Err(Error::EmptyFile {
+            path: path.to_path_buf(),
+        });
     }
-    Ok(Dataset { source: path.to_path_buf(), lines, batch, users })
+    Ok(Dataset {
+        source: path.to_path_buf(),
+        lines,
+        batch,
+        users,
+    })
 }
 
 impl ColumnMap {
     fn new(path: &Path, columns: &[String], layout: &Layout, options: ReadOptions) -> Result<ColumnMap> {
         let find = |name: &str| -> Result<usize> {
-            columns.iter().position(|c| c == name).ok_or_else(|| Error::MissingColumn {
-                path: path.to_path_buf(),
-                column: name.to_string(),
-                header: columns.join(","),
-            })
+            columns
+                .iter()
+                .position(|c| c == name)
+                .ok_or_else(|| Error::MissingColumn {
+                    path: path.to_path_buf(),
+                    column: name.to_string(),
+                    header: columns.join(","),
+                })
         };
-        let label = if options.require_label { Some(find(&layout.label)?) } else { columns.iter().position(|c| c == &layout.label) };
+        let label = if options.require_label {
+            Some(find(&layout.label)?)
+        } else {
+            columns.iter().position(|c| c == &layout.label)
+        };
         Ok(ColumnMap {
             sparse: layout.sparse.iter().map(|s| find(&s.name)).collect::<Result<_>>()?,
             dense: layout.dense.iter().map(|d| find(&d.0)).collect::<Result<_>>()?,
@@ -202,6 +229,10 @@ fn csv_error(path: &Path, e: csv::Error) -> Error {
     let line = e.position().map_or(0, |p| p.line());
     match e.into_kind() {
         csv::ErrorKind::Io(source) => Error::io(path, "cannot read data file", source),
-        other => Error::Csv { path: path.to_path_buf(), line, message: format!("{other:?}") },
+        other => Error::Csv {
+            path: path.to_path_buf(),
+            line,
+            message: format!("{other:?}"),
+        },
     }
 }

@@ -5,13 +5,23 @@ use crate::schema::{Layout, Oov};
 use crate::{Error, Result};
 
 /// Every (table, column name, ids, row of each id) source in a dataset.
-fn id_sources<'a>(layout: &'a Layout, data: &'a Dataset) -> impl Iterator<Item = (usize, &'a str, &'a [u32], Option<&'a [u32]>)> {
-    let sparse = layout.sparse.iter().enumerate().map(move |(f, s)| (s.table, s.name.as_str(), data.batch.sparse[f].as_slice(), None));
-    let seqs = layout
-        .sequences
+fn id_sources<'a>(
+    layout: &'a Layout,
+    data: &'a Dataset,
+) -> impl Iterator<Item = (usize, &'a str, &'a [u32], Option<&'a [u32]>)> {
+    let sparse = layout
+        .sparse
         .iter()
         .enumerate()
-        .map(move |(f, s)| (s.table, s.name.as_str(), data.batch.sequences[f].values.as_slice(), Some(data.batch.sequences[f].offsets.as_slice())));
+        .map(move |(f, s)| (s.table, s.name.as_str(), data.batch.sparse[f].as_slice(), None));
+    let seqs = layout.sequences.iter().enumerate().map(move |(f, s)| {
+        (
+            s.table,
+            s.name.as_str(),
+            data.batch.sequences[f].values.as_slice(),
+            Some(data.batch.sequences[f].offsets.as_slice()),
+        )
+    });
     sparse.chain(seqs)
 }
 

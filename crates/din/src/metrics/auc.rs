@@ -29,11 +29,7 @@ pub fn auc(labels: &[f32], scores: &[f32]) -> Option<f64> {
     );
     // `s + 0.0` maps -0.0 to +0.0 (IEEE round-to-nearest), so that the two
     // zeros, which `total_cmp` orders, form a single tie group.
-    let mut pairs: Vec<(f32, bool)> = scores
-        .iter()
-        .zip(labels)
-        .map(|(&s, &y)| (s + 0.0, y > 0.5))
-        .collect();
+    let mut pairs: Vec<(f32, bool)> = scores.iter().zip(labels).map(|(&s, &y)| (s + 0.0, y > 0.5)).collect();
     pairs.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
 
     // Walk tie groups in ascending score order. Every positive in a group
@@ -108,8 +104,7 @@ mod tests {
         // Cross-check by ranks: ascending 0.1(-) r1, 0.3(+) r2, 0.5(+) r3,
         // 0.9/0.9 r4.5 each; positive rank sum 2 + 3 + 4.5 = 9.5;
         // U = 9.5 - 3*4/2 = 3.5. Same.
-        let got = auc(&[1.0, 0.0, 1.0, 0.0, 1.0], &[0.9, 0.9, 0.5, 0.1, 0.3])
-            .expect("both classes present");
+        let got = auc(&[1.0, 0.0, 1.0, 0.0, 1.0], &[0.9, 0.9, 0.5, 0.1, 0.3]).expect("both classes present");
         assert!((got - 7.0 / 12.0).abs() < 1e-15, "got {got}");
     }
 

@@ -107,10 +107,7 @@ mod tests {
     #[test]
     fn no_qualifying_user_is_none() {
         // user 1 only positives, user 2 only negatives.
-        assert_eq!(
-            gauc(&[1, 2, 1, 2], &[1.0, 0.0, 1.0, 0.0], &[0.1, 0.9, 0.2, 0.8]),
-            None
-        );
+        assert_eq!(gauc(&[1, 2, 1, 2], &[1.0, 0.0, 1.0, 0.0], &[0.1, 0.9, 0.2, 0.8]), None);
         assert_eq!(gauc(&[], &[], &[]), None);
     }
 

@@ -87,13 +87,23 @@ impl Activation {
                     cache.mean = mean;
                     cache.batch_var = var;
                 } else {
-                    cache.mean = self.running_mean.as_ref().map_or_else(|| vec![0.0; c], |p| p.value.clone());
-                    cache.batch_var = self.running_var.as_ref().map_or_else(|| vec![1.0; c], |p| p.value.clone());
+                    cache.mean = self
+                        .running_mean
+                        .as_ref()
+                        .map_or_else(|| vec![0.0; c], |p| p.value.clone());
+                    cache.batch_var = self
+                        .running_var
+                        .as_ref()
+                        .map_or_else(|| vec![1.0; c], |p| p.value.clone());
                 }
                 cache.inv_std = cache.batch_var.iter().map(|v| 1.0 / (v + DICE_EPS).sqrt()).collect();
                 cache.p = vec![0.0; x.len()];
                 let alpha = &self.alpha_values();
-                for ((yr, xr), pr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(cache.p.chunks_exact_mut(c)) {
+                for ((yr, xr), pr) in y
+                    .chunks_exact_mut(c)
+                    .zip(x.chunks_exact(c))
+                    .zip(cache.p.chunks_exact_mut(c))
+                {
                     for j in 0..c {
                         let p = sigmoid((xr[j] - cache.mean[j]) * cache.inv_std[j]);
                         pr[j] = p;
@@ -109,7 +119,15 @@ impl Activation {
     }
 
     /// Writes `dx` from `dy` and accumulates the slope gradient.
-    pub fn backward(&mut self, x: &[f32], y: &[f32], rows: usize, cache: &ActivationCache, dy: &[f32], dx: &mut Vec<f32>) {
+    pub fn backward(
+        &mut self,
+        x: &[f32],
+        y: &[f32],
+        rows: usize,
+        cache: &ActivationCache,
+        dy: &[f32],
+        dx: &mut Vec<f32>,
+    ) {
         dx.clear();
         dx.resize(x.len(), 0.0);
         if x.is_empty() {
@@ -117,8 +135,16 @@ impl Activation {
         }
         let c = x.len() / rows;
         match self.kind {
-            ActivationKind::Relu => dx.iter_mut().zip(x).zip(dy).for_each(|((d, &x), &g)| *d = if x > 0.0 { g } else { 0.0 }),
-            ActivationKind::Sigmoid => dx.iter_mut().zip(y).zip(dy).for_each(|((d, &y), &g)| *d = g * y * (1.0 - y)),
+            ActivationKind::Relu => dx
+                .iter_mut()
+                .zip(x)
+                .zip(dy)
+                .for_each(|((d, &x), &g)| *d = if x > 0.0 { g } else { 0.0 }),
+            ActivationKind::Sigmoid => dx
+                .iter_mut()
+                .zip(y)
+                .zip(dy)
+                .for_each(|((d, &y), &g)| *d = g * y * (1.0 - y)),
             ActivationKind::Prelu => {
                 let alpha = self.alpha_values();
                 let mut dalpha = vec![0.0f32; c];
@@ -185,7 +211,10 @@ impl Activation {
         if !cache.batch_stats {
             return;
         }
-        for (stat, batch) in [(&mut self.running_mean, &cache.mean), (&mut self.running_var, &cache.batch_var)] {
+        for (stat, batch) in [
+            (&mut self.running_mean, &cache.mean),
+            (&mut self.running_var, &cache.batch_var),
+        ] {
             if let Some(p) = stat {
                 for (m, b) in p.value.iter_mut().zip(batch) {
                     *m = DICE_MOMENTUM * *m + (1.0 - DICE_MOMENTUM) * b;
@@ -219,12 +248,19 @@ fn column_moments(x: &[f32], rows: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
             sq[j] += d * d;
         }
     }
-    (mean.iter().map(|&m| m as f32).collect(), sq.iter().map(|&s| (s / rows as f64) as f32).collect())
+    (
+        mean.iter().map(|&m| m as f32).collect(),
+        sq.iter().map(|&s| (s / rows as f64) as f32).collect(),
+    )
 }
 
 impl Module for Activation {
     fn visit<'a>(&'a self, prefix: &str, f: &mut dyn FnMut(String, &'a Param)) {
-        let tensors = [("alpha", &self.alpha), ("running_mean", &self.running_mean), ("running_var", &self.running_var)];
+        let tensors = [
+            ("alpha", &self.alpha),
+            ("running_mean", &self.running_mean),
+            ("running_var", &self.running_var),
+        ];
         for (name, p) in tensors {
             if let Some(p) = p {
                 f(format!("{prefix}.{name}"), p);
@@ -232,7 +268,11 @@ impl Module for Activation {
         }
     }
     fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(String, &mut Param)) {
-        let tensors = [("alpha", &mut self.alpha), ("running_mean", &mut self.running_mean), ("running_var", &mut self.running_var)];
+        let tensors = [
+            ("alpha", &mut self.alpha),
+            ("running_mean", &mut self.running_mean),
+            ("running_var", &mut self.running_var),
+        ];
         for (name, p) in tensors {
             if let Some(p) = p {
                 f(format!("{prefix}.{name}"), p);
@@ -259,7 +299,10 @@ mod tests {
             v.value = vec![0.5, 1.5, 0.8];
         }
         // Keep inputs away from PReLU/ReLU's kink at 0, where finite differences are undefined.
-        let x: Vec<f32> = rand_vec(rows * c, 7).iter().map(|v| if v.abs() < 0.05 { v + 0.1 } else { *v }).collect();
+        let x: Vec<f32> = rand_vec(rows * c, 7)
+            .iter()
+            .map(|v| if v.abs() < 0.05 { v + 0.1 } else { *v })
+            .collect();
         let r = rand_vec(rows * c, 8);
         let loss = |a: &Activation, x: &[f32]| {
             let mut y = Vec::new();
@@ -286,7 +329,12 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        for kind in [ActivationKind::Prelu, ActivationKind::Dice, ActivationKind::Relu, ActivationKind::Sigmoid] {
+        for kind in [
+            ActivationKind::Prelu,
+            ActivationKind::Dice,
+            ActivationKind::Relu,
+            ActivationKind::Sigmoid,
+        ] {
             for mode in [Mode::Train, Mode::Infer] {
                 check(kind, mode);
             }
@@ -318,6 +366,9 @@ mod tests {
         assert!((m.unwrap_or(f32::NAN) - 0.02).abs() < 1e-7 && (v.unwrap_or(f32::NAN) - 1.0).abs() < 1e-6);
         act.forward(&x, 2, Mode::Infer, &mut y);
         let z0 = (1.0 - 0.02) / (1.0f32 + DICE_EPS).sqrt();
-        assert!((y[0] - s(z0)).abs() < 1e-6, "inference uses the moving averages, not the batch");
+        assert!(
+            (y[0] - s(z0)).abs() < 1e-6,
+            "inference uses the moving averages, not the batch"
+        );
     }
 }

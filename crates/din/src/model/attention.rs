@@ -63,7 +63,12 @@ impl Attention {
         let first = Block::new(4 * dim, h1, config.activation, 0.0, rng);
         let rest = Mlp::new(h1, &units[1.min(units.len())..], config.activation, 0.0, rng);
         let output = Linear::new(rest.output_dim(h1), 1, rng);
-        Attention { first, rest, output, normalization: config.normalization }
+        Attention {
+            first,
+            rest,
+            output,
+            normalization: config.normalization,
+        }
     }
 
     fn dims(&self) -> (usize, usize) {
@@ -80,7 +85,12 @@ impl Attention {
         let b = offsets.len() - 1;
         let n = keys.len() / d.max(1);
         let w = &self.first.linear.weight.value; // [4D, H1]
-        let (wq_, wk_, wd, wp) = (&w[..d * h1], &w[d * h1..2 * d * h1], &w[2 * d * h1..3 * d * h1], &w[3 * d * h1..]);
+        let (wq_, wk_, wd, wp) = (
+            &w[..d * h1],
+            &w[d * h1..2 * d * h1],
+            &w[2 * d * h1..3 * d * h1],
+            &w[3 * d * h1..],
+        );
         let wq: Vec<f32> = wq_.iter().zip(wd).map(|(a, b)| a + b).collect(); // [D, H1]
         let wk: Vec<f32> = wk_.iter().zip(wd).map(|(a, b)| a - b).collect(); // [D, H1]
 
@@ -94,7 +104,10 @@ impl Attention {
         let mut pre1 = Vec::with_capacity(n * h1); // [N, H1]
         for (t, &s) in owner.iter().enumerate() {
             let (qs, ks) = (&q[s as usize * d..(s as usize + 1) * d], &keys[t * d..(t + 1) * d]);
-            qk[t * d..(t + 1) * d].iter_mut().zip(qs.iter().zip(ks)).for_each(|(o, (a, b))| *o = a * b);
+            qk[t * d..(t + 1) * d]
+                .iter_mut()
+                .zip(qs.iter().zip(ks))
+                .for_each(|(o, (a, b))| *o = a * b);
             let a = &aq[s as usize * h1..(s as usize + 1) * h1];
             pre1.extend(a.iter().zip(&self.first.linear.bias.value).map(|(a, b)| a + b));
         }
@@ -115,14 +128,33 @@ impl Attention {
         let mut pooled = vec![0.0; b * d]; // [B, D]
         for (t, &s) in owner.iter().enumerate() {
             let wt = weights[t];
-            pooled[s as usize * d..(s as usize + 1) * d].iter_mut().zip(&keys[t * d..(t + 1) * d]).for_each(|(p, k)| *p += wt * k);
+            pooled[s as usize * d..(s as usize + 1) * d]
+                .iter_mut()
+                .zip(&keys[t * d..(t + 1) * d])
+                .for_each(|(p, k)| *p += wt * k);
         }
-        let cache = AttentionCache { owner, wq, wk, qk, pre1, h1: h1v, first_act, rest, weights };
+        let cache = AttentionCache {
+            owner,
+            wq,
+            wk,
+            qk,
+            pre1,
+            h1: h1v,
+            first_act,
+            rest,
+            weights,
+        };
         (pooled, cache)
     }
 
     /// Accumulates parameter gradients and returns `(dq [B, D], dkeys [N, D])`.
-    pub fn backward(&mut self, q: &[f32], keys: &[f32], cache: &AttentionCache, dpooled: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    pub fn backward(
+        &mut self,
+        q: &[f32],
+        keys: &[f32],
+        cache: &AttentionCache,
+        dpooled: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
         let (d, h1) = self.dims();
         let b = q.len() / d.max(1);
         let n = cache.owner.len();
@@ -135,7 +167,10 @@ impl Attention {
             let g = &dpooled[s as usize * d..(s as usize + 1) * d];
             let k = &keys[t * d..(t + 1) * d];
             dw[t] = g.iter().zip(k).map(|(a, b)| a * b).sum();
-            dk[t * d..(t + 1) * d].iter_mut().zip(g).for_each(|(o, g)| *o = cache.weights[t] * g);
+            dk[t * d..(t + 1) * d]
+                .iter_mut()
+                .zip(g)
+                .for_each(|(o, g)| *o = cache.weights[t] * g);
         }
         // Normalisation.
         let mut dscore = dw;
@@ -157,7 +192,9 @@ impl Attention {
         self.output.backward(&cache.rest.output, n, &dscore, Some(&mut dh)); // [N, H_last]
         let dh1 = self.rest.backward(&cache.rest, n, dh); // [N, H1]
         let mut dpre1 = Vec::new();
-        self.first.activation.backward(&cache.pre1, &cache.h1, n, &cache.first_act, &dh1, &mut dpre1);
+        self.first
+            .activation
+            .backward(&cache.pre1, &cache.h1, n, &cache.first_act, &dh1, &mut dpre1);
 
         // First layer, split: pre1_t = q_b·Wq' + k_t·Wk' + (q_b*k_t)·Wp + b1.
         let lin = &mut self.first.linear;
@@ -166,7 +203,10 @@ impl Attention {
         }
         let mut ds = vec![0.0; b * h1]; // [B, H1] = Σ_{t∈b} dpre1_t
         for (t, &s) in cache.owner.iter().enumerate() {
-            ds[s as usize * h1..(s as usize + 1) * h1].iter_mut().zip(&dpre1[t * h1..(t + 1) * h1]).for_each(|(a, g)| *a += g);
+            ds[s as usize * h1..(s as usize + 1) * h1]
+                .iter_mut()
+                .zip(&dpre1[t * h1..(t + 1) * h1])
+                .for_each(|(a, g)| *a += g);
         }
         let mut dwq = vec![0.0; d * h1];
         matmul_at_b(d, b, h1, q, &ds, &mut dwq, false); // [D, H1]
@@ -237,29 +277,55 @@ mod tests {
     #[test]
     fn split_first_layer_equals_concatenated_input() {
         let d = 3;
-        let config = AttentionConfig { hidden_units: vec![5], activation: ActivationKind::Sigmoid, normalization: Normalization::None };
+        let config = AttentionConfig {
+            hidden_units: vec![5],
+            activation: ActivationKind::Sigmoid,
+            normalization: Normalization::None,
+        };
         let att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
         let q = rand_vec(d, 2);
         let keys = rand_vec(2 * d, 3);
         let (pooled, cache) = att.forward(&q, &keys, &[0, 2], Mode::Infer);
         for t in 0..2 {
             let k = &keys[t * d..(t + 1) * d];
-            let x: Vec<f32> = q.iter().chain(k).copied().chain(q.iter().zip(k).map(|(a, b)| a - b)).chain(q.iter().zip(k).map(|(a, b)| a * b)).collect();
+            let x: Vec<f32> = q
+                .iter()
+                .chain(k)
+                .copied()
+                .chain(q.iter().zip(k).map(|(a, b)| a - b))
+                .chain(q.iter().zip(k).map(|(a, b)| a * b))
+                .collect();
             let mut pre = Vec::new();
             att.first.linear.forward(&x, 1, &mut pre);
             let mut h = Vec::new();
             att.first.activation.forward(&pre, 1, Mode::Infer, &mut h);
             let mut s = Vec::new();
             att.output.forward(&h, 1, &mut s);
-            assert!((s[0] - cache.weights[t]).abs() < 1e-5, "score {t}: {} vs {}", s[0], cache.weights[t]);
+            assert!(
+                (s[0] - cache.weights[t]).abs() < 1e-5,
+                "score {t}: {} vs {}",
+                s[0],
+                cache.weights[t]
+            );
         }
-        let want: Vec<f32> = (0..d).map(|j| cache.weights[0] * keys[j] + cache.weights[1] * keys[d + j]).collect();
-        assert_close("pooled", &pooled, &want.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(), 1e-5);
+        let want: Vec<f32> = (0..d)
+            .map(|j| cache.weights[0] * keys[j] + cache.weights[1] * keys[d + j])
+            .collect();
+        assert_close(
+            "pooled",
+            &pooled,
+            &want.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
+            1e-5,
+        );
     }
 
     fn check(activation: ActivationKind, normalization: Normalization, mode: Mode) {
         let d = 4;
-        let config = AttentionConfig { hidden_units: vec![6, 5], activation, normalization };
+        let config = AttentionConfig {
+            hidden_units: vec![6, 5],
+            activation,
+            normalization,
+        };
         let mut att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(11));
         // Sample 1 has an empty history.
         let offsets = [0u32, 3, 3, 5];
@@ -268,11 +334,24 @@ mod tests {
         let r = rand_vec(3 * d, 14);
         let loss = |a: &Attention, q: &[f32], k: &[f32]| dot(&r, &a.forward(q, k, &offsets, mode).0);
         let (pooled, cache) = att.forward(&q, &keys, &offsets, mode);
-        assert!(pooled[d..2 * d].iter().all(|v| *v == 0.0), "an empty history pools to zero");
+        assert!(
+            pooled[d..2 * d].iter().all(|v| *v == 0.0),
+            "an empty history pools to zero"
+        );
         let (dq, dk) = att.backward(&q, &keys, &cache, &r);
         let name = format!("{activation:?}/{normalization:?}/{mode:?}");
-        assert_close(&format!("{name} dq"), &dq, &numeric_grad(&q, 1e-3, |q| loss(&att, q, &keys)), 2e-2);
-        assert_close(&format!("{name} dk"), &dk, &numeric_grad(&keys, 1e-3, |k| loss(&att, &q, k)), 2e-2);
+        assert_close(
+            &format!("{name} dq"),
+            &dq,
+            &numeric_grad(&q, 1e-3, |q| loss(&att, q, &keys)),
+            2e-2,
+        );
+        assert_close(
+            &format!("{name} dk"),
+            &dk,
+            &numeric_grad(&keys, 1e-3, |k| loss(&att, &q, k)),
+            2e-2,
+        );
         let w = att.first.linear.weight.value.clone();
         let nw = numeric_grad(&w, 1e-3, |w| {
             let mut a = att.clone();
@@ -303,7 +382,11 @@ mod tests {
 
     #[test]
     fn softmax_weights_sum_to_one_per_sample() {
-        let config = AttentionConfig { hidden_units: vec![4], activation: ActivationKind::Prelu, normalization: Normalization::Softmax };
+        let config = AttentionConfig {
+            hidden_units: vec![4],
+            activation: ActivationKind::Prelu,
+            normalization: Normalization::Softmax,
+        };
         let att = Attention::new(2, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
         let (_, cache) = att.forward(&rand_vec(4, 1), &rand_vec(8, 2), &[0, 1, 4], Mode::Infer);
         assert!((cache.weights[0] - 1.0).abs() < 1e-6);

@@ -20,9 +20,13 @@ impl Embedding {
     /// A table of `rows` random rows; rows from `zero_from` on (a reserved
     /// out-of-vocabulary row) start at zero.
     pub fn new(rows: usize, dim: usize, zero_from: usize, rng: &mut impl Rng) -> Self {
-        let mut w: Vec<f32> = (0..rows * dim).map(|_| rng.gen_range(-EMBEDDING_INIT..EMBEDDING_INIT)).collect();
+        let mut w: Vec<f32> = (0..rows * dim)
+            .map(|_| rng.gen_range(-EMBEDDING_INIT..EMBEDDING_INIT))
+            .collect();
         w[zero_from.min(rows) * dim..].iter_mut().for_each(|v| *v = 0.0);
-        Embedding { weight: Param::new(w, vec![rows, dim], Role::Embedding) }
+        Embedding {
+            weight: Param::new(w, vec![rows, dim], Role::Embedding),
+        }
     }
 
     /// Width of a row.
@@ -53,7 +57,10 @@ pub struct SparseGrad {
 impl SparseGrad {
     /// An empty gradient for rows of width `dim`.
     pub fn new(dim: usize) -> Self {
-        SparseGrad { dim, ..Default::default() }
+        SparseGrad {
+            dim,
+            ..Default::default()
+        }
     }
 
     /// Adds `g` to row `id`'s gradient.
@@ -64,11 +71,16 @@ impl SparseGrad {
             self.grads.resize(self.grads.len() + d, 0.0);
             self.ids.len() - 1
         });
-        self.grads[slot * d..(slot + 1) * d].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+        self.grads[slot * d..(slot + 1) * d]
+            .iter_mut()
+            .zip(g)
+            .for_each(|(a, b)| *a += b);
     }
 
     /// The gradient of row `id`, if touched.
     pub fn get(&self, id: u32) -> Option<&[f32]> {
-        self.index.get(&id).map(|&s| &self.grads[s * self.dim..(s + 1) * self.dim])
+        self.index
+            .get(&id)
+            .map(|&s| &self.grads[s * self.dim..(s + 1) * self.dim])
     }
 }

@@ -17,7 +17,10 @@ fn product(
     (b_rs, b_cs): (isize, isize),
     accumulate: bool,
 ) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matrix product shape mismatch");
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "matrix product shape mismatch"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -79,7 +82,13 @@ pub fn matmul_a_bt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [
 mod tests {
     use super::*;
 
-    fn naive(m: usize, k: usize, n: usize, a: impl Fn(usize, usize) -> f32, b: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+    fn naive(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: impl Fn(usize, usize) -> f32,
+        b: impl Fn(usize, usize) -> f32,
+    ) -> Vec<f32> {
         let mut c = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {

@@ -46,7 +46,11 @@ pub struct MlpCache {
 impl Block {
     /// A block from `input` to `output` units.
     pub fn new(input: usize, output: usize, activation: ActivationKind, dropout: f32, rng: &mut impl Rng) -> Self {
-        Block { linear: Linear::new(input, output, rng), activation: Activation::new(activation, output), dropout }
+        Block {
+            linear: Linear::new(input, output, rng),
+            activation: Activation::new(activation, output),
+            dropout,
+        }
     }
 }
 
@@ -82,7 +86,9 @@ impl Mlp {
             if mode == Mode::Train && b.dropout > 0.0 {
                 if let Some(rng) = rng.as_deref_mut() {
                     let keep = 1.0 - b.dropout;
-                    mask = (0..out.len()).map(|_| if rng.gen::<f32>() < keep { 1.0 / keep } else { 0.0 }).collect();
+                    mask = (0..out.len())
+                        .map(|_| if rng.gen::<f32>() < keep { 1.0 / keep } else { 0.0 })
+                        .collect();
                     out.iter_mut().zip(&mask).for_each(|(o, m)| *o *= m);
                 }
             }
@@ -105,7 +111,14 @@ impl Mlp {
             if !cache.masks[i].is_empty() {
                 g.iter_mut().zip(&cache.masks[i]).for_each(|(g, m)| *g *= m);
             }
-            b.activation.backward(&cache.pre[i], &cache.activated[i], rows, &cache.activations[i], &g, &mut dpre);
+            b.activation.backward(
+                &cache.pre[i],
+                &cache.activated[i],
+                rows,
+                &cache.activations[i],
+                &g,
+                &mut dpre,
+            );
             b.linear.backward(&cache.inputs[i], rows, &dpre, Some(&mut g));
         }
         g
@@ -161,7 +174,12 @@ mod tests {
             let loss = |m: &Mlp, x: &[f32]| dot(&r, &m.forward(x.to_vec(), rows, Mode::Train, None).output);
             let cache = mlp.forward(x.clone(), rows, Mode::Train, None);
             let dx = mlp.backward(&cache, rows, r.clone());
-            assert_close(&format!("{kind:?} dx"), &dx, &numeric_grad(&x, 1e-3, |x| loss(&mlp, x)), 2e-2);
+            assert_close(
+                &format!("{kind:?} dx"),
+                &dx,
+                &numeric_grad(&x, 1e-3, |x| loss(&mlp, x)),
+                2e-2,
+            );
             let w0 = mlp.blocks[0].linear.weight.value.clone();
             let nw = numeric_grad(&w0, 1e-3, |w| {
                 let mut m = mlp.clone();
@@ -183,7 +201,10 @@ mod tests {
         let zeros = dropped.iter().filter(|v| **v == 0.0).count();
         assert!(zeros > 20 && zeros < 108, "about half dropped, got {zeros} of 128");
         for (d, p) in dropped.iter().zip(&plain) {
-            assert!(*d == 0.0 || (d - 2.0 * p).abs() < 1e-6, "kept units are scaled by 1/(1-p)");
+            assert!(
+                *d == 0.0 || (d - 2.0 * p).abs() < 1e-6,
+                "kept units are scaled by 1/(1-p)"
+            );
         }
     }
 }

@@ -83,9 +83,21 @@ impl Din {
             .collect();
         let attention = Attention::new(layout.query_dim(), &config.attention, &mut rng);
         let input = layout.dnn_input_dim();
-        let dnn = Mlp::new(input, &config.dnn.hidden_units, config.dnn.activation, config.dnn.dropout, &mut rng);
+        let dnn = Mlp::new(
+            input,
+            &config.dnn.hidden_units,
+            config.dnn.activation,
+            config.dnn.dropout,
+            &mut rng,
+        );
         let output = Linear::new(dnn.output_dim(input), 1, &mut rng);
-        Din { layout: layout.clone(), embeddings, attention, dnn, output }
+        Din {
+            layout: layout.clone(),
+            embeddings,
+            attention,
+            dnn,
+            output,
+        }
     }
 
     /// Logits `[B]` for a batch, with what the backward pass needs.
@@ -158,7 +170,15 @@ impl Din {
         let dnn = self.dnn.forward(x, b, mode, rng); // [B, H]
         let mut logits = Vec::new();
         self.output.forward(&dnn.output, b, &mut logits); // [B, 1]
-        (logits, DinCache { q, keys, attention, dnn })
+        (
+            logits,
+            DinCache {
+                q,
+                keys,
+                attention,
+                dnn,
+            },
+        )
     }
 
     /// Click probabilities `[B]` (inference mode).
@@ -192,7 +212,9 @@ impl Din {
             dpooled[r * dq_width..(r + 1) * dq_width].copy_from_slice(&dx[r * width + col..r * width + col + dq_width]);
         }
         col += dq_width;
-        let (dq, dk) = self.attention.backward(&cache.q, &cache.keys, &cache.attention, &dpooled);
+        let (dq, dk) = self
+            .attention
+            .backward(&cache.q, &cache.keys, &cache.attention, &dpooled);
         let mut qcol = 0;
         for &(t, h) in &l.pairs {
             let table = l.sparse[t].table;
@@ -217,7 +239,9 @@ impl Din {
                     continue;
                 }
                 let inv = 1.0 / ids.len() as f32;
-                g.iter_mut().zip(&dx[r * width + col..r * width + col + dim]).for_each(|(g, d)| *g = d * inv);
+                g.iter_mut()
+                    .zip(&dx[r * width + col..r * width + col + dim])
+                    .for_each(|(g, d)| *g = d * inv);
                 for &id in ids {
                     grads[table].add(id, &g);
                 }

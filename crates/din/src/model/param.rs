@@ -37,7 +37,12 @@ impl Param {
             Role::Embedding | Role::Statistic => Vec::new(),
             _ => vec![0.0; value.len()],
         };
-        Param { value, grad, shape, role }
+        Param {
+            value,
+            grad,
+            shape,
+            role,
+        }
     }
 
     /// A parameter filled with `x`.

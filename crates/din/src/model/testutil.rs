@@ -39,7 +39,13 @@ pub fn assert_close(name: &str, analytic: &[f32], numeric: &[f64], tol: f64) {
     let scale = numeric.iter().fold(0.0f64, |m, x| m.max(x.abs()));
     for (i, (a, n)) in analytic.iter().zip(numeric).enumerate() {
         let err = (f64::from(*a) - n).abs();
-        assert!(err <= 1e-3 + tol * scale, "{name}[{i}]: analytic {a} vs numeric {n} (scale {scale})");
+        assert!(
+            err <= 1e-3 + tol * scale,
+            "{name}[{i}]: analytic {a} vs numeric {n} (scale {scale})"
+        );
     }
-    assert!(scale > 0.0 || analytic.iter().all(|a| *a == 0.0), "{name}: all-zero numeric gradient");
+    assert!(
+        scale > 0.0 || analytic.iter().all(|a| *a == 0.0),
+        "{name}: all-zero numeric gradient"
+    );
 }

@@ -472,15 +472,25 @@ impl Config {
             other => other,
         })?;
         let base = path.parent().unwrap_or(Path::new(""));
-        config.data.resolve_relative_to(base);
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        config.data.resolve_relative_to(&base);
         Ok(config)
     }
 
     /// Parses a TOML config from a string (paths stay as written).
     pub fn from_toml_str(text: &str) -> Result<Config> {
-        toml::from_str(text).map_err(|e| Error::ConfigSyntax {
-            path: PathBuf::from("<config>"),
-            message: e.to_string(),
+        toml::from_str(text).map_err(|e| {
+            // One line: "line L, column C: message" (toml's own text spans several).
+            let position = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}: ")
+            });
+            Error::ConfigSyntax {
+                path: PathBuf::from("<config>"),
+                message: format!("{}{}", position.unwrap_or_default(), e.message().trim()),
+            }
         })
     }
 }
@@ -511,6 +521,10 @@ impl InputConfig {
 pub(crate) fn single_byte(field: &str, s: &str) -> Result<u8> {
     match s.as_bytes() {
         [b] => Ok(*b),
-        _ => Err(Error::config(field, format!("{s:?}"), "must be exactly one ASCII character")),
+        _ => Err(Error::config(
+            field,
+            format!("{s:?}"),
+            "must be exactly one ASCII character",
+        )),
     }
 }

@@ -115,14 +115,26 @@ impl Config {
             .chain(s.sequence.iter().map(|f| ("sequence", &f.name)));
         for (i, (kind, name)) in all_names.enumerate() {
             if name.is_empty() {
-                return Err(Error::config(format!("schema.{kind}.name"), "\"\"", "feature names must not be empty"));
+                return Err(Error::config(
+                    format!("schema.{kind}.name"),
+                    "\"\"",
+                    "feature names must not be empty",
+                ));
             }
             if !names.insert(name.clone()) {
-                return Err(Error::config(format!("schema.{kind}.name"), name, format!("duplicate feature name (feature #{i})")));
+                return Err(Error::config(
+                    format!("schema.{kind}.name"),
+                    name,
+                    format!("duplicate feature name (feature #{i})"),
+                ));
             }
         }
         if names.contains(&s.label) {
-            return Err(Error::config("schema.label", &s.label, "the label column cannot also be a feature"));
+            return Err(Error::config(
+                "schema.label",
+                &s.label,
+                "the label column cannot also be a feature",
+            ));
         }
         if s.label.is_empty() {
             return Err(Error::config("schema.label", "\"\"", "must name the label column"));
@@ -137,7 +149,12 @@ impl Config {
                 check_dim(&format!("schema.sparse[{i}].embedding_dim"), dim)?;
                 check_vocab(&format!("schema.sparse[{i}].vocab_size"), f.vocab_size)?;
                 table_of.insert(&f.name, tables.len());
-                tables.push(Table { name: f.name.clone(), dim, vocab_size: f.vocab_size, oov: f.oov });
+                tables.push(Table {
+                    name: f.name.clone(),
+                    dim,
+                    vocab_size: f.vocab_size,
+                    oov: f.oov,
+                });
             }
         }
         for (i, f) in s.sequence.iter().enumerate() {
@@ -146,7 +163,12 @@ impl Config {
                 check_dim(&format!("schema.sequence[{i}].embedding_dim"), dim)?;
                 check_vocab(&format!("schema.sequence[{i}].vocab_size"), f.vocab_size)?;
                 table_of.insert(&f.name, tables.len());
-                tables.push(Table { name: f.name.clone(), dim, vocab_size: f.vocab_size, oov: f.oov });
+                tables.push(Table {
+                    name: f.name.clone(),
+                    dim,
+                    vocab_size: f.vocab_size,
+                    oov: f.oov,
+                });
             }
         }
         let resolve = |field: String, owner: &str, dim: Option<usize>, vocab: Option<usize>| -> Result<usize> {
@@ -155,11 +177,22 @@ impl Config {
             })?;
             if let Some(d) = dim {
                 if d != tables[t].dim {
-                    return Err(Error::config(field.replace("shares_embedding_with", "embedding_dim"), d, format!("differs from the shared table `{owner}` (embedding_dim {}); leave it out", tables[t].dim)));
+                    return Err(Error::config(
+                        field.replace("shares_embedding_with", "embedding_dim"),
+                        d,
+                        format!(
+                            "differs from the shared table `{owner}` (embedding_dim {}); leave it out",
+                            tables[t].dim
+                        ),
+                    ));
                 }
             }
             if let Some(v) = vocab {
-                return Err(Error::config(field.replace("shares_embedding_with", "vocab_size"), v, format!("a feature that shares table `{owner}` takes its vocabulary; set vocab_size on `{owner}`")));
+                return Err(Error::config(
+                    field.replace("shares_embedding_with", "vocab_size"),
+                    v,
+                    format!("a feature that shares table `{owner}` takes its vocabulary; set vocab_size on `{owner}`"),
+                ));
             }
             Ok(t)
         };
@@ -167,20 +200,43 @@ impl Config {
         for (i, f) in s.sparse.iter().enumerate() {
             let table = match &f.shares_embedding_with {
                 None => table_of[f.name.as_str()],
-                Some(owner) => resolve(format!("schema.sparse[{i}].shares_embedding_with"), owner, f.embedding_dim, f.vocab_size)?,
+                Some(owner) => resolve(
+                    format!("schema.sparse[{i}].shares_embedding_with"),
+                    owner,
+                    f.embedding_dim,
+                    f.vocab_size,
+                )?,
             };
-            sparse.push(SparseSlot { name: f.name.clone(), table });
+            sparse.push(SparseSlot {
+                name: f.name.clone(),
+                table,
+            });
         }
         let mut sequences = Vec::new();
         for (i, f) in s.sequence.iter().enumerate() {
             if f.max_len == 0 {
-                return Err(Error::config(format!("schema.sequence[{i}].max_len"), 0, "must be at least 1"));
+                return Err(Error::config(
+                    format!("schema.sequence[{i}].max_len"),
+                    0,
+                    "must be at least 1",
+                ));
             }
             let table = match &f.shares_embedding_with {
                 None => table_of[f.name.as_str()],
-                Some(owner) => resolve(format!("schema.sequence[{i}].shares_embedding_with"), owner, f.embedding_dim, f.vocab_size)?,
+                Some(owner) => resolve(
+                    format!("schema.sequence[{i}].shares_embedding_with"),
+                    owner,
+                    f.embedding_dim,
+                    f.vocab_size,
+                )?,
             };
-            sequences.push(SequenceSlot { name: f.name.clone(), table, max_len: f.max_len, order: f.order, truncation: f.truncation });
+            sequences.push(SequenceSlot {
+                name: f.name.clone(),
+                table,
+                max_len: f.max_len,
+                order: f.order,
+                truncation: f.truncation,
+            });
         }
         let mut dense = Vec::new();
         for (i, f) in s.dense.iter().enumerate() {
@@ -196,38 +252,72 @@ impl Config {
         let mut pairs = Vec::new();
         for (i, p) in s.din_pairs.iter().enumerate() {
             let t = sparse.iter().position(|x| x.name == p.target).ok_or_else(|| {
-                Error::config(format!("schema.din_pairs[{i}].target"), &p.target, "is not a sparse feature")
+                Error::config(
+                    format!("schema.din_pairs[{i}].target"),
+                    &p.target,
+                    "is not a sparse feature",
+                )
             })?;
             let h = sequences.iter().position(|x| x.name == p.history).ok_or_else(|| {
-                Error::config(format!("schema.din_pairs[{i}].history"), &p.history, "is not a sequence feature")
+                Error::config(
+                    format!("schema.din_pairs[{i}].history"),
+                    &p.history,
+                    "is not a sequence feature",
+                )
             })?;
             if pairs.iter().any(|&(_, hh)| hh == h) {
-                return Err(Error::config(format!("schema.din_pairs[{i}].history"), &p.history, "is already in another pair"));
+                return Err(Error::config(
+                    format!("schema.din_pairs[{i}].history"),
+                    &p.history,
+                    "is already in another pair",
+                ));
             }
             let (td, hd) = (tables[sparse[t].table].dim, tables[sequences[h].table].dim);
             if td != hd {
-                return Err(Error::config(format!("schema.din_pairs[{i}]"), format!("{} / {}", p.target, p.history), format!("target and history embedding dims differ ({td} vs {hd})")));
+                return Err(Error::config(
+                    format!("schema.din_pairs[{i}]"),
+                    format!("{} / {}", p.target, p.history),
+                    format!("target and history embedding dims differ ({td} vs {hd})"),
+                ));
             }
             pairs.push((t, h));
         }
         if let Some((i, p)) = s.din_pairs.iter().enumerate().skip(1).find(|(_, p)| {
             let first = &s.sequence[pairs[0].1];
             let this = s.sequence.iter().find(|q| q.name == p.history);
-            this.is_some_and(|q| q.max_len != first.max_len || q.order != first.order || q.truncation != first.truncation)
+            this.is_some_and(|q| {
+                q.max_len != first.max_len || q.order != first.order || q.truncation != first.truncation
+            })
         }) {
             return Err(Error::config(format!("schema.din_pairs[{i}].history"), &p.history, "histories of one attention unit are aligned per position: give them the same max_len, order and truncation"));
         }
-        Ok(Layout { tables, sparse, dense, sequences, pairs, label: s.label.clone(), user: s.user.clone() })
+        Ok(Layout {
+            tables,
+            sparse,
+            dense,
+            sequences,
+            pairs,
+            label: s.label.clone(),
+            user: s.user.clone(),
+        })
     }
 
     fn validate_input(&self) -> Result<()> {
         let d = single_byte("input.delimiter", &self.input.delimiter)?;
         let q = single_byte("input.sequence_separator", &self.input.sequence_separator)?;
         if d == q {
-            return Err(Error::config("input.sequence_separator", format!("{:?}", self.input.sequence_separator), "must differ from input.delimiter"));
+            return Err(Error::config(
+                "input.sequence_separator",
+                format!("{:?}", self.input.sequence_separator),
+                "must differ from input.delimiter",
+            ));
         }
         if !self.input.header && self.input.columns.is_empty() {
-            return Err(Error::config("input.columns", "[]", "name the columns in file order when input.header is false"));
+            return Err(Error::config(
+                "input.columns",
+                "[]",
+                "name the columns in file order when input.header is false",
+            ));
         }
         let mut seen = HashSet::new();
         for c in &self.input.columns {
@@ -241,7 +331,11 @@ impl Config {
                 return Err(Error::config("data.validation_split", f, "must be in (0, 1)"));
             }
             if d.validation.is_some() {
-                return Err(Error::config("data.validation_split", f, "give either data.validation or data.validation_split, not both"));
+                return Err(Error::config(
+                    "data.validation_split",
+                    f,
+                    "give either data.validation or data.validation_split, not both",
+                ));
             }
         }
         Ok(())
@@ -250,11 +344,22 @@ impl Config {
     fn validate_model_and_train(&self) -> Result<()> {
         let a = &self.model.attention;
         if a.hidden_units.is_empty() {
-            return Err(Error::config("model.attention.hidden_units", "[]", "the local activation unit needs at least one hidden layer"));
+            return Err(Error::config(
+                "model.attention.hidden_units",
+                "[]",
+                "the local activation unit needs at least one hidden layer",
+            ));
         }
-        for (name, units) in [("model.attention.hidden_units", &a.hidden_units), ("model.dnn.hidden_units", &self.model.dnn.hidden_units)] {
+        for (name, units) in [
+            ("model.attention.hidden_units", &a.hidden_units),
+            ("model.dnn.hidden_units", &self.model.dnn.hidden_units),
+        ] {
             if units.contains(&0) {
-                return Err(Error::config(name, format!("{units:?}"), "layer widths must be at least 1"));
+                return Err(Error::config(
+                    name,
+                    format!("{units:?}"),
+                    "layer widths must be at least 1",
+                ));
             }
         }
         let p = self.model.dnn.dropout;
@@ -263,16 +368,28 @@ impl Config {
         }
         let t = &self.train;
         if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
-            return Err(Error::config("train.learning_rate", t.learning_rate, "must be a positive number"));
+            return Err(Error::config(
+                "train.learning_rate",
+                t.learning_rate,
+                "must be a positive number",
+            ));
         }
-        for (name, v) in [("train.batch_size", t.batch_size), ("train.eval_batch_size", t.eval_batch_size), ("train.epochs", t.epochs)] {
+        for (name, v) in [
+            ("train.batch_size", t.batch_size),
+            ("train.eval_batch_size", t.eval_batch_size),
+            ("train.epochs", t.epochs),
+        ] {
             if v == 0 {
                 return Err(Error::config(name, v, "must be at least 1"));
             }
         }
         let l = t.regularization.lambda;
         if !(l.is_finite() && l >= 0.0) {
-            return Err(Error::config("train.regularization.lambda", l, "must be a non-negative number"));
+            return Err(Error::config(
+                "train.regularization.lambda",
+                l,
+                "must be a non-negative number",
+            ));
         }
         if let Some(es) = &t.early_stopping {
             if es.patience == 0 {
@@ -305,7 +422,11 @@ fn check_dim(field: &str, dim: usize) -> Result<()> {
 
 fn check_vocab(field: &str, v: Option<usize>) -> Result<()> {
     if v == Some(0) {
-        return Err(Error::config(field, 0, "must be at least 1 (or left out to infer it from the training data)"));
+        return Err(Error::config(
+            field,
+            0,
+            "must be at least 1 (or left out to infer it from the training data)",
+        ));
     }
     Ok(())
 }

@@ -9,9 +9,8 @@ mod config;
 mod layout;
 
 pub use config::{
-    ActivationKind, AttentionConfig, Config, DataConfig, DenseFeature, DinPair, DnnConfig,
-    EarlyStoppingConfig, InputConfig, ModelConfig, Monitor, Normalization, OptimizerKind, Oov,
-    RegularizationConfig, RegularizationKind, Schema, SequenceFeature, SequenceOrder,
-    SparseFeature, TrainConfig, Truncation, DEFAULT_EMBEDDING_DIM,
+    ActivationKind, AttentionConfig, Config, DataConfig, DenseFeature, DinPair, DnnConfig, EarlyStoppingConfig,
+    InputConfig, ModelConfig, Monitor, Normalization, Oov, OptimizerKind, RegularizationConfig, RegularizationKind,
+    Schema, SequenceFeature, SequenceOrder, SparseFeature, TrainConfig, Truncation, DEFAULT_EMBEDDING_DIM,
 };
 pub use layout::{Layout, SequenceSlot, SparseSlot, Table};

@@ -15,7 +15,12 @@ pub struct EarlyStopping {
 impl EarlyStopping {
     /// A tracker for `config`.
     pub fn new(config: EarlyStoppingConfig) -> Self {
-        EarlyStopping { config, best: None, best_epoch: 0, since_best: 0 }
+        EarlyStopping {
+            config,
+            best: None,
+            best_epoch: 0,
+            since_best: 0,
+        }
     }
 
     /// The monitored value in `metrics` (None if undefined, e.g. AUC of one class).
@@ -64,12 +69,22 @@ mod tests {
     use super::*;
 
     fn m(logloss: f64, auc: f64) -> Metrics {
-        Metrics { n: 10, positives: 5, logloss, auc: Some(auc), gauc: None }
+        Metrics {
+            n: 10,
+            positives: 5,
+            logloss,
+            auc: Some(auc),
+            gauc: None,
+        }
     }
 
     #[test]
     fn stops_after_patience_epochs_without_improvement() {
-        let config = EarlyStoppingConfig { monitor: Monitor::ValLogloss, patience: 2, restore_best: false };
+        let config = EarlyStoppingConfig {
+            monitor: Monitor::ValLogloss,
+            patience: 2,
+            restore_best: false,
+        };
         let mut es = EarlyStopping::new(config);
         assert!(es.observe(1, &m(0.5, 0.6)));
         assert!(!es.observe(2, &m(0.6, 0.6)));
@@ -81,10 +96,17 @@ mod tests {
 
     #[test]
     fn auc_is_maximised() {
-        let config = EarlyStoppingConfig { monitor: Monitor::ValAuc, patience: 1, restore_best: false };
+        let config = EarlyStoppingConfig {
+            monitor: Monitor::ValAuc,
+            patience: 1,
+            restore_best: false,
+        };
         let mut es = EarlyStopping::new(config);
         es.observe(1, &m(0.5, 0.6));
-        assert!(es.observe(2, &m(0.9, 0.7)), "higher AUC is better even with worse logloss");
+        assert!(
+            es.observe(2, &m(0.9, 0.7)),
+            "higher AUC is better even with worse logloss"
+        );
         assert!(!es.observe(3, &m(0.1, 0.65)));
         assert!(es.should_stop());
     }

@@ -55,7 +55,14 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
             let (head, tail) = train.split_tail(fraction);
             train = head;
             if train.is_empty() || tail.is_empty() {
-                return Err(Error::config("data.validation_split", fraction, format!("leaves an empty training or validation set from {} rows", train.len() + tail.len())));
+                return Err(Error::config(
+                    "data.validation_split",
+                    fraction,
+                    format!(
+                        "leaves an empty training or validation set from {} rows",
+                        train.len() + tail.len()
+                    ),
+                ));
             }
             Some(tail)
         }
@@ -68,7 +75,12 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
     }
     let mut config = config.clone();
     config.freeze_vocab(&layout);
-    Ok(TrainingData { config, layout, train, validation })
+    Ok(TrainingData {
+        config,
+        layout,
+        train,
+        validation,
+    })
 }
 
 /// What one epoch did.
@@ -159,7 +171,10 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
             let (logits, cache) = model.forward(&batch, Mode::Train, Some(&mut dropout_rng));
             let loss = bce_with_logits(&logits, &batch.labels, &mut dlogits);
             if !loss.is_finite() {
-                return Err(Error::Training(format!("the loss became {loss} at epoch {epoch}, batch {}; lower train.learning_rate", i + 1)));
+                return Err(Error::Training(format!(
+                    "the loss became {loss} at epoch {epoch}, batch {}; lower train.learning_rate",
+                    i + 1
+                )));
             }
             model.zero_grad();
             let mut emb = model.backward(&batch, &cache, &dlogits);
@@ -170,7 +185,10 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
             observer.on_batch(epoch, i + 1, n_batches, loss_sum / (i + 1) as f64);
         }
         let train_seconds = start.elapsed().as_secs_f64();
-        let validation = data.validation.as_ref().map(|v| evaluate(&model, v, tc.eval_batch_size));
+        let validation = data
+            .validation
+            .as_ref()
+            .map(|v| evaluate(&model, v, tc.eval_batch_size));
         let report = EpochReport {
             epoch,
             train_loss: loss_sum / n_batches.max(1) as f64,
@@ -193,7 +211,12 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
         }
     }
     let best_epoch = early.as_ref().and_then(|e| e.best()).map(|b| b.0);
-    Ok(TrainOutcome { model: best_model.unwrap_or(model), history, best_epoch, stopped_early })
+    Ok(TrainOutcome {
+        model: best_model.unwrap_or(model),
+        history,
+        best_epoch,
+        stopped_early,
+    })
 }
 
 /// Click probabilities for every row, `batch_size` rows at a time.

@@ -36,8 +36,14 @@ impl Optimizer {
     /// State sized for `model`.
     pub fn new(kind: OptimizerKind, learning_rate: f32, model: &Din) -> Self {
         let slots = |n: usize| match kind {
-            OptimizerKind::Adam => Slots { a: vec![0.0; n], b: vec![0.0; n] },
-            OptimizerKind::Adagrad => Slots { a: vec![ADAGRAD_INIT; n], b: Vec::new() },
+            OptimizerKind::Adam => Slots {
+                a: vec![0.0; n],
+                b: vec![0.0; n],
+            },
+            OptimizerKind::Adagrad => Slots {
+                a: vec![ADAGRAD_INIT; n],
+                b: Vec::new(),
+            },
             OptimizerKind::Sgd => Slots::default(),
         };
         let mut dense = Vec::new();
@@ -47,7 +53,13 @@ impl Optimizer {
             }
         });
         let tables = model.embeddings.iter().map(|e| slots(e.weight.value.len())).collect();
-        Optimizer { kind, learning_rate, step: 0, dense, tables }
+        Optimizer {
+            kind,
+            learning_rate,
+            step: 0,
+            dense,
+            tables,
+        }
     }
 
     /// Steps taken so far.
@@ -81,7 +93,14 @@ impl Optimizer {
             for (k, &id) in g.ids.iter().enumerate() {
                 let base = id as usize * d;
                 for j in 0..d {
-                    update(kind, lr_t, &mut table.weight.value[base + j], g.grads[k * d + j], s, base + j);
+                    update(
+                        kind,
+                        lr_t,
+                        &mut table.weight.value[base + j],
+                        g.grads[k * d + j],
+                        s,
+                        base + j,
+                    );
                 }
             }
         }
@@ -116,13 +135,19 @@ mod tests {
     fn single_updates_match_hand_computation() {
         // Adam, first step: m = 0.1 g, v = 0.001 g^2, lr_t = lr * sqrt(0.001) / 0.1,
         // so w -= lr * sqrt(0.001)/0.1 * 0.1 g / (sqrt(0.001) |g| + eps) ≈ lr * sign(g).
-        let mut s = Slots { a: vec![0.0], b: vec![0.0] };
+        let mut s = Slots {
+            a: vec![0.0],
+            b: vec![0.0],
+        };
         let lr_t = 0.01 * (1.0f32 - ADAM_BETA2).sqrt() / (1.0 - ADAM_BETA1);
         let mut w = 1.0;
         update(OptimizerKind::Adam, lr_t, &mut w, 0.5, &mut s, 0);
         assert!((w - (1.0 - 0.01)).abs() < 1e-5, "{w}");
         // Adagrad: acc = 0.1 + 0.25 = 0.35; w -= 0.1 * 0.5 / sqrt(0.35).
-        let mut s = Slots { a: vec![ADAGRAD_INIT], b: vec![] };
+        let mut s = Slots {
+            a: vec![ADAGRAD_INIT],
+            b: vec![],
+        };
         let mut w = 1.0;
         update(OptimizerKind::Adagrad, 0.1, &mut w, 0.5, &mut s, 0);
         assert!((w - (1.0 - 0.05 / 0.35f32.sqrt())).abs() < 1e-6, "{w}");

@@ -12,7 +12,12 @@ use crate::schema::{RegularizationConfig, RegularizationKind};
 ///   embedding rows j of the batch, `n_j` = the id's count in the training
 ///   data (`counts[table][id]`, at least 1). Only rows in the batch are
 ///   touched, so the cost is proportional to the batch, not the vocabulary.
-pub fn regularize(config: &RegularizationConfig, model: &mut Din, emb: &mut EmbeddingGrads, counts: &[Vec<u32>]) -> f64 {
+pub fn regularize(
+    config: &RegularizationConfig,
+    model: &mut Din,
+    emb: &mut EmbeddingGrads,
+    counts: &[Vec<u32>],
+) -> f64 {
     let lambda = config.lambda;
     if config.kind == RegularizationKind::None || lambda == 0.0 {
         return 0.0;
@@ -33,7 +38,12 @@ pub fn regularize(config: &RegularizationConfig, model: &mut Din, emb: &mut Embe
         for (k, &id) in g.ids.iter().enumerate() {
             let scale = match config.kind {
                 RegularizationKind::MiniBatchAware => {
-                    let n = counts.get(t).and_then(|c| c.get(id as usize)).copied().unwrap_or(1).max(1);
+                    let n = counts
+                        .get(t)
+                        .and_then(|c| c.get(id as usize))
+                        .copied()
+                        .unwrap_or(1)
+                        .max(1);
                     lambda / n as f32
                 }
                 _ => lambda,
