@@ -194,5 +194,8 @@ fn invalid_configs_name_the_field_and_value() {
     let err = Config::from_toml_str("[schema]\nlabel = 3\n")
         .expect_err("type")
         .to_string();
-    assert!(err.contains("line 2, column 9: invalid type: integer `3`, expected a string"), "{err}");
+    assert!(
+        err.contains("line 2, column 9: invalid type: integer `3`, expected a string"),
+        "{err}"
+    );
 }
