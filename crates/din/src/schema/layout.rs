@@ -143,31 +143,40 @@ impl Config {
         // Tables: owners first, in schema order (sparse, then sequences).
         let mut tables: Vec<Table> = Vec::new();
         let mut table_of: HashMap<&str, usize> = HashMap::new();
-        for (i, f) in s.sparse.iter().enumerate() {
-            if f.shares_embedding_with.is_none() {
-                let dim = f.embedding_dim.unwrap_or(DEFAULT_EMBEDDING_DIM);
-                check_dim(&format!("schema.sparse[{i}].embedding_dim"), dim)?;
-                check_vocab(&format!("schema.sparse[{i}].vocab_size"), f.vocab_size)?;
-                table_of.insert(&f.name, tables.len());
+        let features = (s.sparse.iter().enumerate())
+            .map(|(i, f)| {
+                (
+                    "sparse",
+                    i,
+                    &f.name,
+                    &f.shares_embedding_with,
+                    f.embedding_dim,
+                    f.vocab_size,
+                    f.oov,
+                )
+            })
+            .chain((s.sequence.iter().enumerate()).map(|(i, f)| {
+                (
+                    "sequence",
+                    i,
+                    &f.name,
+                    &f.shares_embedding_with,
+                    f.embedding_dim,
+                    f.vocab_size,
+                    f.oov,
+                )
+            }));
+        for (kind, i, name, shares, dim, vocab_size, oov) in features {
+            if shares.is_none() {
+                let dim = dim.unwrap_or(DEFAULT_EMBEDDING_DIM);
+                check_dim(&format!("schema.{kind}[{i}].embedding_dim"), dim)?;
+                check_vocab(&format!("schema.{kind}[{i}].vocab_size"), vocab_size)?;
+                table_of.insert(name, tables.len());
                 tables.push(Table {
-                    name: f.name.clone(),
+                    name: name.clone(),
                     dim,
-                    vocab_size: f.vocab_size,
-                    oov: f.oov,
-                });
-            }
-        }
-        for (i, f) in s.sequence.iter().enumerate() {
-            if f.shares_embedding_with.is_none() {
-                let dim = f.embedding_dim.unwrap_or(DEFAULT_EMBEDDING_DIM);
-                check_dim(&format!("schema.sequence[{i}].embedding_dim"), dim)?;
-                check_vocab(&format!("schema.sequence[{i}].vocab_size"), f.vocab_size)?;
-                table_of.insert(&f.name, tables.len());
-                tables.push(Table {
-                    name: f.name.clone(),
-                    dim,
-                    vocab_size: f.vocab_size,
-                    oov: f.oov,
+                    vocab_size,
+                    oov,
                 });
             }
         }
