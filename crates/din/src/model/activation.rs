@@ -8,8 +8,8 @@ use crate::schema::ActivationKind;
 pub const DICE_EPS: f32 = 1e-8;
 /// Dice's moving-average momentum (as DeepCTR's BatchNormalization).
 pub const DICE_MOMENTUM: f32 = 0.99;
-/// PReLU's initial slope for negative inputs.
-pub const PRELU_INIT: f32 = 0.25;
+/// PReLU's initial slope for negative inputs (Keras' default; the tutorial is Keras).
+pub const PRELU_INIT: f32 = 0.0;
 
 /// An element-wise activation over `[rows, channels]`.
 #[derive(Debug, Clone, PartialEq)]

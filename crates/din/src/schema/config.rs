@@ -233,7 +233,7 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActivationKind {
-    /// Parametric ReLU, one slope per channel (initialised to 0.25).
+    /// Parametric ReLU, one slope per channel (initialised to 0, as Keras does).
     Prelu,
     /// Dice (the DIN paper): batch statistics in training, moving averages at inference.
     Dice,
