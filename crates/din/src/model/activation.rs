@@ -70,13 +70,15 @@ impl Activation {
         }
         let c = x.len() / rows;
         match self.kind {
+            // Branch-free forms: signs are unpredictable, and a mispredicted
+            // branch per element costs more than the arithmetic.
             ActivationKind::Relu => y.iter_mut().zip(x).for_each(|(y, &x)| *y = x.max(0.0)),
             ActivationKind::Sigmoid => y.iter_mut().zip(x).for_each(|(y, &x)| *y = sigmoid(x)),
             ActivationKind::Prelu => {
                 let alpha = &self.alpha_values();
                 for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
                     for ((y, &x), &a) in yr.iter_mut().zip(xr).zip(alpha) {
-                        *y = if x > 0.0 { x } else { a * x };
+                        *y = x.max(0.0) + a * x.min(0.0); // x if x > 0, else a·x (exactly)
                     }
                 }
             }
@@ -139,7 +141,7 @@ impl Activation {
                 .iter_mut()
                 .zip(x)
                 .zip(dy)
-                .for_each(|((d, &x), &g)| *d = if x > 0.0 { g } else { 0.0 }),
+                .for_each(|((d, &x), &g)| *d = g * f32::from(u8::from(x > 0.0))),
             ActivationKind::Sigmoid => dx
                 .iter_mut()
                 .zip(y)
@@ -149,13 +151,10 @@ impl Activation {
                 let alpha = self.alpha_values();
                 let mut dalpha = vec![0.0f32; c];
                 for ((dr, xr), gr) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(dy.chunks_exact(c)) {
-                    for j in 0..c {
-                        if xr[j] > 0.0 {
-                            dr[j] = gr[j];
-                        } else {
-                            dr[j] = alpha[j] * gr[j];
-                            dalpha[j] += gr[j] * xr[j];
-                        }
+                    for ((((d, &x), &g), &a), da) in dr.iter_mut().zip(xr).zip(gr).zip(&alpha).zip(&mut dalpha) {
+                        let slope = if x > 0.0 { 1.0 } else { a };
+                        *d = slope * g;
+                        *da += g * x.min(0.0);
                     }
                 }
                 self.add_alpha_grad(&dalpha);
@@ -343,10 +342,15 @@ mod tests {
 
     #[test]
     fn prelu_values() {
-        let act = Activation::new(ActivationKind::Prelu, 2);
+        let mut act = Activation::new(ActivationKind::Prelu, 2);
+        assert_eq!(act.alpha.as_ref().map(|a| a.value.clone()), Some(vec![PRELU_INIT; 2]));
+        if let Some(a) = &mut act.alpha {
+            a.value = vec![0.25, 0.5];
+        }
         let mut y = Vec::new();
-        act.forward(&[-2.0, 3.0], 1, Mode::Infer, &mut y);
-        assert_eq!(y, vec![-2.0 * PRELU_INIT, 3.0]);
+        act.forward(&[-2.0, 3.0, -4.0, -1.0], 2, Mode::Infer, &mut y);
+        // Per-channel slopes: channel 0 uses 0.25, channel 1 uses 0.5.
+        assert_eq!(y, vec![-0.5, 3.0, -1.0, -0.5]);
     }
 
     #[test]
