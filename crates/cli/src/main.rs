@@ -25,6 +25,8 @@ enum Command {
     Evaluate(commands::evaluate::Args),
     /// Write click probabilities of a saved model for every row of a file.
     Predict(commands::predict::Args),
+    /// Turn a raw behaviour log into DIN samples, a config and a vocabulary.
+    Prepare(commands::prepare::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Evaluate(args) => commands::evaluate::run(args),
         Command::Predict(args) => commands::predict::run(args),
+        Command::Prepare(args) => commands::prepare::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

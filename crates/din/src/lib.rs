@@ -7,6 +7,7 @@
 //! schema -> data -> model -> train -> metrics -> checkpoint -> scorer
 //! ```
 //!
+//! * [`prepare`]: raw behaviour logs to DIN samples, a config and a vocabulary.
 //! * [`schema`]: the feature schema and the run configuration (TOML for people,
 //!   JSON inside a model directory), validated once.
 //! * [`data`]: delimited readers that turn files into columnar [`data::Dataset`]s
@@ -25,6 +26,7 @@ pub mod data;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod prepare;
 pub mod schema;
 pub mod scorer;
 pub mod train;

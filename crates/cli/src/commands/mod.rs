@@ -2,6 +2,7 @@
 
 pub mod evaluate;
 pub mod predict;
+pub mod prepare;
 pub mod train;
 
 use din::metrics::Metrics;

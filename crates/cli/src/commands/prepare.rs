@@ -1,0 +1,170 @@
+//! `din prepare`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use din::prepare::{prepare, read_log, read_movielens, LogSpec, PrepareOptions, Protocol};
+
+/// Input formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// MovieLens-100K folder (u.data, u.item genres as category, u.user profile).
+    Movielens,
+    /// The DIN paper's Amazon review table (header user_id,item_id,time,cate_id).
+    Amazon,
+    /// Taobao UserBehavior (no header: user,item,category,behavior,timestamp).
+    Taobao,
+    /// Any delimited log; name the columns with --user-col etc.
+    Log,
+}
+
+/// Sample protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProtocolArg {
+    /// The DIN paper's: each next behaviour (positive) vs a sampled unseen item (negative).
+    NextItem,
+    /// Ratings as labels (>= --positive-threshold), histories of earlier positives.
+    Rating,
+}
+
+/// Turn a raw behaviour log into DIN samples, a config and a vocabulary.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The log file (a folder for --format movielens).
+    #[arg(long)]
+    input: PathBuf,
+    /// Input format.
+    #[arg(long, value_enum)]
+    format: Format,
+    /// Output folder: train.tsv, test.tsv, config.toml, vocab.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// How samples are made.
+    #[arg(long, value_enum, default_value = "next-item")]
+    protocol: ProtocolArg,
+    /// Lowest positive rating/label value for --protocol rating.
+    #[arg(long, default_value_t = 4.0)]
+    positive_threshold: f32,
+    /// Longest history kept (the most recent behaviours).
+    #[arg(long, default_value_t = 50)]
+    max_len: usize,
+    /// Seed of the negative sampler.
+    #[arg(long, default_value_t = 2024)]
+    seed: u64,
+    /// Cut histories at a gap longer than this many days (a new session).
+    #[arg(long)]
+    session_gap_days: Option<f64>,
+    /// Add the dense feature days_since_prev (ln(1 + days since the last history behaviour)).
+    #[arg(long)]
+    days_since_prev: bool,
+    /// Only these behaviour types enter histories (comma-separated, e.g. cart,fav,buy).
+    #[arg(long, value_delimiter = ',')]
+    history_behaviors: Option<Vec<String>>,
+    /// Also write each sample's history timestamps (column hist_time).
+    #[arg(long)]
+    history_times: bool,
+    /// Embedding width in the generated config.
+    #[arg(long, default_value_t = 8)]
+    embedding_dim: usize,
+    /// Skip malformed rows (and count them) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    /// --format log: field delimiter (one character).
+    #[arg(long, default_value = ",")]
+    delimiter: String,
+    /// --format log: column names in file order when the file has no header row.
+    #[arg(long, value_delimiter = ',')]
+    columns: Option<Vec<String>>,
+    /// --format log: user column.
+    #[arg(long, default_value = "user_id")]
+    user_col: String,
+    /// --format log: item column.
+    #[arg(long, default_value = "item_id")]
+    item_col: String,
+    /// --format log: category column (none: one category for all items).
+    #[arg(long)]
+    category_col: Option<String>,
+    /// --format log: timestamp column (integer seconds).
+    #[arg(long, default_value = "timestamp")]
+    time_col: String,
+    /// --format log: behaviour-type column.
+    #[arg(long)]
+    behavior_col: Option<String>,
+    /// --format log: label or rating column (for --protocol rating).
+    #[arg(long)]
+    label_col: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `din prepare`.
+pub fn run(args: Args) -> Result<()> {
+    let log = match args.format {
+        Format::Movielens => read_movielens(&args.input, args.skip_bad_rows)?,
+        Format::Amazon => read_log(&LogSpec::amazon(args.input.clone()), args.skip_bad_rows)?,
+        Format::Taobao => read_log(&LogSpec::taobao(args.input.clone()), args.skip_bad_rows)?,
+        Format::Log => {
+            let [delimiter] = args.delimiter.as_bytes() else {
+                bail!(
+                    "--delimiter must be exactly one ASCII character, got {:?}",
+                    args.delimiter
+                );
+            };
+            let spec = LogSpec {
+                path: args.input.clone(),
+                delimiter: *delimiter,
+                header: args.columns.is_none(),
+                columns: args.columns.clone().unwrap_or_default(),
+                user: args.user_col.clone(),
+                item: args.item_col.clone(),
+                category: args.category_col.clone(),
+                time: args.time_col.clone(),
+                behavior: args.behavior_col.clone(),
+                value: args.label_col.clone(),
+            };
+            read_log(&spec, args.skip_bad_rows)?
+        }
+    };
+    let options = PrepareOptions {
+        protocol: match args.protocol {
+            ProtocolArg::NextItem => Protocol::NextItem,
+            ProtocolArg::Rating => Protocol::Rating {
+                threshold: args.positive_threshold,
+            },
+        },
+        max_len: args.max_len,
+        seed: args.seed,
+        session_gap_days: args.session_gap_days,
+        days_since_prev: args.days_since_prev,
+        history_behaviors: args.history_behaviors.clone(),
+        history_times: args.history_times,
+        embedding_dim: args.embedding_dim,
+    };
+    if let Some(g) = options.session_gap_days {
+        if !(g.is_finite() && g > 0.0) {
+            bail!("--session-gap-days must be a positive number of days, got {g}");
+        }
+    }
+    let report = prepare(&log, &options, &args.out)?;
+    for skipped in log.skipped.iter().take(5) {
+        eprintln!("skipped: {skipped}");
+    }
+    if log.skipped.len() > 5 {
+        eprintln!("skipped: ... and {} more malformed rows", log.skipped.len() - 5);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "read {} behaviours ({} malformed rows skipped): {} users, {} items, {} categories",
+            report.events, report.skipped_rows, report.users, report.items, report.categories
+        );
+        println!(
+            "wrote {} training and {} test samples ({} positive), mean history length {:.2}",
+            report.train_samples, report.test_samples, report.positives, report.mean_history_len
+        );
+        println!("train with: din train --config {}", report.config.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! Raw behaviour logs: a general delimited log with named columns, the
+//! Amazon review table and Taobao UserBehavior presets, and MovieLens.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// One behaviour from a raw log. Ids are kept as the raw strings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Raw user id.
+    pub user: String,
+    /// Raw item id.
+    pub item: String,
+    /// Raw category of the item.
+    pub category: String,
+    /// Seconds (any monotone unit works; gaps are read as seconds).
+    pub time: i64,
+    /// Behaviour type (e.g. Taobao's pv/cart/fav/buy).
+    pub behavior: Option<String>,
+    /// A numeric label or rating, for the rating protocol.
+    pub value: Option<f32>,
+    /// Per-user profile fields (MovieLens: age, gender, occupation), in [`Log::profile_fields`] order.
+    pub profile: Vec<String>,
+    /// 1-based line in the source file (ties in time keep file order).
+    pub line: u64,
+}
+
+/// A delimited behaviour log and which columns hold what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSpec {
+    /// The file.
+    pub path: PathBuf,
+    /// Field delimiter.
+    pub delimiter: u8,
+    /// Whether the first line names the columns; otherwise `columns` does.
+    pub header: bool,
+    /// Column names in file order when there is no header.
+    pub columns: Vec<String>,
+    /// User column.
+    pub user: String,
+    /// Item column.
+    pub item: String,
+    /// Category column (absent: every item is its own category "0").
+    pub category: Option<String>,
+    /// Timestamp column (integer seconds).
+    pub time: String,
+    /// Behaviour-type column.
+    pub behavior: Option<String>,
+    /// Label or rating column.
+    pub value: Option<String>,
+}
+
+impl LogSpec {
+    /// The DIN paper's Amazon review table as torch-rechub ships it:
+    /// header `user_id,item_id,time,cate_id`.
+    pub fn amazon(path: PathBuf) -> Self {
+        LogSpec {
+            path,
+            delimiter: b',',
+            header: true,
+            columns: Vec::new(),
+            user: "user_id".into(),
+            item: "item_id".into(),
+            category: Some("cate_id".into()),
+            time: "time".into(),
+            behavior: None,
+            value: None,
+        }
+    }
+
+    /// Taobao UserBehavior: no header, `user,item,category,behavior,timestamp`.
+    pub fn taobao(path: PathBuf) -> Self {
+        LogSpec {
+            path,
+            delimiter: b',',
+            header: false,
+            columns: ["user", "item", "category", "behavior", "timestamp"]
+                .map(String::from)
+                .to_vec(),
+            user: "user".into(),
+            item: "item".into(),
+            category: Some("category".into()),
+            time: "timestamp".into(),
+            behavior: Some("behavior".into()),
+            value: None,
+        }
+    }
+}
+
+/// Events read from a source, with the rows that were skipped.
+#[derive(Debug, Clone, Default)]
+pub struct Log {
+    /// The events, in file order.
+    pub events: Vec<Event>,
+    /// Names of the per-user profile fields carried by [`Event::profile`].
+    pub profile_fields: Vec<String>,
+    /// Malformed rows skipped under `skip_bad_rows` (file, line, reason).
+    pub skipped: Vec<String>,
+}
+
+/// Records a malformed row: an error, or a skip when `skip` is set.
+fn reject(log: &mut Log, skip: bool, err: Error) -> Result<()> {
+    if skip {
+        log.skipped.push(err.to_string());
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
+fn parse_error(path: &Path, line: u64, column: &str, value: &str, reason: &str) -> Error {
+    Error::Parse {
+        path: path.to_path_buf(),
+        line,
+        column: column.to_string(),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Reads a delimited log. Malformed rows (wrong column count, empty ids,
+/// non-integer time, non-numeric value) are errors naming file, line, column
+/// and value, or are skipped and counted when `skip_bad_rows` is set.
+pub fn read_log(spec: &LogSpec, skip_bad_rows: bool) -> Result<Log> {
+    let path = &spec.path;
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot open log", e))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(spec.delimiter)
+        .has_headers(spec.header)
+        .flexible(true)
+        .from_reader(BufReader::new(file));
+    let columns: Vec<String> = if spec.header {
+        let h = reader.headers().map_err(|e| Error::Csv {
+            path: path.clone(),
+            line: 1,
+            message: e.to_string(),
+        })?;
+        h.iter().map(|c| c.trim().to_string()).collect()
+    } else {
+        spec.columns.clone()
+    };
+    let find = |name: &str| {
+        columns
+            .iter()
+            .position(|c| c == name)
+            .ok_or_else(|| Error::MissingColumn {
+                path: path.clone(),
+                column: name.to_string(),
+                header: columns.join(","),
+            })
+    };
+    let (user, item, time) = (find(&spec.user)?, find(&spec.item)?, find(&spec.time)?);
+    let category = spec.category.as_deref().map(find).transpose()?;
+    let behavior = spec.behavior.as_deref().map(find).transpose()?;
+    let value = spec.value.as_deref().map(find).transpose()?;
+
+    let mut log = Log::default();
+    let mut record = csv::StringRecord::new();
+    loop {
+        match reader.read_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                reject(
+                    &mut log,
+                    skip_bad_rows,
+                    Error::Csv {
+                        path: path.clone(),
+                        line,
+                        message: e.to_string(),
+                    },
+                )?;
+                continue;
+            }
+        }
+        let line = record.position().map_or(0, |p| p.line());
+        if record.len() == 1 && record[0].trim().is_empty() {
+            continue;
+        }
+        if record.len() != columns.len() {
+            let err = Error::RowLength {
+                path: path.clone(),
+                line,
+                expected: columns.len(),
+                found: record.len(),
+            };
+            reject(&mut log, skip_bad_rows, err)?;
+            continue;
+        }
+        let field = |i: usize| record[i].trim();
+        let mut bad = None;
+        for (col, name) in [(user, &spec.user), (item, &spec.item)] {
+            if field(col).is_empty() {
+                bad = Some(parse_error(path, line, name, "", "empty id"));
+            }
+        }
+        let t = field(time);
+        let parsed_time = t.parse::<i64>().ok();
+        if parsed_time.is_none() {
+            bad = bad.or_else(|| Some(parse_error(path, line, &spec.time, t, "not an integer timestamp")));
+        }
+        let parsed_value = match value {
+            Some(c) => match field(c).parse::<f32>() {
+                Ok(v) if v.is_finite() => Some(v),
+                _ => {
+                    let name = spec.value.as_deref().unwrap_or_default();
+                    bad = bad.or_else(|| Some(parse_error(path, line, name, field(c), "not a number")));
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Some(err) = bad {
+            reject(&mut log, skip_bad_rows, err)?;
+            continue;
+        }
+        log.events.push(Event {
+            user: field(user).to_string(),
+            item: field(item).to_string(),
+            category: category.map_or_else(|| "0".to_string(), |c| field(c).to_string()),
+            time: parsed_time.unwrap_or_default(),
+            behavior: behavior.map(|c| field(c).to_string()),
+            value: parsed_value,
+            profile: Vec::new(),
+            line,
+        });
+    }
+    if log.events.is_empty() {
+        return Err(Error::EmptyFile { path: path.clone() });
+    }
+    Ok(log)
+}
+
+/// Reads MovieLens-100K from its folder: `u.data` (user, item, rating, time),
+/// `u.item` (the first of the 19 genre flags is the item's category) and
+/// `u.user` (age, gender, occupation as profile fields).
+pub fn read_movielens(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
+    let split = |name: &str, sep: u8| -> Result<(PathBuf, Vec<(u64, Vec<String>)>)> {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, "cannot read MovieLens file", e))?;
+        // u.item has Latin-1 titles: decode lossily, titles are not used.
+        let text = String::from_utf8_lossy(&bytes);
+        let rows = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                (
+                    i as u64 + 1,
+                    l.split(sep as char).map(|s| s.trim().to_string()).collect(),
+                )
+            })
+            .collect();
+        Ok((path, rows))
+    };
+    let mut log = Log {
+        profile_fields: vec!["age".into(), "gender".into(), "occupation".into()],
+        ..Log::default()
+    };
+
+    let (item_path, items) = split("u.item", b'|')?;
+    let mut genre = std::collections::HashMap::new();
+    for (line, f) in items {
+        if f.len() != 24 {
+            let err = Error::RowLength {
+                path: item_path.clone(),
+                line,
+                expected: 24,
+                found: f.len(),
+            };
+            reject(&mut log, skip_bad_rows, err)?;
+            continue;
+        }
+        let first = f[5..]
+            .iter()
+            .position(|g| g == "1")
+            .map_or_else(|| "none".to_string(), |g| g.to_string());
+        genre.insert(f[0].clone(), first);
+    }
+    let (user_path, users) = split("u.user", b'|')?;
+    let mut profile = std::collections::HashMap::new();
+    for (line, f) in users {
+        if f.len() != 5 {
+            let err = Error::RowLength {
+                path: user_path.clone(),
+                line,
+                expected: 5,
+                found: f.len(),
+            };
+            reject(&mut log, skip_bad_rows, err)?;
+            continue;
+        }
+        profile.insert(f[0].clone(), vec![f[1].clone(), f[2].clone(), f[3].clone()]);
+    }
+    let (data_path, ratings) = split("u.data", b'\t')?;
+    for (line, f) in ratings {
+        if f.len() != 4 {
+            let err = Error::RowLength {
+                path: data_path.clone(),
+                line,
+                expected: 4,
+                found: f.len(),
+            };
+            reject(&mut log, skip_bad_rows, err)?;
+            continue;
+        }
+        let rating = f[2].parse::<f32>().ok().filter(|r| r.is_finite());
+        let time = f[3].parse::<i64>().ok();
+        let err = match (rating, time, genre.get(&f[1]), profile.get(&f[0])) {
+            (None, ..) => Some(parse_error(&data_path, line, "rating", &f[2], "not a number")),
+            (_, None, ..) => Some(parse_error(
+                &data_path,
+                line,
+                "timestamp",
+                &f[3],
+                "not an integer timestamp",
+            )),
+            (_, _, None, _) => Some(parse_error(&data_path, line, "item", &f[1], "not in u.item")),
+            (_, _, _, None) => Some(parse_error(&data_path, line, "user", &f[0], "not in u.user")),
+            _ => None,
+        };
+        if let Some(err) = err {
+            reject(&mut log, skip_bad_rows, err)?;
+            continue;
+        }
+        log.events.push(Event {
+            user: f[0].clone(),
+            item: f[1].clone(),
+            category: genre.get(&f[1]).cloned().unwrap_or_default(),
+            time: time.unwrap_or_default(),
+            behavior: None,
+            value: rating,
+            profile: profile.get(&f[0]).cloned().unwrap_or_default(),
+            line,
+        });
+    }
+    if log.events.is_empty() {
+        return Err(Error::EmptyFile { path: data_path });
+    }
+    Ok(log)
+}

@@ -1,0 +1,72 @@
+//! `prepare`: raw behaviour logs to DIN samples, a config and a vocabulary.
+//!
+//! Raw ids of any kind are mapped to dense ids (0 is kept for padding). Two
+//! protocols build the samples:
+//!
+//! * [`Protocol::NextItem`] (the DIN paper's): each user's behaviours sorted by
+//!   time; every behaviour after the first is predicted from the earlier ones
+//!   (positive), paired with an item the user never touched (negative, with its
+//!   own category); each user's last behaviour is held out as test.
+//! * [`Protocol::Rating`] (the paper's MovieLens setup): every rating is a
+//!   sample, labelled positive when the rating is at least a threshold, with
+//!   the history of earlier positives; each user's last rating is test.
+//!
+//! A sample's history holds only behaviours strictly before it in time, so a
+//! test sample never feeds a training history beyond its timestamp.
+
+pub mod events;
+mod samples;
+mod writer;
+
+pub use events::{read_log, read_movielens, Event, Log, LogSpec};
+pub use samples::{build_samples, Sample, Samples, Vocab};
+pub use writer::{prepare, write_prepared, PrepareReport, CONFIG_FILE, TEST_FILE, TRAIN_FILE, VOCAB_FILE};
+
+/// How samples are made from behaviours.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Protocol {
+    /// Next behaviour vs a sampled negative (the DIN paper).
+    NextItem,
+    /// Every rated item; positive when the value is at least `threshold`.
+    Rating {
+        /// Lowest positive value (4 for MovieLens, as in the paper).
+        threshold: f32,
+    },
+}
+
+/// Options of [`prepare`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrepareOptions {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// Longest history kept (the most recent behaviours).
+    pub max_len: usize,
+    /// Seed of the negative sampler.
+    pub seed: u64,
+    /// Cut histories at a gap longer than this many days (a new session).
+    pub session_gap_days: Option<f64>,
+    /// Add `days_since_prev`: ln(1 + days since the most recent history
+    /// behaviour), -1 when the history is empty.
+    pub days_since_prev: bool,
+    /// Only these behaviour types enter histories (all when `None`).
+    pub history_behaviors: Option<Vec<String>>,
+    /// Write each sample's history timestamps (`hist_time`) too.
+    pub history_times: bool,
+    /// Embedding width written into the generated config.
+    pub embedding_dim: usize,
+}
+
+impl Default for PrepareOptions {
+    fn default() -> Self {
+        PrepareOptions {
+            protocol: Protocol::NextItem,
+            max_len: 50,
+            seed: 2024,
+            session_gap_days: None,
+            days_since_prev: false,
+            history_behaviors: None,
+            history_times: false,
+            embedding_dim: 8,
+        }
+    }
+}

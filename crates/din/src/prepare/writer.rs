@@ -1,0 +1,205 @@
+//! Writes prepared samples in the core reader's format, with a config and a vocabulary.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::samples::{build_samples, Sample, Samples};
+use super::{Log, PrepareOptions};
+use crate::checkpoint::{write_atomic, write_atomic_with};
+use crate::schema::{
+    Config, DataConfig, DenseFeature, DinPair, InputConfig, ModelConfig, Oov, Schema, SequenceFeature, SequenceOrder,
+    SparseFeature, TrainConfig, Truncation,
+};
+use crate::{Error, Result};
+
+/// Training samples file.
+pub const TRAIN_FILE: &str = "train.tsv";
+/// Held-out samples file.
+pub const TEST_FILE: &str = "test.tsv";
+/// Generated config.
+pub const CONFIG_FILE: &str = "config.toml";
+/// Raw values of the dense ids.
+pub const VOCAB_FILE: &str = "vocab.json";
+
+/// What [`prepare`] did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PrepareReport {
+    /// Behaviours read.
+    pub events: usize,
+    /// Malformed rows skipped (with `skip_bad_rows`).
+    pub skipped_rows: usize,
+    /// Users with samples.
+    pub users: usize,
+    /// Distinct items.
+    pub items: usize,
+    /// Distinct categories.
+    pub categories: usize,
+    /// Training samples.
+    pub train_samples: usize,
+    /// Test samples.
+    pub test_samples: usize,
+    /// Positive samples (train and test).
+    pub positives: usize,
+    /// Mean history length over all samples.
+    pub mean_history_len: f64,
+    /// The generated config.
+    pub config: PathBuf,
+}
+
+/// Builds samples from `log` and writes `train.tsv`, `test.tsv`,
+/// `config.toml` and `vocab.json` into `out_dir`.
+pub fn prepare(log: &Log, options: &PrepareOptions, out_dir: &Path) -> Result<PrepareReport> {
+    let samples = build_samples(log, options)?;
+    write_prepared(log, &samples, options, out_dir)
+}
+
+/// Writes already built samples (see [`prepare`]).
+pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, out_dir: &Path) -> Result<PrepareReport> {
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, "cannot create output folder", e))?;
+    let header = header(samples, options);
+    for (name, rows) in [(TRAIN_FILE, &samples.train), (TEST_FILE, &samples.test)] {
+        write_atomic_with(&out_dir.join(name), |w| {
+            writeln!(w, "{}", header.join("\t"))?;
+            for s in rows.iter() {
+                write_row(w, s, options)?;
+            }
+            Ok(())
+        })?;
+    }
+    let vocab = serde_json::to_vec(&samples.vocab.fields).map_err(|e| Error::Checkpoint {
+        path: out_dir.join(VOCAB_FILE),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&out_dir.join(VOCAB_FILE), &vocab)?;
+    let config = config(samples, options);
+    let text = toml::to_string_pretty(&config).map_err(|e| Error::Checkpoint {
+        path: out_dir.join(CONFIG_FILE),
+        reason: e.to_string(),
+    })?;
+    let banner = "# Written by `din prepare`. Paths are relative to this file.\n";
+    write_atomic(&out_dir.join(CONFIG_FILE), format!("{banner}{text}").as_bytes())?;
+
+    let all = samples.train.iter().chain(&samples.test);
+    let n = samples.train.len() + samples.test.len();
+    let hist: usize = all.clone().map(|s| s.hist_items.len()).sum();
+    Ok(PrepareReport {
+        events: log.events.len(),
+        skipped_rows: log.skipped.len(),
+        users: samples.users,
+        items: samples.vocab.fields.get("item_id").map_or(0, Vec::len),
+        categories: samples.vocab.fields.get("cate_id").map_or(0, Vec::len),
+        train_samples: samples.train.len(),
+        test_samples: samples.test.len(),
+        positives: all.filter(|s| s.label == 1).count(),
+        mean_history_len: if n == 0 { 0.0 } else { hist as f64 / n as f64 },
+        config: out_dir.join(CONFIG_FILE),
+    })
+}
+
+fn header(samples: &Samples, options: &PrepareOptions) -> Vec<String> {
+    let mut h = vec!["user_id".to_string()];
+    h.extend(samples.profile_fields.iter().cloned());
+    h.extend(["item_id", "cate_id", "hist_item_id", "hist_cate_id"].map(String::from));
+    if options.days_since_prev {
+        h.push("days_since_prev".into());
+    }
+    h.push("time".into());
+    if options.history_times {
+        h.push("hist_time".into());
+    }
+    h.push("label".into());
+    h
+}
+
+fn join<T: std::fmt::Display>(v: &[T]) -> String {
+    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn write_row(w: &mut impl Write, s: &Sample, options: &PrepareOptions) -> std::io::Result<()> {
+    write!(w, "{}", s.user)?;
+    for p in &s.profile {
+        write!(w, "\t{p}")?;
+    }
+    write!(
+        w,
+        "\t{}\t{}\t{}\t{}",
+        s.item,
+        s.category,
+        join(&s.hist_items),
+        join(&s.hist_categories)
+    )?;
+    if options.days_since_prev {
+        write!(w, "\t{}", s.days_since_prev)?;
+    }
+    write!(w, "\t{}", s.time)?;
+    if options.history_times {
+        write!(w, "\t{}", join(&s.hist_times))?;
+    }
+    writeln!(w, "\t{}", s.label)
+}
+
+/// The config for the written files: the tutorial's model and training
+/// defaults, the test file as validation, vocabulary sizes frozen.
+fn config(samples: &Samples, options: &PrepareOptions) -> Config {
+    let size = |field: &str| samples.vocab.fields.get(field).map_or(1, |v| v.len() + 1);
+    let sparse = |name: &str| SparseFeature {
+        name: name.to_string(),
+        vocab_size: Some(size(name)),
+        embedding_dim: Some(options.embedding_dim),
+        oov: Oov::Error,
+        shares_embedding_with: None,
+    };
+    let mut sparse_features = vec![sparse("user_id")];
+    sparse_features.extend(samples.profile_fields.iter().map(|f| sparse(f)));
+    sparse_features.extend([sparse("item_id"), sparse("cate_id")]);
+    let sequence = |name: &str, owner: &str| SequenceFeature {
+        name: name.to_string(),
+        max_len: options.max_len,
+        shares_embedding_with: Some(owner.to_string()),
+        vocab_size: None,
+        embedding_dim: None,
+        oov: Oov::Error,
+        order: SequenceOrder::OldestFirst,
+        truncation: Truncation::KeepRecent,
+    };
+    let dense = if options.days_since_prev {
+        vec![DenseFeature {
+            name: "days_since_prev".into(),
+            dim: 1,
+        }]
+    } else {
+        Vec::new()
+    };
+    Config {
+        data: DataConfig {
+            train: Some(PathBuf::from(TRAIN_FILE)),
+            validation: Some(PathBuf::from(TEST_FILE)),
+            validation_split: None,
+        },
+        input: InputConfig {
+            header: true,
+            ..InputConfig::default()
+        },
+        schema: Schema {
+            label: "label".into(),
+            user: Some("user_id".into()),
+            sparse: sparse_features,
+            dense,
+            sequence: vec![sequence("hist_item_id", "item_id"), sequence("hist_cate_id", "cate_id")],
+            din_pairs: vec![
+                DinPair {
+                    target: "item_id".into(),
+                    history: "hist_item_id".into(),
+                },
+                DinPair {
+                    target: "cate_id".into(),
+                    history: "hist_cate_id".into(),
+                },
+            ],
+        },
+        model: ModelConfig::default(),
+        train: TrainConfig::default(),
+    }
+}
