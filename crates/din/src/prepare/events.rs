@@ -235,11 +235,14 @@ pub fn read_log(spec: &LogSpec, skip_bad_rows: bool) -> Result<Log> {
     Ok(log)
 }
 
+/// Numbered lines of a file split into fields.
+type Rows = Vec<(u64, Vec<String>)>;
+
 /// Reads MovieLens-100K from its folder: `u.data` (user, item, rating, time),
 /// `u.item` (the first of the 19 genre flags is the item's category) and
 /// `u.user` (age, gender, occupation as profile fields).
 pub fn read_movielens(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
-    let split = |name: &str, sep: u8| -> Result<(PathBuf, Vec<(u64, Vec<String>)>)> {
+    let split = |name: &str, sep: u8| -> Result<(PathBuf, Rows)> {
         let path = dir.join(name);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, "cannot read MovieLens file", e))?;
         // u.item has Latin-1 titles: decode lossily, titles are not used.
