@@ -19,7 +19,7 @@ use super::linear::Linear;
 use super::mlp::{Block, Mlp, MlpCache};
 use super::param::{Module, Param};
 use super::Mode;
-use crate::schema::{AttentionConfig, Normalization};
+use crate::schema::{AttentionConfig, Normalization, Pooling};
 
 /// The local activation unit.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +32,8 @@ pub struct Attention {
     pub output: Linear,
     /// Score normalisation.
     pub normalization: Normalization,
+    /// Attention or plain sum pooling.
+    pub pooling: Pooling,
 }
 
 /// Intermediate values of [`Attention::forward`].
@@ -68,6 +70,7 @@ impl Attention {
             rest,
             output,
             normalization: config.normalization,
+            pooling: config.pooling,
         }
     }
 
@@ -84,6 +87,22 @@ impl Attention {
         let (d, h1) = self.dims();
         let b = offsets.len() - 1;
         let n = keys.len() / d.max(1);
+        let mut owner = Vec::with_capacity(n);
+        for s in 0..b {
+            owner.extend(std::iter::repeat_n(s as u32, (offsets[s + 1] - offsets[s]) as usize));
+        }
+        if self.pooling == Pooling::Sum {
+            let weights = vec![1.0; n];
+            let pooled = pool(&owner, &weights, keys, b, d);
+            return (
+                pooled,
+                AttentionCache {
+                    owner,
+                    weights,
+                    ..AttentionCache::default()
+                },
+            );
+        }
         let w = &self.first.linear.weight.value; // [4D, H1]
         let (wq_, wk_, wd, wp) = (
             &w[..d * h1],
@@ -93,11 +112,6 @@ impl Attention {
         );
         let wq: Vec<f32> = wq_.iter().zip(wd).map(|(a, b)| a + b).collect(); // [D, H1]
         let wk: Vec<f32> = wk_.iter().zip(wd).map(|(a, b)| a - b).collect(); // [D, H1]
-
-        let mut owner = Vec::with_capacity(n);
-        for s in 0..b {
-            owner.extend(std::iter::repeat_n(s as u32, (offsets[s + 1] - offsets[s]) as usize));
-        }
         let mut aq = vec![0.0; b * h1];
         matmul(b, d, h1, q, &wq, &mut aq, false); // [B, H1], once per sample
         let mut qk = vec![0.0; n * d]; // [N, D]
@@ -125,14 +139,7 @@ impl Attention {
                 softmax_in_place(&mut weights[offsets[s] as usize..offsets[s + 1] as usize]);
             }
         }
-        let mut pooled = vec![0.0; b * d]; // [B, D]
-        for (t, &s) in owner.iter().enumerate() {
-            let wt = weights[t];
-            pooled[s as usize * d..(s as usize + 1) * d]
-                .iter_mut()
-                .zip(&keys[t * d..(t + 1) * d])
-                .for_each(|(p, k)| *p += wt * k);
-        }
+        let pooled = pool(&owner, &weights, keys, b, d);
         let cache = AttentionCache {
             owner,
             wq,
@@ -171,6 +178,9 @@ impl Attention {
                 .iter_mut()
                 .zip(g)
                 .for_each(|(o, g)| *o = cache.weights[t] * g);
+        }
+        if self.pooling == Pooling::Sum {
+            return (vec![0.0; b * d], dk); // the query does not enter a plain sum
         }
         // Normalisation.
         let mut dscore = dw;
@@ -243,6 +253,19 @@ impl Attention {
     }
 }
 
+/// `pooled_b = Σ_{t of b} w_t k_t`, `[B, D]`.
+fn pool(owner: &[u32], weights: &[f32], keys: &[f32], b: usize, d: usize) -> Vec<f32> {
+    let mut pooled = vec![0.0; b * d];
+    for (t, &s) in owner.iter().enumerate() {
+        let wt = weights[t];
+        pooled[s as usize * d..(s as usize + 1) * d]
+            .iter_mut()
+            .zip(&keys[t * d..(t + 1) * d])
+            .for_each(|(p, k)| *p += wt * k);
+    }
+    pooled
+}
+
 fn softmax_in_place(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
     let mut sum = 0.0;
@@ -278,6 +301,7 @@ mod tests {
     fn split_first_layer_equals_concatenated_input() {
         let d = 3;
         let config = AttentionConfig {
+            pooling: Pooling::Attention,
             hidden_units: vec![5],
             activation: ActivationKind::Sigmoid,
             normalization: Normalization::None,
@@ -322,6 +346,7 @@ mod tests {
     fn check(activation: ActivationKind, normalization: Normalization, mode: Mode) {
         let d = 4;
         let config = AttentionConfig {
+            pooling: Pooling::Attention,
             hidden_units: vec![6, 5],
             activation,
             normalization,
@@ -381,8 +406,28 @@ mod tests {
     }
 
     #[test]
+    fn sum_pooling_adds_the_keys_and_passes_gradients_straight_through() {
+        let config = AttentionConfig {
+            pooling: Pooling::Sum,
+            ..AttentionConfig::default()
+        };
+        let mut att = Attention::new(2, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
+        let keys = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let (pooled, cache) = att.forward(&[0.5, 0.5, 0.1, 0.1], &keys, &[0, 2, 3], Mode::Train);
+        assert_eq!(pooled, vec![4.0, 6.0, 5.0, 6.0]);
+        let (dq, dk) = att.backward(&[0.5, 0.5, 0.1, 0.1], &keys, &cache, &[1.0, -1.0, 2.0, 3.0]);
+        assert_eq!(dq, vec![0.0; 4]);
+        assert_eq!(dk, vec![1.0, -1.0, 1.0, -1.0, 2.0, 3.0]);
+        assert!(
+            att.first.linear.weight.grad.iter().all(|g| *g == 0.0),
+            "the unit is not used"
+        );
+    }
+
+    #[test]
     fn softmax_weights_sum_to_one_per_sample() {
         let config = AttentionConfig {
+            pooling: Pooling::Attention,
             hidden_units: vec![4],
             activation: ActivationKind::Prelu,
             normalization: Normalization::Softmax,

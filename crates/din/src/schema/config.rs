@@ -254,10 +254,25 @@ pub enum Normalization {
     Softmax,
 }
 
+/// How the history is pooled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Weighted by the local activation unit (DIN).
+    #[default]
+    Attention,
+    /// Plain sum of the behaviours' embeddings (the paper's base model;
+    /// for ablations). The activation unit's tensors are kept but unused.
+    Sum,
+}
+
 /// The local activation unit: an MLP over `[q, k, q-k, q*k]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttentionConfig {
+    /// Attention pooling (DIN) or plain sum pooling.
+    #[serde(default)]
+    pub pooling: Pooling,
     /// Hidden layer widths (at least one).
     #[serde(default = "default_attention_units")]
     pub hidden_units: Vec<usize>,
@@ -272,6 +287,7 @@ pub struct AttentionConfig {
 impl Default for AttentionConfig {
     fn default() -> Self {
         AttentionConfig {
+            pooling: Pooling::Attention,
             hidden_units: default_attention_units(),
             activation: default_activation(),
             normalization: Normalization::None,

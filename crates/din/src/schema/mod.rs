@@ -10,7 +10,8 @@ mod layout;
 
 pub use config::{
     ActivationKind, AttentionConfig, Config, DataConfig, DenseFeature, DinPair, DnnConfig, EarlyStoppingConfig,
-    InputConfig, ModelConfig, Monitor, Normalization, Oov, OptimizerKind, RegularizationConfig, RegularizationKind,
-    Schema, SequenceFeature, SequenceOrder, SparseFeature, TrainConfig, Truncation, DEFAULT_EMBEDDING_DIM,
+    InputConfig, ModelConfig, Monitor, Normalization, Oov, OptimizerKind, Pooling, RegularizationConfig,
+    RegularizationKind, Schema, SequenceFeature, SequenceOrder, SparseFeature, TrainConfig, Truncation,
+    DEFAULT_EMBEDDING_DIM,
 };
 pub use layout::{Layout, SequenceSlot, SparseSlot, Table};
