@@ -144,6 +144,32 @@ fn regularised_training_runs_with_every_optimizer() {
 }
 
 #[test]
+fn overrides_set_nested_keys_with_toml_or_bare_values() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/movie_sample.toml");
+    let sets = [
+        "model.attention.hidden_units=[80, 40]",
+        "model.attention.pooling=sum",
+        "train.learning_rate=0.01",
+    ];
+    let c = Config::from_toml_file_with(&path, &sets.map(String::from)).expect("overrides apply");
+    assert_eq!(c.model.attention.hidden_units, vec![80, 40]);
+    assert_eq!(c.model.attention.pooling, din::schema::Pooling::Sum);
+    assert_eq!(c.train.learning_rate, 0.01);
+    assert!(
+        c.data.train.as_ref().is_some_and(|p| p.is_absolute()),
+        "paths still resolve against the file"
+    );
+    let err = Config::from_toml_file_with(&path, &["model.attention.pooling=bogus".to_string()]).expect_err("bad");
+    let err = err.to_string();
+    assert!(
+        err.contains("with --set model.attention.pooling=bogus") && err.contains("unknown variant `bogus`"),
+        "{err}"
+    );
+    let err = Config::from_toml_file_with(&path, &["train.epochs.x=1".to_string()]).expect_err("not a table");
+    assert!(err.to_string().contains("`epochs` is not a table"), "{err}");
+}
+
+#[test]
 fn invalid_configs_name_the_field_and_value() {
     let base = bundled();
     type Edit = Box<dyn Fn(&mut Config)>;

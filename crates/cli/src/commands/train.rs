@@ -47,6 +47,10 @@ pub struct Args {
     /// Worker threads (0 = all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Override a config value: `--set model.attention.hidden_units=[80,40]`,
+    /// `--set model.attention.pooling=sum` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Print the history as JSON on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -141,7 +145,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(p) => p.clone(),
         None => bundled_config()?,
     };
-    let mut config = Config::from_toml_file(&config_path)?;
+    let mut config = Config::from_toml_file_with(&config_path, &args.set)?;
     apply_overrides(&mut config, &args);
     let data = load_training_data(&config)?;
     let out = args.out.clone().unwrap_or_else(|| {

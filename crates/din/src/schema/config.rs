@@ -479,11 +479,33 @@ impl Config {
     /// Parses a TOML config. Relative data paths are resolved against the
     /// file's folder.
     pub fn from_toml_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read config", e))?;
+        Config::from_toml_file_with(path, &[])
+    }
+
+    /// Like [`Config::from_toml_file`], with `key=value` overrides applied
+    /// first: `key` is a dotted path (`model.attention.hidden_units`), `value`
+    /// is TOML (`[80, 40]`, `0.01`, `true`, `"sum"`) or a bare string (`sum`).
+    pub fn from_toml_file_with(path: &Path, overrides: &[String]) -> Result<Config> {
+        let mut text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "cannot read config", e))?;
+        if !overrides.is_empty() {
+            let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::ConfigSyntax {
+                path: path.to_path_buf(),
+                message: e.message().trim().to_string(),
+            })?;
+            for o in overrides {
+                apply_override(&mut table, o)?;
+            }
+            text = toml::to_string(&table).map_err(|e| Error::config("--set", overrides.join(" "), e.to_string()))?;
+        }
         let mut config = Config::from_toml_str(&text).map_err(|e| match e {
-            Error::ConfigSyntax { message, .. } => Error::ConfigSyntax {
+            Error::ConfigSyntax { message, .. } if overrides.is_empty() => Error::ConfigSyntax {
                 path: path.to_path_buf(),
                 message,
+            },
+            // Line numbers would point into the rewritten text: name the overrides instead.
+            Error::ConfigSyntax { message, .. } => Error::ConfigSyntax {
+                path: PathBuf::from(format!("{} with --set {}", path.display(), overrides.join(" "))),
+                message: message.split_once(": ").map_or(message.clone(), |(_, m)| m.to_string()),
             },
             other => other,
         })?;
@@ -509,6 +531,34 @@ impl Config {
             }
         })
     }
+}
+
+/// Sets one dotted key of a TOML table from `key=value`.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| Error::config("--set", assignment, "expected key=value, e.g. train.epochs=3"))?;
+    let (key, raw) = (key.trim(), raw.trim());
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts
+        .pop()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| Error::config("--set", assignment, "empty key"))?;
+    let mut node = table;
+    for part in parts {
+        let entry = node
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::config("--set", assignment, format!("`{part}` is not a table")))?;
+    }
+    node.insert(last.to_string(), value);
+    Ok(())
 }
 
 impl DataConfig {
