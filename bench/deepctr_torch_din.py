@@ -53,6 +53,7 @@ def load(path, cfg):
             ids = [int(v) for v in s.split(",") if v and v != "0"][-n:]  # most recent kept, oldest first
             arr[i, : len(ids)] = ids
         x[f["name"]] = arr
+        x["hist_len"] = (arr != 0).sum(axis=1)  # DeepCTR-Torch's DIN wants the length column
     return x, df[schema["label"]].astype(np.float32).values, df[schema["user"]].values
 
 
@@ -63,6 +64,7 @@ def main():
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--att-hidden", help="attention units, e.g. 80,40 (default: the config's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -84,6 +86,7 @@ def main():
                 SparseFeat(f["name"], owner["vocab_size"], embedding_dim=owner.get("embedding_dim", 8),
                            embedding_name=owner["name"]),
                 maxlen=f.get("max_len", 50),
+                length_name="hist_len",
             )
         )
     history = [p["target"] for p in schema["din_pairs"]]
@@ -94,7 +97,8 @@ def main():
         history,
         dnn_hidden_units=tuple(dnn.get("hidden_units", [200, 80])),
         dnn_activation=dnn.get("activation", "prelu"),
-        att_hidden_size=tuple(att.get("hidden_units", [256, 128, 64])),
+        att_hidden_size=tuple(int(u) for u in args.att_hidden.split(",")) if args.att_hidden
+        else tuple(att.get("hidden_units", [256, 128, 64])),
         att_activation=att.get("activation", "prelu"),
         att_weight_normalization=att.get("normalization", "none") == "softmax",
         l2_reg_embedding=0.0,
@@ -109,7 +113,7 @@ def main():
         start = time.time()
         model.fit(x_train, y_train, batch_size=batch, epochs=1, verbose=0, shuffle=True)
         seconds = time.time() - start
-        p = model.predict(x_test, batch_size=1024)
+        p = model.predict(x_test, batch_size=1024).ravel()
         print(json.dumps({
             "epoch": epoch,
             "logloss": log_loss(y_test, np.clip(p, 1e-7, 1 - 1e-7)),

@@ -224,7 +224,10 @@ fn train_with_bundled_config_reports_epochs_and_saves_model() {
         }
         assert!(!line.contains("n/a"), "a validation metric is missing: {line}");
     }
-    assert!(text.contains(&format!("saved model to {}", model.display())), "{text}");
+    assert!(
+        text.contains(&format!("saved model (epoch 2) to {}", model.display())),
+        "{text}"
+    );
     for file in ["config.json", "model.safetensors", "history.json"] {
         assert!(model.join(file).is_file(), "{file} missing from the model directory");
     }

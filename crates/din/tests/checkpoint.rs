@@ -13,7 +13,7 @@ fn trained(attention: &str, dnn: &str) -> (din::schema::Config, Din) {
     let config = common::config(attention, "softmax", dnn);
     let layout = common::layout(&config);
     let batch = common::batch();
-    let mut model = Din::new(&layout, &config.model, 3);
+    let mut model = Din::new(&layout, &config.model, 3).expect("model");
     let mut opt = Optimizer::new(din::schema::OptimizerKind::Adam, 0.01, &model);
     for _ in 0..5 {
         let (logits, cache) = model.forward(&batch, Mode::Train, None);
@@ -126,11 +126,21 @@ fn corrupt_or_mismatched_directories_are_rejected_with_the_file_named() {
     save(
         dir2.path(),
         &other,
-        &Din::new(&common::layout(&other), &other.model, 0),
+        &Din::new(&common::layout(&other), &other.model, 0).expect("model"),
         None,
     )
     .expect("save");
     std::fs::copy(dir.path().join(WEIGHTS_FILE), dir2.path().join(WEIGHTS_FILE)).expect("copy");
+    // Weights from another save: the fingerprint in config.json tells.
+    let err = load(dir2.path()).expect_err("other save").to_string();
+    assert!(err.contains("model.safetensors: does not match config.json"), "{err}");
+    // Even with a matching fingerprint, shapes are checked against the config.
+    let config_path = dir2.path().join(CONFIG_FILE);
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).expect("read")).expect("json");
+    let weights = std::fs::read(dir2.path().join(WEIGHTS_FILE)).expect("read");
+    json["weights_fingerprint"] = serde_json::Value::String(din::checkpoint::fingerprint(&weights));
+    std::fs::write(&config_path, serde_json::to_vec(&json).expect("json")).expect("write");
     let err = load(dir2.path()).expect_err("shape mismatch").to_string();
     assert!(
         err.contains("model.safetensors") && err.contains("dnn.layers.0.weight") && err.contains("shape"),

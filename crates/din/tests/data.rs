@@ -116,7 +116,7 @@ fn header_files_map_columns_by_name_and_allow_extra_columns() {
     assert_eq!(d.batch.sequences[0].row(0), &[4, 5]);
     assert!(d.batch.sequences[0].row(1).is_empty());
     assert_eq!(d.batch.labels, vec![1.0, 0.0]);
-    infer_vocab(&mut layout, &d);
+    infer_vocab(&mut layout, &d).expect("small ids");
     assert_eq!(
         layout.tables[0].vocab_size,
         Some(8),
@@ -222,6 +222,22 @@ din_pairs = [{ target = "item", history = "hist_items" }, { target = "cate", his
         .expect_err("misaligned")
         .to_string();
     assert!(err.contains("d.txt:1") && err.contains("have 3 and 2 ids"), "{err}");
+    // Same count of real ids, padding at different positions: item 7 would meet category 3.
+    let p = write(dir.path(), "pad.txt", "5 0 7;2 3 0;6;7;1\n");
+    let err = read_dataset(&p, &config, &layout, REQUIRE)
+        .expect_err("padding misaligned")
+        .to_string();
+    assert!(
+        err.contains("pad.txt:1") && err.contains("padding (0) at position 2"),
+        "{err}"
+    );
+    // Aligned padding is fine and is dropped from both.
+    let p = write(dir.path(), "ok.txt", "5 0 7;2 0 3;6;7;1\n");
+    let d = read_dataset(&p, &config, &layout, REQUIRE).expect("aligned");
+    assert_eq!(
+        (d.batch.sequences[0].row(0), d.batch.sequences[1].row(0)),
+        (&[5, 7][..], &[2, 3][..])
+    );
 }
 
 /// The DIN paper's Amazon Electronics format (PaddleRec's sample), if `../shared` is present.
@@ -261,4 +277,62 @@ din_pairs = [{ target = "item", history = "hist_items" }, { target = "cate", his
     assert_eq!(data.batch.labels.iter().filter(|y| **y == 1.0).count(), 48);
     assert_eq!(data.batch.sequences[0].row(0), &[3737, 19450]);
     assert_eq!(data.batch.sequences[1].row(0), &[288, 196]);
+}
+
+#[test]
+fn header_problems_and_stray_quotes_are_clear_errors() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = tiny_config("", true);
+    let layout = config.validate().expect("valid");
+    let p = write(dir.path(), "dup.csv", "item,hist,item,label\n1,2,3,0\n");
+    let err = read_dataset(&p, &config, &layout, REQUIRE)
+        .expect_err("duplicate")
+        .to_string();
+    assert!(
+        err.contains("dup.csv:1: column `item`") && err.contains("duplicate column name"),
+        "{err}"
+    );
+    // Quoting is off by default: a stray quote is a value, not the start of a quoted field.
+    let p = write(dir.path(), "q.csv", "item,hist,label\n\"1,2,0\n3,4,1\n");
+    let err = read_dataset(&p, &config, &layout, REQUIRE)
+        .expect_err("quote")
+        .to_string();
+    assert!(
+        err.contains("q.csv:2: column `item`") && err.contains("\"\\\"1\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn predicting_needs_neither_label_nor_user_column() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut config = tiny_config("", true);
+    config.schema.user = Some("uid".into());
+    let layout = config.validate().expect("valid");
+    let p = write(dir.path(), "p.csv", "item,hist\n3,1|2\n");
+    let d = read_dataset(&p, &config, &layout, ReadOptions { require_label: false }).expect("reads");
+    assert!(d.users.is_none() && d.batch.labels.is_empty());
+    let err = read_dataset(&p, &config, &layout, REQUIRE).expect_err("evaluation needs them");
+    assert!(matches!(err, Error::MissingColumn { .. }), "{err}");
+}
+
+#[test]
+fn inferring_a_huge_vocabulary_names_the_offending_id() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = write(dir.path(), "raw.tsv", "1\t2\t0\n4000000000\t3\t1\n");
+    let config = tiny_config("", false);
+    let mut layout = config.validate().expect("valid");
+    let d = read_dataset(&p, &config, &layout, REQUIRE).expect("reads");
+    let err = infer_vocab(&mut layout, &d).expect_err("too large").to_string();
+    assert!(
+        err.contains("raw.tsv:2: column `item`") && err.contains("4000000000") && err.contains("ids must be dense"),
+        "{err}"
+    );
+    let mut config = tiny_config("", false);
+    config.schema.sparse[0].vocab_size = Some(u32::MAX as usize);
+    let err = config.validate().expect_err("32-bit ids").to_string();
+    assert!(
+        err.contains("schema.sparse[0].vocab_size") && err.contains("below 4294967295"),
+        "{err}"
+    );
 }

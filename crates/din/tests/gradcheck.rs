@@ -29,7 +29,7 @@ fn check(attention: &str, normalization: &str, dnn: &str) {
     let config = common::config(attention, normalization, dnn);
     let layout = common::layout(&config);
     let batch = common::batch();
-    let mut model = Din::new(&layout, &config.model, 5);
+    let mut model = Din::new(&layout, &config.model, 5).expect("model");
     // Move PReLU/Dice slopes away from their initial values and scale up
     // embeddings so that every path carries signal.
     model.visit_mut("", &mut |name, p| {
@@ -143,7 +143,7 @@ fn zero_length_history_pools_to_zero_and_still_trains_the_target() {
     let config = common::config("prelu", "softmax", "prelu");
     let layout = common::layout(&config);
     let batch = common::batch();
-    let mut model = Din::new(&layout, &config.model, 1);
+    let mut model = Din::new(&layout, &config.model, 1).expect("model");
     let (logits, cache) = model.forward(&batch, Mode::Train, None);
     assert!(logits.iter().all(|z| z.is_finite()));
     // Sample 2's history is empty: its target item (11) still gets a gradient via the DNN input.

@@ -88,7 +88,7 @@ fn early_stopping_stops_and_can_restore_the_best_epoch() {
 fn mini_batch_aware_regularisation_scales_by_inverse_frequency() {
     let config = common::config("prelu", "none", "prelu");
     let layout = common::layout(&config);
-    let mut model = Din::new(&layout, &config.model, 0);
+    let mut model = Din::new(&layout, &config.model, 0).expect("model");
     let item = layout.sparse[1].table;
     let mut emb: Vec<SparseGrad> = model.embeddings.iter().map(|e| SparseGrad::new(e.dim())).collect();
     emb[item].add(3, &[0.0; 4]);

@@ -180,21 +180,27 @@ pub fn run(args: Args) -> Result<()> {
             "history": outcome.history,
             "best_epoch": outcome.best_epoch,
             "stopped_early": outcome.stopped_early,
+            "model_epoch": outcome.model_epoch,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        if let Some(best) = outcome
-            .history
-            .iter()
-            .filter_map(|r| r.validation.map(|m| (r.epoch, m.logloss)))
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-        {
-            println!("best val_logloss {:.4} at epoch {}", best.1, best.0);
+        match (&data.config.train.early_stopping, outcome.best_epoch) {
+            (Some(es), Some(best)) => println!("best {} at epoch {best} (early stopping monitor)", es.monitor.name()),
+            _ => {
+                let best = outcome
+                    .history
+                    .iter()
+                    .filter_map(|r| r.validation.map(|m| (r.epoch, m.logloss)))
+                    .min_by(|a, b| a.1.total_cmp(&b.1));
+                if let Some((epoch, logloss)) = best {
+                    println!("best val_logloss {logloss:.4} at epoch {epoch}");
+                }
+            }
         }
         if outcome.stopped_early {
             println!("stopped early after epoch {}", outcome.history.len());
         }
-        println!("saved model to {}", out.display());
+        println!("saved model (epoch {}) to {}", outcome.model_epoch, out.display());
     }
     Ok(())
 }

@@ -34,6 +34,10 @@ pub struct ModelFile {
     pub format_version: u32,
     /// The crate version that wrote it.
     pub din_version: String,
+    /// FNV-1a 64 of `model.safetensors` as written with this config: loading
+    /// refuses a weights file from another save (e.g. a crash between the two
+    /// renames of a re-save) or a damaged one.
+    pub weights_fingerprint: String,
     /// The resolved configuration (vocabulary sizes frozen).
     pub config: Config,
 }
@@ -67,6 +71,7 @@ pub fn save(dir: &Path, config: &Config, model: &Din, history: Option<&[EpochRep
     let file = ModelFile {
         format_version: FORMAT_VERSION,
         din_version: env!("CARGO_PKG_VERSION").to_string(),
+        weights_fingerprint: fingerprint(&blob),
         config: config.clone(),
     };
     let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Checkpoint {
@@ -110,10 +115,20 @@ pub fn load(dir: &Path) -> Result<(Config, Layout, Din)> {
             reason: format!("embedding table `{}` has no vocab_size", t.name),
         });
     }
-    let mut model = Din::new(&layout, &config.model, 0);
+    let mut model = Din::new(&layout, &config.model, 0)?;
 
     let weights_path = dir.join(WEIGHTS_FILE);
     let blob = fs::read(&weights_path).map_err(|e| Error::io(&weights_path, "cannot read model weights", e))?;
+    if fingerprint(&blob) != file.weights_fingerprint {
+        return Err(Error::Checkpoint {
+            path: weights_path,
+            reason: format!(
+                "does not match config.json (fingerprint {}, config.json expects {}): the two files come from different saves, or the weights are damaged",
+                fingerprint(&blob),
+                file.weights_fingerprint
+            ),
+        });
+    }
     let tensors = SafeTensors::deserialize(&blob).map_err(|e| Error::Checkpoint {
         path: weights_path.clone(),
         reason: e.to_string(),
@@ -158,6 +173,16 @@ pub fn load(dir: &Path) -> Result<(Config, Layout, Din)> {
         });
     }
     Ok((config, layout, model))
+}
+
+/// FNV-1a, 64-bit, in hex. Hand-written (six lines) because it only has to
+/// tell two saves apart, not resist an adversary; no dependency is needed.
+pub fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.

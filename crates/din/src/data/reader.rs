@@ -42,6 +42,7 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         .delimiter(input.delimiter_byte()?)
         .has_headers(input.header)
         .flexible(true)
+        .quoting(input.quoting)
         .from_reader(BufReader::new(file));
     let columns: Vec<String> = if input.header {
         let header = reader.headers().map_err(|e| csv_error(path, e))?;
@@ -49,6 +50,15 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
     } else {
         input.columns.clone()
     };
+    if let Some((i, c)) = columns.iter().enumerate().find(|(i, c)| columns[..*i].contains(c)) {
+        return Err(Error::Parse {
+            path: path.to_path_buf(),
+            line: 1,
+            column: c.clone(),
+            value: c.clone(),
+            reason: format!("duplicate column name in the header (column {})", i + 1),
+        });
+    }
     let map = ColumnMap::new(path, &columns, layout, options)?;
     let sep = input.separator_byte()? as char;
 
@@ -64,6 +74,7 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
     let mut user_ids: HashMap<String, u64> = HashMap::new();
     let mut record = csv::StringRecord::new();
     let mut ids: Vec<u32> = Vec::with_capacity(64);
+    let mut raw: Vec<Vec<u32>> = vec![Vec::new(); layout.sequences.len()];
     let pair_histories: Vec<usize> = layout.pairs.iter().map(|&(_, h)| h).collect();
 
     loop {
@@ -121,32 +132,39 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         for (f, &col) in map.sequences.iter().enumerate() {
             let slot = &layout.sequences[f];
             let v = field(col);
-            ids.clear();
+            raw[f].clear();
             for piece in v.split(sep) {
                 let piece = piece.trim();
-                if piece.is_empty() {
-                    continue;
-                }
-                let id = parse_id(piece).map_err(|r| bad(&slot.name, piece, r))?;
-                if id != 0 {
-                    ids.push(id); // 0 is padding: not stored
+                if !piece.is_empty() {
+                    raw[f].push(parse_id(piece).map_err(|r| bad(&slot.name, piece, r))?);
                 }
             }
-            batch.sequences[f].push(truncate(slot, &ids));
         }
+        // Histories of one attention unit are aligned per position: same
+        // length and padding at the same positions, checked before padding
+        // is dropped and before truncation.
         if let Some(&first) = pair_histories.first() {
-            let len = batch.sequences[first].row(batch.rows).len();
             for &h in &pair_histories[1..] {
-                let other = batch.sequences[h].row(batch.rows).len();
-                if other != len {
-                    let (a, b) = (&layout.sequences[first].name, &layout.sequences[h].name);
-                    return Err(bad(
-                        b,
-                        field(map.sequences[h]),
-                        &format!("histories `{a}` and `{b}` are aligned per position but have {len} and {other} ids"),
-                    ));
+                let (a, b) = (&raw[first], &raw[h]);
+                let (na, nb) = (&layout.sequences[first].name, &layout.sequences[h].name);
+                if a.len() != b.len() {
+                    let reason = format!(
+                        "histories `{na}` and `{nb}` are aligned per position but have {} and {} ids",
+                        a.len(),
+                        b.len()
+                    );
+                    return Err(bad(nb, field(map.sequences[h]), &reason));
+                }
+                if let Some(p) = a.iter().zip(b).position(|(x, y)| (*x == 0) != (*y == 0)) {
+                    let reason = format!("histories `{na}` and `{nb}` are aligned per position but only one has padding (0) at position {}", p + 1);
+                    return Err(bad(nb, field(map.sequences[h]), &reason));
                 }
             }
+        }
+        for (f, slot) in layout.sequences.iter().enumerate() {
+            ids.clear();
+            ids.extend(raw[f].iter().copied().filter(|&id| id != 0)); // 0 is padding: not stored
+            batch.sequences[f].push(truncate(slot, &ids));
         }
         if let (Some(col), true) = (map.label, options.require_label) {
             let v = field(col);
@@ -198,7 +216,12 @@ impl ColumnMap {
             dense: layout.dense.iter().map(|d| find(&d.0)).collect::<Result<_>>()?,
             sequences: layout.sequences.iter().map(|s| find(&s.name)).collect::<Result<_>>()?,
             label,
-            user: layout.user.as_deref().map(find).transpose()?,
+            // GAUC's user column is needed for evaluation only.
+            user: match (&layout.user, options.require_label) {
+                (Some(u), true) => Some(find(u)?),
+                (Some(u), false) => columns.iter().position(|c| c == u),
+                (None, _) => None,
+            },
             width: columns.len(),
         })
     }
@@ -229,6 +252,11 @@ fn csv_error(path: &Path, e: csv::Error) -> Error {
     let line = e.position().map_or(0, |p| p.line());
     match e.into_kind() {
         csv::ErrorKind::Io(source) => Error::io(path, "cannot read data file", source),
+        csv::ErrorKind::Utf8 { err, .. } => Error::Csv {
+            path: path.to_path_buf(),
+            line,
+            message: format!("column {} is not valid UTF-8", err.field() + 1),
+        },
         other => Error::Csv {
             path: path.to_path_buf(),
             line,

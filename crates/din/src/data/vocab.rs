@@ -25,20 +25,58 @@ fn id_sources<'a>(
     sparse.chain(seqs)
 }
 
+/// Largest table (rows x dim floats, 4 GiB) that [`infer_vocab`] accepts; a
+/// larger one usually means raw ids (hashes, timestamps) where dense ids were
+/// expected. Set `vocab_size` explicitly to go beyond it.
+pub const MAX_INFERRED_TABLE: usize = 1 << 30;
+
+/// The row holding the `i`-th value of a feature's ids.
+fn row_of(offsets: Option<&[u32]>, i: usize) -> usize {
+    match offsets {
+        None => i,
+        Some(o) => o.partition_point(|&start| start as usize <= i) - 1,
+    }
+}
+
 /// Sets each table whose vocabulary size is not given to the largest id seen
-/// in `train` (over every feature using the table) plus one.
-pub fn infer_vocab(layout: &mut Layout, train: &Dataset) {
-    let mut max = vec![0u32; layout.tables.len()];
-    for (t, _, ids, _) in id_sources(layout, train) {
-        if let Some(&m) = ids.iter().max() {
-            max[t] = max[t].max(m);
+/// in `train` (over every feature using the table) plus one. A table that
+/// would exceed [`MAX_INFERRED_TABLE`] floats is an error naming where its
+/// largest id is.
+pub fn infer_vocab(layout: &mut Layout, train: &Dataset) -> Result<()> {
+    // (largest id, column, row) per table
+    let mut max: Vec<Option<(u32, &str, usize)>> = vec![None; layout.tables.len()];
+    for (t, name, ids, offsets) in id_sources(layout, train) {
+        if let Some((i, &m)) = ids.iter().enumerate().max_by_key(|(_, id)| **id) {
+            if max[t].is_none_or(|(best, _, _)| m > best) {
+                max[t] = Some((m, name, row_of(offsets, i)));
+            }
         }
     }
+    let max: Vec<_> = max
+        .into_iter()
+        .map(|m| m.map(|(id, name, row)| (id, name.to_string(), row)))
+        .collect();
     for (t, table) in layout.tables.iter_mut().enumerate() {
-        if table.vocab_size.is_none() {
-            table.vocab_size = Some(max[t] as usize + 1);
+        if table.vocab_size.is_some() {
+            continue;
         }
+        let (id, column, row) = max[t].clone().unwrap_or((0, table.name.clone(), 0));
+        let size = id as usize + 1;
+        if size.saturating_mul(table.dim) > MAX_INFERRED_TABLE {
+            return Err(Error::Parse {
+                path: train.source.clone(),
+                line: train.lines.get(row).copied().unwrap_or(0),
+                column,
+                value: id.to_string(),
+                reason: format!(
+                    "this id would make embedding table `{}` {} x {} floats; ids must be dense (map raw ids with `din prepare`) or set vocab_size explicitly",
+                    table.name, size, table.dim
+                ),
+            });
+        }
+        table.vocab_size = Some(size);
     }
+    Ok(())
 }
 
 /// Checks every id against its table: an id at or above the vocabulary size
@@ -59,10 +97,7 @@ pub fn apply_vocab(layout: &Layout, data: &mut Dataset) -> Result<()> {
                     remap.push((offsets.is_some(), f, i));
                 }
                 Oov::Error => {
-                    let row = match offsets {
-                        None => i,
-                        Some(o) => o.partition_point(|&start| start as usize <= i) - 1,
-                    };
+                    let row = row_of(offsets, i);
                     return Err(Error::OutOfVocabulary {
                         path: data.source.clone(),
                         line: data.lines[row],

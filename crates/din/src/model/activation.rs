@@ -37,6 +37,8 @@ pub struct ActivationCache {
     p: Vec<f32>,
     /// Whether batch statistics were used.
     batch_stats: bool,
+    /// Rows the statistics came from.
+    rows: usize,
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -84,6 +86,7 @@ impl Activation {
             }
             ActivationKind::Dice => {
                 cache.batch_stats = mode == Mode::Train;
+                cache.rows = rows;
                 if cache.batch_stats {
                     let (mean, var) = column_moments(x, rows, c);
                     cache.mean = mean;
@@ -206,8 +209,10 @@ impl Activation {
     }
 
     /// Folds a training batch's statistics into Dice's moving averages.
+    /// A one-row batch has zero variance and says nothing about the spread,
+    /// so it leaves the averages alone.
     pub fn update_statistics(&mut self, cache: &ActivationCache) {
-        if !cache.batch_stats {
+        if !cache.batch_stats || cache.rows < 2 {
             return;
         }
         for (stat, batch) in [

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use rand::Rng;
 
 use super::param::{Param, Role};
+use crate::{Error, Result};
 
 /// Initial embedding values are uniform in `[-EMBEDDING_INIT, EMBEDDING_INIT]` (Keras' default).
 pub const EMBEDDING_INIT: f32 = 0.05;
@@ -18,15 +19,23 @@ pub struct Embedding {
 
 impl Embedding {
     /// A table of `rows` random rows; rows from `zero_from` on (a reserved
-    /// out-of-vocabulary row) start at zero.
-    pub fn new(rows: usize, dim: usize, zero_from: usize, rng: &mut impl Rng) -> Self {
-        let mut w: Vec<f32> = (0..rows * dim)
-            .map(|_| rng.gen_range(-EMBEDDING_INIT..EMBEDDING_INIT))
-            .collect();
-        w[zero_from.min(rows) * dim..].iter_mut().for_each(|v| *v = 0.0);
-        Embedding {
-            weight: Param::new(w, vec![rows, dim], Role::Embedding),
+    /// out-of-vocabulary row) start at zero. `name` is for the error when the
+    /// table cannot be allocated.
+    pub fn new(name: &str, rows: usize, dim: usize, zero_from: usize, rng: &mut impl Rng) -> Result<Self> {
+        let len = rows.checked_mul(dim).filter(|n| n.checked_mul(4).is_some());
+        let mut w: Vec<f32> = Vec::new();
+        if len.is_none_or(|n| w.try_reserve_exact(n).is_err()) {
+            return Err(Error::config(
+                format!("embedding table `{name}`"),
+                format!("{rows} x {dim}"),
+                "cannot be allocated; lower its vocab_size or embedding_dim",
+            ));
         }
+        w.extend((0..rows * dim).map(|_| rng.gen_range(-EMBEDDING_INIT..EMBEDDING_INIT)));
+        w[zero_from.min(rows) * dim..].iter_mut().for_each(|v| *v = 0.0);
+        Ok(Embedding {
+            weight: Param::new(w, vec![rows, dim], Role::Embedding),
+        })
     }
 
     /// Width of a row.

@@ -26,6 +26,7 @@ pub use param::{Module, Param, Role};
 
 use crate::data::Batch;
 use crate::schema::{Layout, ModelConfig};
+use crate::Result;
 
 /// Whether a forward pass trains (batch statistics, dropout) or infers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,14 +74,15 @@ impl DinCache {
 pub type EmbeddingGrads = Vec<SparseGrad>;
 
 impl Din {
-    /// A freshly initialised model. Every table's vocabulary size must be known.
-    pub fn new(layout: &Layout, config: &ModelConfig, seed: u64) -> Din {
+    /// A freshly initialised model. Every table's vocabulary size must be
+    /// known; a table too large to allocate is an error.
+    pub fn new(layout: &Layout, config: &ModelConfig, seed: u64) -> Result<Din> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let embeddings = layout
             .tables
             .iter()
-            .map(|t| Embedding::new(t.rows(), t.dim, t.vocab_size.unwrap_or(0), &mut rng))
-            .collect();
+            .map(|t| Embedding::new(&t.name, t.rows(), t.dim, t.vocab_size.unwrap_or(0), &mut rng))
+            .collect::<Result<_>>()?;
         let attention = Attention::new(layout.query_dim(), &config.attention, &mut rng);
         let input = layout.dnn_input_dim();
         let dnn = Mlp::new(
@@ -91,13 +93,13 @@ impl Din {
             &mut rng,
         );
         let output = Linear::new(dnn.output_dim(input), 1, &mut rng);
-        Din {
+        Ok(Din {
             layout: layout.clone(),
             embeddings,
             attention,
             dnn,
             output,
-        }
+        })
     }
 
     /// Logits `[B]` for a batch, with what the backward pass needs.

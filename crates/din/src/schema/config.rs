@@ -58,6 +58,10 @@ pub struct InputConfig {
     /// feature of dimension > 1) inside one column.
     #[serde(default = "default_sequence_separator")]
     pub sequence_separator: String,
+    /// Whether `"` quotes fields (so a quoted field may hold the delimiter).
+    /// Off by default: a stray quote then cannot swallow delimiters or rows.
+    #[serde(default)]
+    pub quoting: bool,
 }
 
 impl Default for InputConfig {
@@ -67,6 +71,7 @@ impl Default for InputConfig {
             header: false,
             columns: Vec::new(),
             sequence_separator: default_sequence_separator(),
+            quoting: false,
         }
     }
 }
@@ -384,6 +389,17 @@ pub enum Monitor {
     ValGauc,
 }
 
+impl Monitor {
+    /// The name used in configs and reports (`val_logloss`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Monitor::ValLogloss => "val_logloss",
+            Monitor::ValAuc => "val_auc",
+            Monitor::ValGauc => "val_gauc",
+        }
+    }
+}
+
 /// Stop when the monitored metric has not improved for `patience` epochs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -509,7 +525,11 @@ impl Config {
             },
             other => other,
         })?;
-        let base = path.parent().unwrap_or(Path::new(""));
+        // A bare file name has the empty parent, which `absolute` rejects: use ".".
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
         config.data.resolve_relative_to(&base);
         Ok(config)

@@ -404,6 +404,20 @@ impl Config {
             if es.patience == 0 {
                 return Err(Error::config("train.early_stopping.patience", 0, "must be at least 1"));
             }
+            if self.data.validation.is_none() && self.data.validation_split.is_none() {
+                return Err(Error::config(
+                    "train.early_stopping",
+                    format!("{:?}", es.monitor),
+                    "needs validation data: set data.validation or data.validation_split",
+                ));
+            }
+            if es.monitor == super::Monitor::ValGauc && self.schema.user.is_none() {
+                return Err(Error::config(
+                    "train.early_stopping.monitor",
+                    "val_gauc",
+                    "GAUC needs schema.user (the column that groups rows by user)",
+                ));
+            }
         }
         Ok(())
     }
@@ -430,12 +444,14 @@ fn check_dim(field: &str, dim: usize) -> Result<()> {
 }
 
 fn check_vocab(field: &str, v: Option<usize>) -> Result<()> {
-    if v == Some(0) {
-        return Err(Error::config(
+    match v {
+        Some(0) => Err(Error::config(
             field,
             0,
             "must be at least 1 (or left out to infer it from the training data)",
-        ));
+        )),
+        // Ids are 32-bit, and a reserved out-of-vocabulary row takes id `vocab_size`.
+        Some(v) if v >= u32::MAX as usize => Err(Error::config(field, v, "must be below 4294967295 (ids are 32-bit)")),
+        _ => Ok(()),
     }
-    Ok(())
 }

@@ -34,8 +34,9 @@ impl EarlyStopping {
 
     /// Records an epoch's validation metrics; returns whether it is the best so far.
     pub fn observe(&mut self, epoch: usize, metrics: &Metrics) -> bool {
+        // An undefined value (e.g. AUC of a one-class validation set) is no
+        // evidence either way: it neither improves nor uses up patience.
         let Some(v) = Self::value(self.config.monitor, metrics) else {
-            self.since_best += 1;
             return false;
         };
         let better = match (self.best, self.config.monitor) {
@@ -92,6 +93,28 @@ mod tests {
         assert!(!es.observe(3, &m(0.55, 0.6)));
         assert!(es.should_stop());
         assert_eq!(es.best(), Some((1, 0.5)));
+    }
+
+    #[test]
+    fn undefined_values_neither_improve_nor_use_patience() {
+        let config = EarlyStoppingConfig {
+            monitor: Monitor::ValAuc,
+            patience: 1,
+            restore_best: false,
+        };
+        let mut es = EarlyStopping::new(config);
+        let one_class = Metrics {
+            n: 10,
+            positives: 0,
+            logloss: 0.1,
+            auc: None,
+            gauc: None,
+        };
+        assert!(!es.observe(1, &one_class));
+        assert!(!es.should_stop());
+        assert!(es.observe(2, &m(0.5, 0.6)));
+        assert!(!es.observe(3, &one_class));
+        assert!(!es.should_stop());
     }
 
     #[test]

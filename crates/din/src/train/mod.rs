@@ -68,7 +68,7 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
         }
         (None, None) => None,
     };
-    infer_vocab(&mut layout, &train);
+    infer_vocab(&mut layout, &train)?;
     apply_vocab(&layout, &mut train)?;
     if let Some(v) = validation.as_mut() {
         apply_vocab(&layout, v)?;
@@ -124,6 +124,8 @@ pub struct TrainOutcome {
     pub best_epoch: Option<usize>,
     /// Whether early stopping ended training.
     pub stopped_early: bool,
+    /// The epoch whose weights `model` holds.
+    pub model_epoch: usize,
 }
 
 /// A rayon pool with `threads` workers (0 = all cores).
@@ -138,7 +140,7 @@ pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
 pub fn fit(data: &TrainingData, observer: &mut (dyn Observer + Send)) -> Result<TrainOutcome> {
     let tc = &data.config.train;
     thread_pool(tc.threads)?.install(|| {
-        let model = Din::new(&data.layout, &data.config.model, tc.seed);
+        let model = Din::new(&data.layout, &data.config.model, tc.seed)?;
         fit_model(model, data, observer)
     })
 }
@@ -211,11 +213,16 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
         }
     }
     let best_epoch = early.as_ref().and_then(|e| e.best()).map(|b| b.0);
+    let model_epoch = match (&best_model, best_epoch) {
+        (Some(_), Some(best)) => best,
+        _ => history.len(),
+    };
     Ok(TrainOutcome {
         model: best_model.unwrap_or(model),
         history,
         best_epoch,
         stopped_early,
+        model_epoch,
     })
 }
 
