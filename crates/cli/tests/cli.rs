@@ -696,6 +696,41 @@ fn evaluate_without_data_does_not_depend_on_the_current_folder() {
     assert_ok(&din(&elsewhere, args!["evaluate", "--model", model]));
 }
 
+#[test]
+fn a_bare_config_file_name_resolves_data_paths_absolutely() {
+    let tmp = TempDir::new().unwrap();
+    write_lines(tmp.path(), "rows.txt", &sample_lines()[..40]);
+    let text = fs::read_to_string(bundled_config())
+        .unwrap()
+        .replace("../data/movie_sample.txt", "rows.txt");
+    fs::write(tmp.path().join("base.toml"), text).unwrap();
+    let model = tmp.path().join("model");
+    let out = din(
+        tmp.path(),
+        args![
+            "train",
+            "--config",
+            "base.toml",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            model
+        ],
+    );
+    assert_ok(&out);
+    let saved = read_json(&model.join("config.json"));
+    let train_path = saved["config"]["data"]["train"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(Path::new(&train_path).is_absolute(), "{train_path}");
+    let elsewhere = tmp.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    assert_ok(&din(&elsewhere, args!["evaluate", "--model", model]));
+}
+
 // ---------------------------------------------------------------- determinism
 
 /// Splits a safetensors file into its parsed JSON header and its tensor bytes.

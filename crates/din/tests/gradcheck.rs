@@ -50,6 +50,22 @@ fn check(attention: &str, normalization: &str, dnn: &str) {
     model.zero_grad();
     let emb = model.backward(&batch, &cache, &dlogits);
 
+    // Every id the batch looks up, and no other, has a gradient row.
+    for (t, g) in layout.tables.iter().enumerate().map(|(t, _)| t).zip(&emb) {
+        let mut want = std::collections::BTreeSet::new();
+        for (f, s) in layout.sparse.iter().enumerate() {
+            if s.table == t {
+                want.extend(batch.sparse[f].iter().copied());
+            }
+        }
+        for (f, s) in layout.sequences.iter().enumerate() {
+            if s.table == t {
+                want.extend(batch.sequences[f].values.iter().copied());
+            }
+        }
+        let got: std::collections::BTreeSet<u32> = g.ids.iter().copied().collect();
+        assert_eq!(got, want, "table {t}");
+    }
     // (name, index, analytic)
     let mut cases: Vec<(String, usize, f32)> = Vec::new();
     model.visit("", &mut |name, p| {

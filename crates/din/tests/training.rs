@@ -131,7 +131,8 @@ fn mini_batch_aware_regularisation_scales_by_inverse_frequency() {
 fn regularised_training_runs_with_every_optimizer() {
     for (opt, reg) in [("adam", "mini_batch_aware"), ("adagrad", "l2"), ("sgd", "none")] {
         let mut config = bundled();
-        config.train.epochs = 1;
+        config.train.epochs = 3;
+        config.train.learning_rate = if opt == "adam" { 0.001 } else { 0.01 };
         config.train.optimizer = toml::Value::String(opt.into()).try_into().expect("optimizer");
         config.train.regularization = RegularizationConfig {
             kind: toml::Value::String(reg.into()).try_into().expect("kind"),
@@ -139,7 +140,11 @@ fn regularised_training_runs_with_every_optimizer() {
         };
         let data = load_training_data(&config).expect("data");
         let out = fit(&data, &mut Silent).expect(opt);
-        assert!(out.history[0].train_loss.is_finite(), "{opt}");
+        let losses: Vec<f64> = out.history.iter().map(|h| h.train_loss).collect();
+        assert!(
+            losses.iter().all(|l| l.is_finite()) && losses[2] < losses[0],
+            "{opt}: {losses:?}"
+        );
     }
 }
 
@@ -207,6 +212,28 @@ fn invalid_configs_name_the_field_and_value() {
             "duplicate feature name",
         ),
         (
+            Box::new(|c| {
+                c.data.validation_split = None;
+                c.train.early_stopping = Some(EarlyStoppingConfig {
+                    monitor: Monitor::ValAuc,
+                    patience: 2,
+                    restore_best: false,
+                })
+            }),
+            "train.early_stopping`: needs validation data",
+        ),
+        (
+            Box::new(|c| {
+                c.schema.user = None;
+                c.train.early_stopping = Some(EarlyStoppingConfig {
+                    monitor: Monitor::ValGauc,
+                    patience: 2,
+                    restore_best: false,
+                })
+            }),
+            "train.early_stopping.monitor`: GAUC needs schema.user",
+        ),
+        (
             Box::new(|c| c.input.sequence_separator = "\t".into()),
             "input.sequence_separator`: must differ",
         ),
@@ -222,6 +249,79 @@ fn invalid_configs_name_the_field_and_value() {
         .to_string();
     assert!(
         err.contains("line 2, column 9: invalid type: integer `3`, expected a string"),
+        "{err}"
+    );
+}
+
+#[test]
+fn lazy_adam_updates_only_touched_rows_with_the_global_step() {
+    use din::schema::OptimizerKind;
+    use din::train::Optimizer;
+    let config = common::config("prelu", "none", "prelu");
+    let layout = common::layout(&config);
+    let mut model = Din::new(&layout, &config.model, 0).expect("model");
+    let item = layout.sparse[1].table;
+    let before = model.embeddings[item].weight.value.clone();
+    let mut opt = Optimizer::new(OptimizerKind::Adam, 0.1, &model);
+    let grads = |id: u32| -> Vec<SparseGrad> {
+        let mut g: Vec<SparseGrad> = model_dims(&layout).into_iter().map(SparseGrad::new).collect();
+        g[item].add(id, &[0.5, -0.5, 0.5, -0.5]);
+        g
+    };
+    model.zero_grad();
+    opt.step(&mut model, &grads(3)); // step 1 touches row 3
+    opt.step(&mut model, &grads(5)); // step 2 touches row 5 only
+    let after = &model.embeddings[item].weight.value;
+    let d = 4;
+    for row in 0..12 {
+        let (b, a) = (&before[row * d..(row + 1) * d], &after[row * d..(row + 1) * d]);
+        if row == 3 || row == 5 {
+            // Row 5's first update uses step t = 2: lr_t = 0.1 * sqrt(1 - 0.999^2) / (1 - 0.9^2),
+            // m = 0.1 g, v = 0.001 g^2, so the step is lr_t * 0.1 |g| / (sqrt(0.001) |g| + 1e-7).
+            // Row 3's (t = 1) is 0.1 * sqrt(0.001) / 0.1 * 0.1 |g| / (sqrt(0.001)|g| + 1e-7) ~ 0.1.
+            let t: i32 = if row == 5 { 2 } else { 1 };
+            let lr_t = 0.1 * (1.0f64 - 0.999f64.powi(t)).sqrt() / (1.0 - 0.9f64.powi(t));
+            let step = lr_t * 0.1 * 0.5 / (0.001f64.sqrt() * 0.5 + 1e-7);
+            for j in 0..d {
+                let want = f64::from(b[j]) - step * if j % 2 == 0 { 1.0 } else { -1.0 };
+                assert!(
+                    (f64::from(a[j]) - want).abs() < 1e-5,
+                    "row {row}[{j}]: {} vs {want}",
+                    a[j]
+                );
+            }
+        } else {
+            assert_eq!(a, b, "row {row} was not in any batch and must not move");
+        }
+    }
+}
+
+fn model_dims(layout: &din::schema::Layout) -> Vec<usize> {
+    layout.tables.iter().map(|t| t.dim).collect()
+}
+
+#[test]
+fn parallel_training_is_deterministic_for_a_thread_count() {
+    let mut config = bundled();
+    config.train.epochs = 1;
+    config.train.threads = 2;
+    config.train.batch_size = 256;
+    config.model.attention.hidden_units = vec![64, 32]; // large enough for gemm's parallel path
+    let data = load_training_data(&config).expect("data");
+    let a = fit(&data, &mut Silent).expect("a");
+    let b = fit(&data, &mut Silent).expect("b");
+    assert_eq!(weights(&a.model), weights(&b.model));
+}
+
+#[test]
+fn a_table_too_large_to_allocate_is_an_error_not_an_abort() {
+    let mut config = common::config("prelu", "none", "prelu");
+    config.schema.sparse[0].vocab_size = Some(4_000_000_000);
+    config.schema.sparse[0].embedding_dim = Some(100_000);
+    let layout = common::layout(&config);
+    let err = Din::new(&layout, &config.model, 0).expect_err("1.6 PB").to_string();
+    assert!(
+        err.contains("embedding table `user`") && err.contains("cannot be allocated"),
         "{err}"
     );
 }

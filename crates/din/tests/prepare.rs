@@ -1,0 +1,337 @@
+//! `prepare`: protocols on hand-made logs, the no-leakage property on every
+//! real fixture, malformed rows, determinism, and files the core reader takes.
+
+use std::path::{Path, PathBuf};
+
+use din::prepare::{build_samples, prepare, read_log, read_movielens, Log, LogSpec, PrepareOptions, Protocol, Samples};
+use din::schema::Config;
+use din::train::load_training_data;
+
+fn shared(rel: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data")
+        .join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "skipped: {} is absent (it is only beside the project in CI)",
+            p.display()
+        );
+        None
+    }
+}
+
+fn log_spec(path: PathBuf) -> LogSpec {
+    LogSpec {
+        path,
+        delimiter: b',',
+        header: true,
+        columns: Vec::new(),
+        user: "user".into(),
+        item: "item".into(),
+        category: Some("cate".into()),
+        time: "ts".into(),
+        behavior: None,
+        value: Some("rating".into()),
+    }
+}
+
+/// user a: x(c1,t10,r5) y(c2,t20,r2) z(c1,t20,r4) w(c3,t30,r5); user b: y(t5,r4) x(t7,r1) v(t100,r5).
+const LOG: &str = "user,item,cate,ts,rating
+a,x,c1,10,5
+b,y,c2,5,4
+a,y,c2,20,2
+a,z,c1,20,4
+b,x,c1,7,1
+a,w,c3,30,5
+b,v,c4,100,5
+";
+
+fn hand_log(dir: &Path) -> Log {
+    let p = dir.join("log.csv");
+    std::fs::write(&p, LOG).expect("write");
+    read_log(&log_spec(p), false).expect("reads")
+}
+
+fn raw(samples: &Samples, field: &str, id: u32) -> String {
+    samples.vocab.fields[field][id as usize - 1].clone()
+}
+
+fn items(samples: &Samples, ids: &[u32]) -> Vec<String> {
+    ids.iter().map(|&i| raw(samples, "item_id", i)).collect()
+}
+
+/// Every history behaviour is strictly earlier than its sample, histories are
+/// in time order and within max_len, and each user's test sample is not
+/// earlier than any of the user's training samples.
+fn assert_no_leakage(s: &Samples, max_len: usize) {
+    let mut last_train = std::collections::HashMap::new();
+    for x in &s.train {
+        let t = last_train.entry(x.user).or_insert(i64::MIN);
+        *t = (*t).max(x.time);
+    }
+    for (i, x) in s.train.iter().chain(&s.test).enumerate() {
+        assert!(
+            x.hist_times.iter().all(|&h| h < x.time),
+            "sample {i}: history at or after {}",
+            x.time
+        );
+        assert!(
+            x.hist_times.windows(2).all(|w| w[0] <= w[1]),
+            "sample {i}: history out of order"
+        );
+        assert!(x.hist_items.len() <= max_len && x.hist_items.len() == x.hist_categories.len());
+    }
+    for x in &s.test {
+        assert!(
+            last_train.get(&x.user).is_none_or(|&t| t <= x.time),
+            "test sample before a training sample"
+        );
+    }
+}
+
+#[test]
+fn next_item_protocol_on_a_hand_made_log() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = hand_log(dir.path());
+    let s = build_samples(&log, &PrepareOptions::default()).expect("samples");
+    // User a (events sorted x@10, y@20, z@20, w@30): targets y, z (train), w (test);
+    // user b (y@5, x@7, v@100): targets x (train), v (test). One negative each.
+    assert_eq!(s.train.len(), 6);
+    assert_eq!(s.test.len(), 4);
+    let a_train: Vec<_> = s.train.iter().filter(|x| raw(&s, "user_id", x.user) == "a").collect();
+    assert_eq!(items(&s, &[a_train[0].item]), ["y"]);
+    assert_eq!(items(&s, &a_train[0].hist_items), ["x"]);
+    // z shares y's timestamp: y is not in z's history (strictly earlier only).
+    assert_eq!(items(&s, &[a_train[2].item]), ["z"]);
+    assert_eq!(items(&s, &a_train[2].hist_items), ["x"]);
+    let a_test = s
+        .test
+        .iter()
+        .find(|x| raw(&s, "user_id", x.user) == "a" && x.label == 1)
+        .expect("a's test");
+    assert_eq!(items(&s, &[a_test.item]), ["w"]);
+    assert_eq!(items(&s, &a_test.hist_items), ["x", "y", "z"]);
+    // Negatives: label 0, an item the user never touched, with that item's own category.
+    for (pos, neg) in s.train.iter().zip(s.train.iter().skip(1)).step_by(2) {
+        assert_eq!((pos.label, neg.label), (1, 0));
+        assert_eq!(neg.hist_items, pos.hist_items);
+        let user = raw(&s, "user_id", neg.user);
+        let touched: Vec<&str> = LOG
+            .lines()
+            .skip(1)
+            .filter(|l| l.starts_with(&format!("{user},")))
+            .map(|l| l.split(',').nth(1).unwrap_or(""))
+            .collect();
+        let neg_item = raw(&s, "item_id", neg.item);
+        assert!(!touched.contains(&neg_item.as_str()), "{user} touched {neg_item}");
+        let cate = LOG
+            .lines()
+            .find(|l| l.split(',').nth(1) == Some(neg_item.as_str()))
+            .and_then(|l| l.split(',').nth(2));
+        assert_eq!(Some(raw(&s, "cate_id", neg.category).as_str()), cate);
+    }
+    assert_no_leakage(&s, 50);
+}
+
+#[test]
+fn rating_protocol_labels_by_threshold_and_keeps_only_earlier_positives() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = hand_log(dir.path());
+    let options = PrepareOptions {
+        protocol: Protocol::Rating { threshold: 4.0 },
+        ..PrepareOptions::default()
+    };
+    let s = build_samples(&log, &options).expect("samples");
+    // Every rating is a sample: a has 4 (3 train + 1 test), b has 3 (2 + 1).
+    assert_eq!((s.train.len(), s.test.len()), (5, 2));
+    let a_test = s.test.iter().find(|x| raw(&s, "user_id", x.user) == "a").expect("a");
+    // w@30 rated 5: positive; history = earlier positives x(5) and z(4), not y(2).
+    assert_eq!(a_test.label, 1);
+    assert_eq!(items(&s, &a_test.hist_items), ["x", "z"]);
+    let b_x = s
+        .train
+        .iter()
+        .find(|x| raw(&s, "item_id", x.item) == "x" && raw(&s, "user_id", x.user) == "b")
+        .expect("b x");
+    assert_eq!(b_x.label, 0, "rating 1 < 4");
+    assert_eq!(items(&s, &b_x.hist_items), ["y"]);
+    assert_no_leakage(&s, 50);
+}
+
+#[test]
+fn session_gap_cuts_histories_and_days_since_previous_is_measured() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path().join("log.csv");
+    // u: a@0, b@1 day, c@10 days, d@10 days + 1 hour.
+    let text = "user,item,cate,ts,rating\nu,a,k,0,5\nu,b,k,86400,5\nu,c,k,864000,5\nu,d,k,867600,5\n";
+    std::fs::write(&p, text).expect("write");
+    let log = read_log(&log_spec(p), false).expect("reads");
+    let options = PrepareOptions {
+        session_gap_days: Some(2.0),
+        days_since_prev: true,
+        ..PrepareOptions::default()
+    };
+    let s = build_samples(&log, &options).expect("samples");
+    let pos: Vec<_> = s.train.iter().chain(&s.test).filter(|x| x.label == 1).collect();
+    // b: same session as a; c: 9 days after b, a new session (empty history); d: with c only.
+    assert_eq!(items(&s, &pos[0].hist_items), ["a"]);
+    assert!(pos[1].hist_items.is_empty());
+    assert_eq!(items(&s, &pos[2].hist_items), ["c"]);
+    assert!((pos[0].days_since_prev - 1f32.ln_1p()).abs() < 1e-6, "one day: ln(2)");
+    assert_eq!(pos[1].days_since_prev, -1.0, "no history");
+    assert!((pos[2].days_since_prev - (1.0f32 / 24.0).ln_1p()).abs() < 1e-6);
+    let without = build_samples(&log, &PrepareOptions::default()).expect("samples");
+    let last = without.test.iter().find(|x| x.label == 1).expect("test");
+    assert_eq!(
+        items(&without, &last.hist_items),
+        ["a", "b", "c"],
+        "no gap option: the whole past"
+    );
+}
+
+#[test]
+fn deterministic_for_a_seed_and_max_len_keeps_the_most_recent() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = hand_log(dir.path());
+    let a = build_samples(
+        &log,
+        &PrepareOptions {
+            max_len: 2,
+            ..PrepareOptions::default()
+        },
+    )
+    .expect("a");
+    let b = build_samples(
+        &log,
+        &PrepareOptions {
+            max_len: 2,
+            ..PrepareOptions::default()
+        },
+    )
+    .expect("b");
+    assert_eq!(a.train, b.train);
+    assert_eq!(a.test, b.test);
+    let a_test = a
+        .test
+        .iter()
+        .find(|x| raw(&a, "user_id", x.user) == "a" && x.label == 1)
+        .expect("a");
+    assert_eq!(
+        items(&a, &a_test.hist_items),
+        ["y", "z"],
+        "the 2 most recent of x, y, z"
+    );
+    assert_no_leakage(&a, 2);
+}
+
+#[test]
+fn malformed_rows_are_errors_with_file_and_line_or_skipped_and_counted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path().join("bad.csv");
+    std::fs::write(
+        &p,
+        "user,item,cate,ts,rating\na,x,c,10,5\na,y,c,soon,5\na,z,c\n,w,c,40,5\na,v,c,50,5\n",
+    )
+    .expect("write");
+    let err = read_log(&log_spec(p.clone()), false).expect_err("bad time").to_string();
+    assert!(
+        err.contains("bad.csv:3: column `ts`: not an integer timestamp: \"soon\""),
+        "{err}"
+    );
+    let log = read_log(&log_spec(p), true).expect("skips");
+    assert_eq!(log.events.len(), 2);
+    assert_eq!(log.skipped.len(), 3, "{:?}", log.skipped);
+    assert!(
+        log.skipped[1].contains("bad.csv:4: expected 5 columns, found 3"),
+        "{:?}",
+        log.skipped
+    );
+    assert!(
+        log.skipped[2].contains("bad.csv:5: column `user`: empty id"),
+        "{:?}",
+        log.skipped
+    );
+}
+
+#[test]
+fn written_files_train_directly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = hand_log(dir.path());
+    let out = dir.path().join("prepared");
+    let options = PrepareOptions {
+        days_since_prev: true,
+        history_times: true,
+        ..PrepareOptions::default()
+    };
+    let report = prepare(&log, &options, &out).expect("prepares");
+    assert_eq!(
+        (report.users, report.items, report.train_samples, report.test_samples),
+        (2, 5, 6, 4)
+    );
+    assert_eq!(report.positives, 5);
+    let config = Config::from_toml_file(&out.join("config.toml")).expect("config parses");
+    let data = load_training_data(&config).expect("the core reader takes the files");
+    assert_eq!(
+        (data.train.len(), data.validation.as_ref().map(|v| v.len())),
+        (6, Some(4))
+    );
+    let vocab: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("vocab.json")).expect("vocab")).expect("json");
+    assert_eq!(vocab["user_id"], serde_json::json!(["a", "b"]), "dense id 1 = a, 2 = b");
+}
+
+fn check_fixture(log: &Log, options: &PrepareOptions) -> Samples {
+    let s = build_samples(log, options).expect("samples");
+    assert!(!s.train.is_empty() && !s.test.is_empty());
+    assert_no_leakage(&s, options.max_len);
+    s
+}
+
+#[test]
+fn movielens_both_protocols_without_leakage() {
+    let Some(dir) = shared("ml-100k") else { return };
+    let log = read_movielens(&dir, false).expect("reads ml-100k");
+    assert_eq!(log.events.len(), 100_000);
+    let next = check_fixture(&log, &PrepareOptions::default());
+    // 943 users, each with >= 20 ratings: one test positive and negative each.
+    assert_eq!(next.test.len(), 2 * 943);
+    assert_eq!(next.train.len() + next.test.len(), 2 * (100_000 - 943));
+    let rating = check_fixture(
+        &log,
+        &PrepareOptions {
+            protocol: Protocol::Rating { threshold: 4.0 },
+            ..PrepareOptions::default()
+        },
+    );
+    assert_eq!(rating.train.len() + rating.test.len(), 100_000);
+    // 55,375 of MovieLens-100K's ratings are 4 or 5.
+    assert_eq!(
+        rating.train.iter().chain(&rating.test).filter(|s| s.label == 1).count(),
+        55_375
+    );
+    assert_eq!(rating.vocab.fields["cate_id"].len(), 19, "first genre of each movie");
+}
+
+#[test]
+fn amazon_and_taobao_fixtures_without_leakage() {
+    if let Some(p) = shared("fixtures/torchrechub_amazon_electronics_sample.csv") {
+        let log = read_log(&LogSpec::amazon(p), false).expect("reads amazon");
+        assert_eq!(log.events.len(), 100);
+        check_fixture(&log, &PrepareOptions::default());
+    }
+    if let Some(p) = shared("fixtures/taobao/UserBehavior_head.csv") {
+        let log = read_log(&LogSpec::taobao(p), false).expect("reads taobao");
+        assert_eq!(log.events.len(), 4321);
+        let all = check_fixture(&log, &PrepareOptions::default());
+        let buys = PrepareOptions {
+            history_behaviors: Some(vec!["cart".into(), "fav".into(), "buy".into()]),
+            ..PrepareOptions::default()
+        };
+        let some = check_fixture(&log, &buys);
+        let mean =
+            |s: &Samples| s.train.iter().map(|x| x.hist_items.len()).sum::<usize>() as f64 / s.train.len() as f64;
+        assert!(mean(&some) < mean(&all), "only cart/fav/buy enter histories");
+    }
+}
