@@ -298,14 +298,17 @@ fn movielens_both_protocols_without_leakage() {
     // 943 users, each with >= 20 ratings: one test positive and negative each.
     assert_eq!(next.test.len(), 2 * 943);
     assert_eq!(next.train.len() + next.test.len(), 2 * (100_000 - 943));
-    let rating = check_fixture(
-        &log,
-        &PrepareOptions {
-            protocol: Protocol::Rating { threshold: 4.0 },
-            ..PrepareOptions::default()
-        },
-    );
+    let options = PrepareOptions {
+        protocol: Protocol::Rating { threshold: 4.0 },
+        test_per_user: 10,
+        ..PrepareOptions::default()
+    };
+    let rating = check_fixture(&log, &options);
     assert_eq!(rating.train.len() + rating.test.len(), 100_000);
+    assert_eq!(rating.test.len(), 9_430, "the last 10 ratings of each of the 943 users");
+    let with_positives: std::collections::HashSet<u32> =
+        rating.test.iter().filter(|t| t.label == 1).map(|t| t.user).collect();
+    assert!(with_positives.len() > 800, "most users have positives in test");
     // 55,375 of MovieLens-100K's ratings are 4 or 5.
     assert_eq!(
         rating.train.iter().chain(&rating.test).filter(|s| s.label == 1).count(),

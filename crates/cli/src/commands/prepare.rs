@@ -63,6 +63,10 @@ pub struct Args {
     /// Also write each sample's history timestamps (column hist_time).
     #[arg(long)]
     history_times: bool,
+    /// Each user's last N samples are held out as test (default: 1 for
+    /// next-item, the paper's; 10 for rating, so that GAUC is defined).
+    #[arg(long)]
+    test_per_user: Option<usize>,
     /// Embedding width in the generated config.
     #[arg(long, default_value_t = 8)]
     embedding_dim: usize,
@@ -140,6 +144,10 @@ pub fn run(args: Args) -> Result<()> {
         history_behaviors: args.history_behaviors.clone(),
         history_times: args.history_times,
         embedding_dim: args.embedding_dim,
+        test_per_user: args.test_per_user.unwrap_or(match args.protocol {
+            ProtocolArg::NextItem => 1,
+            ProtocolArg::Rating => 10,
+        }),
     };
     if let Some(g) = options.session_gap_days {
         if !(g.is_finite() && g > 0.0) {

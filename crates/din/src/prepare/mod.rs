@@ -6,10 +6,11 @@
 //! * [`Protocol::NextItem`] (the DIN paper's): each user's behaviours sorted by
 //!   time; every behaviour after the first is predicted from the earlier ones
 //!   (positive), paired with an item the user never touched (negative, with its
-//!   own category); each user's last behaviour is held out as test.
+//!   own category); each user's last behaviour is held out as test
+//!   ([`PrepareOptions::test_per_user`] changes how many).
 //! * [`Protocol::Rating`] (the paper's MovieLens setup): every rating is a
 //!   sample, labelled positive when the rating is at least a threshold, with
-//!   the history of earlier positives; each user's last rating is test.
+//!   the history of earlier positives; each user's last ratings are test.
 //!
 //! A sample's history holds only behaviours strictly before it in time, so a
 //! test sample never feeds a training history beyond its timestamp.
@@ -54,6 +55,10 @@ pub struct PrepareOptions {
     pub history_times: bool,
     /// Embedding width written into the generated config.
     pub embedding_dim: usize,
+    /// Each user's last this many samples (by time) are held out as test.
+    /// 1 is the paper's protocol; the rating protocol needs more, or every
+    /// user's test samples have one label class and GAUC is undefined.
+    pub test_per_user: usize,
 }
 
 impl Default for PrepareOptions {
@@ -67,6 +72,7 @@ impl Default for PrepareOptions {
             history_behaviors: None,
             history_times: false,
             embedding_dim: 8,
+            test_per_user: 1,
         }
     }
 }

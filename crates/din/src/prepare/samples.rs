@@ -90,6 +90,9 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
     if options.max_len == 0 {
         return Err(Error::config("max_len", 0, "must be at least 1"));
     }
+    if options.test_per_user == 0 {
+        return Err(Error::config("test_per_user", 0, "must be at least 1"));
+    }
     if let Protocol::Rating { .. } = options.protocol {
         if log.events.iter().any(|e| e.value.is_none()) {
             return Err(Error::config(
@@ -197,7 +200,7 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
                 days_since_prev,
                 label: 1,
             };
-            let is_test = i + 1 == timeline.len();
+            let is_test = i + options.test_per_user >= timeline.len();
             let mut made = Vec::with_capacity(2);
             match options.protocol {
                 Protocol::NextItem => {
