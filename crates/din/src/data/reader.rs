@@ -164,7 +164,13 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         for (f, slot) in layout.sequences.iter().enumerate() {
             ids.clear();
             ids.extend(raw[f].iter().copied().filter(|&id| id != 0)); // 0 is padding: not stored
-            batch.sequences[f].push(truncate(slot, &ids));
+            let kept = truncate(slot, &ids);
+            // Offsets are 32-bit: refuse a file whose histories would overflow them.
+            if batch.sequences[f].values.len() + kept.len() > u32::MAX as usize {
+                let reason = "the file holds more than 4294967295 history ids in this column; split it";
+                return Err(bad(&slot.name, field(map.sequences[f]), reason));
+            }
+            batch.sequences[f].push(kept);
         }
         if let (Some(col), true) = (map.label, options.require_label) {
             let v = field(col);
