@@ -238,79 +238,58 @@ pub fn read_log(spec: &LogSpec, skip_bad_rows: bool) -> Result<Log> {
 /// Numbered lines of a file split into fields.
 type Rows = Vec<(u64, Vec<String>)>;
 
+/// The non-blank lines of a MovieLens file split at `sep`; lines without
+/// exactly `width` fields are errors, or skipped into `log` under `skip`.
+fn read_fields(path: &Path, sep: u8, width: usize, log: &mut Log, skip: bool) -> Result<(PathBuf, Rows)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, "cannot read MovieLens file", e))?;
+    // u.item has Latin-1 titles: decode lossily, titles are not used.
+    let text = String::from_utf8_lossy(&bytes);
+    let mut rows = Vec::new();
+    for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let (line, fields): (u64, Vec<String>) = (
+            i as u64 + 1,
+            l.split(sep as char).map(|s| s.trim().to_string()).collect(),
+        );
+        if fields.len() == width {
+            rows.push((line, fields));
+        } else {
+            let err = Error::RowLength {
+                path: path.to_path_buf(),
+                line,
+                expected: width,
+                found: fields.len(),
+            };
+            reject(log, skip, err)?;
+        }
+    }
+    Ok((path.to_path_buf(), rows))
+}
+
 /// Reads MovieLens-100K from its folder: `u.data` (user, item, rating, time),
 /// `u.item` (the first of the 19 genre flags is the item's category) and
 /// `u.user` (age, gender, occupation as profile fields).
 pub fn read_movielens(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
-    let split = |name: &str, sep: u8| -> Result<(PathBuf, Rows)> {
-        let path = dir.join(name);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, "cannot read MovieLens file", e))?;
-        // u.item has Latin-1 titles: decode lossily, titles are not used.
-        let text = String::from_utf8_lossy(&bytes);
-        let rows = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                (
-                    i as u64 + 1,
-                    l.split(sep as char).map(|s| s.trim().to_string()).collect(),
-                )
-            })
-            .collect();
-        Ok((path, rows))
-    };
     let mut log = Log {
         profile_fields: vec!["age".into(), "gender".into(), "occupation".into()],
         ..Log::default()
     };
 
-    let (item_path, items) = split("u.item", b'|')?;
+    let (_, items) = read_fields(&dir.join("u.item"), b'|', 24, &mut log, skip_bad_rows)?;
     let mut genre = std::collections::HashMap::new();
-    for (line, f) in items {
-        if f.len() != 24 {
-            let err = Error::RowLength {
-                path: item_path.clone(),
-                line,
-                expected: 24,
-                found: f.len(),
-            };
-            reject(&mut log, skip_bad_rows, err)?;
-            continue;
-        }
+    for (_, f) in items {
         let first = f[5..]
             .iter()
             .position(|g| g == "1")
             .map_or_else(|| "none".to_string(), |g| g.to_string());
         genre.insert(f[0].clone(), first);
     }
-    let (user_path, users) = split("u.user", b'|')?;
+    let (_, users) = read_fields(&dir.join("u.user"), b'|', 5, &mut log, skip_bad_rows)?;
     let mut profile = std::collections::HashMap::new();
-    for (line, f) in users {
-        if f.len() != 5 {
-            let err = Error::RowLength {
-                path: user_path.clone(),
-                line,
-                expected: 5,
-                found: f.len(),
-            };
-            reject(&mut log, skip_bad_rows, err)?;
-            continue;
-        }
+    for (_, f) in users {
         profile.insert(f[0].clone(), vec![f[1].clone(), f[2].clone(), f[3].clone()]);
     }
-    let (data_path, ratings) = split("u.data", b'\t')?;
+    let (data_path, ratings) = read_fields(&dir.join("u.data"), b'\t', 4, &mut log, skip_bad_rows)?;
     for (line, f) in ratings {
-        if f.len() != 4 {
-            let err = Error::RowLength {
-                path: data_path.clone(),
-                line,
-                expected: 4,
-                found: f.len(),
-            };
-            reject(&mut log, skip_bad_rows, err)?;
-            continue;
-        }
         let rating = f[2].parse::<f32>().ok().filter(|r| r.is_finite());
         let time = f[3].parse::<i64>().ok();
         let err = match (rating, time, genre.get(&f[1]), profile.get(&f[0])) {
