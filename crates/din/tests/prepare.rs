@@ -342,14 +342,30 @@ fn amazon_and_taobao_fixtures_without_leakage() {
 #[test]
 fn movielens_format_on_a_tiny_folder_with_a_bad_rating() {
     let dir = tempfile::tempdir().expect("tmp");
-    let flags = |g: usize| (0..19).map(|i| if i == g { "1" } else { "0" }).collect::<Vec<_>>().join("|");
-    let items = format!("1|A (1995)|01-Jan-1995||url|{}\n2|B (1995)|01-Jan-1995||url|{}\n", flags(3), flags(7));
+    let flags = |g: usize| {
+        (0..19)
+            .map(|i| if i == g { "1" } else { "0" })
+            .collect::<Vec<_>>()
+            .join("|")
+    };
+    let items = format!(
+        "1|A (1995)|01-Jan-1995||url|{}\n2|B (1995)|01-Jan-1995||url|{}\n",
+        flags(3),
+        flags(7)
+    );
     std::fs::write(dir.path().join("u.item"), items).expect("write");
-    std::fs::write(dir.path().join("u.user"), "1|24|M|technician|85711\n2|53|F|other|94043\n").expect("write");
+    std::fs::write(
+        dir.path().join("u.user"),
+        "1|24|M|technician|85711\n2|53|F|other|94043\n",
+    )
+    .expect("write");
     let data = "1\t1\t5\t100\n1\t2\t3\t200\n2\t2\tfive\t300\n2\t1\t4\t400\n";
     std::fs::write(dir.path().join("u.data"), data).expect("write");
     let err = read_movielens(dir.path(), false).expect_err("bad rating").to_string();
-    assert!(err.contains("u.data:3: column `rating`: not a number: \"five\""), "{err}");
+    assert!(
+        err.contains("u.data:3: column `rating`: not a number: \"five\""),
+        "{err}"
+    );
     let log = read_movielens(dir.path(), true).expect("skips");
     assert_eq!((log.events.len(), log.skipped.len()), (3, 1));
     assert_eq!(log.events[0].category, "3", "the first genre flag set");
