@@ -10,7 +10,7 @@ mod vocab;
 
 pub use batch::{Batch, Ragged};
 pub use reader::{read_dataset, ReadOptions};
-pub use vocab::{apply_vocab, id_counts, infer_vocab};
+pub use vocab::{apply_vocab, id_counts, infer_vocab, MAX_INFERRED_TABLE};
 
 use std::path::PathBuf;
 
