@@ -33,6 +33,8 @@ enum Command {
     Predict(commands::predict::Args),
     /// Turn a raw behaviour log into DIN samples, a config and a vocabulary.
     Prepare(commands::prepare::Args),
+    /// Generate synthetic data and measure speed, latency and memory.
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => commands::evaluate::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Prepare(args) => commands::prepare::run(args),
+        Command::Bench(args) => commands::bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

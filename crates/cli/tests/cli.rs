@@ -785,3 +785,65 @@ fn same_seed_gives_byte_identical_safetensors() {
         );
     }
 }
+
+// ---------------------------------------------------------------- bench
+
+#[test]
+fn bench_generates_data_the_reader_takes_and_reports_measurements() {
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("bench");
+    let gen = args![
+        "bench",
+        "gen",
+        "--out",
+        data,
+        "--users",
+        "40",
+        "--items",
+        "60",
+        "--categories",
+        "5",
+        "--max-len",
+        "8"
+    ];
+    assert_ok(&din(tmp.path(), gen));
+    let text = fs::read_to_string(data.join("samples.tsv")).unwrap();
+    assert_eq!(text.lines().count(), 1 + 40 * 6, "a header and 6 candidates per user");
+    for line in text.lines().skip(1) {
+        let hist = line.split('\t').nth(3).unwrap().split(',').count();
+        assert!((1..=8).contains(&hist), "{line}");
+    }
+    let run = args![
+        "bench",
+        "run",
+        "--data",
+        data,
+        "--threads",
+        "1",
+        "--batch-size",
+        "32",
+        "--repetitions",
+        "5",
+        "--json",
+        "--set",
+        "model.attention.hidden_units=[8]",
+        "--set",
+        "model.dnn.hidden_units=[8]"
+    ];
+    let out = din(tmp.path(), run);
+    assert_ok(&out);
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["samples"], 240);
+    for key in [
+        "train_samples_per_second",
+        "inference_samples_per_second_batch_4096",
+        "gemm_peak_gflops",
+    ] {
+        assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key}: {report}");
+    }
+    let (median, p99) = (
+        report["latency_ms_1x200_median"].as_f64().unwrap(),
+        report["latency_ms_1x200_p99"].as_f64().unwrap(),
+    );
+    assert!(median > 0.0 && p99 >= median, "{report}");
+}

@@ -1,0 +1,296 @@
+//! `din bench`: a synthetic data set at the scale of the tutorial's schema, and
+//! measurements of training and inference speed, latency, memory and FLOP/s.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use din::checkpoint::write_atomic_with;
+use din::model::linalg::matmul;
+use din::model::Din;
+use din::schema::{Config, Layout};
+use din::train::{fit, load_training_data, predict, thread_pool, Silent};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Benchmarks.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum BenchCommand {
+    /// Write a synthetic data set (samples.tsv + config.toml) in the core reader's format.
+    Gen(GenArgs),
+    /// Measure training and inference on a data set written by `din bench gen`.
+    Run(RunArgs),
+}
+
+/// `din bench gen`.
+#[derive(Debug, clap::Args)]
+struct GenArgs {
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Users (one history each).
+    #[arg(long, default_value_t = 20_000)]
+    users: u32,
+    /// Items (the history shares the item embedding).
+    #[arg(long, default_value_t = 100_000)]
+    items: u32,
+    /// Categories.
+    #[arg(long, default_value_t = 1_000)]
+    categories: u32,
+    /// Longest history; lengths are uniform in 1..=max_len.
+    #[arg(long, default_value_t = 50)]
+    max_len: usize,
+    /// Candidates per history.
+    #[arg(long, default_value_t = 6)]
+    candidates: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 2024)]
+    seed: u64,
+}
+
+/// `din bench run`.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Folder written by `din bench gen`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Training batch size.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Repetitions of the 1 user x 200 candidates latency measurement.
+    #[arg(long, default_value_t = 200)]
+    repetitions: usize,
+    /// Config overrides, e.g. `--set "model.attention.hidden_units=[80,40]"`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the measurements as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `din bench`.
+pub fn run(args: Args) -> Result<()> {
+    match args.command {
+        BenchCommand::Gen(a) => generate(&a),
+        BenchCommand::Run(a) => measure(&a),
+    }
+}
+
+const CONFIG: &str = r#"# Written by `din bench gen`: the tutorial's model on synthetic data.
+[data]
+train = "samples.tsv"
+
+[input]
+header = true
+
+[schema]
+label = "label"
+user = "user_id"
+sparse = [
+  { name = "user_id", vocab_size = USERS },
+  { name = "item_id", vocab_size = ITEMS },
+  { name = "cate_id", vocab_size = CATES },
+]
+sequence = [
+  { name = "hist_item_id", shares_embedding_with = "item_id", max_len = MAXLEN },
+  { name = "hist_cate_id", shares_embedding_with = "cate_id", max_len = MAXLEN },
+]
+din_pairs = [
+  { target = "item_id", history = "hist_item_id" },
+  { target = "cate_id", history = "hist_cate_id" },
+]
+
+[model.attention]
+hidden_units = [256, 128, 64]
+activation = "prelu"
+
+[model.dnn]
+hidden_units = [200, 80]
+activation = "prelu"
+
+[train]
+epochs = 1
+batch_size = 256
+eval_batch_size = 4096
+"#;
+
+fn generate(a: &GenArgs) -> Result<()> {
+    if a.users == 0 || a.items == 0 || a.categories == 0 || a.max_len == 0 || a.candidates == 0 {
+        bail!("--users, --items, --categories, --max-len and --candidates must be at least 1");
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+    let category: Vec<u32> = (0..=a.items).map(|_| rng.gen_range(1..=a.categories)).collect();
+    let path = a.out.join("samples.tsv");
+    let mut rows = 0usize;
+    write_atomic_with(&path, |w| {
+        writeln!(w, "user_id\titem_id\tcate_id\thist_item_id\thist_cate_id\tlabel")?;
+        let (mut items, mut cates) = (String::new(), String::new());
+        for user in 1..=a.users {
+            let len = rng.gen_range(1..=a.max_len);
+            let hist: Vec<u32> = (0..len).map(|_| rng.gen_range(1..=a.items)).collect();
+            items.clear();
+            cates.clear();
+            for (i, &h) in hist.iter().enumerate() {
+                let sep = if i == 0 { "" } else { "," };
+                let _ = write!(items, "{sep}{h}");
+                let _ = write!(cates, "{sep}{}", category[h as usize]);
+            }
+            for _ in 0..a.candidates {
+                let item = rng.gen_range(1..=a.items);
+                let cate = category[item as usize];
+                // Learnable signal: clicks are likelier when the category is in the history.
+                let seen = hist.iter().any(|&h| category[h as usize] == cate);
+                let label = u8::from(rng.gen::<f32>() < if seen { 0.6 } else { 0.15 });
+                writeln!(w, "{user}\t{item}\t{cate}\t{items}\t{cates}\t{label}")?;
+                rows += 1;
+            }
+        }
+        Ok(())
+    })?;
+    let config = CONFIG
+        .replace("USERS", &(a.users + 1).to_string())
+        .replace("ITEMS", &(a.items + 1).to_string())
+        .replace("CATES", &(a.categories + 1).to_string())
+        .replace("MAXLEN", &a.max_len.to_string());
+    din::checkpoint::write_atomic(&a.out.join("config.toml"), config.as_bytes())?;
+    println!("wrote {rows} samples to {} and config.toml", path.display());
+    Ok(())
+}
+
+/// Multiply-adds x 2 of one forward pass, counting only real behaviours.
+fn forward_flops(model: &Din, layout: &Layout, samples: usize, behaviours: usize) -> f64 {
+    let d = layout.query_dim() as f64;
+    let att = &model.attention;
+    let h1 = att.first.linear.output_dim() as f64;
+    let mut per_behaviour = 2.0 * d * h1 * 2.0; // k·Wk' and (q*k)·Wp
+    for b in &att.rest.blocks {
+        per_behaviour += 2.0 * (b.linear.input_dim() * b.linear.output_dim()) as f64;
+    }
+    per_behaviour += 2.0 * att.output.input_dim() as f64;
+    let mut per_sample = 2.0 * d * h1; // q·Wq', once per sample
+    for b in &model.dnn.blocks {
+        per_sample += 2.0 * (b.linear.input_dim() * b.linear.output_dim()) as f64;
+    }
+    per_sample += 2.0 * model.output.input_dim() as f64;
+    per_behaviour * behaviours as f64 + per_sample * samples as f64
+}
+
+/// Peak resident memory of this process in MiB (Linux), if known.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn measure(a: &RunArgs) -> Result<()> {
+    let path: &Path = &a.data.join("config.toml");
+    let mut sets = a.set.clone();
+    sets.push(format!("train.batch_size={}", a.batch_size));
+    sets.push(format!("train.threads={}", a.threads));
+    let config = Config::from_toml_file_with(path, &sets)?;
+    let data = load_training_data(&config)?;
+    let behaviours = data.train.batch.sequences[data.layout.pairs[0].1].values.len();
+    let n = data.train.len();
+
+    let outcome = fit(&data, &mut Silent)?;
+    let train_sps = outcome.history[0].samples_per_second;
+    let model = outcome.model;
+    let pool = thread_pool(a.threads)?;
+    let flops_forward = forward_flops(&model, &data.layout, n, behaviours);
+
+    let (infer_sps, latencies, gemm_gflops) = pool.install(|| {
+        let start = Instant::now();
+        let scores = predict(&model, &data.train, 4096);
+        let infer = scores.len() as f64 / start.elapsed().as_secs_f64();
+        // One user (the first row's history) x 200 candidates.
+        let mut one = data.train.batch.gather(&vec![0usize; 200]);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let item = data.layout.pairs[0].0;
+        let vocab = data.layout.tables[data.layout.sparse[item].table]
+            .vocab_size
+            .unwrap_or(2) as u32;
+        one.sparse[item]
+            .iter_mut()
+            .for_each(|i| *i = rng.gen_range(1..vocab.max(2)));
+        let mut lat: Vec<f64> = (0..a.repetitions.max(1))
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(model.predict(&one));
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        // The machine's FP32 GEMM peak through the same GEMM crate, 2048^3, median of 3.
+        let m = 2048;
+        let x: Vec<f32> = (0..m * m).map(|i| (i % 7) as f32 * 0.1).collect();
+        let mut c = vec![0.0f32; m * m];
+        let mut times: Vec<f64> = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                matmul(m, m, m, &x, &x, &mut c, false);
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        let gemm = 2.0 * (m * m * m) as f64 / median(&mut times) / 1e9;
+        (infer, lat, gemm)
+    });
+    let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    // Training does the forward and about twice its products backward.
+    let train_gflops = 3.0 * flops_forward / n as f64 * train_sps / 1e9;
+    let infer_gflops = flops_forward / n as f64 * infer_sps / 1e9;
+    let report = serde_json::json!({
+        "threads": a.threads,
+        "batch_size": a.batch_size,
+        "samples": n,
+        "mean_history": behaviours as f64 / n as f64,
+        "train_samples_per_second": train_sps,
+        "inference_samples_per_second_batch_4096": infer_sps,
+        "latency_ms_1x200_median": p(0.5),
+        "latency_ms_1x200_p99": p(0.99),
+        "peak_rss_mib": peak_rss_mib(),
+        "train_useful_gflops": train_gflops,
+        "inference_useful_gflops": infer_gflops,
+        "gemm_peak_gflops": gemm_gflops,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "samples {n}, mean history {:.1}, {} threads, batch {}",
+            behaviours as f64 / n as f64,
+            a.threads,
+            a.batch_size
+        );
+        println!("training            {train_sps:>10.0} samples/s   {train_gflops:>6.1} useful GFLOP/s");
+        println!("inference (4096)    {infer_sps:>10.0} samples/s   {infer_gflops:>6.1} useful GFLOP/s");
+        println!(
+            "1 user x 200        {:>10.3} ms median   {:.3} ms p99 ({} runs)",
+            p(0.5),
+            p(0.99),
+            latencies.len()
+        );
+        println!("FP32 GEMM peak      {gemm_gflops:>10.1} GFLOP/s (2048^3, same GEMM crate and threads)");
+        if let Some(rss) = peak_rss_mib() {
+            println!("peak RSS            {rss:>10.1} MiB");
+        }
+    }
+    Ok(())
+}
