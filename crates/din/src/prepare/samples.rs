@@ -66,7 +66,7 @@ pub struct Sample {
 pub struct Samples {
     /// Training samples.
     pub train: Vec<Sample>,
-    /// Held-out samples (each user's last behaviour).
+    /// Held-out samples (each user's last `test_per_user` samples by time).
     pub test: Vec<Sample>,
     /// Raw values of every dense id.
     pub vocab: Vocab,
