@@ -83,50 +83,42 @@ pub fn infer_vocab(layout: &mut Layout, train: &Dataset) -> Result<()> {
 /// is an error (naming file, line, column and id) under `oov = "error"`, and is
 /// mapped to the reserved row under `oov = "reserved"`.
 pub fn apply_vocab(layout: &Layout, data: &mut Dataset) -> Result<()> {
-    let mut remap: Vec<(bool, usize, usize)> = Vec::new(); // (is_sequence, feature, position)
     for (t, name, ids, offsets) in id_sources(layout, data) {
         let table = &layout.tables[t];
         let vocab = table.vocab_size.unwrap_or(0);
-        for (i, &id) in ids.iter().enumerate() {
-            if (id as usize) < vocab {
-                continue;
-            }
-            match table.oov {
-                Oov::Reserved => {
-                    let f = feature_index(layout, name, offsets.is_some());
-                    remap.push((offsets.is_some(), f, i));
-                }
-                Oov::Error => {
-                    let row = row_of(offsets, i);
-                    return Err(Error::OutOfVocabulary {
-                        path: data.source.clone(),
-                        line: data.lines[row],
-                        column: name.to_string(),
-                        id: u64::from(id),
-                        vocab_size: vocab,
-                        table: table.name.clone(),
-                    });
-                }
-            }
+        if table.oov == Oov::Reserved {
+            continue;
+        }
+        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            return Err(Error::OutOfVocabulary {
+                path: data.source.clone(),
+                line: data.lines[row_of(offsets, i)],
+                column: name.to_string(),
+                id: u64::from(id),
+                vocab_size: vocab,
+                table: table.name.clone(),
+            });
         }
     }
-    for (is_seq, f, i) in remap {
-        let (table, slot) = if is_seq {
-            (layout.sequences[f].table, &mut data.batch.sequences[f].values[i])
-        } else {
-            (layout.sparse[f].table, &mut data.batch.sparse[f][i])
-        };
-        *slot = layout.tables[table].vocab_size.unwrap_or(0) as u32;
+    // Reserved tables: every id at or above the vocabulary maps to the extra row `vocab_size`.
+    let reserved_row = |t: usize| {
+        let table = &layout.tables[t];
+        (table.oov == Oov::Reserved).then(|| table.vocab_size.unwrap_or(0) as u32)
+    };
+    for (f, slot) in layout.sparse.iter().enumerate() {
+        if let Some(row) = reserved_row(slot.table) {
+            data.batch.sparse[f].iter_mut().for_each(|id| *id = (*id).min(row));
+        }
+    }
+    for (f, slot) in layout.sequences.iter().enumerate() {
+        if let Some(row) = reserved_row(slot.table) {
+            data.batch.sequences[f]
+                .values
+                .iter_mut()
+                .for_each(|id| *id = (*id).min(row));
+        }
     }
     Ok(())
-}
-
-fn feature_index(layout: &Layout, name: &str, is_seq: bool) -> usize {
-    if is_seq {
-        layout.sequences.iter().position(|s| s.name == name).unwrap_or(0)
-    } else {
-        layout.sparse.iter().position(|s| s.name == name).unwrap_or(0)
-    }
 }
 
 /// How often each id of each table occurs in `data` (the n_j of the paper's

@@ -124,15 +124,7 @@ impl Activation {
     }
 
     /// Writes `dx` from `dy` and accumulates the slope gradient.
-    pub fn backward(
-        &mut self,
-        x: &[f32],
-        y: &[f32],
-        rows: usize,
-        cache: &ActivationCache,
-        dy: &[f32],
-        dx: &mut Vec<f32>,
-    ) {
+    pub fn backward(&mut self, x: &[f32], rows: usize, cache: &ActivationCache, dy: &[f32], dx: &mut Vec<f32>) {
         dx.clear();
         dx.resize(x.len(), 0.0);
         if x.is_empty() {
@@ -145,11 +137,11 @@ impl Activation {
                 .zip(x)
                 .zip(dy)
                 .for_each(|((d, &x), &g)| *d = g * f32::from(u8::from(x > 0.0))),
-            ActivationKind::Sigmoid => dx
-                .iter_mut()
-                .zip(y)
-                .zip(dy)
-                .for_each(|((d, &y), &g)| *d = g * y * (1.0 - y)),
+            // sigmoid'(x) = s(1 - s), recomputed rather than kept from the forward pass.
+            ActivationKind::Sigmoid => dx.iter_mut().zip(x).zip(dy).for_each(|((d, &x), &g)| {
+                let s = sigmoid(x);
+                *d = g * s * (1.0 - s)
+            }),
             ActivationKind::Prelu => {
                 let alpha = self.alpha_values();
                 let mut dalpha = vec![0.0f32; c];
@@ -316,7 +308,7 @@ mod tests {
         let mut y = Vec::new();
         let cache = act.forward(&x, rows, mode, &mut y);
         let mut dx = Vec::new();
-        act.backward(&x, &y, rows, &cache, &r, &mut dx);
+        act.backward(&x, rows, &cache, &r, &mut dx);
         let nx = numeric_grad(&x, 1e-3, |x| loss(&act, x));
         assert_close(&format!("{kind:?} {mode:?} dx"), &dx, &nx, 1e-2);
         if let Some(alpha) = &act.alpha {

@@ -49,8 +49,6 @@ pub struct AttentionCache {
     qk: Vec<f32>,
     /// First layer pre-activation, `[N, H1]`.
     pre1: Vec<f32>,
-    /// First layer output, `[N, H1]`.
-    h1: Vec<f32>,
     first_act: ActivationCache,
     rest: MlpCache,
     /// Attention weights after normalisation, `[N]`.
@@ -129,7 +127,7 @@ impl Attention {
         matmul(n, d, h1, &qk, wp, &mut pre1, true); // += (q*k)·Wp
         let mut h1v = Vec::new();
         let first_act = self.first.activation.forward(&pre1, n, mode, &mut h1v); // [N, H1]
-        let rest = self.rest.forward(h1v.clone(), n, mode, None); // [N, H_last]
+        let rest = self.rest.forward(h1v, n, mode, None); // [N, H_last]
         let mut scores = Vec::new();
         self.output.forward(&rest.output, n, &mut scores); // [N, 1]
 
@@ -146,7 +144,6 @@ impl Attention {
             wk,
             qk,
             pre1,
-            h1: h1v,
             first_act,
             rest,
             weights,
@@ -165,7 +162,6 @@ impl Attention {
         let (d, h1) = self.dims();
         let b = q.len() / d.max(1);
         let n = cache.owner.len();
-        let rows = |x: &[f32], i: u32| x[i as usize * d..(i as usize + 1) * d].to_vec();
 
         // Pooling: pooled_b = Σ_t w_t k_t.
         let mut dk = vec![0.0; n * d]; // [N, D]
@@ -204,7 +200,7 @@ impl Attention {
         let mut dpre1 = Vec::new();
         self.first
             .activation
-            .backward(&cache.pre1, &cache.h1, n, &cache.first_act, &dh1, &mut dpre1);
+            .backward(&cache.pre1, n, &cache.first_act, &dh1, &mut dpre1);
 
         // First layer, split: pre1_t = q_b·Wq' + k_t·Wk' + (q_b*k_t)·Wp + b1.
         let lin = &mut self.first.linear;
@@ -236,7 +232,7 @@ impl Attention {
         let mut gp = vec![0.0; n * d];
         matmul_a_bt(n, h1, d, &dpre1, wp, &mut gp, false); // [N, D] gradient reaching q*k
         for (t, &s) in cache.owner.iter().enumerate() {
-            let (qs, ks) = (rows(q, s), &keys[t * d..(t + 1) * d]);
+            let (qs, ks) = (&q[s as usize * d..(s as usize + 1) * d], &keys[t * d..(t + 1) * d]);
             let g = &gp[t * d..(t + 1) * d];
             for j in 0..d {
                 dk[t * d + j] += g[j] * qs[j];

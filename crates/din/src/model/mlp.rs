@@ -33,8 +33,6 @@ pub struct MlpCache {
     inputs: Vec<Vec<f32>>,
     /// Pre-activation of each block, `[rows, out_i]`.
     pre: Vec<Vec<f32>>,
-    /// Activation output of each block (before dropout).
-    activated: Vec<Vec<f32>>,
     /// Activation caches.
     activations: Vec<ActivationCache>,
     /// Dropout multipliers (empty when no dropout was applied).
@@ -79,9 +77,8 @@ impl Mlp {
         for b in &self.blocks {
             let mut pre = Vec::new();
             b.linear.forward(&h, rows, &mut pre); // [rows, out]
-            let mut a = Vec::new();
-            let ac = b.activation.forward(&pre, rows, mode, &mut a); // [rows, out]
-            let mut out = a.clone();
+            let mut out = Vec::new();
+            let ac = b.activation.forward(&pre, rows, mode, &mut out); // [rows, out]
             let mut mask = Vec::new();
             if mode == Mode::Train && b.dropout > 0.0 {
                 if let Some(rng) = rng.as_deref_mut() {
@@ -94,7 +91,6 @@ impl Mlp {
             }
             cache.inputs.push(h);
             cache.pre.push(pre);
-            cache.activated.push(a);
             cache.activations.push(ac);
             cache.masks.push(mask);
             h = out;
@@ -111,14 +107,8 @@ impl Mlp {
             if !cache.masks[i].is_empty() {
                 g.iter_mut().zip(&cache.masks[i]).for_each(|(g, m)| *g *= m);
             }
-            b.activation.backward(
-                &cache.pre[i],
-                &cache.activated[i],
-                rows,
-                &cache.activations[i],
-                &g,
-                &mut dpre,
-            );
+            b.activation
+                .backward(&cache.pre[i], rows, &cache.activations[i], &g, &mut dpre);
             b.linear.backward(&cache.inputs[i], rows, &dpre, Some(&mut g));
         }
         g
