@@ -16,11 +16,11 @@ fn trained(attention: &str, dnn: &str) -> (din::schema::Config, Din) {
     let mut model = Din::new(&layout, &config.model, 3).expect("model");
     let mut opt = Optimizer::new(din::schema::OptimizerKind::Adam, 0.01, &model);
     for _ in 0..5 {
-        let (logits, cache) = model.forward(&batch, Mode::Train, None);
+        let (logits, mut cache) = model.forward(&batch, Mode::Train, None);
         let mut d = Vec::new();
         bce_with_logits(&logits, &batch.labels, &mut d);
         model.zero_grad();
-        let emb = model.backward(&batch, &cache, &d);
+        let emb = model.backward(&batch, &mut cache, &d);
         opt.step(&mut model, &emb);
         model.update_statistics(&cache);
     }

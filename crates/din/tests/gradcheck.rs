@@ -43,12 +43,12 @@ fn check(attention: &str, normalization: &str, dnn: &str) {
             p.value.iter_mut().for_each(|v| *v *= 10.0);
         }
     });
-    let (logits, cache) = model.forward(&batch, Mode::Train, None);
+    let (logits, mut cache) = model.forward(&batch, Mode::Train, None);
     let mut dlogits = Vec::new();
     bce_with_logits(&logits, &batch.labels, &mut dlogits);
     dlogits.iter_mut().for_each(|d| *d *= batch.rows as f32);
     model.zero_grad();
-    let emb = model.backward(&batch, &cache, &dlogits);
+    let emb = model.backward(&batch, &mut cache, &dlogits);
 
     // Every id the batch looks up, and no other, has a gradient row.
     for (t, g) in layout.tables.iter().enumerate().map(|(t, _)| t).zip(&emb) {
@@ -160,10 +160,10 @@ fn zero_length_history_pools_to_zero_and_still_trains_the_target() {
     let layout = common::layout(&config);
     let batch = common::batch();
     let mut model = Din::new(&layout, &config.model, 1).expect("model");
-    let (logits, cache) = model.forward(&batch, Mode::Train, None);
+    let (logits, mut cache) = model.forward(&batch, Mode::Train, None);
     assert!(logits.iter().all(|z| z.is_finite()));
     // Sample 2's history is empty: its target item (11) still gets a gradient via the DNN input.
-    let emb = model.backward(&batch, &cache, &[0.1, 0.1, 0.1, 0.1]);
+    let emb = model.backward(&batch, &mut cache, &[0.1, 0.1, 0.1, 0.1]);
     let item_table = layout.sparse[1].table;
     assert!(emb[item_table].get(11).is_some_and(|g| g.iter().any(|v| *v != 0.0)));
     // Rows never looked up get no gradient (sparse updates).

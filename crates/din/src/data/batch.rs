@@ -64,44 +64,40 @@ impl Batch {
 
     /// The rows at `rows`, in that order.
     pub fn gather(&self, rows: &[usize]) -> Batch {
-        let sparse = self
-            .sparse
-            .iter()
-            .map(|c| rows.iter().map(|&r| c[r]).collect())
-            .collect();
-        let dense = self
-            .dense
-            .iter()
-            .map(|c| {
-                let dim = c.len().checked_div(self.rows).unwrap_or(0);
-                rows.iter()
-                    .flat_map(|&r| c[r * dim..(r + 1) * dim].iter().copied())
-                    .collect()
-            })
-            .collect();
-        let sequences = self
-            .sequences
-            .iter()
-            .map(|s| {
-                let mut out = Ragged::new();
-                for &r in rows {
-                    out.push(s.row(r));
-                }
-                out
-            })
-            .collect();
-        let labels = if self.labels.is_empty() {
-            Vec::new()
-        } else {
-            rows.iter().map(|&r| self.labels[r]).collect()
-        };
-        Batch {
-            sparse,
-            dense,
-            sequences,
-            labels,
-            rows: rows.len(),
+        let mut out = Batch::default();
+        self.gather_into(rows, &mut out);
+        out
+    }
+
+    /// [`Batch::gather`] into `out`, reusing its buffers.
+    pub fn gather_into(&self, rows: &[usize], out: &mut Batch) {
+        out.sparse.resize_with(self.sparse.len(), Vec::new);
+        for (o, c) in out.sparse.iter_mut().zip(&self.sparse) {
+            o.clear();
+            o.extend(rows.iter().map(|&r| c[r]));
         }
+        out.dense.resize_with(self.dense.len(), Vec::new);
+        for (o, c) in out.dense.iter_mut().zip(&self.dense) {
+            let dim = c.len().checked_div(self.rows).unwrap_or(0);
+            o.clear();
+            for &r in rows {
+                o.extend_from_slice(&c[r * dim..(r + 1) * dim]);
+            }
+        }
+        out.sequences.resize_with(self.sequences.len(), Ragged::new);
+        for (o, s) in out.sequences.iter_mut().zip(&self.sequences) {
+            o.offsets.clear();
+            o.offsets.push(0);
+            o.values.clear();
+            for &r in rows {
+                o.push(s.row(r));
+            }
+        }
+        out.labels.clear();
+        if !self.labels.is_empty() {
+            out.labels.extend(rows.iter().map(|&r| self.labels[r]));
+        }
+        out.rows = rows.len();
     }
 
     /// Consecutive rows `start..end`.

@@ -41,6 +41,97 @@ pub struct ActivationCache {
     rows: usize,
 }
 
+/// A row-wise activation ready to run over blocks of rows: its per-channel
+/// parameters gathered once (see [`Activation::rowwise`]).
+#[derive(Debug)]
+pub struct Rowwise<'a> {
+    kind: ActivationKind,
+    channels: usize,
+    alpha: &'a [f32],
+    /// Dice: the moving mean per channel.
+    mean: Vec<f32>,
+    /// Dice: `1 / sqrt(moving var + eps)` per channel.
+    inv_std: Vec<f32>,
+}
+
+impl Rowwise<'_> {
+    /// Runs `f(x, y, j)` for every element, row by row, where `j` is the channel.
+    /// Kept generic and inlined so that each activation's loop is vectorised.
+    #[inline(always)]
+    fn rows(&self, x: &[f32], y: &mut [f32], f: impl Fn(&mut f32, f32, usize)) {
+        let c = self.channels;
+        for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for (j, (y, &x)) in yr.iter_mut().zip(xr).enumerate() {
+                f(y, x, j);
+            }
+        }
+    }
+
+    /// `y = act(x)`, both `[rows, channels]`.
+    pub fn apply(&self, x: &[f32], y: &mut [f32]) {
+        debug_assert_eq!(x.len(), y.len());
+        let (alpha, mean, inv_std) = (self.alpha, &self.mean[..], &self.inv_std[..]);
+        match self.kind {
+            // Branch-free forms: signs are unpredictable, and a mispredicted
+            // branch per element costs more than the arithmetic.
+            ActivationKind::Relu => self.rows(x, y, |y, x, _| *y = x.max(0.0)),
+            ActivationKind::Sigmoid => self.rows(x, y, |y, x, _| *y = sigmoid(x)),
+            // x if x > 0, else a·x (exactly).
+            ActivationKind::Prelu => self.rows(x, y, |y, x, j| *y = x.max(0.0) + alpha[j] * x.min(0.0)),
+            ActivationKind::Dice => self.rows(x, y, |y, x, j| {
+                let p = sigmoid((x - mean[j]) * inv_std[j]);
+                *y = x * (alpha[j] + (1.0 - alpha[j]) * p); // p·x + (1-p)·α·x
+            }),
+        }
+    }
+
+    /// `pre += bias` row by row (`bias` is `[channels]`), then `y = act(pre)`:
+    /// one pass over the block instead of two.
+    pub fn add_bias_apply(&self, pre: &mut [f32], bias: &[f32], y: &mut [f32]) {
+        let c = self.channels;
+        for (pr, yr) in pre.chunks_exact_mut(c).zip(y.chunks_exact_mut(c)) {
+            pr.iter_mut().zip(bias).for_each(|(p, b)| *p += b);
+            self.apply(pr, yr);
+        }
+    }
+
+    /// The backward pass of [`Rowwise::apply`], in place: `g` holds `dy` on
+    /// entry and `dx` on return; the slope gradient is added to `dalpha`.
+    pub fn backward(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32]) {
+        debug_assert_eq!(x.len(), g.len());
+        let c = self.channels;
+        let (alpha, mean, inv_std) = (self.alpha, &self.mean[..], &self.inv_std[..]);
+        match self.kind {
+            ActivationKind::Relu => self.rows(x, g, |g, x, _| *g *= f32::from(u8::from(x > 0.0))),
+            // sigmoid'(x) = s(1 - s), recomputed rather than kept from the forward pass.
+            ActivationKind::Sigmoid => self.rows(x, g, |g, x, _| {
+                let s = sigmoid(x);
+                *g *= s * (1.0 - s)
+            }),
+            ActivationKind::Prelu => {
+                for (gr, xr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    for (((g, &x), &a), da) in gr.iter_mut().zip(xr).zip(alpha).zip(dalpha.iter_mut()) {
+                        *da += *g * x.min(0.0);
+                        let pos = f32::from(u8::from(x > 0.0));
+                        *g *= pos + (1.0 - pos) * a; // 1 if x > 0, else a
+                    }
+                }
+            }
+            ActivationKind::Dice => {
+                for (gr, xr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    for j in 0..c {
+                        let (x, dy) = (xr[j], gr[j]);
+                        let p = sigmoid((x - mean[j]) * inv_std[j]);
+                        dalpha[j] += dy * x * (1.0 - p);
+                        // y = x(α + (1-α)p(z)), z = (x - mean)·inv_std with fixed moments.
+                        gr[j] = dy * (alpha[j] + (1.0 - alpha[j]) * (p + x * p * (1.0 - p) * inv_std[j]));
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -61,6 +152,39 @@ impl Activation {
         }
     }
 
+    /// Whether this activation treats every row on its own in `mode`, so that
+    /// blocks of rows can be computed independently: everything except Dice in
+    /// training, whose batch statistics couple all rows.
+    pub fn is_rowwise(&self, mode: Mode) -> bool {
+        !(self.kind == ActivationKind::Dice && mode == Mode::Train)
+    }
+
+    /// The row-wise form of this activation (see [`Activation::is_rowwise`]):
+    /// its per-channel parameters gathered once, Dice with its moving averages.
+    pub fn rowwise(&self, channels: usize) -> Rowwise<'_> {
+        let alpha = self.alpha.as_ref().map_or(&[][..], |a| &a.value[..]);
+        let (mean, inv_std) = if self.kind == ActivationKind::Dice {
+            let mean = self
+                .running_mean
+                .as_ref()
+                .map_or_else(|| vec![0.0; channels], |p| p.value.clone());
+            let inv_std = self.running_var.as_ref().map_or_else(
+                || vec![1.0 / (1.0 + DICE_EPS).sqrt(); channels],
+                |p| p.value.iter().map(|v| 1.0 / (v + DICE_EPS).sqrt()).collect(),
+            );
+            (mean, inv_std)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Rowwise {
+            kind: self.kind,
+            channels,
+            alpha,
+            mean,
+            inv_std,
+        }
+    }
+
     /// `y = act(x)` over `[rows, channels]`. Dice uses batch statistics in
     /// [`Mode::Train`] and the moving averages in [`Mode::Infer`].
     pub fn forward(&self, x: &[f32], rows: usize, mode: Mode, y: &mut Vec<f32>) -> ActivationCache {
@@ -71,53 +195,28 @@ impl Activation {
             return cache;
         }
         let c = x.len() / rows;
-        match self.kind {
-            // Branch-free forms: signs are unpredictable, and a mispredicted
-            // branch per element costs more than the arithmetic.
-            ActivationKind::Relu => y.iter_mut().zip(x).for_each(|(y, &x)| *y = x.max(0.0)),
-            ActivationKind::Sigmoid => y.iter_mut().zip(x).for_each(|(y, &x)| *y = sigmoid(x)),
-            ActivationKind::Prelu => {
-                let alpha = &self.alpha_values();
-                for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                    for ((y, &x), &a) in yr.iter_mut().zip(xr).zip(alpha) {
-                        *y = x.max(0.0) + a * x.min(0.0); // x if x > 0, else a·x (exactly)
-                    }
-                }
-            }
-            ActivationKind::Dice => {
-                cache.batch_stats = mode == Mode::Train;
-                cache.rows = rows;
-                if cache.batch_stats {
-                    let (mean, var) = column_moments(x, rows, c);
-                    cache.mean = mean;
-                    cache.batch_var = var;
-                } else {
-                    cache.mean = self
-                        .running_mean
-                        .as_ref()
-                        .map_or_else(|| vec![0.0; c], |p| p.value.clone());
-                    cache.batch_var = self
-                        .running_var
-                        .as_ref()
-                        .map_or_else(|| vec![1.0; c], |p| p.value.clone());
-                }
-                cache.inv_std = cache.batch_var.iter().map(|v| 1.0 / (v + DICE_EPS).sqrt()).collect();
-                cache.p = vec![0.0; x.len()];
-                let alpha = &self.alpha_values();
-                for ((yr, xr), pr) in y
-                    .chunks_exact_mut(c)
-                    .zip(x.chunks_exact(c))
-                    .zip(cache.p.chunks_exact_mut(c))
-                {
-                    for j in 0..c {
-                        let p = sigmoid((xr[j] - cache.mean[j]) * cache.inv_std[j]);
-                        pr[j] = p;
-                        yr[j] = xr[j] * (alpha[j] + (1.0 - alpha[j]) * p); // p·x + (1-p)·α·x
-                    }
-                }
-                if !cache.batch_stats {
-                    cache.batch_var.clear();
-                }
+        if self.is_rowwise(mode) {
+            self.rowwise(c).apply(x, y);
+            return cache;
+        }
+        // Dice in training: normalise by the batch's own moments.
+        cache.batch_stats = true;
+        cache.rows = rows;
+        let (mean, var) = column_moments(x, rows, c);
+        cache.mean = mean;
+        cache.batch_var = var;
+        cache.inv_std = cache.batch_var.iter().map(|v| 1.0 / (v + DICE_EPS).sqrt()).collect();
+        cache.p = vec![0.0; x.len()];
+        let alpha = &self.alpha_values();
+        for ((yr, xr), pr) in y
+            .chunks_exact_mut(c)
+            .zip(x.chunks_exact(c))
+            .zip(cache.p.chunks_exact_mut(c))
+        {
+            for j in 0..c {
+                let p = sigmoid((xr[j] - cache.mean[j]) * cache.inv_std[j]);
+                pr[j] = p;
+                yr[j] = xr[j] * (alpha[j] + (1.0 - alpha[j]) * p); // p·x + (1-p)·α·x
             }
         }
         cache
@@ -126,78 +225,50 @@ impl Activation {
     /// Writes `dx` from `dy` and accumulates the slope gradient.
     pub fn backward(&mut self, x: &[f32], rows: usize, cache: &ActivationCache, dy: &[f32], dx: &mut Vec<f32>) {
         dx.clear();
-        dx.resize(x.len(), 0.0);
+        dx.extend_from_slice(dy);
         if x.is_empty() {
             return;
         }
         let c = x.len() / rows;
-        match self.kind {
-            ActivationKind::Relu => dx
-                .iter_mut()
-                .zip(x)
-                .zip(dy)
-                .for_each(|((d, &x), &g)| *d = g * f32::from(u8::from(x > 0.0))),
-            // sigmoid'(x) = s(1 - s), recomputed rather than kept from the forward pass.
-            ActivationKind::Sigmoid => dx.iter_mut().zip(x).zip(dy).for_each(|((d, &x), &g)| {
-                let s = sigmoid(x);
-                *d = g * s * (1.0 - s)
-            }),
-            ActivationKind::Prelu => {
-                let alpha = self.alpha_values();
-                let mut dalpha = vec![0.0f32; c];
-                for ((dr, xr), gr) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(dy.chunks_exact(c)) {
-                    for ((((d, &x), &g), &a), da) in dr.iter_mut().zip(xr).zip(gr).zip(&alpha).zip(&mut dalpha) {
-                        let slope = if x > 0.0 { 1.0 } else { a };
-                        *d = slope * g;
-                        *da += g * x.min(0.0);
-                    }
-                }
-                self.add_alpha_grad(&dalpha);
-            }
-            ActivationKind::Dice => {
-                let alpha = self.alpha_values();
-                let mut dalpha = vec![0.0f32; c];
-                // gz: gradient reaching z = (x - mean) * inv_std.
-                let mut gz = vec![0.0f32; x.len()];
-                for r in 0..rows {
-                    for j in 0..c {
-                        let i = r * c + j;
-                        let (xi, p, g) = (x[i], cache.p[i], dy[i]);
-                        dx[i] = g * (alpha[j] + (1.0 - alpha[j]) * p);
-                        dalpha[j] += g * xi * (1.0 - p);
-                        gz[i] = g * (1.0 - alpha[j]) * xi * p * (1.0 - p);
-                    }
-                }
-                if cache.batch_stats {
-                    // Batch-normalisation backward: the mean and variance depend on x.
-                    let n = rows as f32;
-                    let mut mean_gz = vec![0.0f32; c];
-                    let mut mean_gz_z = vec![0.0f32; c];
-                    for r in 0..rows {
-                        for j in 0..c {
-                            let i = r * c + j;
-                            let z = (x[i] - cache.mean[j]) * cache.inv_std[j];
-                            mean_gz[j] += gz[i] / n;
-                            mean_gz_z[j] += gz[i] * z / n;
-                        }
-                    }
-                    for r in 0..rows {
-                        for j in 0..c {
-                            let i = r * c + j;
-                            let z = (x[i] - cache.mean[j]) * cache.inv_std[j];
-                            dx[i] += cache.inv_std[j] * (gz[i] - mean_gz[j] - z * mean_gz_z[j]);
-                        }
-                    }
-                } else {
-                    for r in 0..rows {
-                        for j in 0..c {
-                            dx[r * c + j] += gz[r * c + j] * cache.inv_std[j];
-                        }
-                    }
-                }
-                self.add_alpha_grad(&dalpha);
+        let mut dalpha = vec![0.0f32; if self.alpha.is_some() { c } else { 0 }];
+        if !cache.batch_stats {
+            self.rowwise(c).backward(x, dx, &mut dalpha);
+            self.add_alpha_grad(&dalpha);
+            return;
+        }
+        // Dice with batch statistics.
+        let alpha = self.alpha_values();
+        // gz: gradient reaching z = (x - mean) * inv_std.
+        let mut gz = vec![0.0f32; x.len()];
+        for r in 0..rows {
+            for j in 0..c {
+                let i = r * c + j;
+                let (xi, p, g) = (x[i], cache.p[i], dy[i]);
+                dx[i] = g * (alpha[j] + (1.0 - alpha[j]) * p);
+                dalpha[j] += g * xi * (1.0 - p);
+                gz[i] = g * (1.0 - alpha[j]) * xi * p * (1.0 - p);
             }
         }
+        // Batch-normalisation backward: the mean and variance depend on x.
+        let n = rows as f32;
+        let mut mean_gz = vec![0.0f32; c];
+        let mut mean_gz_z = vec![0.0f32; c];
+        for r in 0..rows {
+            for j in 0..c {
+                let i = r * c + j;
+                let z = (x[i] - cache.mean[j]) * cache.inv_std[j];
+                mean_gz[j] += gz[i] / n;
+                mean_gz_z[j] += gz[i] * z / n;
+            }
+        }
+        for r in 0..rows {
+            for j in 0..c {
+                let i = r * c + j;
+                let z = (x[i] - cache.mean[j]) * cache.inv_std[j];
+                dx[i] += cache.inv_std[j] * (gz[i] - mean_gz[j] - z * mean_gz_z[j]);
+            }
+        }
+        self.add_alpha_grad(&dalpha);
     }
 
     /// Folds a training batch's statistics into Dice's moving averages.

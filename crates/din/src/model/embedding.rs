@@ -1,7 +1,5 @@
 //! Embedding tables and their sparse gradients.
 
-use std::collections::HashMap;
-
 use rand::Rng;
 
 use super::param::{Param, Role};
@@ -51,7 +49,8 @@ impl Embedding {
 }
 
 /// Gradients of the rows one batch touched (architecture.md, trick 3: only
-/// these rows are updated).
+/// these rows are updated). Reusable: [`SparseGrad::clear`] forgets the rows
+/// but keeps the buffers.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SparseGrad {
     /// Row width.
@@ -60,7 +59,10 @@ pub struct SparseGrad {
     pub ids: Vec<u32>,
     /// Their gradients, `[ids.len(), dim]`.
     pub grads: Vec<f32>,
-    index: HashMap<u32, usize>,
+    /// Per table row: 1 + its position in `ids`, or 0 when untouched. A dense
+    /// index (4 bytes per row, beside the table's `4 * dim`) instead of a
+    /// hash map: the lookup is one load, and it is cleared row by row.
+    slot: Vec<u32>,
 }
 
 impl SparseGrad {
@@ -75,12 +77,17 @@ impl SparseGrad {
     /// Adds `g` to row `id`'s gradient.
     pub fn add(&mut self, id: u32, g: &[f32]) {
         let d = self.dim;
-        let slot = *self.index.entry(id).or_insert_with(|| {
+        let i = id as usize;
+        if i >= self.slot.len() {
+            self.slot.resize(i + 1, 0);
+        }
+        if self.slot[i] == 0 {
             self.ids.push(id);
             self.grads.resize(self.grads.len() + d, 0.0);
-            self.ids.len() - 1
-        });
-        self.grads[slot * d..(slot + 1) * d]
+            self.slot[i] = self.ids.len() as u32;
+        }
+        let s = self.slot[i] as usize - 1;
+        self.grads[s * d..(s + 1) * d]
             .iter_mut()
             .zip(g)
             .for_each(|(a, b)| *a += b);
@@ -88,8 +95,18 @@ impl SparseGrad {
 
     /// The gradient of row `id`, if touched.
     pub fn get(&self, id: u32) -> Option<&[f32]> {
-        self.index
-            .get(&id)
-            .map(|&s| &self.grads[s * self.dim..(s + 1) * self.dim])
+        match self.slot.get(id as usize) {
+            Some(&s) if s > 0 => Some(&self.grads[(s as usize - 1) * self.dim..s as usize * self.dim]),
+            _ => None,
+        }
+    }
+
+    /// Forgets every row, keeping the buffers.
+    pub fn clear(&mut self) {
+        for &id in &self.ids {
+            self.slot[id as usize] = 0;
+        }
+        self.ids.clear();
+        self.grads.clear();
     }
 }

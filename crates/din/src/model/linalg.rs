@@ -16,6 +16,7 @@ fn product(
     b: &[f32],
     (b_rs, b_cs): (isize, isize),
     accumulate: bool,
+    may_split: bool,
 ) {
     assert!(
         c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
@@ -30,7 +31,7 @@ fn product(
         }
         return;
     }
-    let parallelism = if m * n * k >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1 {
+    let parallelism = if may_split && m * n * k >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1 {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
@@ -63,19 +64,40 @@ fn product(
     }
 }
 
-/// `c[m,n] (+)= a[m,k] · b[k,n]`.
+/// `c[m,n] (+)= a[m,k] · b[k,n]`, split over the rayon pool when large.
 pub fn matmul(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, n, k, c, a, (k as isize, 1), b, (n as isize, 1), accumulate);
+    product(m, n, k, c, a, (k as isize, 1), b, (n as isize, 1), accumulate, true);
 }
 
 /// `c[m,n] (+)= aᵀ · b` where `a` is stored `[k,m]` and `b` is `[k,n]`.
 pub fn matmul_at_b(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, n, k, c, a, (1, m as isize), b, (n as isize, 1), accumulate);
+    product(m, n, k, c, a, (1, m as isize), b, (n as isize, 1), accumulate, true);
 }
 
 /// `c[m,n] (+)= a · bᵀ` where `a` is `[m,k]` and `b` is stored `[n,k]`.
 pub fn matmul_a_bt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, n, k, c, a, (k as isize, 1), b, (1, k as isize), accumulate);
+    product(m, n, k, c, a, (k as isize, 1), b, (1, k as isize), accumulate, true);
+}
+
+/// The same products on the calling thread only, for code that is already
+/// running one rayon task per block of rows.
+pub mod serial {
+    use super::product;
+
+    /// `c[m,n] (+)= a[m,k] · b[k,n]`.
+    pub fn matmul(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+        product(m, n, k, c, a, (k as isize, 1), b, (n as isize, 1), accumulate, false);
+    }
+
+    /// `c[m,n] (+)= aᵀ · b` where `a` is stored `[k,m]` and `b` is `[k,n]`.
+    pub fn matmul_at_b(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+        product(m, n, k, c, a, (1, m as isize), b, (n as isize, 1), accumulate, false);
+    }
+
+    /// `c[m,n] (+)= a · bᵀ` where `a` is `[m,k]` and `b` is stored `[n,k]`.
+    pub fn matmul_a_bt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+        product(m, n, k, c, a, (k as isize, 1), b, (1, k as isize), accumulate, false);
+    }
 }
 
 #[cfg(test)]

@@ -72,46 +72,74 @@ impl Mlp {
     /// Runs every block on `x` (`[rows, in]`). `rng` drives dropout in training.
     pub fn forward(&self, x: Vec<f32>, rows: usize, mode: Mode, rng: Option<&mut dyn rand::RngCore>) -> MlpCache {
         let mut cache = MlpCache::default();
+        let mut x = x;
+        self.forward_into(&mut x, rows, mode, rng, &mut cache);
+        cache
+    }
+
+    /// [`Mlp::forward`] reusing `cache`'s buffers. `x` is swapped into the
+    /// cache and receives a spare buffer in exchange, so that a caller that
+    /// fills the same `x` every step allocates nothing.
+    pub fn forward_into(
+        &self,
+        x: &mut Vec<f32>,
+        rows: usize,
+        mode: Mode,
+        rng: Option<&mut dyn rand::RngCore>,
+        cache: &mut MlpCache,
+    ) {
         let mut rng = rng;
-        let mut h = x;
-        for b in &self.blocks {
-            let mut pre = Vec::new();
-            b.linear.forward(&h, rows, &mut pre); // [rows, out]
-            let mut out = Vec::new();
-            let ac = b.activation.forward(&pre, rows, mode, &mut out); // [rows, out]
-            let mut mask = Vec::new();
+        let layers = self.blocks.len();
+        cache.inputs.resize_with(layers.max(1), Vec::new);
+        cache.pre.resize_with(layers, Vec::new);
+        cache.masks.resize_with(layers, Vec::new);
+        cache.activations.clear();
+        std::mem::swap(x, &mut cache.inputs[0]);
+        if layers == 0 {
+            cache.output.clear();
+            cache.output.extend_from_slice(&cache.inputs[0]);
+            return;
+        }
+        for (i, b) in self.blocks.iter().enumerate() {
+            b.linear.forward(&cache.inputs[i], rows, &mut cache.pre[i]); // [rows, out]
+            let out = if i + 1 < layers {
+                &mut cache.inputs[i + 1]
+            } else {
+                &mut cache.output
+            };
+            let ac = b.activation.forward(&cache.pre[i], rows, mode, out); // [rows, out]
+            let mask = &mut cache.masks[i];
+            mask.clear();
             if mode == Mode::Train && b.dropout > 0.0 {
                 if let Some(rng) = rng.as_deref_mut() {
                     let keep = 1.0 - b.dropout;
-                    mask = (0..out.len())
-                        .map(|_| if rng.gen::<f32>() < keep { 1.0 / keep } else { 0.0 })
-                        .collect();
-                    out.iter_mut().zip(&mask).for_each(|(o, m)| *o *= m);
+                    mask.extend((0..out.len()).map(|_| if rng.gen::<f32>() < keep { 1.0 / keep } else { 0.0 }));
+                    out.iter_mut().zip(mask.iter()).for_each(|(o, m)| *o *= m);
                 }
             }
-            cache.inputs.push(h);
-            cache.pre.push(pre);
             cache.activations.push(ac);
-            cache.masks.push(mask);
-            h = out;
         }
-        cache.output = h;
-        cache
     }
 
     /// Accumulates parameter gradients and returns `dx` (`[rows, in]`).
     pub fn backward(&mut self, cache: &MlpCache, rows: usize, dy: Vec<f32>) -> Vec<f32> {
         let mut g = dy;
         let mut dpre = Vec::new();
+        self.backward_into(cache, rows, &mut g, &mut dpre);
+        g
+    }
+
+    /// [`Mlp::backward`] in reused buffers: `g` holds `dy` on entry and `dx`
+    /// on return; `scratch` is working space.
+    pub fn backward_into(&mut self, cache: &MlpCache, rows: usize, g: &mut Vec<f32>, scratch: &mut Vec<f32>) {
         for (i, b) in self.blocks.iter_mut().enumerate().rev() {
             if !cache.masks[i].is_empty() {
                 g.iter_mut().zip(&cache.masks[i]).for_each(|(g, m)| *g *= m);
             }
             b.activation
-                .backward(&cache.pre[i], rows, &cache.activations[i], &g, &mut dpre);
-            b.linear.backward(&cache.inputs[i], rows, &dpre, Some(&mut g));
+                .backward(&cache.pre[i], rows, &cache.activations[i], g, scratch);
+            b.linear.backward(&cache.inputs[i], rows, scratch, Some(g));
         }
-        g
     }
 
     /// Folds training batch statistics into Dice's moving averages.

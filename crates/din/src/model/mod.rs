@@ -17,7 +17,7 @@ pub(crate) mod testutil;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-pub use activation::Activation;
+pub use activation::{Activation, Rowwise};
 pub use attention::{Attention, AttentionCache};
 pub use embedding::{Embedding, SparseGrad};
 pub use linear::Linear;
@@ -52,15 +52,30 @@ pub struct Din {
     pub output: Linear,
 }
 
-/// Intermediate values of [`Din::forward`].
-#[derive(Debug, Clone)]
+/// Intermediate values of [`Din::forward`]; pass the same cache to
+/// [`Din::forward_into`] again to reuse its buffers.
+#[derive(Debug, Clone, Default)]
 pub struct DinCache {
     /// Queries, `[B, Dq]`.
     q: Vec<f32>,
     /// Keys of all real behaviours, `[N, Dq]`.
     keys: Vec<f32>,
+    /// Pooled histories, `[B, Dq]`.
+    pooled: Vec<f32>,
+    /// The DNN input `[B, Din]` being built (then swapped into `dnn`).
+    x: Vec<f32>,
+    /// Gradient buffers of the DNN's backward pass.
+    dx: Vec<f32>,
+    dscratch: Vec<f32>,
+    /// Gradient reaching the pooled histories, `[B, Dq]`.
+    dpooled: Vec<f32>,
     attention: AttentionCache,
     dnn: MlpCache,
+    /// Logits, `[B]`.
+    logits: Vec<f32>,
+    /// Gradients reaching the queries `[B, Dq]` and keys `[N, Dq]`.
+    dq: Vec<f32>,
+    dk: Vec<f32>,
 }
 
 impl DinCache {
@@ -105,11 +120,48 @@ impl Din {
     /// Logits `[B]` for a batch, with what the backward pass needs.
     /// `rng` drives dropout in training.
     pub fn forward(&self, batch: &Batch, mode: Mode, rng: Option<&mut dyn rand::RngCore>) -> (Vec<f32>, DinCache) {
+        let mut cache = DinCache::default();
+        let logits = self.forward_into(batch, mode, rng, &mut cache).to_vec();
+        (logits, cache)
+    }
+
+    /// [`Din::forward`] into a cache whose buffers are reused from batch to
+    /// batch; returns the logits `[B]`.
+    pub fn forward_into<'c>(
+        &self,
+        batch: &Batch,
+        mode: Mode,
+        rng: Option<&mut dyn rand::RngCore>,
+        cache: &'c mut DinCache,
+    ) -> &'c [f32] {
+        let x = &mut cache.x;
+        self.gather_inputs(batch, x, &mut cache.q, &mut cache.keys);
+        let offsets = &batch.sequences[self.layout.pairs[0].1].offsets;
+        self.attention.forward_into(
+            &cache.q,
+            &cache.keys,
+            offsets,
+            mode,
+            &mut cache.attention,
+            &mut cache.pooled,
+        ); // [B, Dq]
+        self.finish_inputs(batch, &cache.pooled, &mut cache.x);
+        self.dnn
+            .forward_into(&mut cache.x, batch.rows, mode, rng, &mut cache.dnn); // [B, H]
+        self.output.forward(&cache.dnn.output, batch.rows, &mut cache.logits); // [B, 1]
+        &cache.logits
+    }
+
+    /// The DNN input `[B, Din]` without the pooled histories and unpaired
+    /// sequences (see [`Din::finish_inputs`]), the queries `[B, Dq]` and the
+    /// keys of all real behaviours `[N, Dq]`.
+    fn gather_inputs(&self, batch: &Batch, x: &mut Vec<f32>, q: &mut Vec<f32>, keys: &mut Vec<f32>) {
         let l = &self.layout;
         let b = batch.rows;
         let width = l.dnn_input_dim();
         let dq = l.query_dim();
-        let mut x = vec![0.0f32; b * width]; // [B, Din]
+        x.clear();
+        x.resize(b * width, 0.0); // [B, Din]
         let mut col = 0;
         // Sparse features: one embedding each.
         for (f, slot) in l.sparse.iter().enumerate() {
@@ -128,10 +180,11 @@ impl Din {
             col += dim;
         }
         // Attention: query = concatenated targets, keys = concatenated histories per position.
-        let offsets = &batch.sequences[l.pairs[0].1].offsets;
-        let n = offsets[b] as usize;
-        let mut q = vec![0.0f32; b * dq]; // [B, Dq]
-        let mut keys = vec![0.0f32; n * dq]; // [N, Dq]
+        let n = batch.sequences[l.pairs[0].1].offsets[b] as usize;
+        q.clear();
+        q.resize(b * dq, 0.0); // [B, Dq]
+        keys.clear();
+        keys.resize(n * dq, 0.0); // [N, Dq]
         let mut qcol = 0;
         for &(t, h) in &l.pairs {
             let table = &self.embeddings[l.sparse[t].table];
@@ -145,7 +198,17 @@ impl Din {
             }
             qcol += dim;
         }
-        let (pooled, attention) = self.attention.forward(&q, &keys, offsets, mode); // [B, Dq]
+    }
+
+    /// Writes the pooled histories `[B, Dq]` and the means of the unpaired
+    /// sequences into the DNN input `x`.
+    fn finish_inputs(&self, batch: &Batch, pooled: &[f32], x: &mut [f32]) {
+        let l = &self.layout;
+        let b = batch.rows;
+        let width = l.dnn_input_dim();
+        let dq = l.query_dim();
+        let mut col = l.sparse.iter().map(|s| self.embeddings[s.table].dim()).sum::<usize>()
+            + l.dense.iter().map(|d| d.1).sum::<usize>();
         for r in 0..b {
             x[r * width + col..r * width + col + dq].copy_from_slice(&pooled[r * dq..(r + 1) * dq]);
         }
@@ -169,37 +232,46 @@ impl Din {
             col += dim;
         }
         debug_assert_eq!(col, width);
-        let dnn = self.dnn.forward(x, b, mode, rng); // [B, H]
-        let mut logits = Vec::new();
-        self.output.forward(&dnn.output, b, &mut logits); // [B, 1]
-        (
-            logits,
-            DinCache {
-                q,
-                keys,
-                attention,
-                dnn,
-            },
-        )
     }
 
-    /// Click probabilities `[B]` (inference mode).
+    /// Click probabilities `[B]` (inference mode). The attention unit keeps
+    /// nothing for a backward pass.
     pub fn predict(&self, batch: &Batch) -> Vec<f32> {
-        let (logits, _) = self.forward(batch, Mode::Infer, None);
+        let (mut x, mut q, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+        self.gather_inputs(batch, &mut x, &mut q, &mut keys);
+        let offsets = &batch.sequences[self.layout.pairs[0].1].offsets;
+        let (mut pooled, mut weights) = (Vec::new(), Vec::new());
+        self.attention.infer(&q, &keys, offsets, &mut pooled, &mut weights);
+        self.finish_inputs(batch, &pooled, &mut x);
+        let dnn = self.dnn.forward(x, batch.rows, Mode::Infer, None);
+        let mut logits = Vec::new();
+        self.output.forward(&dnn.output, batch.rows, &mut logits);
         logits.into_iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect()
     }
 
     /// Back-propagates `dlogits` (`[B]`): accumulates dense parameter gradients
     /// in place and returns the embedding gradients of the touched rows.
-    pub fn backward(&mut self, batch: &Batch, cache: &DinCache, dlogits: &[f32]) -> EmbeddingGrads {
+    /// The cache's buffers are reused for gradients: it serves one backward pass.
+    pub fn backward(&mut self, batch: &Batch, cache: &mut DinCache, dlogits: &[f32]) -> EmbeddingGrads {
+        let mut grads = Vec::new();
+        self.backward_into(batch, cache, dlogits, &mut grads);
+        grads
+    }
+
+    /// [`Din::backward`] into reused embedding gradients (cleared first).
+    pub fn backward_into(&mut self, batch: &Batch, cache: &mut DinCache, dlogits: &[f32], grads: &mut EmbeddingGrads) {
         let b = batch.rows;
-        let mut dh = Vec::new();
-        self.output.backward(&cache.dnn.output, b, dlogits, Some(&mut dh)); // [B, H]
-        let dx = self.dnn.backward(&cache.dnn, b, dh); // [B, Din]
+        let mut dx = std::mem::take(&mut cache.dx);
+        self.output.backward(&cache.dnn.output, b, dlogits, Some(&mut dx)); // [B, H]
+        self.dnn.backward_into(&cache.dnn, b, &mut dx, &mut cache.dscratch); // [B, Din]
         let l = &self.layout;
         let width = l.dnn_input_dim();
         let dq_width = l.query_dim();
-        let mut grads: EmbeddingGrads = self.embeddings.iter().map(|e| SparseGrad::new(e.dim())).collect();
+        grads.resize_with(self.embeddings.len(), SparseGrad::default);
+        for (g, e) in grads.iter_mut().zip(&self.embeddings) {
+            g.clear();
+            g.dim = e.dim();
+        }
         let mut col = 0;
         for (f, slot) in l.sparse.iter().enumerate() {
             let dim = self.embeddings[slot.table].dim();
@@ -209,14 +281,16 @@ impl Din {
             col += dim;
         }
         col += l.dense.iter().map(|d| d.1).sum::<usize>();
-        let mut dpooled = vec![0.0f32; b * dq_width];
+        let mut dpooled = std::mem::take(&mut cache.dpooled);
+        dpooled.clear();
+        dpooled.resize(b * dq_width, 0.0);
         for r in 0..b {
             dpooled[r * dq_width..(r + 1) * dq_width].copy_from_slice(&dx[r * width + col..r * width + col + dq_width]);
         }
         col += dq_width;
-        let (dq, dk) = self
-            .attention
-            .backward(&cache.q, &cache.keys, &cache.attention, &dpooled);
+        let (mut dq, mut dk) = (std::mem::take(&mut cache.dq), std::mem::take(&mut cache.dk));
+        self.attention
+            .backward_into(&cache.q, &cache.keys, &mut cache.attention, &dpooled, &mut dq, &mut dk);
         let mut qcol = 0;
         for &(t, h) in &l.pairs {
             let table = l.sparse[t].table;
@@ -250,7 +324,7 @@ impl Din {
             }
             col += dim;
         }
-        grads
+        (cache.dq, cache.dk, cache.dx, cache.dpooled) = (dq, dk, dx, dpooled);
     }
 
     /// Folds a training batch's statistics into Dice's moving averages.

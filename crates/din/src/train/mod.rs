@@ -18,9 +18,10 @@ pub use loss::bce_with_logits;
 pub use optim::Optimizer;
 pub use regularization::regularize;
 
+use crate::data::Batch;
 use crate::data::{apply_vocab, id_counts, infer_vocab, read_dataset, Dataset, ReadOptions};
 use crate::metrics::Metrics;
-use crate::model::{Din, Mode};
+use crate::model::{Din, DinCache, EmbeddingGrads, Mode};
 use crate::schema::{Config, Layout};
 use crate::{Error, Result};
 
@@ -160,6 +161,10 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
     let mut stopped_early = false;
     let mut order: Vec<usize> = (0..data.train.len()).collect();
     let mut dlogits = Vec::new();
+    // Buffers reused from step to step: no allocation in the steady state.
+    let mut cache = DinCache::default();
+    let mut batch = Batch::default();
+    let mut emb = EmbeddingGrads::new();
     let n_batches = data.train.len().div_ceil(tc.batch_size);
 
     for epoch in 1..=tc.epochs {
@@ -169,9 +174,9 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
         }
         let mut loss_sum = 0.0f64;
         for (i, rows) in order.chunks(tc.batch_size).enumerate() {
-            let batch = data.train.batch.gather(rows);
-            let (logits, cache) = model.forward(&batch, Mode::Train, Some(&mut dropout_rng));
-            let loss = bce_with_logits(&logits, &batch.labels, &mut dlogits);
+            data.train.batch.gather_into(rows, &mut batch);
+            let logits = model.forward_into(&batch, Mode::Train, Some(&mut dropout_rng), &mut cache);
+            let loss = bce_with_logits(logits, &batch.labels, &mut dlogits);
             if !loss.is_finite() {
                 return Err(Error::Training(format!(
                     "the loss became {loss} at epoch {epoch}, batch {}; lower train.learning_rate",
@@ -179,7 +184,7 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
                 )));
             }
             model.zero_grad();
-            let mut emb = model.backward(&batch, &cache, &dlogits);
+            model.backward_into(&batch, &mut cache, &dlogits, &mut emb);
             regularize(&tc.regularization, &mut model, &mut emb, &counts);
             optimizer.step(&mut model, &emb);
             model.update_statistics(&cache);

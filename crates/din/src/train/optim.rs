@@ -81,27 +81,15 @@ impl Optimizer {
         let dense = &mut self.dense;
         model.visit_mut("", &mut |_, p| {
             if trained_densely(p.role) {
-                let s = &mut dense[i];
-                for j in 0..p.value.len() {
-                    update(kind, lr_t, &mut p.value[j], p.grad[j], s, j);
-                }
+                update(kind, lr_t, &mut p.value, &p.grad, &mut dense[i], 0);
                 i += 1;
             }
         });
         for ((table, g), s) in model.embeddings.iter_mut().zip(emb).zip(&mut self.tables) {
             let d = g.dim;
-            for (k, &id) in g.ids.iter().enumerate() {
+            for (&id, grad) in g.ids.iter().zip(g.grads.chunks_exact(d)) {
                 let base = id as usize * d;
-                for j in 0..d {
-                    update(
-                        kind,
-                        lr_t,
-                        &mut table.weight.value[base + j],
-                        g.grads[k * d + j],
-                        s,
-                        base + j,
-                    );
-                }
+                update(kind, lr_t, &mut table.weight.value[base..base + d], grad, s, base);
             }
         }
     }
@@ -111,18 +99,25 @@ fn trained_densely(role: Role) -> bool {
     matches!(role, Role::Weight | Role::Bias | Role::Alpha)
 }
 
+/// Updates `w` from `g`; the state slots of `w[0]` are at `s.a[at]`, `s.b[at]`.
+/// One call per tensor or embedding row, so that each loop is vectorised.
 #[inline]
-fn update(kind: OptimizerKind, lr: f32, w: &mut f32, g: f32, s: &mut Slots, j: usize) {
+fn update(kind: OptimizerKind, lr: f32, w: &mut [f32], g: &[f32], s: &mut Slots, at: usize) {
+    let n = w.len();
     match kind {
-        OptimizerKind::Sgd => *w -= lr * g,
+        OptimizerKind::Sgd => w.iter_mut().zip(g).for_each(|(w, g)| *w -= lr * g),
         OptimizerKind::Adagrad => {
-            s.a[j] += g * g;
-            *w -= lr * g / (s.a[j].sqrt() + EPSILON);
+            for ((w, &g), a) in w.iter_mut().zip(g).zip(&mut s.a[at..at + n]) {
+                *a += g * g;
+                *w -= lr * g / (a.sqrt() + EPSILON);
+            }
         }
         OptimizerKind::Adam => {
-            s.a[j] = ADAM_BETA1 * s.a[j] + (1.0 - ADAM_BETA1) * g;
-            s.b[j] = ADAM_BETA2 * s.b[j] + (1.0 - ADAM_BETA2) * g * g;
-            *w -= lr * s.a[j] / (s.b[j].sqrt() + EPSILON);
+            for (((w, &g), m), v) in w.iter_mut().zip(g).zip(&mut s.a[at..at + n]).zip(&mut s.b[at..at + n]) {
+                *m = ADAM_BETA1 * *m + (1.0 - ADAM_BETA1) * g;
+                *v = ADAM_BETA2 * *v + (1.0 - ADAM_BETA2) * g * g;
+                *w -= lr * *m / (v.sqrt() + EPSILON);
+            }
         }
     }
 }
@@ -141,7 +136,14 @@ mod tests {
         };
         let lr_t = 0.01 * (1.0f32 - ADAM_BETA2).sqrt() / (1.0 - ADAM_BETA1);
         let mut w = 1.0;
-        update(OptimizerKind::Adam, lr_t, &mut w, 0.5, &mut s, 0);
+        update(
+            OptimizerKind::Adam,
+            lr_t,
+            std::slice::from_mut(&mut w),
+            &[0.5],
+            &mut s,
+            0,
+        );
         assert!((w - (1.0 - 0.01)).abs() < 1e-5, "{w}");
         // Adagrad: acc = 0.1 + 0.25 = 0.35; w -= 0.1 * 0.5 / sqrt(0.35).
         let mut s = Slots {
@@ -149,11 +151,25 @@ mod tests {
             b: vec![],
         };
         let mut w = 1.0;
-        update(OptimizerKind::Adagrad, 0.1, &mut w, 0.5, &mut s, 0);
+        update(
+            OptimizerKind::Adagrad,
+            0.1,
+            std::slice::from_mut(&mut w),
+            &[0.5],
+            &mut s,
+            0,
+        );
         assert!((w - (1.0 - 0.05 / 0.35f32.sqrt())).abs() < 1e-6, "{w}");
         // SGD: w -= 0.1 * 0.5.
         let mut w = 1.0;
-        update(OptimizerKind::Sgd, 0.1, &mut w, 0.5, &mut Slots::default(), 0);
+        update(
+            OptimizerKind::Sgd,
+            0.1,
+            std::slice::from_mut(&mut w),
+            &[0.5],
+            &mut Slots::default(),
+            0,
+        );
         assert!((w - 0.95).abs() < 1e-7);
     }
 }

@@ -10,6 +10,13 @@
 //! is computed once per sample rather than once per behaviour, and the
 //! `[rows, 4D]` input is never built. Histories are ragged: only real
 //! behaviours are computed (trick 2).
+//!
+//! Two implementations share these weights: the chunk-parallel path
+//! (module `chunked`), used whenever every activation is row-wise, and the
+//! layer-by-layer path below, used for Dice in training (its batch statistics
+//! couple all rows) and for sum pooling. Tests check that both agree.
+
+mod chunked;
 
 use rand::Rng;
 
@@ -36,9 +43,24 @@ pub struct Attention {
     pub pooling: Pooling,
 }
 
-/// Intermediate values of [`Attention::forward`].
+/// Which implementation filled an [`AttentionCache`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Path {
+    /// Nothing yet.
+    #[default]
+    Empty,
+    /// [`chunked`], with what the backward pass needs.
+    Chunked,
+    /// Layer by layer over the whole batch.
+    Layered,
+}
+
+/// Intermediate values of [`Attention::forward`]. Its buffers are reused
+/// when the same cache is passed to [`Attention::forward_into`] again.
 #[derive(Debug, Clone, Default)]
 pub struct AttentionCache {
+    path: Path,
+    chunked: chunked::ChunkedState,
     /// Sample of each behaviour row, `[N]`.
     owner: Vec<u32>,
     /// `Wq + Wd`, `[D, H1]`.
@@ -77,11 +99,55 @@ impl Attention {
         (self.first.linear.input_dim() / 4, h1)
     }
 
-    /// Pools each sample's keys by their attention to its query.
+    /// Pools each sample's keys by their attention to its query, keeping
+    /// what [`Attention::backward`] needs.
     ///
     /// `q`: `[B, D]`; `keys`: `[N, D]`, sample `b` owning rows
     /// `offsets[b]..offsets[b+1]`. Returns the pooled history `[B, D]`.
     pub fn forward(&self, q: &[f32], keys: &[f32], offsets: &[u32], mode: Mode) -> (Vec<f32>, AttentionCache) {
+        let mut cache = AttentionCache::default();
+        let mut pooled = Vec::new();
+        self.forward_into(q, keys, offsets, mode, &mut cache, &mut pooled);
+        (pooled, cache)
+    }
+
+    /// [`Attention::forward`] into reused buffers: `pooled` becomes `[B, D]`.
+    pub fn forward_into(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        offsets: &[u32],
+        mode: Mode,
+        cache: &mut AttentionCache,
+        pooled: &mut Vec<f32>,
+    ) {
+        if self.chunkable(mode) {
+            self.forward_chunked(q, keys, offsets, true, &mut cache.chunked, pooled, &mut cache.weights);
+            cache.path = Path::Chunked;
+        } else {
+            let chunked = std::mem::take(&mut cache.chunked);
+            let (p, c) = self.forward_layered(q, keys, offsets, mode);
+            *pooled = p;
+            *cache = AttentionCache { chunked, ..c };
+        }
+    }
+
+    /// Inference only: the pooled histories `[B, D]` and attention weights
+    /// `[N]`, keeping nothing for a backward pass, so memory does not grow
+    /// with the batch beyond its inputs and outputs.
+    pub fn infer(&self, q: &[f32], keys: &[f32], offsets: &[u32], pooled: &mut Vec<f32>, weights: &mut Vec<f32>) {
+        if self.chunkable(Mode::Infer) {
+            let mut st = chunked::ChunkedState::default();
+            self.forward_chunked(q, keys, offsets, false, &mut st, pooled, weights);
+        } else {
+            let (p, c) = self.forward_layered(q, keys, offsets, Mode::Infer);
+            *pooled = p;
+            *weights = c.weights;
+        }
+    }
+
+    /// The layer-by-layer forward pass over the whole batch.
+    fn forward_layered(&self, q: &[f32], keys: &[f32], offsets: &[u32], mode: Mode) -> (Vec<f32>, AttentionCache) {
         let (d, h1) = self.dims();
         let b = offsets.len() - 1;
         let n = keys.len() / d.max(1);
@@ -95,6 +161,7 @@ impl Attention {
             return (
                 pooled,
                 AttentionCache {
+                    path: Path::Layered,
                     owner,
                     weights,
                     ..AttentionCache::default()
@@ -139,6 +206,8 @@ impl Attention {
         }
         let pooled = pool(&owner, &weights, keys, b, d);
         let cache = AttentionCache {
+            path: Path::Layered,
+            chunked: chunked::ChunkedState::default(),
             owner,
             wq,
             wk,
@@ -152,7 +221,43 @@ impl Attention {
     }
 
     /// Accumulates parameter gradients and returns `(dq [B, D], dkeys [N, D])`.
+    /// The cache's buffers are reused for gradients: it serves one backward pass.
+    ///
+    /// # Panics
+    /// If `cache` does not come from a forward pass with these `q` and `keys`.
     pub fn backward(
+        &mut self,
+        q: &[f32],
+        keys: &[f32],
+        cache: &mut AttentionCache,
+        dpooled: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (mut dq, mut dk) = (Vec::new(), Vec::new());
+        self.backward_into(q, keys, cache, dpooled, &mut dq, &mut dk);
+        (dq, dk)
+    }
+
+    /// [`Attention::backward`] into reused buffers.
+    pub fn backward_into(
+        &mut self,
+        q: &[f32],
+        keys: &[f32],
+        cache: &mut AttentionCache,
+        dpooled: &[f32],
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+    ) {
+        match cache.path {
+            Path::Chunked => {
+                cache.path = Path::Empty;
+                self.backward_chunked(q, keys, &mut cache.chunked, &cache.weights, dpooled, dq, dk);
+            }
+            Path::Layered => (*dq, *dk) = self.backward_layered(q, keys, cache, dpooled),
+            Path::Empty => panic!("Attention::backward needs the cache of a forward pass, used once"),
+        }
+    }
+
+    fn backward_layered(
         &mut self,
         q: &[f32],
         keys: &[f32],
@@ -354,12 +459,12 @@ mod tests {
         let keys = rand_vec(5 * d, 13);
         let r = rand_vec(3 * d, 14);
         let loss = |a: &Attention, q: &[f32], k: &[f32]| dot(&r, &a.forward(q, k, &offsets, mode).0);
-        let (pooled, cache) = att.forward(&q, &keys, &offsets, mode);
+        let (pooled, mut cache) = att.forward(&q, &keys, &offsets, mode);
         assert!(
             pooled[d..2 * d].iter().all(|v| *v == 0.0),
             "an empty history pools to zero"
         );
-        let (dq, dk) = att.backward(&q, &keys, &cache, &r);
+        let (dq, dk) = att.backward(&q, &keys, &mut cache, &r);
         let name = format!("{activation:?}/{normalization:?}/{mode:?}");
         assert_close(
             &format!("{name} dq"),
@@ -409,15 +514,90 @@ mod tests {
         };
         let mut att = Attention::new(2, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
         let keys = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let (pooled, cache) = att.forward(&[0.5, 0.5, 0.1, 0.1], &keys, &[0, 2, 3], Mode::Train);
+        let (pooled, mut cache) = att.forward(&[0.5, 0.5, 0.1, 0.1], &keys, &[0, 2, 3], Mode::Train);
         assert_eq!(pooled, vec![4.0, 6.0, 5.0, 6.0]);
-        let (dq, dk) = att.backward(&[0.5, 0.5, 0.1, 0.1], &keys, &cache, &[1.0, -1.0, 2.0, 3.0]);
+        let (dq, dk) = att.backward(&[0.5, 0.5, 0.1, 0.1], &keys, &mut cache, &[1.0, -1.0, 2.0, 3.0]);
         assert_eq!(dq, vec![0.0; 4]);
         assert_eq!(dk, vec![1.0, -1.0, 1.0, -1.0, 2.0, 3.0]);
         assert!(
             att.first.linear.weight.grad.iter().all(|g| *g == 0.0),
             "the unit is not used"
         );
+    }
+
+    /// The chunked path (several chunks, uneven and empty histories) and the
+    /// layer-by-layer path compute the same values and gradients.
+    #[test]
+    fn chunked_and_layered_paths_agree() {
+        let d = 4;
+        // 70 samples of 0..=40 behaviours: about 1,400 rows, several chunks.
+        let mut offsets = vec![0u32];
+        for s in 0..70u32 {
+            offsets.push(offsets[offsets.len() - 1] + (s * 7) % 41);
+        }
+        let (b, n) = (offsets.len() - 1, offsets[offsets.len() - 1] as usize);
+        assert!(n > 2 * chunked::CHUNK_ROWS_TRAIN, "{n} rows");
+        let q = rand_vec(b * d, 21);
+        let keys = rand_vec(n * d, 22);
+        let dpooled = rand_vec(b * d, 23);
+        for (activation, normalization) in [
+            (ActivationKind::Prelu, Normalization::None),
+            (ActivationKind::Sigmoid, Normalization::Softmax),
+            (ActivationKind::Relu, Normalization::None),
+        ] {
+            let config = AttentionConfig {
+                pooling: Pooling::Attention,
+                hidden_units: vec![12, 6, 5],
+                activation,
+                normalization,
+            };
+            let mut fast = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(31));
+            if let Some(a) = &mut fast.first.activation.alpha {
+                a.value.iter_mut().enumerate().for_each(|(i, v)| *v = 0.05 * i as f32);
+            }
+            let mut slow = fast.clone();
+            let name = format!("{activation:?}/{normalization:?}");
+            let close = |what: &str, a: &[f32], b: &[f32]| {
+                let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                assert_eq!(a.len(), b.len(), "{name} {what}");
+                for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                    assert!((x - y).abs() <= 1e-5 * scale + 1e-6, "{name} {what}[{i}]: {x} vs {y}");
+                }
+            };
+            let (p_fast, mut c_fast) = fast.forward(&q, &keys, &offsets, Mode::Train);
+            assert_eq!(c_fast.path, Path::Chunked, "{name}");
+            let (p_slow, c_slow) = slow.forward_layered(&q, &keys, &offsets, Mode::Train);
+            close("pooled", &p_fast, &p_slow);
+            close("weights", &c_fast.weights, &c_slow.weights);
+            let (mut p_inf, mut w_inf) = (Vec::new(), Vec::new());
+            fast.infer(&q, &keys, &offsets, &mut p_inf, &mut w_inf);
+            close("inferred pooled", &p_inf, &p_slow);
+            let (dq_fast, dk_fast) = fast.backward(&q, &keys, &mut c_fast, &dpooled);
+            let (dq_slow, dk_slow) = slow.backward_layered(&q, &keys, &c_slow, &dpooled);
+            close("dq", &dq_fast, &dq_slow);
+            close("dk", &dk_fast, &dk_slow);
+            let mut grads = Vec::new();
+            slow.visit("att", &mut |name, p| grads.push((name, p.grad.clone())));
+            let mut i = 0;
+            fast.visit("att", &mut |tensor, p| {
+                close(&tensor, &p.grad, &grads[i].1);
+                i += 1;
+            });
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "used once")]
+    fn a_cache_serves_one_backward_pass() {
+        let mut att = Attention::new(
+            2,
+            &AttentionConfig::default(),
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(5),
+        );
+        let (q, keys) = (rand_vec(2, 1), rand_vec(4, 2));
+        let (_, mut cache) = att.forward(&q, &keys, &[0, 2], Mode::Train);
+        att.backward(&q, &keys, &mut cache, &[1.0, 1.0]);
+        att.backward(&q, &keys, &mut cache, &[1.0, 1.0]);
     }
 
     #[test]
