@@ -170,6 +170,14 @@ fn overrides_set_nested_keys_with_toml_or_bare_values() {
         err.contains("with --set model.attention.pooling=bogus") && err.contains("unknown variant `bogus`"),
         "{err}"
     );
+    // A schema-wide embedding width; a feature's own width wins.
+    let mut c = Config::from_toml_file_with(&path, &["schema.embedding_dim=32".to_string()]).expect("dim");
+    c.schema.sparse.iter_mut().for_each(|f| f.embedding_dim = None);
+    c.schema.sparse[0].embedding_dim = Some(4);
+    let layout = c.validate().expect("valid");
+    let dims: Vec<usize> = layout.tables.iter().map(|t| t.dim).collect();
+    assert_eq!(dims[0], 4, "{dims:?}");
+    assert!(dims[1..].iter().all(|&d| d == 32), "{dims:?}");
     let err = Config::from_toml_file_with(&path, &["train.epochs.x=1".to_string()]).expect_err("not a table");
     assert!(err.to_string().contains("`epochs` is not a table"), "{err}");
 }
@@ -182,6 +190,13 @@ fn invalid_configs_name_the_field_and_value() {
         (
             Box::new(|c| c.schema.sparse[0].embedding_dim = Some(0)),
             "schema.sparse[0].embedding_dim`: must be at least 1 (value: 0)",
+        ),
+        (
+            Box::new(|c| {
+                c.schema.sparse.iter_mut().for_each(|f| f.embedding_dim = None);
+                c.schema.embedding_dim = Some(0);
+            }),
+            "schema.embedding_dim`: must be at least 1 (value: 0)",
         ),
         (
             Box::new(|c| c.train.learning_rate = -1.0),

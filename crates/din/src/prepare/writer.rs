@@ -185,6 +185,7 @@ fn config(samples: &Samples, options: &PrepareOptions) -> Config {
         schema: Schema {
             label: "label".into(),
             user: Some("user_id".into()),
+            embedding_dim: None,
             sparse: sparse_features,
             dense,
             sequence: vec![sequence("hist_item_id", "item_id"), sequence("hist_cate_id", "cate_id")],

@@ -92,6 +92,10 @@ pub struct Schema {
     /// Column identifying the user, used to group samples for GAUC.
     #[serde(default)]
     pub user: Option<String>,
+    /// Embedding width of every table that does not set its own (8 when
+    /// absent, as DeepCTR's and the tutorial's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_dim: Option<usize>,
     /// Categorical features with one id per sample.
     #[serde(default)]
     pub sparse: Vec<SparseFeature>,

@@ -168,8 +168,12 @@ impl Config {
             }));
         for (kind, i, name, shares, dim, vocab_size, oov) in features {
             if shares.is_none() {
-                let dim = dim.unwrap_or(DEFAULT_EMBEDDING_DIM);
-                check_dim(&format!("schema.{kind}[{i}].embedding_dim"), dim)?;
+                let (dim, field) = match (dim, s.embedding_dim) {
+                    (Some(d), _) => (d, format!("schema.{kind}[{i}].embedding_dim")),
+                    (None, Some(d)) => (d, "schema.embedding_dim".to_string()),
+                    (None, None) => (DEFAULT_EMBEDDING_DIM, String::new()),
+                };
+                check_dim(&field, dim)?;
                 check_vocab(&format!("schema.{kind}[{i}].vocab_size"), vocab_size)?;
                 table_of.insert(name, tables.len());
                 tables.push(Table {
