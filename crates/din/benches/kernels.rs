@@ -66,7 +66,7 @@ fn attention(c: &mut Criterion) {
         });
         let (mut pooled, mut weights) = (Vec::new(), Vec::new());
         group.bench_function(BenchmarkId::new("infer", &name), |bench| {
-            bench.iter(|| att.infer(&q, &keys, &offsets, &mut pooled, &mut weights))
+            bench.iter(|| att.infer(&q, &keys, &offsets, None, &mut pooled, &mut weights))
         });
     }
     group.finish();

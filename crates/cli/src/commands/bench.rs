@@ -253,6 +253,8 @@ fn measure(a: &RunArgs) -> Result<()> {
         (infer, lat, gemm)
     });
     let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    let history0 = data.train.batch.sequences[data.layout.pairs[0].1].row(0).len();
+    let latency_gflops = forward_flops(&model, &data.layout, 200, 200 * history0) / (p(0.5) / 1e3) / 1e9;
     // Training does the forward and about twice its products backward.
     let train_gflops = 3.0 * flops_forward / n as f64 * train_sps / 1e9;
     let infer_gflops = flops_forward / n as f64 * infer_sps / 1e9;
@@ -268,6 +270,8 @@ fn measure(a: &RunArgs) -> Result<()> {
         "peak_rss_mib": peak_rss_mib(),
         "train_useful_gflops": train_gflops,
         "inference_useful_gflops": infer_gflops,
+        "latency_history_length": history0,
+        "latency_useful_gflops": latency_gflops,
         "gemm_peak_gflops": gemm_gflops,
     });
     if a.json {
@@ -282,7 +286,7 @@ fn measure(a: &RunArgs) -> Result<()> {
         println!("training            {train_sps:>10.0} samples/s   {train_gflops:>6.1} useful GFLOP/s");
         println!("inference (4096)    {infer_sps:>10.0} samples/s   {infer_gflops:>6.1} useful GFLOP/s");
         println!(
-            "1 user x 200        {:>10.3} ms median   {:.3} ms p99 ({} runs)",
+            "1 user x 200        {:>10.3} ms median   {:.3} ms p99 ({} runs, history {history0}, {latency_gflops:.1} useful GFLOP/s)",
             p(0.5),
             p(0.99),
             latencies.len()

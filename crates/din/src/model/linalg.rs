@@ -5,6 +5,11 @@ use gemm::{gemm, Parallelism};
 /// Products smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_THRESHOLD: usize = 1 << 16;
 
+/// Whether a `rows x cols` matrix with non-negative strides lies inside `len` elements.
+fn fits(len: usize, rows: usize, cols: usize, rs: isize, cs: isize) -> bool {
+    rows == 0 || cols == 0 || (rs >= 0 && cs >= 0 && (rows - 1) * (rs as usize) + (cols - 1) * (cs as usize) < len)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn product(
     m: usize,
@@ -19,7 +24,7 @@ fn product(
     may_split: bool,
 ) {
     assert!(
-        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        c.len() >= m * n && fits(a.len(), m, k, a_rs, a_cs) && fits(b.len(), k, n, b_rs, b_cs),
         "matrix product shape mismatch"
     );
     if m == 0 || n == 0 {
@@ -89,6 +94,14 @@ pub mod serial {
         product(m, n, k, c, a, (k as isize, 1), b, (n as isize, 1), accumulate, false);
     }
 
+    /// `c[m,n] (+)= a · b` where row `i` of `a` starts at `a[i * lda]`
+    /// (`lda >= k`): a block of columns of a wider matrix.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_lda(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], c: &mut [f32], accumulate: bool) {
+        assert!(lda >= k, "row stride {lda} below the row width {k}");
+        product(m, n, k, c, a, (lda as isize, 1), b, (n as isize, 1), accumulate, false);
+    }
+
     /// `c[m,n] (+)= aᵀ · b` where `a` is stored `[k,m]` and `b` is `[k,n]`.
     pub fn matmul_at_b(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
         product(m, n, k, c, a, (1, m as isize), b, (n as isize, 1), accumulate, false);
@@ -145,6 +158,26 @@ mod tests {
         for (x, y) in c3.iter().zip(&want) {
             assert!((x - y).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn a_column_block_of_a_wider_matrix() {
+        // a = columns 1..3 of a [4, 5] matrix, times b [2, 3].
+        let wide: Vec<f32> = (0..20).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let b: Vec<f32> = (0..6).map(|i| (i as f32 * 0.7).sin()).collect();
+        let want = naive(4, 2, 3, |i, p| wide[i * 5 + 1 + p], |p, j| b[p * 3 + j]);
+        let mut c = vec![0.0; 12];
+        serial::matmul_lda(4, 2, 3, &wide[1..], 5, &b, &mut c, false);
+        for (x, y) in c.iter().zip(&want) {
+            assert!((x - y).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "shape mismatch")]
+    fn a_matrix_past_its_buffer_is_refused() {
+        let mut c = vec![0.0; 4];
+        serial::matmul_lda(2, 2, 2, &[0.0; 5], 4, &[0.0; 4], &mut c, false);
     }
 
     #[test]

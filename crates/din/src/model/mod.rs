@@ -235,13 +235,25 @@ impl Din {
     }
 
     /// Click probabilities `[B]` (inference mode). The attention unit keeps
-    /// nothing for a backward pass.
+    /// nothing for a backward pass, and consecutive samples with the same
+    /// history (one request's candidates) share its history term.
     pub fn predict(&self, batch: &Batch) -> Vec<f32> {
         let (mut x, mut q, mut keys) = (Vec::new(), Vec::new(), Vec::new());
         self.gather_inputs(batch, &mut x, &mut q, &mut keys);
         let offsets = &batch.sequences[self.layout.pairs[0].1].offsets;
+        // Candidates of one request follow each other with the same history.
+        let same_history: Vec<bool> = (0..batch.rows)
+            .map(|s| {
+                s > 0
+                    && self.layout.pairs.iter().all(|&(_, h)| {
+                        let seq = &batch.sequences[h];
+                        seq.row(s) == seq.row(s - 1)
+                    })
+            })
+            .collect();
         let (mut pooled, mut weights) = (Vec::new(), Vec::new());
-        self.attention.infer(&q, &keys, offsets, &mut pooled, &mut weights);
+        self.attention
+            .infer(&q, &keys, offsets, Some(&same_history), &mut pooled, &mut weights);
         self.finish_inputs(batch, &pooled, &mut x);
         let dnn = self.dnn.forward(x, batch.rows, Mode::Infer, None);
         let mut logits = Vec::new();

@@ -1,7 +1,7 @@
 //! Optimizers: Adam, Adagrad, SGD. Dense parameters are updated every step;
 //! embedding tables only on the rows a batch touched (lazy updates).
 
-use crate::model::{Din, EmbeddingGrads, Module, Role};
+use crate::model::{Din, EmbeddingGrads, Module, Role, SparseGrad};
 use crate::schema::OptimizerKind;
 
 /// Adam's first-moment decay.
@@ -81,39 +81,92 @@ impl Optimizer {
         let dense = &mut self.dense;
         model.visit_mut("", &mut |_, p| {
             if trained_densely(p.role) {
-                update(kind, lr_t, &mut p.value, &p.grad, &mut dense[i], 0);
+                let s = &mut dense[i];
+                update(kind, lr_t, &mut p.value, &p.grad, &mut s.a, &mut s.b);
                 i += 1;
             }
         });
         for ((table, g), s) in model.embeddings.iter_mut().zip(emb).zip(&mut self.tables) {
-            let d = g.dim;
-            for (&id, grad) in g.ids.iter().zip(g.grads.chunks_exact(d)) {
-                let base = id as usize * d;
-                update(kind, lr_t, &mut table.weight.value[base..base + d], grad, s, base);
-            }
+            update_rows(kind, lr_t, &mut table.weight.value, g, s);
         }
     }
 }
+
+/// `rows[from..]` when the state exists, else nothing (SGD has no state).
+fn state(v: &mut [f32], from: usize, len: usize) -> &mut [f32] {
+    if v.is_empty() {
+        &mut []
+    } else {
+        &mut v[from..from + len]
+    }
+}
+
+/// Lazy update of the rows `g` touched. Large updates run in parallel over
+/// contiguous ranges of the table: each range is a disjoint mutable slice of
+/// the table and its state, and each task applies the touched rows that fall
+/// in its range (every row is updated once, by the same arithmetic, so the
+/// result does not depend on the split).
+fn update_rows(kind: OptimizerKind, lr: f32, table: &mut [f32], g: &SparseGrad, s: &mut Slots) {
+    use rayon::prelude::*;
+    let d = g.dim.max(1);
+    let apply = |w: &mut [f32], a: &mut [f32], b: &mut [f32], first_row: usize, end_row: usize| {
+        for (&id, grad) in g.ids.iter().zip(g.grads.chunks_exact(d)) {
+            let id = id as usize;
+            if (first_row..end_row).contains(&id) {
+                let at = (id - first_row) * d;
+                update(kind, lr, &mut w[at..at + d], grad, state(a, at, d), state(b, at, d));
+            }
+        }
+    };
+    let rows = table.len() / d;
+    let parts = 4 * rayon::current_num_threads();
+    if g.ids.len() * d < PARALLEL_ROW_UPDATE || parts <= 4 {
+        apply(table, &mut s.a, &mut s.b, 0, rows);
+        return;
+    }
+    let span = rows.div_ceil(parts) * d;
+    fn pieces(v: &mut [f32], span: usize, parts: usize) -> Vec<&mut [f32]> {
+        if v.is_empty() {
+            (0..parts).map(|_| &mut [][..]).collect()
+        } else {
+            v.chunks_mut(span).collect()
+        }
+    }
+    let (a, b) = (pieces(&mut s.a, span, parts), pieces(&mut s.b, span, parts));
+    table
+        .par_chunks_mut(span)
+        .zip(a)
+        .zip(b)
+        .enumerate()
+        .for_each(|(i, ((w, a), b))| {
+            let first = i * span / d;
+            apply(w, a, b, first, first + w.len() / d)
+        });
+}
+
+/// Touched embedding values from which the update is split over threads.
+const PARALLEL_ROW_UPDATE: usize = 1 << 15;
 
 fn trained_densely(role: Role) -> bool {
     matches!(role, Role::Weight | Role::Bias | Role::Alpha)
 }
 
-/// Updates `w` from `g`; the state slots of `w[0]` are at `s.a[at]`, `s.b[at]`.
-/// One call per tensor or embedding row, so that each loop is vectorised.
+/// Updates `w` from `g` with its state `a` (Adam's first moment, Adagrad's
+/// accumulator) and `b` (Adam's second moment), each as long as `w` when the
+/// optimizer has it. One call per tensor or embedding row, so that each loop
+/// is vectorised.
 #[inline]
-fn update(kind: OptimizerKind, lr: f32, w: &mut [f32], g: &[f32], s: &mut Slots, at: usize) {
-    let n = w.len();
+fn update(kind: OptimizerKind, lr: f32, w: &mut [f32], g: &[f32], a: &mut [f32], b: &mut [f32]) {
     match kind {
         OptimizerKind::Sgd => w.iter_mut().zip(g).for_each(|(w, g)| *w -= lr * g),
         OptimizerKind::Adagrad => {
-            for ((w, &g), a) in w.iter_mut().zip(g).zip(&mut s.a[at..at + n]) {
+            for ((w, &g), a) in w.iter_mut().zip(g).zip(a) {
                 *a += g * g;
                 *w -= lr * g / (a.sqrt() + EPSILON);
             }
         }
         OptimizerKind::Adam => {
-            for (((w, &g), m), v) in w.iter_mut().zip(g).zip(&mut s.a[at..at + n]).zip(&mut s.b[at..at + n]) {
+            for (((w, &g), m), v) in w.iter_mut().zip(g).zip(a).zip(b) {
                 *m = ADAM_BETA1 * *m + (1.0 - ADAM_BETA1) * g;
                 *v = ADAM_BETA2 * *v + (1.0 - ADAM_BETA2) * g * g;
                 *w -= lr * *m / (v.sqrt() + EPSILON);
@@ -125,6 +178,48 @@ fn update(kind: OptimizerKind, lr: f32, w: &mut [f32], g: &[f32], s: &mut Slots,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parallel row update gives bitwise the serial one, for every optimizer.
+    #[test]
+    fn parallel_row_updates_equal_serial_ones() {
+        use rand::{Rng, SeedableRng};
+        let (rows, d) = (50_000usize, 4usize);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let table: Vec<f32> = (0..rows * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let mut g = SparseGrad::new(d);
+        for _ in 0..30_000 {
+            let id = rng.gen_range(0..rows as u32);
+            let grad: Vec<f32> = (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            g.add(id, &grad);
+        }
+        assert!(g.ids.len() * d >= PARALLEL_ROW_UPDATE);
+        for kind in [OptimizerKind::Adam, OptimizerKind::Adagrad, OptimizerKind::Sgd] {
+            let run = |threads: usize| {
+                let mut w = table.clone();
+                let mut s = Slots {
+                    a: if kind == OptimizerKind::Sgd {
+                        vec![]
+                    } else {
+                        vec![0.1; rows * d]
+                    },
+                    b: if kind == OptimizerKind::Adam {
+                        vec![0.2; rows * d]
+                    } else {
+                        vec![]
+                    },
+                };
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("pool");
+                pool.install(|| update_rows(kind, 0.01, &mut w, &g, &mut s));
+                (w, s.a, s.b)
+            };
+            let serial = run(1);
+            assert!(serial.0 != table, "{kind:?} updated something");
+            assert!(run(3) == serial, "{kind:?}: parallel differs from serial");
+        }
+    }
 
     #[test]
     fn single_updates_match_hand_computation() {
@@ -141,8 +236,8 @@ mod tests {
             lr_t,
             std::slice::from_mut(&mut w),
             &[0.5],
-            &mut s,
-            0,
+            &mut s.a,
+            &mut s.b,
         );
         assert!((w - (1.0 - 0.01)).abs() < 1e-5, "{w}");
         // Adagrad: acc = 0.1 + 0.25 = 0.35; w -= 0.1 * 0.5 / sqrt(0.35).
@@ -156,8 +251,8 @@ mod tests {
             0.1,
             std::slice::from_mut(&mut w),
             &[0.5],
-            &mut s,
-            0,
+            &mut s.a,
+            &mut s.b,
         );
         assert!((w - (1.0 - 0.05 / 0.35f32.sqrt())).abs() < 1e-6, "{w}");
         // SGD: w -= 0.1 * 0.5.
@@ -167,8 +262,8 @@ mod tests {
             0.1,
             std::slice::from_mut(&mut w),
             &[0.5],
-            &mut Slots::default(),
-            0,
+            &mut [],
+            &mut [],
         );
         assert!((w - 0.95).abs() < 1e-7);
     }

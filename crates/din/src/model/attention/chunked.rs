@@ -96,6 +96,9 @@ struct Shared<'a> {
     offsets: &'a [u32],
     q: &'a [f32],
     keys: &'a [f32],
+    /// Inference only: `same_history[s]` when sample `s` has the same history
+    /// as sample `s - 1` (architecture.md, trick 4).
+    same_history: Option<&'a [bool]>,
 }
 
 impl Shared<'_> {
@@ -123,12 +126,15 @@ impl Shared<'_> {
     }
 
     /// Forward pass of samples `s0..s1`: writes their attention weights
-    /// (`[n]`), pooled histories (`[s1-s0, D]`) and fills `region`.
+    /// (`[n]`), pooled histories (`[s1-s0, D]`) and fills `region`. With
+    /// `same_history`, `k1` (at least `[n, H1]`) holds the history term.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         s0: usize,
         s1: usize,
         region: &mut [f32],
+        k1: &mut [f32],
         aq: &mut [f32],
         weights: &mut [f32],
         pooled: &mut [f32],
@@ -153,7 +159,34 @@ impl Shared<'_> {
             let (out, tail) = tail.split_at_mut(n * h);
             rest = tail;
             let act = block.activation.rowwise(h);
-            if l == 0 {
+            if let (0, Some(same)) = (l, self.same_history) {
+                // Common features: k_t·Wk' once per history, shared by the
+                // samples (candidates) that follow with the same history.
+                let (wk, wp) = self.wkp.split_at(d * h);
+                if n > 0 {
+                    serial::matmul_lda(n, d, h, &input[d..], 2 * d, wp, pre, false);
+                    // (q*k)·Wp, [n, H1]
+                }
+                for s in s0..s1 {
+                    let (t0, t1) = self.rows(s, s + 1);
+                    let len = t1 - t0;
+                    if s == s0 || !same[s] {
+                        let first = &input[(t0 - r0) * 2 * d..(t1 - r0) * 2 * d];
+                        serial::matmul_lda(len, d, h, first, 2 * d, wk, &mut k1[..len * h], false);
+                        // [len, H1]
+                    }
+                    let rows = (t0 - r0) * h..(t1 - r0) * h;
+                    pre[rows.clone()]
+                        .iter_mut()
+                        .zip(&k1[..len * h])
+                        .for_each(|(p, k)| *p += k);
+                    act.add_bias_apply(
+                        &mut pre[rows.clone()],
+                        &aq[(s - s0) * h..(s - s0 + 1) * h],
+                        &mut out[rows],
+                    );
+                }
+            } else if l == 0 {
                 // pre1_t = [k_t, q_b*k_t]·[Wk'; Wp] + (q_b·Wq' + b1)
                 serial::matmul(n, 2 * d, h, input, self.wkp, pre, false); // [n, H1]
                 for s in s0..s1 {
@@ -366,6 +399,7 @@ impl Attention {
         keys: &[f32],
         offsets: &[u32],
         keep: bool,
+        same_history: Option<&[bool]>,
         st: &mut ChunkedState,
         pooled: &mut Vec<f32>,
         weights: &mut Vec<f32>,
@@ -416,6 +450,7 @@ impl Attention {
             offsets,
             q,
             keys,
+            same_history: if keep { None } else { same_history },
         };
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
         let rows = |&(s0, s1): &(usize, usize)| (offsets[s1] - offsets[s0]) as usize;
@@ -431,12 +466,14 @@ impl Attention {
             .zip(pooled)
             .for_each(|(((((s0, s1), region), aq), weights), pooled)| {
                 if train {
-                    shared.forward(s0, s1, region, aq, weights, pooled);
+                    shared.forward(s0, s1, region, &mut [], aq, weights, pooled);
                 } else {
                     SCRATCH.with(|scratch| {
                         let mut scratch = scratch.borrow_mut();
-                        let region = at_least(&mut scratch, (offsets[s1] - offsets[s0]) as usize * width);
-                        shared.forward(s0, s1, region, aq, weights, pooled);
+                        let n = (offsets[s1] - offsets[s0]) as usize;
+                        let k1 = if shared.same_history.is_some() { n * h1 } else { 0 };
+                        let (region, k1) = at_least(&mut scratch, n * width + k1).split_at_mut(n * width);
+                        shared.forward(s0, s1, region, k1, aq, weights, pooled);
                     });
                 }
             });
@@ -489,6 +526,7 @@ impl Attention {
             offsets,
             q,
             keys,
+            same_history: None,
         };
         chunks
             .par_iter()

@@ -122,7 +122,16 @@ impl Attention {
         pooled: &mut Vec<f32>,
     ) {
         if self.chunkable(mode) {
-            self.forward_chunked(q, keys, offsets, true, &mut cache.chunked, pooled, &mut cache.weights);
+            self.forward_chunked(
+                q,
+                keys,
+                offsets,
+                true,
+                None,
+                &mut cache.chunked,
+                pooled,
+                &mut cache.weights,
+            );
             cache.path = Path::Chunked;
         } else {
             let chunked = std::mem::take(&mut cache.chunked);
@@ -135,10 +144,23 @@ impl Attention {
     /// Inference only: the pooled histories `[B, D]` and attention weights
     /// `[N]`, keeping nothing for a backward pass, so memory does not grow
     /// with the batch beyond its inputs and outputs.
-    pub fn infer(&self, q: &[f32], keys: &[f32], offsets: &[u32], pooled: &mut Vec<f32>, weights: &mut Vec<f32>) {
+    ///
+    /// `same_history[s]` (`[B]`, optional) says that sample `s` has the same
+    /// history as sample `s - 1`, as the candidates of one request do: the
+    /// history's share of the first layer, `k·(Wk - Wd)`, is then computed
+    /// once for them (architecture.md, trick 4; exact).
+    pub fn infer(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        offsets: &[u32],
+        same_history: Option<&[bool]>,
+        pooled: &mut Vec<f32>,
+        weights: &mut Vec<f32>,
+    ) {
         if self.chunkable(Mode::Infer) {
             let mut st = chunked::ChunkedState::default();
-            self.forward_chunked(q, keys, offsets, false, &mut st, pooled, weights);
+            self.forward_chunked(q, keys, offsets, false, same_history, &mut st, pooled, weights);
         } else {
             let (p, c) = self.forward_layered(q, keys, offsets, Mode::Infer);
             *pooled = p;
@@ -570,8 +592,9 @@ mod tests {
             close("pooled", &p_fast, &p_slow);
             close("weights", &c_fast.weights, &c_slow.weights);
             let (mut p_inf, mut w_inf) = (Vec::new(), Vec::new());
-            fast.infer(&q, &keys, &offsets, &mut p_inf, &mut w_inf);
+            fast.infer(&q, &keys, &offsets, None, &mut p_inf, &mut w_inf);
             close("inferred pooled", &p_inf, &p_slow);
+            close("inferred weights", &w_inf, &c_slow.weights);
             let (dq_fast, dk_fast) = fast.backward(&q, &keys, &mut c_fast, &dpooled);
             let (dq_slow, dk_slow) = slow.backward_layered(&q, &keys, &c_slow, &dpooled);
             close("dq", &dq_fast, &dq_slow);
@@ -583,6 +606,41 @@ mod tests {
                 close(&tensor, &p.grad, &grads[i].1);
                 i += 1;
             });
+        }
+    }
+
+    /// Sharing the history term between candidates with the same history
+    /// (the common-feature trick) changes nothing but the rounding.
+    #[test]
+    fn shared_histories_give_the_same_scores() {
+        let d = 3;
+        let config = AttentionConfig {
+            pooling: Pooling::Attention,
+            hidden_units: vec![10, 4],
+            activation: ActivationKind::Prelu,
+            normalization: Normalization::Softmax,
+        };
+        let att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(8));
+        // Users with histories of 0..=45 behaviours and 1..=7 candidates each.
+        let (mut offsets, mut keys, mut same) = (vec![0u32], Vec::new(), Vec::new());
+        for user in 0..40usize {
+            let history = rand_vec((user * 13 % 46) * d, 100 + user as u64);
+            for c in 0..1 + user % 7 {
+                keys.extend_from_slice(&history);
+                offsets.push(offsets[offsets.len() - 1] + (history.len() / d) as u32);
+                same.push(c > 0);
+            }
+        }
+        let b = offsets.len() - 1;
+        assert!(offsets[b] as usize > 4 * chunked::CHUNK_ROWS_INFER, "several chunks");
+        let q = rand_vec(b * d, 7);
+        let (mut p0, mut w0, mut p1, mut w1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        att.infer(&q, &keys, &offsets, None, &mut p0, &mut w0);
+        att.infer(&q, &keys, &offsets, Some(&same), &mut p1, &mut w1);
+        for (what, a, b) in [("pooled", &p1, &p0), ("weights", &w1, &w0)] {
+            for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+            }
         }
     }
 
