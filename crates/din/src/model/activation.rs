@@ -68,6 +68,7 @@ impl Rowwise<'_> {
     }
 
     /// `y = act(x)`, both `[rows, channels]`.
+    #[inline(always)]
     pub fn apply(&self, x: &[f32], y: &mut [f32]) {
         debug_assert_eq!(x.len(), y.len());
         let (alpha, mean, inv_std) = (self.alpha, &self.mean[..], &self.inv_std[..]);
@@ -85,9 +86,62 @@ impl Rowwise<'_> {
         }
     }
 
+    /// `x = act(x + extra + bias)` in place, row by row: `bias` is
+    /// `[channels]`, `extra` (optional) is as long as `x`. The inference
+    /// form, which keeps no pre-activation: one read and one write per value.
+    pub fn add_apply_in_place(&self, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: the CPU has every feature `add_apply_in_place_avx512` is compiled for.
+            return unsafe { self.add_apply_in_place_avx512(x, extra, bias) };
+        }
+        self.add_apply_in_place_body(x, extra, bias)
+    }
+
+    /// [`Rowwise::add_apply_in_place`] compiled for AVX-512: 16 lanes
+    /// instead of SSE's 4 for a loop that runs on data in L1/L2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    unsafe fn add_apply_in_place_avx512(&self, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) {
+        self.add_apply_in_place_body(x, extra, bias)
+    }
+
+    #[inline(always)]
+    fn add_apply_in_place_body(&self, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) {
+        let c = self.channels;
+        let (alpha, mean, inv_std) = (self.alpha, &self.mean[..], &self.inv_std[..]);
+        for (r, xr) in x.chunks_exact_mut(c).enumerate() {
+            match extra {
+                Some(e) => xr
+                    .iter_mut()
+                    .zip(&e[r * c..(r + 1) * c])
+                    .zip(bias)
+                    .for_each(|((x, e), b)| *x += e + b),
+                None => xr.iter_mut().zip(bias).for_each(|(x, b)| *x += b),
+            }
+            match self.kind {
+                ActivationKind::Relu => xr.iter_mut().for_each(|x| *x = x.max(0.0)),
+                ActivationKind::Sigmoid => xr.iter_mut().for_each(|x| *x = sigmoid(*x)),
+                ActivationKind::Prelu => xr
+                    .iter_mut()
+                    .zip(alpha)
+                    .for_each(|(x, a)| *x = x.max(0.0) + a * x.min(0.0)),
+                ActivationKind::Dice => {
+                    for (j, x) in xr.iter_mut().enumerate() {
+                        let p = sigmoid((*x - mean[j]) * inv_std[j]);
+                        *x *= alpha[j] + (1.0 - alpha[j]) * p;
+                    }
+                }
+            }
+        }
+    }
+
     /// `pre += bias` row by row (`bias` is `[channels]`), then `y = act(pre)`:
     /// one pass over the block instead of two.
     pub fn add_bias_apply(&self, pre: &mut [f32], bias: &[f32], y: &mut [f32]) {
+        // Not built for AVX-512 as the two loops beside it are: with a separate
+        // output this pass is bound by memory, and the wider build measured
+        // slower (8.3% of training cycles against 6.6%).
         let c = self.channels;
         for (pr, yr) in pre.chunks_exact_mut(c).zip(y.chunks_exact_mut(c)) {
             pr.iter_mut().zip(bias).for_each(|(p, b)| *p += b);
@@ -98,6 +152,23 @@ impl Rowwise<'_> {
     /// The backward pass of [`Rowwise::apply`], in place: `g` holds `dy` on
     /// entry and `dx` on return; the slope gradient is added to `dalpha`.
     pub fn backward(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: the CPU has every feature `backward_avx512` is compiled for.
+            return unsafe { self.backward_avx512(x, g, dalpha) };
+        }
+        self.backward_body(x, g, dalpha)
+    }
+
+    /// [`Rowwise::backward`] compiled for AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    unsafe fn backward_avx512(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32]) {
+        self.backward_body(x, g, dalpha)
+    }
+
+    #[inline(always)]
+    fn backward_body(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32]) {
         debug_assert_eq!(x.len(), g.len());
         let c = self.channels;
         let (alpha, mean, inv_std) = (self.alpha, &self.mean[..], &self.inv_std[..]);
@@ -132,6 +203,15 @@ impl Rowwise<'_> {
     }
 }
 
+/// Whether this CPU runs the AVX-512 builds of the element-wise loops (the
+/// standard library caches the detection).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") && has!("avx2") && has!("fma")
+}
+
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }

@@ -99,6 +99,9 @@ struct Shared<'a> {
     /// Inference only: `same_history[s]` when sample `s` has the same history
     /// as sample `s - 1` (architecture.md, trick 4).
     same_history: Option<&'a [bool]>,
+    /// Training: keep each layer's pre-activation and output for the backward
+    /// pass. Inference applies activations in place.
+    keep: bool,
 }
 
 impl Shared<'_> {
@@ -159,9 +162,11 @@ impl Shared<'_> {
             let (out, tail) = tail.split_at_mut(n * h);
             rest = tail;
             let act = block.activation.rowwise(h);
+            let bias = &block.linear.bias.value;
             if let (0, Some(same)) = (l, self.same_history) {
-                // Common features: k_t·Wk' once per history, shared by the
-                // samples (candidates) that follow with the same history.
+                // Inference with common features: k_t·Wk' once per history,
+                // shared by the samples (candidates) that follow with the same
+                // history; the activation is applied in place.
                 let (wk, wp) = self.wkp.split_at(d * h);
                 if n > 0 {
                     serial::matmul_lda(n, d, h, &input[d..], 2 * d, wp, pre, false);
@@ -175,40 +180,40 @@ impl Shared<'_> {
                         serial::matmul_lda(len, d, h, first, 2 * d, wk, &mut k1[..len * h], false);
                         // [len, H1]
                     }
-                    let rows = (t0 - r0) * h..(t1 - r0) * h;
-                    pre[rows.clone()]
-                        .iter_mut()
-                        .zip(&k1[..len * h])
-                        .for_each(|(p, k)| *p += k);
-                    act.add_bias_apply(
-                        &mut pre[rows.clone()],
-                        &aq[(s - s0) * h..(s - s0 + 1) * h],
-                        &mut out[rows],
-                    );
+                    let a = &aq[(s - s0) * h..(s - s0 + 1) * h];
+                    act.add_apply_in_place(&mut pre[(t0 - r0) * h..(t1 - r0) * h], Some(&k1[..len * h]), a);
                 }
+                input = pre;
             } else if l == 0 {
                 // pre1_t = [k_t, q_b*k_t]·[Wk'; Wp] + (q_b·Wq' + b1)
                 serial::matmul(n, 2 * d, h, input, self.wkp, pre, false); // [n, H1]
                 for s in s0..s1 {
                     let (t0, t1) = self.rows(s, s + 1);
                     let rows = (t0 - r0) * h..(t1 - r0) * h;
-                    act.add_bias_apply(
-                        &mut pre[rows.clone()],
-                        &aq[(s - s0) * h..(s - s0 + 1) * h],
-                        &mut out[rows],
-                    );
+                    let a = &aq[(s - s0) * h..(s - s0 + 1) * h];
+                    if self.keep {
+                        act.add_bias_apply(&mut pre[rows.clone()], a, &mut out[rows]);
+                    } else {
+                        act.add_apply_in_place(&mut pre[rows], None, a);
+                    }
                 }
+                input = if self.keep { out } else { pre };
             } else {
                 serial::matmul(n, width_in, h, input, &block.linear.weight.value, pre, false); // [n, h]
-                act.add_bias_apply(pre, &block.linear.bias.value, out);
+                if self.keep {
+                    act.add_bias_apply(pre, bias, out);
+                    input = out;
+                } else {
+                    act.add_apply_in_place(pre, None, bias);
+                    input = pre;
+                }
             }
-            input = out;
             width_in = h;
         }
         // Scores, normalisation, pooling.
         let (w_out, b_out) = (&att.output.weight.value, att.output.bias.value[0]);
         for (w, h) in weights.iter_mut().zip(input.chunks_exact(width_in)) {
-            *w = h.iter().zip(w_out).map(|(a, b)| a * b).sum::<f32>() + b_out;
+            *w = dot(h, w_out) + b_out;
         }
         pooled.iter_mut().for_each(|p| *p = 0.0);
         for s in s0..s1 {
@@ -341,6 +346,20 @@ impl Shared<'_> {
     }
 }
 
+/// `a·b` with 8 partial sums, so that it vectorises (a plain sum of f32 is
+/// kept in order by the compiler and runs one element at a time).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Splits `buf` into consecutive pieces of the given lengths.
 fn split_pieces<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
     lens.map(|len| {
@@ -451,6 +470,7 @@ impl Attention {
             q,
             keys,
             same_history: if keep { None } else { same_history },
+            keep,
         };
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
         let rows = |&(s0, s1): &(usize, usize)| (offsets[s1] - offsets[s0]) as usize;
@@ -527,6 +547,7 @@ impl Attention {
             q,
             keys,
             same_history: None,
+            keep: true,
         };
         chunks
             .par_iter()

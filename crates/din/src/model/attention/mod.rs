@@ -614,13 +614,6 @@ mod tests {
     #[test]
     fn shared_histories_give_the_same_scores() {
         let d = 3;
-        let config = AttentionConfig {
-            pooling: Pooling::Attention,
-            hidden_units: vec![10, 4],
-            activation: ActivationKind::Prelu,
-            normalization: Normalization::Softmax,
-        };
-        let att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(8));
         // Users with histories of 0..=45 behaviours and 1..=7 candidates each.
         let (mut offsets, mut keys, mut same) = (vec![0u32], Vec::new(), Vec::new());
         for user in 0..40usize {
@@ -634,12 +627,38 @@ mod tests {
         let b = offsets.len() - 1;
         assert!(offsets[b] as usize > 4 * chunked::CHUNK_ROWS_INFER, "several chunks");
         let q = rand_vec(b * d, 7);
-        let (mut p0, mut w0, mut p1, mut w1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        att.infer(&q, &keys, &offsets, None, &mut p0, &mut w0);
-        att.infer(&q, &keys, &offsets, Some(&same), &mut p1, &mut w1);
-        for (what, a, b) in [("pooled", &p1, &p0), ("weights", &w1, &w0)] {
-            for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
-                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+        for activation in [ActivationKind::Prelu, ActivationKind::Dice] {
+            let config = AttentionConfig {
+                pooling: Pooling::Attention,
+                hidden_units: vec![10, 4],
+                activation,
+                normalization: Normalization::Softmax,
+            };
+            let mut att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(8));
+            att.visit_mut("att", &mut |name, p| {
+                if name.ends_with("alpha") || name.ends_with("running_mean") {
+                    p.value
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, v)| *v = 0.1 + 0.01 * i as f32);
+                }
+            });
+            let (mut p0, mut w0, mut p1, mut w1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            att.infer(&q, &keys, &offsets, None, &mut p0, &mut w0);
+            att.infer(&q, &keys, &offsets, Some(&same), &mut p1, &mut w1);
+            let (p2, c2) = att.forward_layered(&q, &keys, &offsets, Mode::Infer);
+            for (what, a, b) in [
+                ("shared pooled", &p1, &p0),
+                ("shared weights", &w1, &w0),
+                ("pooled", &p0, &p2),
+                ("weights", &w0, &c2.weights),
+            ] {
+                for (i, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                        "{activation:?} {what}[{i}]: {x} vs {y}"
+                    );
+                }
             }
         }
     }
