@@ -104,7 +104,30 @@ struct Shared<'a> {
     keep: bool,
 }
 
-impl Shared<'_> {
+impl<'a> Shared<'a> {
+    /// A training pass (keeping what the backward pass needs, no shared histories).
+    fn new(
+        att: &'a Attention,
+        layout: &'a Layout,
+        wq: &'a [f32],
+        wkp: &'a [f32],
+        offsets: &'a [u32],
+        q: &'a [f32],
+        keys: &'a [f32],
+    ) -> Self {
+        Shared {
+            att,
+            layout,
+            wq,
+            wkp,
+            offsets,
+            q,
+            keys,
+            same_history: None,
+            keep: true,
+        }
+    }
+
     /// Samples `s0..s1` and their behaviour rows.
     fn rows(&self, s0: usize, s1: usize) -> (usize, usize) {
         (self.offsets[s0] as usize, self.offsets[s1] as usize)
@@ -457,24 +480,17 @@ impl Attention {
         pooled.resize(b * d, 0.0);
         weights.clear();
         weights.resize(n, 0.0);
-        let train = keep;
         let width = layout.row_width();
-        let region = at_least(&mut st.region, if train { n * width } else { 0 });
+        let region = at_least(&mut st.region, if keep { n * width } else { 0 });
         let per_sample = at_least(&mut st.per_sample, b * h1);
         let shared = Shared {
-            att: self,
-            layout: &layout,
-            wq: &st.wq,
-            wkp: &st.wkp,
-            offsets,
-            q,
-            keys,
             same_history: if keep { None } else { same_history },
             keep,
+            ..Shared::new(self, &layout, &st.wq, &st.wkp, offsets, q, keys)
         };
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
         let rows = |&(s0, s1): &(usize, usize)| (offsets[s1] - offsets[s0]) as usize;
-        let regions = split_pieces(region, chunks.iter().map(|c| if train { rows(c) * width } else { 0 }));
+        let regions = split_pieces(region, chunks.iter().map(|c| if keep { rows(c) * width } else { 0 }));
         let aqs = split_pieces(per_sample, chunks.iter().map(|&(s0, s1)| (s1 - s0) * h1));
         let weights = split_pieces(weights, chunks.iter().map(rows));
         let pooled = split_pieces(pooled, chunks.iter().map(|&(s0, s1)| (s1 - s0) * d));
@@ -485,7 +501,7 @@ impl Attention {
             .zip(weights)
             .zip(pooled)
             .for_each(|(((((s0, s1), region), aq), weights), pooled)| {
-                if train {
+                if keep {
                     shared.forward(s0, s1, region, &mut [], aq, weights, pooled);
                 } else {
                     SCRATCH.with(|scratch| {
@@ -538,17 +554,7 @@ impl Attention {
         );
         let dqs = split_pieces(dq, chunks.iter().map(|&(s0, s1)| (s1 - s0) * d));
         let dks = split_pieces(dk, chunks.iter().map(|c| rows(c) * d));
-        let shared = Shared {
-            att: self,
-            layout: &layout,
-            wq: &st.wq,
-            wkp: &st.wkp,
-            offsets,
-            q,
-            keys,
-            same_history: None,
-            keep: true,
-        };
+        let shared = Shared::new(self, &layout, &st.wq, &st.wkp, offsets, q, keys);
         chunks
             .par_iter()
             .zip(regions)
