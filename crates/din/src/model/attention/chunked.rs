@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use super::{softmax_in_place, Attention};
 use crate::model::linalg::serial;
 use crate::model::mlp::Block;
-use crate::model::Mode;
+use crate::model::{Mode, Rowwise};
 use crate::schema::Normalization;
 
 /// Behaviours per training task, about: the chunk's activations (about
@@ -55,23 +55,39 @@ pub(super) struct ChunkedState {
     region: Vec<f32>,
     /// `[B, H1]`: `q·Wq' + b1` in the forward pass, `Σ_t dpre1_t` in the backward pass.
     per_sample: Vec<f32>,
-    /// Weight gradients of each chunk (laid out by `Attention::grad_offsets`).
+    /// Weight gradients of each chunk (laid out by `Layout::grad_offsets`).
     partial: Vec<Vec<f32>>,
 }
 
 /// Where the values of one behaviour row live in a chunk's region: the chunk
 /// stores `[k, q*k]` for all its rows, then each hidden layer's pre-activation
 /// and output, then the score gradients, each block `[rows, width]`.
+/// It also places each layer's gradients in a chunk's gradient buffer.
 struct Layout {
     d: usize,
     widths: Vec<usize>,
+    /// Start of each hidden layer's gradients in a chunk's gradient buffer,
+    /// then of the score layer's, then the total length. Layer 0 holds
+    /// `d[Wk'; Wp]` `[2D, H1]`, `dWq'` `[D, H1]`, `db1`, `dalpha1`; layer `l`
+    /// holds `dW_l`, `db_l`, `dalpha_l`; the score layer `dw_out`, `db_out`.
+    grad_offsets: Vec<usize>,
 }
 
 impl Layout {
     fn new(att: &Attention) -> Self {
+        let d = att.dims().0;
+        let widths: Vec<usize> = att.hidden().map(|b| b.linear.output_dim()).collect();
+        let mut grad_offsets = vec![0];
+        let mut width_in = 3 * d;
+        for &h in &widths {
+            grad_offsets.push(grad_offsets[grad_offsets.len() - 1] + width_in * h + 2 * h);
+            width_in = h;
+        }
+        grad_offsets.push(grad_offsets[grad_offsets.len() - 1] + width_in + 1);
         Layout {
-            d: att.dims().0,
-            widths: att.hidden().map(|b| b.linear.output_dim()).collect(),
+            d,
+            widths,
+            grad_offsets,
         }
     }
 
@@ -90,6 +106,8 @@ impl Layout {
 /// What every chunk of one pass shares.
 struct Shared<'a> {
     att: &'a Attention,
+    /// Each hidden layer's activation, its per-channel parameters gathered once.
+    acts: Vec<Rowwise<'a>>,
     layout: &'a Layout,
     wq: &'a [f32],
     wkp: &'a [f32],
@@ -117,6 +135,10 @@ impl<'a> Shared<'a> {
     ) -> Self {
         Shared {
             att,
+            acts: att
+                .hidden()
+                .map(|b| b.activation.rowwise(b.linear.output_dim()))
+                .collect(),
             layout,
             wq,
             wkp,
@@ -184,7 +206,7 @@ impl<'a> Shared<'a> {
             let (pre, tail) = std::mem::take(&mut rest).split_at_mut(n * h);
             let (out, tail) = tail.split_at_mut(n * h);
             rest = tail;
-            let act = block.activation.rowwise(h);
+            let act = &self.acts[l];
             let bias = &block.linear.bias.value;
             if let (0, Some(same)) = (l, self.same_history) {
                 // Inference with common features: k_t·Wk' once per history,
@@ -297,7 +319,7 @@ impl<'a> Shared<'a> {
             }
         }
         // Score layer: score_t = h_t·w_out + b_out.
-        let offsets = att.grad_offsets();
+        let offsets = &lay.grad_offsets;
         let h_last = lay.widths[layers - 1];
         let out_last = &mut region[lay.layer(layers - 1, n) + n * h_last..];
         {
@@ -325,7 +347,7 @@ impl<'a> Shared<'a> {
             let gl = &mut grads[o..offsets[l + 1]];
             let (gw, gl) = gl.split_at_mut(if l == 0 { 3 * d * h } else { width_in * h });
             let (gb, ga) = gl.split_at_mut(h);
-            block.activation.rowwise(h).backward(pre, g, ga); // g = dpre_l
+            self.acts[l].backward(pre, g, ga); // g = dpre_l
             for row in g.chunks_exact(h) {
                 gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
             }
@@ -404,30 +426,13 @@ fn at_least(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
 
 impl Attention {
     /// The hidden layers, first to last.
-    pub(super) fn hidden(&self) -> impl DoubleEndedIterator<Item = &Block> {
+    pub(super) fn hidden(&self) -> impl Iterator<Item = &Block> {
         std::iter::once(&self.first).chain(self.rest.blocks.iter())
     }
 
     /// Whether the chunked path computes this unit in `mode`.
     pub(super) fn chunkable(&self, mode: Mode) -> bool {
         self.pooling == crate::schema::Pooling::Attention && self.hidden().all(|b| b.activation.is_rowwise(mode))
-    }
-
-    /// Start of each hidden layer's gradients in a chunk's gradient buffer,
-    /// then of the score layer's, then the total length. Layer 0 holds
-    /// `d[Wk'; Wp]` `[2D, H1]`, `dWq'` `[D, H1]`, `db1`, `dalpha1`; layer `l`
-    /// holds `dW_l`, `db_l`, `dalpha_l`; the score layer `dw_out`, `db_out`.
-    fn grad_offsets(&self) -> Vec<usize> {
-        let (d, _) = self.dims();
-        let mut offsets = vec![0];
-        let mut width_in = 3 * d;
-        for b in self.hidden() {
-            let h = b.linear.output_dim();
-            offsets.push(offsets[offsets.len() - 1] + width_in * h + 2 * h);
-            width_in = h;
-        }
-        offsets.push(offsets[offsets.len() - 1] + width_in + 1);
-        offsets
     }
 
     /// Chunked forward pass (see the module documentation): writes the
@@ -534,7 +539,7 @@ impl Attention {
         let b = offsets.len() - 1;
         let n = offsets[b] as usize;
         let width = layout.row_width();
-        let grad_offsets = self.grad_offsets();
+        let grad_offsets = &layout.grad_offsets;
         let grad_len = grad_offsets[grad_offsets.len() - 1];
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
         st.partial.resize_with(chunks.len().max(1), Vec::new);
@@ -582,10 +587,10 @@ impl Attention {
         for p in others.iter().take(chunks.len().saturating_sub(1)) {
             total.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }
-        self.add_chunk_grads(total, &grad_offsets);
+        self.add_chunk_grads(total, grad_offsets);
     }
 
-    /// Adds gradients laid out as by [`Attention::grad_offsets`] to the parameters.
+    /// Adds gradients laid out as by `Layout::grad_offsets` to the parameters.
     fn add_chunk_grads(&mut self, g: &[f32], offsets: &[usize]) {
         let (d, h1) = self.dims();
         let add = |dst: &mut [f32], src: &[f32]| dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
