@@ -1,4 +1,4 @@
-//! `din`: train, evaluate and predict with the Deep Interest Network.
+//! `din`: prepare, train, evaluate, predict and serve with the Deep Interest Network.
 //!
 //! `main` only parses, sets up logging, dispatches to a command and reports
 //! the error chain once (exit code 2 on any error).
@@ -35,6 +35,8 @@ enum Command {
     Prepare(commands::prepare::Args),
     /// Generate synthetic data and measure speed, latency and memory.
     Bench(commands::bench::Args),
+    /// Serve a saved model over HTTP (scores in raw ids, hot reload, metrics).
+    Serve(commands::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => commands::predict::run(args),
         Command::Prepare(args) => commands::prepare::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Serve(args) => commands::serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

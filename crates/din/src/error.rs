@@ -114,6 +114,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A scoring request is invalid (the server answers 400 with it).
+    #[error("field `{field}`: {reason}")]
+    Request {
+        /// Where in the request, e.g. `candidates[3].item_id` or `user.hist_item_id[7]`.
+        field: String,
+        /// What is wrong, with the bad value.
+        reason: String,
+    },
     /// Training cannot proceed (e.g. the loss became NaN).
     #[error("training: {0}")]
     Training(String),
@@ -125,6 +133,14 @@ impl Error {
         Error::Config {
             field: field.into(),
             value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Request`].
+    pub fn request(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Request {
+            field: field.into(),
             reason: reason.into(),
         }
     }

@@ -18,7 +18,9 @@
 //! * [`metrics`]: logloss, AUC, GAUC and RelaImpr.
 //! * [`checkpoint`]: the model directory (`config.json` + `model.safetensors`),
 //!   written atomically.
-//! * [`scorer`]: a loaded model that predicts and evaluates.
+//! * [`scorer`]: inference: a loaded model that predicts, evaluates and
+//!   scores requests in raw ids (what `din serve` runs).
+//! * [`threads`]: the worker pool.
 #![deny(missing_docs)]
 
 pub mod checkpoint;
@@ -29,6 +31,7 @@ pub mod model;
 pub mod prepare;
 pub mod schema;
 pub mod scorer;
+pub mod threads;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -76,7 +76,7 @@ fn early_stopping_stops_and_can_restore_the_best_epoch() {
     let best = out.best_epoch.expect("best epoch");
     assert_eq!(out.history.len(), best + 2, "patience 2 after the best epoch");
     let best_logloss = out.history[best - 1].validation.expect("metrics").logloss;
-    let restored = din::train::evaluate(
+    let restored = din::scorer::evaluate(
         &out.model,
         data.validation.as_ref().expect("validation"),
         config.train.eval_batch_size,

@@ -7,11 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use din::checkpoint::write_atomic_with;
+use din::checkpoint::{write_atomic, write_atomic_with};
+use din::data::{Batch, Dataset};
 use din::model::linalg::matmul;
 use din::model::Din;
 use din::schema::{Config, Layout};
-use din::train::{fit, load_training_data, predict, thread_pool, Silent};
+use din::scorer::predict;
+use din::threads::thread_pool;
+use din::train::{fit, load_training_data, Silent};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -71,6 +74,13 @@ struct RunArgs {
     /// Repetitions of the 1 user x 200 candidates latency measurement.
     #[arg(long, default_value_t = 200)]
     repetitions: usize,
+    /// Data row (0-based) whose user and history the 1 x 200 request uses.
+    #[arg(long, default_value_t = 0)]
+    latency_row: usize,
+    /// Also write that request as `din serve` JSON (dense ids) to this file,
+    /// so that a load test sends exactly what was timed here.
+    #[arg(long)]
+    request_out: Option<PathBuf>,
     /// Config overrides, e.g. `--set "model.attention.hidden_units=[80,40]"`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -100,7 +110,7 @@ user = "user_id"
 sparse = [
   { name = "user_id", vocab_size = USERS },
   { name = "item_id", vocab_size = ITEMS },
-  { name = "cate_id", vocab_size = CATES },
+  { name = "cate_id", vocab_size = CATES, item_feature_of = "item_id" },
 ]
 sequence = [
   { name = "hist_item_id", shares_embedding_with = "item_id", max_len = MAXLEN },
@@ -164,7 +174,7 @@ fn generate(a: &GenArgs) -> Result<()> {
         .replace("ITEMS", &(a.items + 1).to_string())
         .replace("CATES", &(a.categories + 1).to_string())
         .replace("MAXLEN", &a.max_len.to_string());
-    din::checkpoint::write_atomic(&a.out.join("config.toml"), config.as_bytes())?;
+    write_atomic(&a.out.join("config.toml"), config.as_bytes())?;
     println!("wrote {rows} samples to {} and config.toml", path.display());
     Ok(())
 }
@@ -211,20 +221,13 @@ fn measure(a: &RunArgs) -> Result<()> {
     let pool = thread_pool(a.threads)?;
     let flops_forward = forward_flops(&model, &data.layout, n, behaviours);
 
-    let (infer_sps, latencies, gemm_gflops) = pool.install(|| {
+    let (infer_sps, latencies, gemm_gflops, candidates_per_second) = pool.install(|| {
         let start = Instant::now();
         let scores = predict(&model, &data.train, 4096);
         let infer = scores.len() as f64 / start.elapsed().as_secs_f64();
-        // One user (the first row's history) x 200 candidates.
-        let mut one = data.train.batch.gather(&vec![0usize; 200]);
-        let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let item = data.layout.pairs[0].0;
-        let vocab = data.layout.tables[data.layout.sparse[item].table]
-            .vocab_size
-            .unwrap_or(2) as u32;
-        one.sparse[item]
-            .iter_mut()
-            .for_each(|i| *i = rng.gen_range(1..vocab.max(2)));
+        // One user (row `latency_row`'s history) x 200 candidates.
+        let one = latency_request(&data.train, &data.layout, a.latency_row)?;
+        let timed = Instant::now();
         let mut lat: Vec<f64> = (0..a.repetitions.max(1))
             .map(|_| {
                 let t = Instant::now();
@@ -232,7 +235,12 @@ fn measure(a: &RunArgs) -> Result<()> {
                 t.elapsed().as_secs_f64() * 1e3
             })
             .collect();
+        // Back to back on all the pool's threads: what a server could reach.
+        let candidates_per_second = (200 * lat.len()) as f64 / timed.elapsed().as_secs_f64();
         lat.sort_by(f64::total_cmp);
+        if let Some(path) = &a.request_out {
+            write_request(path, &one, &data.layout)?;
+        }
         // The machine's FP32 GEMM peak through the same GEMM crate, 2048^3:
         // the best of 5, since a peak is what the machine can do when nothing
         // else interferes (the median would drop with any noise on a shared host).
@@ -247,10 +255,12 @@ fn measure(a: &RunArgs) -> Result<()> {
             })
             .fold(f64::INFINITY, f64::min);
         let gemm = 2.0 * (m * m * m) as f64 / best / 1e9;
-        (infer, lat, gemm)
-    });
+        Ok::<_, anyhow::Error>((infer, lat, gemm, candidates_per_second))
+    })?;
     let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
-    let history0 = data.train.batch.sequences[data.layout.pairs[0].1].row(0).len();
+    let history0 = data.train.batch.sequences[data.layout.pairs[0].1]
+        .row(a.latency_row)
+        .len();
     let latency_gflops = forward_flops(&model, &data.layout, 200, 200 * history0) / (p(0.5) / 1e3) / 1e9;
     // Training does the forward and about twice its products backward.
     let train_gflops = 3.0 * flops_forward / n as f64 * train_sps / 1e9;
@@ -268,6 +278,8 @@ fn measure(a: &RunArgs) -> Result<()> {
         "train_useful_gflops": train_gflops,
         "inference_useful_gflops": infer_gflops,
         "latency_history_length": history0,
+        "latency_row": a.latency_row,
+        "latency_candidates_per_second_1x200": candidates_per_second,
         "latency_useful_gflops": latency_gflops,
         "gemm_peak_gflops": gemm_gflops,
     });
@@ -288,10 +300,69 @@ fn measure(a: &RunArgs) -> Result<()> {
             p(0.99),
             latencies.len()
         );
+        println!("1 x 200 back to back {candidates_per_second:>9.0} candidates/s");
         println!("FP32 GEMM peak      {gemm_gflops:>10.1} GFLOP/s (2048^3, best of 5, same GEMM crate and threads)");
         if let Some(rss) = peak_rss_mib() {
             println!("peak RSS            {rss:>10.1} MiB");
         }
     }
+    Ok(())
+}
+
+/// Row `row`'s user and history with 200 candidates drawn (fixed seed) from
+/// the item vocabulary.
+fn latency_request(data: &Dataset, layout: &Layout, row: usize) -> Result<Batch> {
+    if row >= data.len() {
+        bail!("--latency-row {row}: the data has {} rows", data.len());
+    }
+    let mut one = data.batch.gather(&[row; 200]);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let item = layout.pairs[0].0;
+    let vocab = layout.tables[layout.sparse[item].table].vocab_size.unwrap_or(2) as u32;
+    one.sparse[item]
+        .iter_mut()
+        .for_each(|i| *i = rng.gen_range(1..vocab.max(2)));
+    Ok(one)
+}
+
+/// Writes the first row's user features and histories (except those filled
+/// from the item table) and every row's candidate features as a
+/// `POST /v1/score` body, in dense ids.
+fn write_request(path: &Path, one: &Batch, layout: &Layout) -> Result<()> {
+    use serde_json::{json, Map, Value};
+    let targets: Vec<usize> = layout.pairs.iter().map(|&(t, _)| t).collect();
+    let item_feature = |i: usize| layout.item_features.iter().any(|f| f.feature == i);
+    let filled = |h: usize| {
+        layout
+            .item_features
+            .iter()
+            .any(|f| f.history.is_some_and(|(fh, _)| fh == h))
+    };
+    let mut user = Map::new();
+    for (i, slot) in layout.sparse.iter().enumerate() {
+        if !targets.contains(&i) && !item_feature(i) {
+            user.insert(slot.name.clone(), json!(one.sparse[i][0]));
+        }
+    }
+    for (f, (name, dim)) in layout.dense.iter().enumerate() {
+        user.insert(name.clone(), json!(one.dense[f][..*dim]));
+    }
+    for (h, slot) in layout.sequences.iter().enumerate() {
+        if !filled(h) {
+            user.insert(slot.name.clone(), json!(one.sequences[h].row(0)));
+        }
+    }
+    let candidates: Vec<Value> = (0..one.rows)
+        .map(|r| {
+            let c: Map<String, Value> = targets
+                .iter()
+                .filter(|&&t| !item_feature(t))
+                .map(|&t| (layout.sparse[t].name.clone(), json!(one.sparse[t][r])))
+                .collect();
+            Value::Object(c)
+        })
+        .collect();
+    let body = json!({ "user": user, "candidates": candidates });
+    write_atomic(path, serde_json::to_string(&body)?.as_bytes())?;
     Ok(())
 }

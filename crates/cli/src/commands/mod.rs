@@ -4,6 +4,7 @@ pub mod bench;
 pub mod evaluate;
 pub mod predict;
 pub mod prepare;
+pub mod serve;
 pub mod train;
 
 use din::metrics::Metrics;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use din::checkpoint;
+use din::checkpoint::{self, Assets};
 use din::model::Din;
 use din::schema::Config;
 use din::train::{fit, load_training_data, EpochReport, Observer};
@@ -100,6 +100,7 @@ struct Progress {
     bar: Option<ProgressBar>,
     out: PathBuf,
     config: Config,
+    assets: Assets,
     history: Vec<EpochReport>,
     epochs: usize,
     json: bool,
@@ -123,7 +124,7 @@ impl Observer for Progress {
             bar.finish_and_clear();
         }
         self.history.push(report.clone());
-        checkpoint::save(&self.out, &self.config, model, Some(&self.history))?;
+        checkpoint::save_with_assets(&self.out, &self.config, model, &self.assets, Some(&self.history))?;
         if !self.json {
             let val = report
                 .validation
@@ -167,12 +168,13 @@ pub fn run(args: Args) -> Result<()> {
         bar: None,
         out: out.clone(),
         config: data.config.clone(),
+        assets: data.assets.clone(),
         history: Vec::new(),
         epochs: data.config.train.epochs,
         json: args.json,
     };
     let outcome = fit(&data, &mut progress)?;
-    checkpoint::save(&out, &data.config, &outcome.model, Some(&outcome.history))
+    checkpoint::save_with_assets(&out, &data.config, &outcome.model, &data.assets, Some(&outcome.history))
         .with_context(|| format!("saving the model to {}", out.display()))?;
     if args.json {
         let doc = serde_json::json!({

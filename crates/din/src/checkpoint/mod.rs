@@ -1,6 +1,8 @@
 //! The model directory: `config.json` (the resolved config), `model.safetensors`
-//! (tensor names are field paths, e.g. `attention.layers.0.weight`) and
-//! `history.json` (per-epoch metrics). Every file is written atomically: to a
+//! (tensor names are field paths, e.g. `attention.layers.0.weight`),
+//! `history.json` (per-epoch metrics) and, when the model has them,
+//! `vocab.json` (raw value of every dense id) and `items.json` (the item
+//! feature table). Every file is written atomically: to a
 //! temporary file in the same folder, fsynced, then renamed over the old one,
 //! so a crash never leaves a half-written model.
 
@@ -13,6 +15,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
+use crate::data::{ItemTable, Vocabulary};
 use crate::model::{Din, Module};
 use crate::schema::{Config, Layout};
 use crate::train::EpochReport;
@@ -24,6 +27,10 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// The training history's file name.
 pub const HISTORY_FILE: &str = "history.json";
+/// The raw values of the dense ids (see [`Vocabulary`]).
+pub const VOCAB_FILE: &str = "vocab.json";
+/// The item feature table (see [`ItemTable`]).
+pub const ITEMS_FILE: &str = "items.json";
 /// Version of the model-directory format.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -38,13 +45,82 @@ pub struct ModelFile {
     /// refuses a weights file from another save (e.g. a crash between the two
     /// renames of a re-save) or a damaged one.
     pub weights_fingerprint: String,
+    /// FNV-1a 64 of `vocab.json`, when the model has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_fingerprint: Option<String>,
+    /// FNV-1a 64 of `items.json`, when the model has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items_fingerprint: Option<String>,
     /// The resolved configuration (vocabulary sizes frozen).
     pub config: Config,
 }
 
+/// What a model directory holds besides the weights, to take requests in
+/// an application's raw ids.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Assets {
+    /// Raw value of every dense id, for the tables that have them.
+    pub vocab: Option<Vocabulary>,
+    /// Item features by item (when the schema has `item_feature_of`).
+    pub items: Option<ItemTable>,
+}
+
+/// Everything [`load_model`] reads from a model directory.
+#[derive(Debug, Clone)]
+pub struct SavedModel {
+    /// The resolved configuration.
+    pub config: Config,
+    /// Its schema.
+    pub layout: Layout,
+    /// The weights.
+    pub model: Din,
+    /// Vocabulary and item table.
+    pub assets: Assets,
+    /// `config.json` as read (fingerprints, versions).
+    pub file: ModelFile,
+}
+
 /// Writes `model` and `config` (and `history` when given) into `dir`, creating it.
 pub fn save(dir: &Path, config: &Config, model: &Din, history: Option<&[EpochReport]>) -> Result<()> {
+    save_with_assets(dir, config, model, &Assets::default(), history)
+}
+
+/// [`save`] with a vocabulary and an item table. `config.json` is written
+/// last and holds the fingerprint of every other file, so that a directory
+/// whose files come from different saves is refused on loading.
+pub fn save_with_assets(
+    dir: &Path,
+    config: &Config,
+    model: &Din,
+    assets: &Assets,
+    history: Option<&[EpochReport]>,
+) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create model directory", e))?;
+    let asset_fingerprint = |name: &str, bytes: Option<Vec<u8>>| -> Result<Option<String>> {
+        let path = dir.join(name);
+        match bytes {
+            Some(b) => {
+                write_atomic(&path, &b)?;
+                Ok(Some(fingerprint(&b)))
+            }
+            None => {
+                // A file left by an earlier save is not part of this model.
+                if path.exists() {
+                    fs::remove_file(&path).map_err(|e| Error::io(&path, "cannot remove stale file", e))?;
+                }
+                Ok(None)
+            }
+        }
+    };
+    let vocab_fingerprint = asset_fingerprint(VOCAB_FILE, assets.vocab.as_ref().map(Vocabulary::to_json))?;
+    let items_json = match &assets.items {
+        Some(items) => Some(serde_json::to_vec(items).map_err(|e| Error::Checkpoint {
+            path: dir.join(ITEMS_FILE),
+            reason: e.to_string(),
+        })?),
+        None => None,
+    };
+    let items_fingerprint = asset_fingerprint(ITEMS_FILE, items_json)?;
     let weights_path = dir.join(WEIGHTS_FILE);
     let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
     let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -72,6 +148,8 @@ pub fn save(dir: &Path, config: &Config, model: &Din, history: Option<&[EpochRep
         format_version: FORMAT_VERSION,
         din_version: env!("CARGO_PKG_VERSION").to_string(),
         weights_fingerprint: fingerprint(&blob),
+        vocab_fingerprint,
+        items_fingerprint,
         config: config.clone(),
     };
     let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Checkpoint {
@@ -92,6 +170,14 @@ pub fn save(dir: &Path, config: &Config, model: &Din, history: Option<&[EpochRep
 /// Reads a model directory written by [`save`]. Every tensor the config's
 /// model needs must be present with its exact shape, and no other.
 pub fn load(dir: &Path) -> Result<(Config, Layout, Din)> {
+    let m = load_model(dir)?;
+    Ok((m.config, m.layout, m.model))
+}
+
+/// Reads a whole model directory: [`load`], then the vocabulary and the item
+/// table that `config.json` lists, each checked against its fingerprint and
+/// against the schema.
+pub fn load_model(dir: &Path) -> Result<SavedModel> {
     let config_path = dir.join(CONFIG_FILE);
     let text = fs::read(&config_path).map_err(|e| Error::io(&config_path, "cannot read model config", e))?;
     let file: ModelFile = serde_json::from_slice(&text).map_err(|e| Error::ConfigSyntax {
@@ -107,7 +193,7 @@ pub fn load(dir: &Path) -> Result<(Config, Layout, Din)> {
             ),
         });
     }
-    let config = file.config;
+    let config = file.config.clone();
     let layout = config.validate()?;
     if let Some(t) = layout.tables.iter().find(|t| t.vocab_size.is_none()) {
         return Err(Error::Checkpoint {
@@ -172,7 +258,57 @@ pub fn load(dir: &Path) -> Result<(Config, Layout, Din)> {
             reason: format!("tensor `{extra}` is not part of the model described by config.json"),
         });
     }
-    Ok((config, layout, model))
+    let read_asset = |name: &str, expected: &Option<String>| -> Result<Option<Vec<u8>>> {
+        let Some(expected) = expected else { return Ok(None) };
+        let path = dir.join(name);
+        let bytes = fs::read(&path).map_err(|e| Error::io(&path, "cannot read (config.json lists it)", e))?;
+        if &fingerprint(&bytes) != expected {
+            return Err(Error::Checkpoint {
+                path,
+                reason: format!(
+                    "does not match config.json (fingerprint {}, config.json expects {expected}): the files come from different saves, or this one is damaged",
+                    fingerprint(&bytes)
+                ),
+            });
+        }
+        Ok(Some(bytes))
+    };
+    let vocab = match read_asset(VOCAB_FILE, &file.vocab_fingerprint)? {
+        Some(bytes) => {
+            let path = dir.join(VOCAB_FILE);
+            let fields = serde_json::from_slice(&bytes).map_err(|e| Error::ConfigSyntax {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            Some(Vocabulary::from_fields(&path, fields)?)
+        }
+        None => None,
+    };
+    let items_path = dir.join(ITEMS_FILE);
+    let items: Option<ItemTable> = match read_asset(ITEMS_FILE, &file.items_fingerprint)? {
+        Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| Error::ConfigSyntax {
+            path: items_path.clone(),
+            message: e.to_string(),
+        })?),
+        None => None,
+    };
+    match &items {
+        Some(t) => t.check(&layout, &items_path)?,
+        None if !layout.item_features.is_empty() => {
+            return Err(Error::Checkpoint {
+                path: config_path,
+                reason: format!("the schema has item features but the directory has no {ITEMS_FILE}"),
+            })
+        }
+        None => {}
+    }
+    Ok(SavedModel {
+        config,
+        layout,
+        model,
+        assets: Assets { vocab, items },
+        file,
+    })
 }
 
 /// FNV-1a, 64-bit, in hex. Hand-written (six lines) because it only has to

@@ -5,11 +5,13 @@
 //! or inference step works on a [`Batch`], gathered from a dataset by row index.
 
 mod batch;
+mod lookup;
 mod reader;
 mod vocab;
 
 pub use batch::{Batch, Ragged};
-pub use reader::{read_dataset, ReadOptions};
+pub use lookup::{ItemColumn, ItemTable, Vocabulary};
+pub use reader::{kept_range, read_dataset, truncate, ReadOptions};
 pub use vocab::{apply_vocab, id_counts, infer_vocab, MAX_INFERRED_TABLE};
 
 use std::path::PathBuf;

@@ -238,19 +238,25 @@ fn parse_id(v: &str) -> std::result::Result<u32, &'static str> {
     u32::try_from(id).map_err(|_| "id too large (at most 4294967295)")
 }
 
-/// Keeps at most `max_len` ids, at the end that `truncation` names.
-fn truncate<'a>(slot: &SequenceSlot, ids: &'a [u32]) -> &'a [u32] {
-    if ids.len() <= slot.max_len {
-        return ids;
+/// Keeps at most `max_len` ids, at the end that `truncation` names (the
+/// file's `order` says which end is recent).
+pub fn truncate<'a>(slot: &SequenceSlot, ids: &'a [u32]) -> &'a [u32] {
+    &ids[kept_range(slot, ids.len())]
+}
+
+/// The positions [`truncate`] keeps of a history of `len` ids.
+pub fn kept_range(slot: &SequenceSlot, len: usize) -> std::ops::Range<usize> {
+    if len <= slot.max_len {
+        return 0..len;
     }
     let keep_front = matches!(
         (slot.order, slot.truncation),
         (SequenceOrder::RecentFirst, Truncation::KeepRecent) | (SequenceOrder::OldestFirst, Truncation::KeepOldest)
     );
     if keep_front {
-        &ids[..slot.max_len]
+        0..slot.max_len
     } else {
-        &ids[ids.len() - slot.max_len..]
+        len - slot.max_len..len
     }
 }
 

@@ -238,6 +238,13 @@ impl Din {
     /// nothing for a backward pass, and consecutive samples with the same
     /// history (one request's candidates) share its history term.
     pub fn predict(&self, batch: &Batch) -> Vec<f32> {
+        self.predict_with_weights(batch).0
+    }
+
+    /// [`Din::predict`], also returning the attention weight of every real
+    /// behaviour of the batch (`[N]`, in the order of the paired histories'
+    /// ids: sample by sample, position by position; the paper's Fig. 5).
+    pub fn predict_with_weights(&self, batch: &Batch) -> (Vec<f32>, Vec<f32>) {
         let (mut x, mut q, mut keys) = (Vec::new(), Vec::new(), Vec::new());
         self.gather_inputs(batch, &mut x, &mut q, &mut keys);
         let offsets = &batch.sequences[self.layout.pairs[0].1].offsets;
@@ -258,7 +265,8 @@ impl Din {
         let dnn = self.dnn.forward(x, batch.rows, Mode::Infer, None);
         let mut logits = Vec::new();
         self.output.forward(&dnn.output, batch.rows, &mut logits);
-        logits.into_iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect()
+        let probs = logits.into_iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect();
+        (probs, weights)
     }
 
     /// Back-propagates `dlogits` (`[B]`): accumulates dense parameter gradients

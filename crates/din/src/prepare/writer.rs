@@ -150,6 +150,8 @@ fn config(samples: &Samples, options: &PrepareOptions) -> Config {
         embedding_dim: Some(options.embedding_dim),
         oov: Oov::Error,
         shares_embedding_with: None,
+        // The category is a function of the item (see `build_samples`).
+        item_feature_of: (name == "cate_id").then(|| "item_id".to_string()),
     };
     let mut sparse_features = vec![sparse("user_id")];
     sparse_features.extend(samples.profile_fields.iter().map(|f| sparse(f)));
@@ -177,6 +179,7 @@ fn config(samples: &Samples, options: &PrepareOptions) -> Config {
             train: Some(PathBuf::from(TRAIN_FILE)),
             validation: Some(PathBuf::from(TEST_FILE)),
             validation_split: None,
+            vocab: Some(PathBuf::from(VOCAB_FILE)),
         },
         input: InputConfig {
             header: true,

@@ -38,6 +38,12 @@ pub struct DataConfig {
     /// Fraction of the training file's rows held out for validation, taken
     /// from the end of the file without shuffling (as Keras' `validation_split`).
     pub validation_split: Option<f64>,
+    /// Raw value of every dense id, per feature (`vocab.json` as `din prepare`
+    /// writes it: `{"item_id": ["raw of id 1", "raw of id 2", ...], ...}`).
+    /// `din train` copies it into the model directory, so that `din serve`
+    /// takes requests in raw ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<PathBuf>,
 }
 
 /// Layout of a delimited data file.
@@ -130,6 +136,13 @@ pub struct SparseFeature {
     /// Use another feature's embedding table instead of an own one.
     #[serde(default)]
     pub shares_embedding_with: Option<String>,
+    /// This feature is a function of the item named here (e.g. `cate_id` of
+    /// `item_id`): `din train` records item -> value from the training rows
+    /// (refusing rows that contradict each other) in the model directory, and
+    /// `din serve` fills this feature, and the history paired with it, from
+    /// the item ids of a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item_feature_of: Option<String>,
 }
 
 /// Embedding width used when a table's owner does not set one.
@@ -588,7 +601,10 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
 impl DataConfig {
     /// Makes relative paths relative to `base`.
     pub fn resolve_relative_to(&mut self, base: &Path) {
-        for p in [&mut self.train, &mut self.validation].into_iter().flatten() {
+        for p in [&mut self.train, &mut self.validation, &mut self.vocab]
+            .into_iter()
+            .flatten()
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

@@ -66,6 +66,23 @@ pub struct Layout {
     pub label: String,
     /// User column for GAUC.
     pub user: Option<String>,
+    /// Features that are a function of an item (`item_feature_of`).
+    pub item_features: Vec<ItemFeature>,
+}
+
+/// A sparse feature that is a function of another (the item): its value,
+/// and that of the history paired with it, follow from the item's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ItemFeature {
+    /// The feature (index into [`Layout::sparse`]), e.g. `cate_id`.
+    pub feature: usize,
+    /// The item it is a function of (index into [`Layout::sparse`]), e.g. `item_id`.
+    pub key: usize,
+    /// When both are DIN targets: (the feature's history, the item's
+    /// history), indices into [`Layout::sequences`], e.g.
+    /// (`hist_cate_id`, `hist_item_id`). The first follows from the second
+    /// position by position.
+    pub history: Option<(usize, usize)>,
 }
 
 impl Layout {
@@ -295,6 +312,49 @@ impl Config {
             }
             pairs.push((t, h));
         }
+        let mut item_features = Vec::new();
+        for (i, f) in s.sparse.iter().enumerate() {
+            let Some(key_name) = &f.item_feature_of else { continue };
+            let field = format!("schema.sparse[{i}].item_feature_of");
+            let key = sparse.iter().position(|x| &x.name == key_name).ok_or_else(|| {
+                Error::config(
+                    &field,
+                    key_name,
+                    "must name another sparse feature (the item, e.g. item_id)",
+                )
+            })?;
+            if key == i {
+                return Err(Error::config(
+                    &field,
+                    key_name,
+                    "a feature cannot be a function of itself",
+                ));
+            }
+            if s.sparse[key].item_feature_of.is_some() {
+                return Err(Error::config(
+                    &field,
+                    key_name,
+                    "names a feature that is itself an item feature; name the item itself",
+                ));
+            }
+            let paired = |t: usize| pairs.iter().find(|&&(pt, _)| pt == t).map(|&(_, h)| h);
+            let history = match (paired(i), paired(key)) {
+                (Some(h), Some(hk)) => Some((h, hk)),
+                (None, _) => None,
+                (Some(_), None) => {
+                    return Err(Error::config(
+                        &field,
+                        key_name,
+                        format!("`{}` is a DIN target but `{key_name}` is not, so its history cannot be filled from the item history; pair `{key_name}` with a history too", f.name),
+                    ))
+                }
+            };
+            item_features.push(ItemFeature {
+                feature: i,
+                key,
+                history,
+            });
+        }
         if let Some((i, p)) = s.din_pairs.iter().enumerate().skip(1).find(|(_, p)| {
             let first = &s.sequence[pairs[0].1];
             let this = s.sequence.iter().find(|q| q.name == p.history);
@@ -312,6 +372,7 @@ impl Config {
             pairs,
             label: s.label.clone(),
             user: s.user.clone(),
+            item_features,
         })
     }
 

@@ -14,4 +14,4 @@ pub use config::{
     RegularizationKind, Schema, SequenceFeature, SequenceOrder, SparseFeature, TrainConfig, Truncation,
     DEFAULT_EMBEDDING_DIM,
 };
-pub use layout::{Layout, SequenceSlot, SparseSlot, Table};
+pub use layout::{ItemFeature, Layout, SequenceSlot, SparseSlot, Table};

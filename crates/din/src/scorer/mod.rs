@@ -1,13 +1,19 @@
-//! A loaded model that predicts and evaluates files.
+//! Inference: a loaded model that predicts and evaluates files, and scores
+//! requests in an application's raw ids ([`Scorer::score`], what `din serve`
+//! runs). Nothing here depends on training code.
+
+mod request;
 
 use std::path::Path;
 
-use crate::checkpoint;
+pub use request::{Attended, Scored};
+
+use crate::checkpoint::{self, Assets, ModelFile};
 use crate::data::{apply_vocab, read_dataset, Dataset, ReadOptions};
 use crate::metrics::Metrics;
 use crate::model::Din;
 use crate::schema::{Config, Layout};
-use crate::train::{self, thread_pool};
+use crate::threads::thread_pool;
 use crate::Result;
 
 /// A trained model with the configuration it was trained with.
@@ -19,13 +25,23 @@ pub struct Scorer {
     pub layout: Layout,
     /// The model.
     pub model: Din,
+    /// The vocabulary and item table of the model directory.
+    pub assets: Assets,
+    /// `config.json` as read (format version, fingerprints).
+    pub file: ModelFile,
 }
 
 impl Scorer {
-    /// Loads a model directory.
+    /// Loads a model directory (see [`checkpoint::load_model`]).
     pub fn load(dir: &Path) -> Result<Scorer> {
-        let (config, layout, model) = checkpoint::load(dir)?;
-        Ok(Scorer { config, layout, model })
+        let m = checkpoint::load_model(dir)?;
+        Ok(Scorer {
+            config: m.config,
+            layout: m.layout,
+            model: m.model,
+            assets: m.assets,
+            file: m.file,
+        })
     }
 
     /// Reads a data file in the model's input format, checking ids against
@@ -39,7 +55,7 @@ impl Scorer {
     /// Click probabilities, one per row, using `threads` workers (0 = all cores).
     pub fn predict(&self, data: &Dataset, threads: usize) -> Result<Vec<f32>> {
         let batch = self.config.train.eval_batch_size;
-        Ok(thread_pool(threads)?.install(|| train::predict(&self.model, data, batch)))
+        Ok(thread_pool(threads)?.install(|| predict(&self.model, data, batch)))
     }
 
     /// Logloss, AUC and GAUC on labelled rows.
@@ -47,4 +63,22 @@ impl Scorer {
         let probs = self.predict(data, threads)?;
         Ok(Metrics::compute(&data.batch.labels, &probs, data.users.as_deref()))
     }
+}
+
+/// Click probabilities for every row, `batch_size` rows at a time.
+pub fn predict(model: &Din, data: &Dataset, batch_size: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut start = 0;
+    while start < data.len() {
+        let end = (start + batch_size).min(data.len());
+        out.extend(model.predict(&data.batch.slice(start, end)));
+        start = end;
+    }
+    out
+}
+
+/// Logloss, AUC and GAUC of `model` on `data` (which must have labels).
+pub fn evaluate(model: &Din, data: &Dataset, batch_size: usize) -> Metrics {
+    let probs = predict(model, data, batch_size);
+    Metrics::compute(&data.batch.labels, &probs, data.users.as_deref())
 }

@@ -18,11 +18,15 @@ pub use loss::bce_with_logits;
 pub use optim::Optimizer;
 pub use regularization::regularize;
 
-use crate::data::Batch;
-use crate::data::{apply_vocab, id_counts, infer_vocab, read_dataset, Dataset, ReadOptions};
+use crate::checkpoint::Assets;
+use crate::data::{
+    apply_vocab, id_counts, infer_vocab, read_dataset, Batch, Dataset, ItemTable, ReadOptions, Vocabulary,
+};
 use crate::metrics::Metrics;
 use crate::model::{Din, DinCache, EmbeddingGrads, Mode};
 use crate::schema::{Config, Layout};
+use crate::scorer::evaluate;
+use crate::threads::thread_pool;
 use crate::{Error, Result};
 
 /// Training and validation data, read and checked against a frozen vocabulary.
@@ -36,11 +40,15 @@ pub struct TrainingData {
     pub train: Dataset,
     /// Validation rows (a separate file or the tail of the training file).
     pub validation: Option<Dataset>,
+    /// The vocabulary (`data.vocab`) and the item table derived from the
+    /// training and validation rows, to be saved with the model.
+    pub assets: Assets,
 }
 
 /// Reads `config.data`: the training file, then the validation file or the
 /// Keras-style tail split; infers missing vocabulary sizes from the training
-/// rows and checks every id against them.
+/// rows and checks every id against them; reads `data.vocab` and records the
+/// item features (`item_feature_of`) of every row.
 pub fn load_training_data(config: &Config) -> Result<TrainingData> {
     let mut layout = config.validate()?;
     let train_path = config
@@ -74,6 +82,16 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
     if let Some(v) = validation.as_mut() {
         apply_vocab(&layout, v)?;
     }
+    let vocab = match &config.data.vocab {
+        Some(path) => Some(Vocabulary::read(path)?.restricted_to(&layout)),
+        None => None,
+    };
+    let items = if layout.item_features.is_empty() {
+        None
+    } else {
+        let sets: Vec<&Dataset> = std::iter::once(&train).chain(validation.as_ref()).collect();
+        Some(ItemTable::derive(&layout, &sets)?)
+    };
     let mut config = config.clone();
     config.freeze_vocab(&layout);
     Ok(TrainingData {
@@ -81,6 +99,7 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
         layout,
         train,
         validation,
+        assets: Assets { vocab, items },
     })
 }
 
@@ -127,14 +146,6 @@ pub struct TrainOutcome {
     pub stopped_early: bool,
     /// The epoch whose weights `model` holds.
     pub model_epoch: usize,
-}
-
-/// A rayon pool with `threads` workers (0 = all cores).
-pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::Training(format!("cannot start {threads} threads: {e}")))
 }
 
 /// Trains a model from scratch on `data` with `data.config.train`.
@@ -229,22 +240,4 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
         stopped_early,
         model_epoch,
     })
-}
-
-/// Click probabilities for every row, `batch_size` rows at a time.
-pub fn predict(model: &Din, data: &Dataset, batch_size: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(data.len());
-    let mut start = 0;
-    while start < data.len() {
-        let end = (start + batch_size).min(data.len());
-        out.extend(model.predict(&data.batch.slice(start, end)));
-        start = end;
-    }
-    out
-}
-
-/// Logloss, AUC and GAUC of `model` on `data` (which must have labels).
-pub fn evaluate(model: &Din, data: &Dataset, batch_size: usize) -> Metrics {
-    let probs = predict(model, data, batch_size);
-    Metrics::compute(&data.batch.labels, &probs, data.users.as_deref())
 }

@@ -57,6 +57,13 @@ pub(super) struct ChunkedState {
     per_sample: Vec<f32>,
     /// Weight gradients of each chunk (laid out by `Layout::grad_offsets`).
     partial: Vec<Vec<f32>>,
+    /// Inference with shared histories: `k·(Wk - Wd)` of every history that
+    /// two or more consecutive samples share, computed once for all of
+    /// them, whichever chunks they fall in (`[rows, H1]`, history by history).
+    shared_k1: Vec<f32>,
+    /// Per sample: where its history's rows start in `shared_k1`, or
+    /// `usize::MAX` when its history is its own.
+    shared_at: Vec<usize>,
 }
 
 /// Where the values of one behaviour row live in a chunk's region: the chunk
@@ -117,6 +124,10 @@ struct Shared<'a> {
     /// Inference only: `same_history[s]` when sample `s` has the same history
     /// as sample `s - 1` (architecture.md, trick 4).
     same_history: Option<&'a [bool]>,
+    /// With `same_history`: the shared histories' first-layer term and where
+    /// each sample's starts (see [`ChunkedState::shared_k1`]).
+    shared_k1: &'a [f32],
+    shared_at: &'a [usize],
     /// Training: keep each layer's pre-activation and output for the backward
     /// pass. Inference applies activations in place.
     keep: bool,
@@ -146,6 +157,8 @@ impl<'a> Shared<'a> {
             q,
             keys,
             same_history: None,
+            shared_k1: &[],
+            shared_at: &[],
             keep: true,
         }
     }
@@ -220,13 +233,19 @@ impl<'a> Shared<'a> {
                 for s in s0..s1 {
                     let (t0, t1) = self.rows(s, s + 1);
                     let len = t1 - t0;
-                    if s == s0 || !same[s] {
-                        let first = &input[(t0 - r0) * 2 * d..(t1 - r0) * 2 * d];
-                        serial::matmul_lda(len, d, h, first, 2 * d, wk, &mut k1[..len * h], false);
-                        // [len, H1]
-                    }
+                    let hist: &[f32] = match self.shared_at.get(s) {
+                        Some(&at) if at != usize::MAX => &self.shared_k1[at..at + len * h],
+                        _ => {
+                            if s == s0 || !same[s] {
+                                let first = &input[(t0 - r0) * 2 * d..(t1 - r0) * 2 * d];
+                                serial::matmul_lda(len, d, h, first, 2 * d, wk, &mut k1[..len * h], false);
+                                // [len, H1]
+                            }
+                            &k1[..len * h]
+                        }
+                    };
                     let a = &aq[(s - s0) * h..(s - s0 + 1) * h];
-                    act.add_apply_in_place(&mut pre[(t0 - r0) * h..(t1 - r0) * h], Some(&k1[..len * h]), a);
+                    act.add_apply_in_place(&mut pre[(t0 - r0) * h..(t1 - r0) * h], Some(hist), a);
                 }
                 input = pre;
             } else if l == 0 {
@@ -437,6 +456,53 @@ impl Attention {
 
     /// Chunked forward pass (see the module documentation): writes the
     /// pooled histories `[B, D]` and the attention weights `[N]`. With `keep`,
+    /// Fills `st.shared_k1` / `st.shared_at`: for each run of two or more
+    /// consecutive samples with one history (a request's candidates, a page
+    /// view's), that history's `k·(Wk - Wd)`, once, in parallel over runs.
+    /// Needs `st.wkp` set.
+    fn shared_history_terms(
+        &self,
+        b: usize,
+        keys: &[f32],
+        offsets: &[u32],
+        same_history: Option<&[bool]>,
+        st: &mut ChunkedState,
+    ) {
+        let (d, h1) = self.dims();
+        st.shared_at.clear();
+        st.shared_k1.clear();
+        let Some(same) = same_history else { return };
+        st.shared_at.resize(b, usize::MAX);
+        let mut runs: Vec<(usize, usize)> = Vec::new(); // (first sample, start in shared_k1)
+        let mut total = 0;
+        let mut s = 0;
+        while s < b {
+            let mut e = s + 1;
+            while e < b && same[e] {
+                e += 1;
+            }
+            if e - s >= 2 {
+                st.shared_at[s..e].iter_mut().for_each(|a| *a = total);
+                runs.push((s, total));
+                total += (offsets[s + 1] - offsets[s]) as usize * h1;
+            }
+            s = e;
+        }
+        st.shared_k1.resize(total, 0.0);
+        let wk = &st.wkp[..d * h1];
+        let pieces = split_pieces(
+            &mut st.shared_k1,
+            runs.iter().map(|&(s, _)| (offsets[s + 1] - offsets[s]) as usize * h1),
+        );
+        runs.par_iter().zip(pieces).for_each(|(&(s, _), out)| {
+            let (t0, t1) = (offsets[s] as usize, offsets[s + 1] as usize);
+            if t1 > t0 {
+                serial::matmul(t1 - t0, d, h1, &keys[t0 * d..t1 * d], wk, out, false);
+                // [len, H1]
+            }
+        });
+    }
+
     /// `st` keeps what [`Attention::backward_chunked`] needs; without, each
     /// worker thread computes its chunks in a scratch buffer of its own.
     #[allow(clippy::too_many_arguments)]
@@ -485,11 +551,15 @@ impl Attention {
         pooled.resize(b * d, 0.0);
         weights.clear();
         weights.resize(n, 0.0);
+        let same_history = if keep { None } else { same_history };
+        self.shared_history_terms(b, keys, offsets, same_history, st);
         let width = layout.row_width();
         let region = at_least(&mut st.region, if keep { n * width } else { 0 });
         let per_sample = at_least(&mut st.per_sample, b * h1);
         let shared = Shared {
-            same_history: if keep { None } else { same_history },
+            same_history,
+            shared_k1: &st.shared_k1,
+            shared_at: &st.shared_at,
             keep,
             ..Shared::new(self, &layout, &st.wq, &st.wkp, offsets, q, keys)
         };

@@ -1,0 +1,51 @@
+//! `din serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use din_server::{Limits, ServeConfig};
+
+/// Serve a model over HTTP.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A model directory written by `din train`, or a folder of numbered
+    /// version folders (1/, 2/, ...): the highest complete one is served.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on (port 0: any free port; the bound address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Compute threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Async I/O threads (reading and writing sockets only).
+    #[arg(long, default_value_t = 1)]
+    io_threads: usize,
+    /// Scoring jobs queued or running before new requests get 503.
+    #[arg(long, default_value_t = Limits::default().queue)]
+    queue: usize,
+    /// Most candidates per request.
+    #[arg(long, default_value_t = Limits::default().max_candidates)]
+    max_candidates: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = Limits::default().max_body_bytes)]
+    max_body_bytes: usize,
+}
+
+/// Runs `din serve` until SIGTERM or ctrl-c.
+pub fn run(args: Args) -> Result<()> {
+    let model = args.model.clone();
+    din_server::serve(ServeConfig {
+        model: args.model,
+        addr: args.addr,
+        threads: args.threads,
+        io_threads: args.io_threads,
+        limits: Limits {
+            queue: args.queue,
+            max_candidates: args.max_candidates,
+            max_body_bytes: args.max_body_bytes,
+        },
+    })
+    .with_context(|| format!("serving {}", model.display()))
+}

@@ -1,0 +1,154 @@
+//! The served model behind an atomic swap, the compute pool with its bounded
+//! queue, and model versions (TF Serving's layout: a folder of numbered
+//! version folders, the highest complete one served).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use din::checkpoint::CONFIG_FILE;
+use din::model::Module;
+use din::scorer::Scorer;
+
+use crate::metrics::Metrics;
+use crate::{Limits, ServeError};
+
+/// One loaded model and where it came from.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The model.
+    pub scorer: Scorer,
+    /// Its version (see [`resolve`]).
+    pub version: String,
+    /// Its model directory.
+    pub dir: PathBuf,
+}
+
+/// Which model directory `source` names, and its version: `source` itself
+/// when it holds `config.json` (version: the weights fingerprint), else its
+/// highest-numbered subfolder that holds one (version: the number). A
+/// version folder without `config.json` is still being written (`din train`
+/// writes that file last) and is passed over.
+pub fn resolve(source: &Path) -> Result<(PathBuf, Option<String>), ServeError> {
+    if source.join(CONFIG_FILE).is_file() {
+        return Ok((source.to_path_buf(), None));
+    }
+    let entries = std::fs::read_dir(source).map_err(|e| ServeError::Model {
+        message: format!("{}: cannot read the model folder: {e}", source.display()),
+    })?;
+    let best = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            let n: u64 = name.parse().ok()?;
+            e.path().join(CONFIG_FILE).is_file().then_some((n, e.path()))
+        })
+        .max_by_key(|(n, _)| *n);
+    match best {
+        Some((n, dir)) => Ok((dir, Some(n.to_string()))),
+        None => Err(ServeError::Model {
+            message: format!(
+                "{}: no model: neither {CONFIG_FILE} nor a numbered version folder holding one",
+                source.display()
+            ),
+        }),
+    }
+}
+
+/// Loads the model `source` names (see [`resolve`]), checking every file.
+pub fn load(source: &Path) -> Result<Loaded, ServeError> {
+    let (dir, version) = resolve(source)?;
+    let scorer = Scorer::load(&dir).map_err(|e| ServeError::Model {
+        message: format!("{}: {e}", dir.display()),
+    })?;
+    // A weight that is not finite would turn every score into NaN.
+    let mut bad: Option<String> = None;
+    scorer.model.visit("", &mut |name, p| {
+        if bad.is_none() && p.value.iter().any(|v| !v.is_finite()) {
+            bad = Some(name);
+        }
+    });
+    if let Some(name) = bad {
+        return Err(ServeError::Model {
+            message: format!("{}: tensor `{name}` holds a NaN or infinite value", dir.display()),
+        });
+    }
+    let version = version.unwrap_or_else(|| scorer.file.weights_fingerprint.clone());
+    Ok(Loaded { scorer, version, dir })
+}
+
+/// What every request handler shares.
+pub struct AppState {
+    model: RwLock<Arc<Loaded>>,
+    /// The `--model` folder, read again on reload.
+    pub source: PathBuf,
+    /// The compute pool (sized to the cores), apart from the I/O threads.
+    pub pool: rayon::ThreadPool,
+    /// Jobs in the compute pool, running or waiting.
+    depth: AtomicUsize,
+    /// Request limits.
+    pub limits: Limits,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// One reload at a time.
+    pub reloading: tokio::sync::Mutex<()>,
+}
+
+/// A place in the compute queue; the queue depth drops when it is dropped
+/// (when the job has run, or was never started).
+pub struct Slot {
+    state: Arc<AppState>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let d = self.state.depth.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.state.metrics.queue_depth.set(d as i64);
+    }
+}
+
+impl AppState {
+    /// State serving `loaded`.
+    pub fn new(loaded: Loaded, source: PathBuf, pool: rayon::ThreadPool, limits: Limits) -> AppState {
+        let metrics = Metrics::new();
+        metrics.set_model(&loaded.version);
+        AppState {
+            model: RwLock::new(Arc::new(loaded)),
+            source,
+            pool,
+            depth: AtomicUsize::new(0),
+            limits,
+            metrics,
+            reloading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The model serving now; a request keeps the one it started with.
+    pub fn current(&self) -> Arc<Loaded> {
+        match self.model.read() {
+            Ok(m) => m.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Puts `loaded` in place of the served model; returns the old one.
+    pub fn swap(&self, loaded: Loaded) -> Arc<Loaded> {
+        self.metrics.set_model(&loaded.version);
+        let new = Arc::new(loaded);
+        match self.model.write() {
+            Ok(mut m) => std::mem::replace(&mut *m, new),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
+        }
+    }
+
+    /// A place in the compute queue, or `None` when it is full (shed the request).
+    pub fn enqueue(self: &Arc<Self>) -> Option<Slot> {
+        let d = self.depth.fetch_add(1, Ordering::AcqRel) + 1;
+        let slot = Slot { state: self.clone() };
+        if d > self.limits.queue {
+            return None; // `slot` drops here and gives the place back
+        }
+        self.metrics.queue_depth.set(d as i64);
+        Some(slot)
+    }
+}
