@@ -159,6 +159,10 @@ async fn run(state: Arc<AppState>, addr: SocketAddr) -> Result<(), ServeError> {
         what: "cannot read the bound address",
         source,
     })?;
+    // Signal handlers go in before the address is printed: a signal sent
+    // as soon as the server says it listens must not find the default action.
+    spawn_reload_on_hangup(state.clone());
+    let shutdown = shutdown_signal()?;
     let current = state.current();
     println!(
         "din serve: listening on http://{bound} (model version {}, {})",
@@ -167,9 +171,8 @@ async fn run(state: Arc<AppState>, addr: SocketAddr) -> Result<(), ServeError> {
     );
     tracing::info!(addr = %bound, version = %current.version, "listening");
     drop(current);
-    spawn_reload_on_hangup(state.clone());
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await
         .map_err(|source| ServeError::Io {
             what: "the server failed",
@@ -199,27 +202,24 @@ fn spawn_reload_on_hangup(state: Arc<AppState>) {
 #[cfg(not(unix))]
 fn spawn_reload_on_hangup(_state: Arc<AppState>) {}
 
-/// Resolves on ctrl-c or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// A future that resolves on ctrl-c or SIGTERM; the handlers are installed now.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, ServeError> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|source| ServeError::Io {
+            what: "cannot listen for SIGTERM",
+            source,
+        })?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    Ok(async move {
+        #[cfg(unix)]
+        let term = term.recv();
+        #[cfg(not(unix))]
+        let term = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down: finishing the requests in flight");
+        tracing::info!("shutting down: finishing the requests in flight");
+    })
 }

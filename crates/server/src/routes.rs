@@ -82,10 +82,23 @@ pub async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bo
 
 /// Parses, checks and scores one request body (on the compute pool).
 pub fn score_body(model: &Loaded, bytes: &[u8], limits: &Limits) -> Result<ScoreResponse, ApiError> {
+    // serde would also take a struct as a JSON array; only an object is meant.
+    if bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'[')
+    {
+        return Err(ApiError::bad_request(
+            None,
+            "invalid request: the body must be a JSON object {\"user\": ..., \"candidates\": [...]}",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let request: ScoreRequest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // "." is the whole body; "?" an unknown place (e.g. a syntax error).
         let path = e.path().to_string();
-        let field = (path != ".").then_some(path);
+        let path = path.trim_end_matches('?').trim_end_matches('.');
+        let field = (!path.is_empty()).then(|| path.to_string());
         let message = match &field {
             Some(f) => format!("{f}: {}", e.inner()),
             None => format!("invalid request: {}", e.inner()),
