@@ -143,7 +143,7 @@ def main():
     assert np.allclose(p_predict.ravel(), p_direct.ravel(), atol=1e-5)
 
     # Latency: 1 user x 200 candidates, one forward call on a prepared tensor.
-    one = matrix(latency_batch(x))
+    one = matrix(latency_batch(x, row=args.latency_row))
     with torch.inference_mode():
         for _ in range(args.warmup):
             model(one)

@@ -148,7 +148,7 @@ def main():
     assert np.allclose(p_predict.ravel(), p_direct.ravel(), atol=1e-5)
 
     # Latency: 1 user x 200 candidates on prepared tensors; pick the faster call path.
-    one = {k: tf.constant(v.astype(np.int32)) for k, v in latency_batch(x64).items() if k in FEATURES}
+    one = {k: tf.constant(v.astype(np.int32)) for k, v in latency_batch(x64, row=args.latency_row).items() if k in FEATURES}
     paths = {
         "tf.function(model(inputs, training=False)) on prepared int32 tensors": lambda: serve(one).numpy(),
         "eager model(inputs, training=False) on prepared int32 tensors": lambda: model(one, training=False).numpy(),

@@ -25,6 +25,8 @@ def parse_args(doc, extra=None):
     ap.add_argument("--embedding-dim", type=int, default=8, help="embedding dim of every sparse feature")
     ap.add_argument("--repetitions", type=int, default=200, help="timed 1 user x 200 latency calls")
     ap.add_argument("--warmup", type=int, default=10, help="untimed latency calls before timing")
+    ap.add_argument("--latency-row", type=int, default=0,
+                    help="data row (0-based) whose user and history the 1 x 200 latency call uses")
     ap.add_argument("--seed", type=int, default=1024)
     ap.add_argument("--json", action="store_true", help="print one JSON object (the default output anyway)")
     if extra:
@@ -68,8 +70,8 @@ def load(data_dir):
     return x, y, vocab, max_len
 
 
-def latency_batch(x, n=200, seed=7):
-    """One user x n candidates: row 0's user and history repeated n times, with
+def latency_batch(x, n=200, seed=7, row=0):
+    """One user x n candidates: row `row`'s user and history repeated n times, with
     n candidate items drawn uniformly (fixed seed) from the items whose category
     the data shows (as candidates or in histories), each with that category."""
     cate_of = {}
@@ -79,7 +81,7 @@ def latency_batch(x, n=200, seed=7):
     known = np.array(sorted(cate_of), dtype=np.int64)
     rng = np.random.default_rng(seed)
     items = rng.choice(known, size=n, replace=True)
-    one = {k: np.repeat(v[:1], n, axis=0) for k, v in x.items()}
+    one = {k: np.repeat(v[row:row + 1], n, axis=0) for k, v in x.items()}
     one["item_id"] = items
     one["cate_id"] = np.array([cate_of[i] for i in items.tolist()], dtype=np.int64)
     return one

@@ -16,13 +16,6 @@ pub struct RouteStatus {
     pub status: u16,
 }
 
-/// Labels of the latency histogram.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Route {
-    /// The matched route.
-    pub route: String,
-}
-
 /// Labels of the model gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Version {
@@ -42,8 +35,9 @@ pub struct Metrics {
     registry: Registry,
     /// Requests by route and status.
     pub requests: Family<RouteStatus, Counter>,
-    /// Request latency by route, in seconds.
-    pub latency: Family<Route, Histogram>,
+    /// Request latency by route and status, in seconds (by status, so that
+    /// the latency of accepted requests can be told from fast 503s).
+    pub latency: Family<RouteStatus, Histogram>,
     /// Jobs in the compute pool, running or waiting.
     pub queue_depth: Gauge,
     /// Candidates scored.
@@ -66,13 +60,13 @@ impl Metrics {
         let mut registry = Registry::with_prefix("din");
         let requests = Family::<RouteStatus, Counter>::default();
         registry.register("requests", "HTTP requests by route and status", requests.clone());
-        let latency = Family::<Route, Histogram>::new_with_constructor(|| {
-            // 0.25 ms to about 4 s.
-            Histogram::new(exponential_buckets(0.000_25, 2.0, 15))
+        let latency = Family::<RouteStatus, Histogram>::new_with_constructor(|| {
+            // 0.25 ms to about 5 s in steps of 1.5x.
+            Histogram::new(exponential_buckets(0.000_25, 1.5, 25))
         });
         registry.register(
             "request_duration_seconds",
-            "Time from request to response, by route",
+            "Time from request to response, by route and status",
             latency.clone(),
         );
         let queue_depth = Gauge::default();
@@ -110,17 +104,12 @@ impl Metrics {
 
     /// Records one answered request.
     pub fn observe(&self, route: &str, status: u16, seconds: f64) {
-        self.requests
-            .get_or_create(&RouteStatus {
-                route: route.to_string(),
-                status,
-            })
-            .inc();
-        self.latency
-            .get_or_create(&Route {
-                route: route.to_string(),
-            })
-            .observe(seconds);
+        let labels = RouteStatus {
+            route: route.to_string(),
+            status,
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.latency.get_or_create(&labels).observe(seconds);
     }
 
     /// The Prometheus text exposition.

@@ -50,15 +50,16 @@ pub async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
+    if st.is_full() {
+        return Err(ApiError::overloaded(st.limits.queue));
+    }
     let bytes = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::too_large(limit))?;
-    let slot = st.enqueue().ok_or_else(|| ApiError::overloaded(st.limits.queue))?;
     let model = st.current();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job_state = st.clone();
-    st.pool.spawn(move || {
-        let _slot = slot;
+    let queued = st.submit(move || {
         if tx.is_closed() {
             return; // the client has gone
         }
@@ -74,6 +75,9 @@ pub async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         }
         let _ = tx.send(result);
     });
+    if !queued {
+        return Err(ApiError::overloaded(st.limits.queue));
+    }
     let response = rx
         .await
         .map_err(|_| ApiError::internal("the scoring job ended without an answer"))??;

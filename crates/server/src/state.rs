@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use din::checkpoint::CONFIG_FILE;
 use din::model::Module;
@@ -83,8 +84,10 @@ pub struct AppState {
     /// The `--model` folder, read again on reload.
     pub source: PathBuf,
     /// The compute pool (sized to the cores), apart from the I/O threads.
-    pub pool: rayon::ThreadPool,
-    /// Jobs in the compute pool, running or waiting.
+    pub pool: Arc<rayon::ThreadPool>,
+    /// Jobs to the dispatchers, first come first served.
+    jobs: Mutex<mpsc::Sender<Job>>,
+    /// Jobs queued or running.
     depth: AtomicUsize,
     /// Request limits.
     pub limits: Limits,
@@ -93,6 +96,16 @@ pub struct AppState {
     /// One reload at a time.
     pub reloading: tokio::sync::Mutex<()>,
 }
+
+/// Requests computed at once. Each request's own work runs in parallel on
+/// the whole pool; handing requests to it one by one in arrival order keeps
+/// latency fair, where spawning every request into the pool lets a worker
+/// that waits inside one request pick up another, so that early requests
+/// wait for later ones (a 32-connection p99 of 2.3 s against a p50 of 0.18 s,
+/// measured). Two at once keep the pool busy while one request is parsed.
+pub const DISPATCHERS: usize = 2;
+
+type Job = Box<dyn FnOnce() + Send>;
 
 /// A place in the compute queue; the queue depth drops when it is dropped
 /// (when the job has run, or was never started).
@@ -112,10 +125,32 @@ impl AppState {
     pub fn new(loaded: Loaded, source: PathBuf, pool: rayon::ThreadPool, limits: Limits) -> AppState {
         let metrics = Metrics::new();
         metrics.set_model(&loaded.version);
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..DISPATCHERS {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("din-dispatch-{i}"))
+                .spawn(move || loop {
+                    // The lock is held while waiting only; the job runs after.
+                    let job = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(poisoned) => poisoned.into_inner().recv(),
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => break, // the state is gone
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a dispatcher thread");
+            }
+        }
         AppState {
             model: RwLock::new(Arc::new(loaded)),
             source,
-            pool,
+            pool: Arc::new(pool),
+            jobs: Mutex::new(tx),
             depth: AtomicUsize::new(0),
             limits,
             metrics,
@@ -139,6 +174,27 @@ impl AppState {
             Ok(mut m) => std::mem::replace(&mut *m, new),
             Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
         }
+    }
+
+    /// Queues `job` to run on the compute pool in arrival order; `false`
+    /// when the queue is full (shed the request).
+    pub fn submit(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) -> bool {
+        let Some(slot) = self.enqueue() else { return false };
+        let pool = self.pool.clone();
+        let job: Job = Box::new(move || {
+            let _slot = slot;
+            pool.install(job);
+        });
+        let sent = match self.jobs.lock() {
+            Ok(tx) => tx.send(job),
+            Err(poisoned) => poisoned.into_inner().send(job),
+        };
+        sent.is_ok()
+    }
+
+    /// Whether the queue is full now (a request can be shed before its body is read).
+    pub fn is_full(&self) -> bool {
+        self.depth.load(Ordering::Acquire) >= self.limits.queue
     }
 
     /// A place in the compute queue, or `None` when it is full (shed the request).

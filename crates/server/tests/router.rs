@@ -258,13 +258,11 @@ async fn a_full_queue_sheds_requests_with_503_and_retry_after() {
     let (state, _) = common::state(dir.path(), limits);
     let app = router(state.clone());
     // Occupy the one place in the queue with a job that waits.
-    let slot = state.enqueue().expect("a place");
-    assert!(state.enqueue().is_none(), "the queue holds one job");
     let (release, wait) = mpsc::channel::<()>();
-    state.pool.spawn(move || {
-        let _slot = slot;
+    assert!(state.submit(move || {
         let _ = wait.recv();
-    });
+    }));
+    assert!(!state.submit(|| {}), "the queue holds one job");
     let a = score(&app, &common::request(2)).await;
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
@@ -323,7 +321,7 @@ async fn health_model_metrics_and_openapi() {
         .starts_with("text/plain"));
     for needle in [
         r#"din_requests_total{route="/v1/score",status="200"} 1"#.to_string(),
-        r#"din_request_duration_seconds_count{route="/v1/score"} 1"#.to_string(),
+        r#"din_request_duration_seconds_count{route="/v1/score",status="200"} 1"#.to_string(),
         "din_candidates_scored_total 7".to_string(),
         format!(r#"din_model_version{{version="{version}"}} 1"#),
         "din_queue_depth 0".to_string(),

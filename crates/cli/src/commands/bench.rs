@@ -309,19 +309,21 @@ fn measure(a: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Row `row`'s user and history with 200 candidates drawn (fixed seed) from
-/// the item vocabulary.
+/// Row `row`'s user and history with 200 candidates: the targets (item and
+/// category) of 200 rows drawn with a fixed seed, so that every candidate is
+/// an item the data shows, with its own category.
 fn latency_request(data: &Dataset, layout: &Layout, row: usize) -> Result<Batch> {
     if row >= data.len() {
         bail!("--latency-row {row}: the data has {} rows", data.len());
     }
     let mut one = data.batch.gather(&[row; 200]);
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let item = layout.pairs[0].0;
-    let vocab = layout.tables[layout.sparse[item].table].vocab_size.unwrap_or(2) as u32;
-    one.sparse[item]
-        .iter_mut()
-        .for_each(|i| *i = rng.gen_range(1..vocab.max(2)));
+    let picks: Vec<usize> = (0..200).map(|_| rng.gen_range(0..data.len())).collect();
+    for &(t, _) in &layout.pairs {
+        for (k, &p) in picks.iter().enumerate() {
+            one.sparse[t][k] = data.batch.sparse[t][p];
+        }
+    }
     Ok(one)
 }
 
