@@ -59,7 +59,7 @@ pub async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bo
     let model = st.current();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job_state = st.clone();
-    let queued = st.submit(move || {
+    let queued = st.submit(move |slot| {
         if tx.is_closed() {
             return; // the client has gone
         }
@@ -73,6 +73,7 @@ pub async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bo
         if let Ok(r) = &result {
             job_state.metrics.candidates.inc_by(r.scores.len() as u64);
         }
+        drop(slot);
         let _ = tx.send(result);
     });
     if !queued {

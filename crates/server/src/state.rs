@@ -177,14 +177,13 @@ impl AppState {
     }
 
     /// Queues `job` to run on the compute pool in arrival order; `false`
-    /// when the queue is full (shed the request).
-    pub fn submit(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) -> bool {
+    /// when the queue is full (shed the request). The job gets its place in
+    /// the queue, to drop before it answers (so that an answered request no
+    /// longer counts as queued).
+    pub fn submit(self: &Arc<Self>, job: impl FnOnce(Slot) + Send + 'static) -> bool {
         let Some(slot) = self.enqueue() else { return false };
         let pool = self.pool.clone();
-        let job: Job = Box::new(move || {
-            let _slot = slot;
-            pool.install(job);
-        });
+        let job: Job = Box::new(move || pool.install(move || job(slot)));
         let sent = match self.jobs.lock() {
             Ok(tx) => tx.send(job),
             Err(poisoned) => poisoned.into_inner().send(job),

@@ -259,10 +259,10 @@ async fn a_full_queue_sheds_requests_with_503_and_retry_after() {
     let app = router(state.clone());
     // Occupy the one place in the queue with a job that waits.
     let (release, wait) = mpsc::channel::<()>();
-    assert!(state.submit(move || {
+    assert!(state.submit(move |_slot| {
         let _ = wait.recv();
     }));
-    assert!(!state.submit(|| {}), "the queue holds one job");
+    assert!(!state.submit(|_| {}), "the queue holds one job");
     let a = score(&app, &common::request(2)).await;
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(

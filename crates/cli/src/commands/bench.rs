@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use din::checkpoint;
 use din::checkpoint::{write_atomic, write_atomic_with};
 use din::data::{Batch, Dataset};
 use din::model::linalg::matmul;
 use din::model::Din;
 use din::schema::{Config, Layout};
 use din::scorer::predict;
+use din::scorer::Scorer;
 use din::threads::thread_pool;
 use din::train::{fit, load_training_data, Silent};
 use rand::{Rng, SeedableRng};
@@ -221,7 +223,7 @@ fn measure(a: &RunArgs) -> Result<()> {
     let pool = thread_pool(a.threads)?;
     let flops_forward = forward_flops(&model, &data.layout, n, behaviours);
 
-    let (infer_sps, latencies, gemm_gflops, candidates_per_second) = pool.install(|| {
+    let (infer_sps, latencies, gemm_gflops, candidates_per_second, json_latencies) = pool.install(|| {
         let start = Instant::now();
         let scores = predict(&model, &data.train, 4096);
         let infer = scores.len() as f64 / start.elapsed().as_secs_f64();
@@ -238,9 +240,30 @@ fn measure(a: &RunArgs) -> Result<()> {
         // Back to back on all the pool's threads: what a server could reach.
         let candidates_per_second = (200 * lat.len()) as f64 / timed.elapsed().as_secs_f64();
         lat.sort_by(f64::total_cmp);
+        // The same request as a `din serve` body, parsed and scored by the
+        // Scorer that the server runs (everything but HTTP).
+        let body = request_body(&one, &data.layout)?;
         if let Some(path) = &a.request_out {
-            write_request(path, &one, &data.layout)?;
+            write_atomic(path, body.as_bytes())?;
         }
+        let dir = std::env::temp_dir().join(format!("din-bench-{}", std::process::id()));
+        checkpoint::save_with_assets(&dir, &data.config, &model, &data.assets, None)?;
+        let scorer = Scorer::load(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        let scorer = scorer?;
+        let mut json_lat: Vec<f64> = (0..a.repetitions.max(1))
+            .map(|_| -> Result<f64> {
+                let t = Instant::now();
+                let v: serde_json::Value = serde_json::from_str(&body)?;
+                let user = v["user"].as_object().cloned().unwrap_or_default();
+                let candidates: Vec<_> = (v["candidates"].as_array().into_iter().flatten())
+                    .filter_map(|c| c.as_object().cloned())
+                    .collect();
+                std::hint::black_box(scorer.score(&user, &candidates, 0)?);
+                Ok(t.elapsed().as_secs_f64() * 1e3)
+            })
+            .collect::<Result<_>>()?;
+        json_lat.sort_by(f64::total_cmp);
         // The machine's FP32 GEMM peak through the same GEMM crate, 2048^3:
         // the best of 5, since a peak is what the machine can do when nothing
         // else interferes (the median would drop with any noise on a shared host).
@@ -255,7 +278,7 @@ fn measure(a: &RunArgs) -> Result<()> {
             })
             .fold(f64::INFINITY, f64::min);
         let gemm = 2.0 * (m * m * m) as f64 / best / 1e9;
-        Ok::<_, anyhow::Error>((infer, lat, gemm, candidates_per_second))
+        Ok::<_, anyhow::Error>((infer, lat, gemm, candidates_per_second, json_lat))
     })?;
     let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
     let history0 = data.train.batch.sequences[data.layout.pairs[0].1]
@@ -279,6 +302,7 @@ fn measure(a: &RunArgs) -> Result<()> {
         "inference_useful_gflops": infer_gflops,
         "latency_history_length": history0,
         "latency_row": a.latency_row,
+        "latency_ms_1x200_json_median": json_latencies[json_latencies.len() / 2],
         "latency_candidates_per_second_1x200": candidates_per_second,
         "latency_useful_gflops": latency_gflops,
         "gemm_peak_gflops": gemm_gflops,
@@ -301,6 +325,10 @@ fn measure(a: &RunArgs) -> Result<()> {
             latencies.len()
         );
         println!("1 x 200 back to back {candidates_per_second:>9.0} candidates/s");
+        println!(
+            "1 x 200 from JSON   {:>10.3} ms median (the server's parsing and Scorer::score, no HTTP)",
+            json_latencies[json_latencies.len() / 2]
+        );
         println!("FP32 GEMM peak      {gemm_gflops:>10.1} GFLOP/s (2048^3, best of 5, same GEMM crate and threads)");
         if let Some(rss) = peak_rss_mib() {
             println!("peak RSS            {rss:>10.1} MiB");
@@ -327,10 +355,10 @@ fn latency_request(data: &Dataset, layout: &Layout, row: usize) -> Result<Batch>
     Ok(one)
 }
 
-/// Writes the first row's user features and histories (except those filled
+/// The first row's user features and histories (except those filled
 /// from the item table) and every row's candidate features as a
 /// `POST /v1/score` body, in dense ids.
-fn write_request(path: &Path, one: &Batch, layout: &Layout) -> Result<()> {
+fn request_body(one: &Batch, layout: &Layout) -> Result<String> {
     use serde_json::{json, Map, Value};
     let targets: Vec<usize> = layout.pairs.iter().map(|&(t, _)| t).collect();
     let item_feature = |i: usize| layout.item_features.iter().any(|f| f.feature == i);
@@ -365,6 +393,5 @@ fn write_request(path: &Path, one: &Batch, layout: &Layout) -> Result<()> {
         })
         .collect();
     let body = json!({ "user": user, "candidates": candidates });
-    write_atomic(path, serde_json::to_string(&body)?.as_bytes())?;
-    Ok(())
+    Ok(serde_json::to_string(&body)?)
 }

@@ -16,9 +16,9 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{ItemTable, Vocabulary};
+use crate::metrics::Metrics;
 use crate::model::{Din, Module};
 use crate::schema::{Config, Layout};
-use crate::train::EpochReport;
 use crate::{Error, Result};
 
 /// The config file's name.
@@ -63,6 +63,21 @@ pub struct Assets {
     pub vocab: Option<Vocabulary>,
     /// Item features by item (when the schema has `item_feature_of`).
     pub items: Option<ItemTable>,
+}
+
+/// What one epoch did (a line of `history.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochReport {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training BCE over the epoch's batches (without the penalty).
+    pub train_loss: f64,
+    /// Validation metrics after the epoch.
+    pub validation: Option<Metrics>,
+    /// Wall-clock seconds of the epoch (training and validation).
+    pub seconds: f64,
+    /// Training samples per second.
+    pub samples_per_second: f64,
 }
 
 /// Everything [`load_model`] reads from a model directory.

@@ -11,7 +11,6 @@ use std::time::Instant;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 
 pub use early_stopping::EarlyStopping;
 pub use loss::bce_with_logits;
@@ -19,10 +18,10 @@ pub use optim::Optimizer;
 pub use regularization::regularize;
 
 use crate::checkpoint::Assets;
+pub use crate::checkpoint::EpochReport;
 use crate::data::{
     apply_vocab, id_counts, infer_vocab, read_dataset, Batch, Dataset, ItemTable, ReadOptions, Vocabulary,
 };
-use crate::metrics::Metrics;
 use crate::model::{Din, DinCache, EmbeddingGrads, Mode};
 use crate::schema::{Config, Layout};
 use crate::scorer::evaluate;
@@ -101,21 +100,6 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
         validation,
         assets: Assets { vocab, items },
     })
-}
-
-/// What one epoch did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochReport {
-    /// 1-based epoch number.
-    pub epoch: usize,
-    /// Mean training BCE over the epoch's batches (without the penalty).
-    pub train_loss: f64,
-    /// Validation metrics after the epoch.
-    pub validation: Option<Metrics>,
-    /// Wall-clock seconds of the epoch (training and validation).
-    pub seconds: f64,
-    /// Training samples per second.
-    pub samples_per_second: f64,
 }
 
 /// Receives progress during [`fit`]; the library itself prints nothing.
