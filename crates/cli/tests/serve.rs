@@ -50,8 +50,9 @@ fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Valu
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
+    // bash's built-in kill: no procps needed.
+    let ok = Command::new("bash")
+        .args(["-c", &format!("kill {sig} {}", child.id())])
         .status()
         .expect("kill runs")
         .success();
