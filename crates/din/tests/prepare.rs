@@ -24,16 +24,8 @@ fn shared(rel: &str) -> Option<PathBuf> {
 
 fn log_spec(path: PathBuf) -> LogSpec {
     LogSpec {
-        path,
-        delimiter: b',',
-        header: true,
-        columns: Vec::new(),
-        user: "user".into(),
-        item: "item".into(),
-        category: Some("cate".into()),
-        time: "ts".into(),
-        behavior: None,
         value: Some("rating".into()),
+        ..LogSpec::csv(path, "user", "item", "cate", "ts")
     }
 }
 
@@ -370,4 +362,90 @@ fn movielens_format_on_a_tiny_folder_with_a_bad_rating() {
     assert_eq!((log.events.len(), log.skipped.len()), (3, 1));
     assert_eq!(log.events[0].category, "3", "the first genre flag set");
     assert_eq!(log.events[0].profile, ["24", "M", "technician"]);
+}
+
+/// An item seen with two categories gets its first one everywhere, so that
+/// the generated config's `item_feature_of = "item_id"` holds and trains.
+#[test]
+fn an_item_keeps_its_first_category_and_conflicts_are_counted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path().join("log.csv");
+    std::fs::write(
+        &p,
+        "user,item,cate,ts\na,x,c1,10\na,y,c2,20\nb,x,c9,5\nb,y,c2,30\na,z,c3,40\nb,z,c3,50\n",
+    )
+    .expect("write");
+    let log = read_log(&LogSpec::csv(p, "user", "item", "cate", "ts"), false).expect("reads");
+    let out = dir.path().join("out");
+    let report = prepare(&log, &PrepareOptions::default(), &out).expect("prepares");
+    assert_eq!(report.category_conflicts, 1, "b's x in c9 after a's x in c1");
+    let s = build_samples(&log, &PrepareOptions::default()).expect("samples");
+    let x = 1 + s.vocab.fields["item_id"].iter().position(|i| i == "x").expect("x") as u32;
+    let c1 = 1 + s.vocab.fields["cate_id"].iter().position(|c| c == "c1").expect("c1") as u32;
+    for sample in s.train.iter().chain(&s.test) {
+        if sample.item == x {
+            assert_eq!(sample.category, c1);
+        }
+        for (i, c) in sample.hist_items.iter().zip(&sample.hist_categories) {
+            if *i == x {
+                assert_eq!(*c, c1);
+            }
+        }
+    }
+    let config = Config::from_toml_file(&out.join("config.toml")).expect("config");
+    let data = load_training_data(&config).expect("the item table has no conflict");
+    let items = data.assets.items.expect("item table");
+    assert_eq!(items.value("cate_id", x), Some(c1));
+    assert!(data.assets.vocab.is_some_and(|v| v.id("item_id", "x") == Some(x)));
+}
+
+/// The generated config sets the embedding width once (so `--set
+/// schema.embedding_dim=16` changes every table) and prints f32 values as
+/// the numbers they are.
+#[test]
+fn generated_configs_set_the_width_once_and_print_round_numbers() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = hand_log(dir.path());
+    let out = dir.path().join("out");
+    prepare(&log, &PrepareOptions::default(), &out).expect("prepares");
+    let text = std::fs::read_to_string(out.join("config.toml")).expect("config");
+    assert!(text.contains("learning_rate = 0.001\n"), "{text}");
+    assert!(text.contains("dropout = 0.0\n"), "{text}");
+    assert_eq!(text.matches("embedding_dim").count(), 1, "{text}");
+    let path = out.join("config.toml");
+    let wide = Config::from_toml_file_with(&path, &["schema.embedding_dim=16".to_string()]).expect("config");
+    let layout = wide.validate().expect("valid");
+    assert!(layout.tables.iter().all(|t| t.dim == 16), "{:?}", layout.tables);
+    // Round numbers read back to the same f32.
+    let config = Config::from_toml_file(&path).expect("config");
+    assert_eq!(config.train.learning_rate, 0.001f32);
+    let json = serde_json::to_string(&config).expect("json");
+    assert!(json.contains("\"learning_rate\":0.001,"), "{json}");
+    let back: Config = serde_json::from_str(&json).expect("parses");
+    assert_eq!(back, config);
+}
+
+/// Behaviours that share a user's earliest timestamp have no earlier
+/// behaviour: their samples' histories are empty, and the report counts them.
+#[test]
+fn samples_left_with_an_empty_history_are_counted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path().join("log.csv");
+    std::fs::write(
+        &p,
+        "user,item,cate,ts\na,x,c1,10\na,y,c2,10\na,z,c1,20\nb,w,c2,1\nb,v,c1,2\n",
+    )
+    .expect("write");
+    let log = read_log(&LogSpec::csv(p, "user", "item", "cate", "ts"), false).expect("reads");
+    let report = prepare(&log, &PrepareOptions::default(), &dir.path().join("out")).expect("prepares");
+    // a's y (tied with x) as a positive and its negative; every other sample has a history.
+    assert_eq!(report.empty_histories, 2, "{report:?}");
+    let s = build_samples(&log, &PrepareOptions::default()).expect("samples");
+    let empty = s
+        .train
+        .iter()
+        .chain(&s.test)
+        .filter(|x| x.hist_items.is_empty())
+        .count();
+    assert_eq!(empty, report.empty_histories);
 }

@@ -32,18 +32,7 @@ fn write_log(path: &Path) {
 fn trained(dir: &Path) -> (Scorer, PathBuf) {
     let log_path = dir.join("log.csv");
     write_log(&log_path);
-    let spec = LogSpec {
-        path: log_path,
-        delimiter: b',',
-        header: true,
-        columns: Vec::new(),
-        user: "user".into(),
-        item: "item".into(),
-        category: Some("cate".into()),
-        time: "ts".into(),
-        behavior: None,
-        value: None,
-    };
+    let spec = LogSpec::csv(log_path, "user", "item", "cate", "ts");
     let log = read_log(&spec, false).expect("log reads");
     let options = PrepareOptions {
         max_len: 6,

@@ -168,9 +168,19 @@ pub fn run(args: Args) -> Result<()> {
             "read {} behaviours ({} malformed rows skipped): {} users, {} items, {} categories",
             report.events, report.skipped_rows, report.users, report.items, report.categories
         );
+        if report.category_conflicts > 0 {
+            println!(
+                "{} behaviours name another category than their item's first one; they are given the first (the category is a function of the item)",
+                report.category_conflicts
+            );
+        }
         println!(
-            "wrote {} training and {} test samples ({} positive), mean history length {:.2}",
-            report.train_samples, report.test_samples, report.positives, report.mean_history_len
+            "wrote {} training and {} test samples ({} positive), mean history length {:.2}, {} with an empty history",
+            report.train_samples,
+            report.test_samples,
+            report.positives,
+            report.mean_history_len,
+            report.empty_histories
         );
         println!("train with: din train --config {}", report.config.display());
     }

@@ -54,6 +54,23 @@ pub struct LogSpec {
 }
 
 impl LogSpec {
+    /// A comma-separated log with a header, naming its user, item, category
+    /// and time columns (no behaviour type, no rating).
+    pub fn csv(path: PathBuf, user: &str, item: &str, category: &str, time: &str) -> Self {
+        LogSpec {
+            path,
+            delimiter: b',',
+            header: true,
+            columns: Vec::new(),
+            user: user.into(),
+            item: item.into(),
+            category: Some(category.into()),
+            time: time.into(),
+            behavior: None,
+            value: None,
+        }
+    }
+
     /// The DIN paper's Amazon review table as torch-rechub ships it:
     /// header `user_id,item_id,time,cate_id`.
     pub fn amazon(path: PathBuf) -> Self {

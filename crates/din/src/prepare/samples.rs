@@ -74,6 +74,10 @@ pub struct Samples {
     pub profile_fields: Vec<String>,
     /// Users with at least one sample.
     pub users: usize,
+    /// Behaviours whose category differs from the one first seen for their
+    /// item: every sample gives an item that first category, so that the
+    /// category is a function of the item (`item_feature_of`).
+    pub category_conflicts: usize,
 }
 
 struct Timeline {
@@ -105,6 +109,7 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
     let (mut users, mut items, mut categories) = (IdMap::default(), IdMap::default(), IdMap::default());
     let mut profile_maps: Vec<IdMap> = log.profile_fields.iter().map(|_| IdMap::default()).collect();
     let mut item_category: Vec<u32> = vec![0]; // by item id; first category seen wins
+    let mut category_conflicts = 0;
     let mut by_user: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     let mut profiles: HashMap<u32, Vec<u32>> = HashMap::new();
     for (i, e) in log.events.iter().enumerate() {
@@ -113,6 +118,8 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
         let c = categories.id(&e.category);
         if it as usize == item_category.len() {
             item_category.push(c);
+        } else if item_category[it as usize] != c {
+            category_conflicts += 1;
         }
         by_user.entry(u).or_default().push(i);
         profiles
@@ -129,6 +136,7 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
     let mut out = Samples {
         profile_fields: log.profile_fields.clone(),
+        category_conflicts,
         ..Samples::default()
     };
 
@@ -152,7 +160,7 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
             };
             timeline.push(Timeline {
                 item,
-                category: categories.ids[&e.category],
+                category: item_category[item as usize],
                 time: e.time,
                 session,
                 in_history: positive && history_ok(&e.behavior),

@@ -36,6 +36,9 @@ pub struct PrepareReport {
     pub items: usize,
     /// Distinct categories.
     pub categories: usize,
+    /// Behaviours whose item had been seen with another category (they are
+    /// given the item's first category).
+    pub category_conflicts: usize,
     /// Training samples.
     pub train_samples: usize,
     /// Test samples.
@@ -44,6 +47,10 @@ pub struct PrepareReport {
     pub positives: usize,
     /// Mean history length over all samples.
     pub mean_history_len: f64,
+    /// Samples with an empty history (e.g. a user's first behaviour, or
+    /// behaviours that share the earliest timestamp: a history holds only
+    /// strictly earlier ones).
+    pub empty_histories: usize,
     /// The generated config.
     pub config: PathBuf,
 }
@@ -90,10 +97,12 @@ pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, ou
         users: samples.users,
         items: samples.vocab.fields.get("item_id").map_or(0, Vec::len),
         categories: samples.vocab.fields.get("cate_id").map_or(0, Vec::len),
+        category_conflicts: samples.category_conflicts,
         train_samples: samples.train.len(),
         test_samples: samples.test.len(),
-        positives: all.filter(|s| s.label == 1).count(),
+        positives: all.clone().filter(|s| s.label == 1).count(),
         mean_history_len: if n == 0 { 0.0 } else { hist as f64 / n as f64 },
+        empty_histories: all.filter(|s| s.hist_items.is_empty()).count(),
         config: out_dir.join(CONFIG_FILE),
     })
 }
@@ -147,7 +156,8 @@ fn config(samples: &Samples, options: &PrepareOptions) -> Config {
     let sparse = |name: &str| SparseFeature {
         name: name.to_string(),
         vocab_size: Some(size(name)),
-        embedding_dim: Some(options.embedding_dim),
+        // Set once for the schema, so that `--set schema.embedding_dim=16` changes it.
+        embedding_dim: None,
         oov: Oov::Error,
         shares_embedding_with: None,
         // The category is a function of the item (see `build_samples`).
@@ -188,7 +198,7 @@ fn config(samples: &Samples, options: &PrepareOptions) -> Config {
         schema: Schema {
             label: "label".into(),
             user: Some("user_id".into()),
-            embedding_dim: None,
+            embedding_dim: Some(options.embedding_dim),
             sparse: sparse_features,
             dense,
             sequence: vec![sequence("hist_item_id", "item_id"), sequence("hist_cate_id", "cate_id")],

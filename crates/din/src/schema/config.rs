@@ -335,7 +335,7 @@ pub struct DnnConfig {
     #[serde(default = "default_activation")]
     pub activation: ActivationKind,
     /// Dropout rate after each hidden layer, in [0, 1).
-    #[serde(default)]
+    #[serde(default, serialize_with = "short_f32")]
     pub dropout: f32,
 }
 
@@ -351,6 +351,13 @@ impl Default for DnnConfig {
 
 fn default_dnn_units() -> Vec<usize> {
     vec![200, 80]
+}
+
+/// Writes an f32 as the shortest decimal that reads back to it: `0.001`,
+/// not `0.0010000000474974513`, which is what widening it to f64 prints in
+/// a generated config.toml or config.json.
+fn short_f32<S: serde::Serializer>(x: &f32, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(x.to_string().parse().unwrap_or(f64::from(*x)))
 }
 
 /// Optimizers.
@@ -389,7 +396,7 @@ pub struct RegularizationConfig {
     #[serde(default)]
     pub kind: RegularizationKind,
     /// Strength.
-    #[serde(default)]
+    #[serde(default, serialize_with = "short_f32")]
     pub lambda: f32,
 }
 
@@ -444,7 +451,7 @@ pub struct TrainConfig {
     #[serde(default)]
     pub optimizer: OptimizerKind,
     /// Learning rate.
-    #[serde(default = "default_lr")]
+    #[serde(default = "default_lr", serialize_with = "short_f32")]
     pub learning_rate: f32,
     /// Samples per training step.
     #[serde(default = "default_batch_size")]

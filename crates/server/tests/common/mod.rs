@@ -26,18 +26,7 @@ pub fn train_model(work: &Path, out: &Path, seed: u64) {
         }
     }
     std::fs::write(&log_path, text).expect("write log");
-    let spec = LogSpec {
-        path: log_path,
-        delimiter: b',',
-        header: true,
-        columns: Vec::new(),
-        user: "user".into(),
-        item: "item".into(),
-        category: Some("cate".into()),
-        time: "ts".into(),
-        behavior: None,
-        value: None,
-    };
+    let spec = LogSpec::csv(log_path, "user", "item", "cate", "ts");
     let log = read_log(&spec, false).expect("log reads");
     let prepared = work.join("prepared");
     let options = PrepareOptions {

@@ -454,8 +454,6 @@ impl Attention {
         self.pooling == crate::schema::Pooling::Attention && self.hidden().all(|b| b.activation.is_rowwise(mode))
     }
 
-    /// Chunked forward pass (see the module documentation): writes the
-    /// pooled histories `[B, D]` and the attention weights `[N]`. With `keep`,
     /// Fills `st.shared_k1` / `st.shared_at`: for each run of two or more
     /// consecutive samples with one history (a request's candidates, a page
     /// view's), that history's `k·(Wk - Wd)`, once, in parallel over runs.
@@ -473,7 +471,7 @@ impl Attention {
         st.shared_k1.clear();
         let Some(same) = same_history else { return };
         st.shared_at.resize(b, usize::MAX);
-        let mut runs: Vec<(usize, usize)> = Vec::new(); // (first sample, start in shared_k1)
+        let mut runs: Vec<usize> = Vec::new(); // first sample of each shared run
         let mut total = 0;
         let mut s = 0;
         while s < b {
@@ -483,7 +481,7 @@ impl Attention {
             }
             if e - s >= 2 {
                 st.shared_at[s..e].iter_mut().for_each(|a| *a = total);
-                runs.push((s, total));
+                runs.push(s);
                 total += (offsets[s + 1] - offsets[s]) as usize * h1;
             }
             s = e;
@@ -492,9 +490,9 @@ impl Attention {
         let wk = &st.wkp[..d * h1];
         let pieces = split_pieces(
             &mut st.shared_k1,
-            runs.iter().map(|&(s, _)| (offsets[s + 1] - offsets[s]) as usize * h1),
+            runs.iter().map(|&s| (offsets[s + 1] - offsets[s]) as usize * h1),
         );
-        runs.par_iter().zip(pieces).for_each(|(&(s, _), out)| {
+        runs.par_iter().zip(pieces).for_each(|(&s, out)| {
             let (t0, t1) = (offsets[s] as usize, offsets[s + 1] as usize);
             if t1 > t0 {
                 serial::matmul(t1 - t0, d, h1, &keys[t0 * d..t1 * d], wk, out, false);
@@ -503,6 +501,8 @@ impl Attention {
         });
     }
 
+    /// Chunked forward pass (see the module documentation): writes the
+    /// pooled histories `[B, D]` and the attention weights `[N]`. With `keep`,
     /// `st` keeps what [`Attention::backward_chunked`] needs; without, each
     /// worker thread computes its chunks in a scratch buffer of its own.
     #[allow(clippy::too_many_arguments)]
