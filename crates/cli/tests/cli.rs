@@ -225,7 +225,10 @@ fn train_with_bundled_config_reports_epochs_and_saves_model() {
         assert!(!line.contains("n/a"), "a validation metric is missing: {line}");
     }
     assert!(
-        text.contains(&format!("saved model (epoch 2) to {}", model.display())),
+        text.contains(&format!(
+            "saved model (epoch 2, the best by val_logloss; --keep last saves the last) to {}",
+            model.display()
+        )),
         "{text}"
     );
     for file in ["config.json", "model.safetensors", "history.json"] {
@@ -280,6 +283,48 @@ fn train_json_prints_model_dir_and_history() {
 }
 
 // ---------------------------------------------------------------- save, load, predict, evaluate
+
+/// With validation data the run saves its best epoch by val_logloss (here
+/// epoch 4 of 6 at a high learning rate), and `--keep last` the last; the
+/// saved model evaluates to that epoch's numbers.
+#[test]
+fn the_best_epoch_is_saved_unless_the_last_is_asked_for() {
+    let tmp = TempDir::new().unwrap();
+    let mut saved = Vec::new();
+    for keep in ["best", "last"] {
+        let model = tmp.path().join(keep);
+        let out = train(
+            tmp.path(),
+            &model,
+            &["--epochs", "6", "--learning-rate", "0.01", "--keep", keep, "--json"],
+        );
+        assert_ok(&out);
+        let doc: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let history = doc["history"].as_array().expect("history").clone();
+        let logloss: Vec<f64> = history
+            .iter()
+            .map(|e| e["validation"]["logloss"].as_f64().unwrap())
+            .collect();
+        let best = 1
+            + (0..logloss.len())
+                .min_by(|&a, &b| logloss[a].total_cmp(&logloss[b]))
+                .unwrap();
+        assert!(best < 6, "the scenario needs an overfitted last epoch: {logloss:?}");
+        assert_eq!(doc["best_epoch"].as_u64(), Some(best as u64));
+        let epoch = if keep == "best" { best } else { 6 };
+        assert_eq!(doc["model_epoch"].as_u64(), Some(epoch as u64), "{keep}");
+        let out = din(tmp.path(), args!["evaluate", "--model", model, "--json"]);
+        assert_ok(&out);
+        let metrics: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(
+            metric_triple(&metrics),
+            metric_triple(&history[epoch - 1]["validation"]),
+            "--keep {keep}: the saved model is epoch {epoch}"
+        );
+        saved.push(fs::read(model.join("model.safetensors")).unwrap());
+    }
+    assert_ne!(saved[0], saved[1]);
+}
 
 #[test]
 fn saved_model_predicts_reproducibly_and_evaluates_like_training() {

@@ -411,6 +411,8 @@ fn generated_configs_set_the_width_once_and_print_round_numbers() {
     let text = std::fs::read_to_string(out.join("config.toml")).expect("config");
     assert!(text.contains("learning_rate = 0.001\n"), "{text}");
     assert!(text.contains("dropout = 0.0\n"), "{text}");
+    // Its validation file is the test file: no epoch is chosen on it.
+    assert!(text.contains("keep = \"last\"\n"), "{text}");
     assert_eq!(text.matches("embedding_dim").count(), 1, "{text}");
     let path = out.join("config.toml");
     let wide = Config::from_toml_file_with(&path, &["schema.embedding_dim=16".to_string()]).expect("config");

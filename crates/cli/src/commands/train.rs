@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use din::checkpoint::{self, Assets};
 use din::model::Din;
-use din::schema::Config;
+use din::schema::{Config, Keep, Monitor};
 use din::train::{fit, load_training_data, EpochReport, Observer};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -47,6 +47,10 @@ pub struct Args {
     /// Worker threads (0 = all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Which epoch's weights to save when there is validation data: the best
+    /// by the monitored metric (default), or the last (train.keep).
+    #[arg(long, value_enum)]
+    keep: Option<KeepArg>,
     /// Override a config value: `--set model.attention.hidden_units=[80,40]`,
     /// `--set model.attention.pooling=sum` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -54,6 +58,15 @@ pub struct Args {
     /// Print the history as JSON on stdout instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// `--keep`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum KeepArg {
+    /// The best epoch by the early-stopping monitor (val_logloss without early stopping).
+    Best,
+    /// The last epoch run.
+    Last,
 }
 
 /// Finds the bundled config from the current folder, else from the source tree.
@@ -93,6 +106,11 @@ fn apply_overrides(config: &mut Config, args: &Args) {
     t.learning_rate = args.learning_rate.unwrap_or(t.learning_rate);
     t.seed = args.seed.unwrap_or(t.seed);
     t.threads = args.threads.unwrap_or(t.threads);
+    match args.keep {
+        Some(KeepArg::Best) => t.keep = Keep::Best,
+        Some(KeepArg::Last) => t.keep = Keep::Last,
+        None => {}
+    }
 }
 
 /// Shows progress and saves the model after every epoch.
@@ -186,23 +204,31 @@ pub fn run(args: Args) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        match (&data.config.train.early_stopping, outcome.best_epoch) {
-            (Some(es), Some(best)) => println!("best {} at epoch {best} (early stopping monitor)", es.monitor.name()),
-            _ => {
-                let best = outcome
-                    .history
-                    .iter()
-                    .filter_map(|r| r.validation.map(|m| (r.epoch, m.logloss)))
-                    .min_by(|a, b| a.1.total_cmp(&b.1));
-                if let Some((epoch, logloss)) = best {
-                    println!("best val_logloss {logloss:.4} at epoch {epoch}");
-                }
-            }
+        let tc = &data.config.train;
+        let monitor = tc.early_stopping.as_ref().map_or(Monitor::ValLogloss, |es| es.monitor);
+        if let Some(best) = outcome.best_epoch {
+            let value = outcome.history[best - 1]
+                .validation
+                .as_ref()
+                .and_then(|m| din::train::EarlyStopping::value(monitor, m))
+                .unwrap_or(f64::NAN);
+            println!("best {} {value:.4} at epoch {best}", monitor.name());
         }
         if outcome.stopped_early {
             println!("stopped early after epoch {}", outcome.history.len());
         }
-        println!("saved model (epoch {}) to {}", outcome.model_epoch, out.display());
+        let which = match (outcome.best_epoch, tc.keep) {
+            (Some(b), _) if b == outcome.model_epoch && tc.keep == Keep::Best => {
+                format!(", the best by {}; --keep last saves the last", monitor.name())
+            }
+            (Some(_), _) => ", the last".to_string(),
+            (None, _) => String::new(),
+        };
+        println!(
+            "saved model (epoch {}{which}) to {}",
+            outcome.model_epoch,
+            out.display()
+        );
     }
     Ok(())
 }

@@ -9,8 +9,8 @@ use super::samples::{build_samples, Sample, Samples};
 use super::{Log, PrepareOptions};
 use crate::checkpoint::{write_atomic, write_atomic_with};
 use crate::schema::{
-    Config, DataConfig, DenseFeature, DinPair, InputConfig, ModelConfig, Oov, Schema, SequenceFeature, SequenceOrder,
-    SparseFeature, TrainConfig, Truncation,
+    Config, DataConfig, DenseFeature, DinPair, InputConfig, Keep, ModelConfig, Oov, Schema, SequenceFeature,
+    SequenceOrder, SparseFeature, TrainConfig, Truncation,
 };
 use crate::{Error, Result};
 
@@ -85,7 +85,9 @@ pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, ou
         path: out_dir.join(CONFIG_FILE),
         reason: e.to_string(),
     })?;
-    let banner = "# Written by `din prepare`. Paths are relative to this file.\n";
+    let banner = "# Written by `din prepare`. Paths are relative to this file.\n\
+        # train.keep = \"last\": the validation file is the test file, and picking the best epoch\n\
+        # on it would pick on the test set.\n";
     write_atomic(&out_dir.join(CONFIG_FILE), format!("{banner}{text}").as_bytes())?;
 
     let all = samples.train.iter().chain(&samples.test);
@@ -214,6 +216,11 @@ fn config(samples: &Samples, options: &PrepareOptions) -> Config {
             ],
         },
         model: ModelConfig::default(),
-        train: TrainConfig::default(),
+        // The validation file is the test file: choosing the best epoch on
+        // it would choose on the test set, so the last epoch is kept.
+        train: TrainConfig {
+            keep: Keep::Last,
+            ..TrainConfig::default()
+        },
     }
 }

@@ -434,7 +434,8 @@ pub struct EarlyStoppingConfig {
     /// Epochs without improvement before stopping (at least 1).
     #[serde(default = "default_patience")]
     pub patience: usize,
-    /// Restore the weights of the best epoch before saving.
+    /// Restore the weights of the best epoch before saving (what
+    /// `train.keep = "best"`, the default, does anyway).
     #[serde(default)]
     pub restore_best: bool,
 }
@@ -477,6 +478,22 @@ pub struct TrainConfig {
     /// Early stopping (off when absent).
     #[serde(default)]
     pub early_stopping: Option<EarlyStoppingConfig>,
+    /// Which epoch's weights a run with validation data ends with (and
+    /// saves): the best by `early_stopping.monitor` (`val_logloss` without
+    /// early stopping), or the last.
+    #[serde(default)]
+    pub keep: Keep,
+}
+
+/// Which epoch's weights training ends with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    /// The best epoch by the monitored validation metric.
+    #[default]
+    Best,
+    /// The last epoch run.
+    Last,
 }
 
 impl Default for TrainConfig {
@@ -492,6 +509,7 @@ impl Default for TrainConfig {
             threads: 0,
             regularization: RegularizationConfig::default(),
             early_stopping: None,
+            keep: Keep::Best,
         }
     }
 }

@@ -10,7 +10,7 @@ mod layout;
 
 pub use config::{
     ActivationKind, AttentionConfig, Config, DataConfig, DenseFeature, DinPair, DnnConfig, EarlyStoppingConfig,
-    InputConfig, ModelConfig, Monitor, Normalization, Oov, OptimizerKind, Pooling, RegularizationConfig,
+    InputConfig, Keep, ModelConfig, Monitor, Normalization, Oov, OptimizerKind, Pooling, RegularizationConfig,
     RegularizationKind, Schema, SequenceFeature, SequenceOrder, SparseFeature, TrainConfig, Truncation,
     DEFAULT_EMBEDDING_DIM,
 };

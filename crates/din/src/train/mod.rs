@@ -23,7 +23,7 @@ use crate::data::{
     apply_vocab, id_counts, infer_vocab, read_dataset, Batch, Dataset, ItemTable, ReadOptions, Vocabulary,
 };
 use crate::model::{Din, DinCache, EmbeddingGrads, Mode};
-use crate::schema::{Config, Layout};
+use crate::schema::{Config, EarlyStoppingConfig, Keep, Layout, Monitor};
 use crate::scorer::evaluate;
 use crate::threads::thread_pool;
 use crate::{Error, Result};
@@ -107,7 +107,9 @@ pub trait Observer {
     /// After each training batch: batches done out of the epoch's total, and
     /// the running mean loss.
     fn on_batch(&mut self, _epoch: usize, _done: usize, _total: usize, _running_loss: f64) {}
-    /// After each epoch, with the model as it is then (e.g. to save it).
+    /// After each epoch, with the model the run would end with if it ended
+    /// now (the best epoch's so far under `train.keep = "best"`, else the
+    /// current one), e.g. to save it.
     fn on_epoch(&mut self, _report: &EpochReport, _model: &Din) -> Result<()> {
         Ok(())
     }
@@ -120,11 +122,12 @@ impl Observer for Silent {}
 /// The result of [`fit`].
 #[derive(Debug, Clone)]
 pub struct TrainOutcome {
-    /// The trained model (the best epoch's when `restore_best` is set).
+    /// The trained model (the best epoch's under `train.keep = "best"`).
     pub model: Din,
     /// One report per epoch run.
     pub history: Vec<EpochReport>,
-    /// The best epoch by the early-stopping monitor, if early stopping is on.
+    /// The best epoch by the monitor (`early_stopping.monitor`, else
+    /// `val_logloss`), when there is validation data.
     pub best_epoch: Option<usize>,
     /// Whether early stopping ended training.
     pub stopped_early: bool,
@@ -150,7 +153,15 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
     shuffle_rng.set_stream(1);
     let mut dropout_rng = ChaCha8Rng::seed_from_u64(tc.seed);
     dropout_rng.set_stream(2);
-    let mut early = tc.early_stopping.clone().map(EarlyStopping::new);
+    // The best epoch is tracked whenever there is validation data; early
+    // stopping only adds the patience.
+    let monitor = tc.early_stopping.clone().unwrap_or(EarlyStoppingConfig {
+        monitor: Monitor::ValLogloss,
+        patience: usize::MAX,
+        restore_best: false,
+    });
+    let mut tracker = data.validation.as_ref().map(|_| EarlyStopping::new(monitor));
+    let keep_best = tc.keep == Keep::Best || tc.early_stopping.as_ref().is_some_and(|c| c.restore_best);
     let mut best_model: Option<Din> = None;
     let mut history = Vec::new();
     let mut stopped_early = false;
@@ -199,20 +210,20 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
             samples_per_second: data.train.len() as f64 / train_seconds.max(1e-9),
         };
         let mut stop = false;
-        if let (Some(es), Some(v)) = (early.as_mut(), &report.validation) {
-            if es.observe(epoch, v) && tc.early_stopping.as_ref().is_some_and(|c| c.restore_best) {
+        if let (Some(es), Some(v)) = (tracker.as_mut(), &report.validation) {
+            if es.observe(epoch, v) && keep_best {
                 best_model = Some(model.clone());
             }
-            stop = es.should_stop();
+            stop = tc.early_stopping.is_some() && es.should_stop();
         }
-        observer.on_epoch(&report, &model)?;
+        observer.on_epoch(&report, best_model.as_ref().unwrap_or(&model))?;
         history.push(report);
         if stop && epoch < tc.epochs {
             stopped_early = true;
             break;
         }
     }
-    let best_epoch = early.as_ref().and_then(|e| e.best()).map(|b| b.0);
+    let best_epoch = tracker.as_ref().and_then(|e| e.best()).map(|b| b.0);
     let model_epoch = match (&best_model, best_epoch) {
         (Some(_), Some(best)) => best,
         _ => history.len(),
