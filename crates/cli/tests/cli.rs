@@ -892,3 +892,98 @@ fn bench_generates_data_the_reader_takes_and_reports_measurements() {
     );
     assert!(median > 0.0 && p99 >= median, "{report}");
 }
+
+// ---------------------------------------------------------------- prepare
+
+/// A log whose columns are not the defaults: every missing column is named
+/// at once, each with the flag that sets it; the category column has a
+/// default like the others, and --no-category is the explicit way out.
+#[test]
+fn prepare_names_every_missing_column_with_its_flag() {
+    let tmp = TempDir::new().unwrap();
+    let log = tmp.path().join("log.csv");
+    let mut text = String::from("uid,iid,ts,cat\n");
+    for u in 0..4 {
+        for e in 0..5 {
+            text.push_str(&format!("u{u},i{},{},c{}\n", (u + e) % 7, 100 + e, (u + e) % 3));
+        }
+    }
+    fs::write(&log, &text).unwrap();
+    let out = din(
+        tmp.path(),
+        args!["prepare", "--input", log, "--format", "log", "--out", "p"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    for expect in [
+        "`user_id` (the user column; set it with --user-col)",
+        "`item_id` (the item column; set it with --item-col)",
+        "`category_id` (the category column; set it with --category-col, or pass --no-category",
+        "`timestamp` (the time column; set it with --time-col)",
+        "its columns are: uid,iid,ts,cat",
+    ] {
+        assert!(err.contains(expect), "{expect} not in {err}");
+    }
+    let flags = ["--user-col", "uid", "--item-col", "iid", "--time-col", "ts"];
+    let mut a = args![
+        "prepare",
+        "--input",
+        log,
+        "--format",
+        "log",
+        "--out",
+        "p",
+        "--protocol",
+        "rating"
+    ];
+    a.extend(flags.iter().map(OsString::from));
+    let out = din(tmp.path(), a);
+    assert!(
+        stderr(&out).contains("--protocol rating needs the rating or label column: name it with --label-col"),
+        "{}",
+        stderr(&out)
+    );
+
+    let mut a = args![
+        "prepare",
+        "--input",
+        log,
+        "--format",
+        "log",
+        "--out",
+        "p",
+        "--category-col",
+        "cat"
+    ];
+    a.extend(flags.iter().map(OsString::from));
+    let out = din(tmp.path(), a);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("4 users, 7 items, 3 categories"),
+        "{}",
+        stdout(&out)
+    );
+    let mut a = args![
+        "prepare",
+        "--input",
+        log,
+        "--format",
+        "log",
+        "--out",
+        "q",
+        "--no-category"
+    ];
+    a.extend(flags.iter().map(OsString::from));
+    let out = din(tmp.path(), a);
+    assert_ok(&out);
+    assert!(stdout(&out).contains("7 items, 1 categories"), "{}", stdout(&out));
+    // With the default names, no flag is needed.
+    let renamed = text.replacen("uid,iid,ts,cat", "user_id,item_id,timestamp,category_id", 1);
+    fs::write(&log, renamed).unwrap();
+    let out = din(
+        tmp.path(),
+        args!["prepare", "--input", log, "--format", "log", "--out", "r"],
+    );
+    assert_ok(&out);
+    assert!(stdout(&out).contains("3 categories"), "{}", stdout(&out));
+}

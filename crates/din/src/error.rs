@@ -66,6 +66,18 @@ pub enum Error {
         /// The header that was found.
         header: String,
     },
+    /// Columns a behaviour log needs are missing from its header: all of
+    /// them at once, each with its role (`user`, `item`, `category`, `time`,
+    /// `behavior`, `label`).
+    #[error("{}: the log has no column {} (its columns: {header})", path.display(), missing.iter().map(|(role, c)| format!("`{c}` (the {role} column)")).collect::<Vec<_>>().join(", "))]
+    MissingLogColumns {
+        /// The log file.
+        path: PathBuf,
+        /// (role, column name) of each missing column.
+        missing: Vec<(&'static str, String)>,
+        /// The columns the log has.
+        header: String,
+    },
     /// A value could not be parsed.
     #[error("{}:{line}: column `{column}`: {reason}: {value:?}", path.display())]
     Parse {

@@ -85,9 +85,12 @@ pub struct Args {
     /// --format log: item column.
     #[arg(long, default_value = "item_id")]
     item_col: String,
-    /// --format log: category column (none: one category for all items).
-    #[arg(long)]
-    category_col: Option<String>,
+    /// --format log: category column.
+    #[arg(long, default_value = "category_id")]
+    category_col: String,
+    /// --format log: the log has no category column (every item gets one category).
+    #[arg(long, conflicts_with = "category_col")]
+    no_category: bool,
     /// --format log: timestamp column (integer seconds).
     #[arg(long, default_value = "timestamp")]
     time_col: String,
@@ -100,6 +103,36 @@ pub struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// The flag that names a log column of each role.
+fn flag(role: &str) -> &'static str {
+    match role {
+        "user" => "--user-col",
+        "item" => "--item-col",
+        "category" => "--category-col, or pass --no-category for a log without one",
+        "time" => "--time-col",
+        "behavior" => "--behavior-col",
+        _ => "--label-col",
+    }
+}
+
+/// Names the flag for each missing column.
+fn with_flags(e: din::Error) -> anyhow::Error {
+    match e {
+        din::Error::MissingLogColumns { path, missing, header } => {
+            let list: Vec<String> = missing
+                .iter()
+                .map(|(role, c)| format!("`{c}` (the {role} column; set it with {})", flag(role)))
+                .collect();
+            anyhow::anyhow!(
+                "{}: the log has no column {}; its columns are: {header}",
+                path.display(),
+                list.join(", ")
+            )
+        }
+        other => other.into(),
+    }
 }
 
 /// Runs `din prepare`.
@@ -122,12 +155,15 @@ pub fn run(args: Args) -> Result<()> {
                 columns: args.columns.clone().unwrap_or_default(),
                 user: args.user_col.clone(),
                 item: args.item_col.clone(),
-                category: args.category_col.clone(),
+                category: (!args.no_category).then(|| args.category_col.clone()),
                 time: args.time_col.clone(),
                 behavior: args.behavior_col.clone(),
                 value: args.label_col.clone(),
             };
-            read_log(&spec, args.skip_bad_rows)?
+            if args.protocol == ProtocolArg::Rating && spec.value.is_none() {
+                bail!("--protocol rating needs the rating or label column: name it with --label-col");
+            }
+            read_log(&spec, args.skip_bad_rows).map_err(with_flags)?
         }
     };
     let options = PrepareOptions {

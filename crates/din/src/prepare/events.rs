@@ -159,20 +159,30 @@ pub fn read_log(spec: &LogSpec, skip_bad_rows: bool) -> Result<Log> {
     } else {
         spec.columns.clone()
     };
-    let find = |name: &str| {
-        columns
-            .iter()
-            .position(|c| c == name)
-            .ok_or_else(|| Error::MissingColumn {
-                path: path.clone(),
-                column: name.to_string(),
-                header: columns.join(","),
-            })
+    // Every missing column at once, with the role it was named for.
+    let mut missing: Vec<(&'static str, String)> = Vec::new();
+    let mut find = |role: &'static str, name: Option<&str>| -> Option<usize> {
+        let name = name?;
+        let at = columns.iter().position(|c| c == name);
+        if at.is_none() {
+            missing.push((role, name.to_string()));
+        }
+        at
     };
-    let (user, item, time) = (find(&spec.user)?, find(&spec.item)?, find(&spec.time)?);
-    let category = spec.category.as_deref().map(find).transpose()?;
-    let behavior = spec.behavior.as_deref().map(find).transpose()?;
-    let value = spec.value.as_deref().map(find).transpose()?;
+    let user = find("user", Some(&spec.user));
+    let item = find("item", Some(&spec.item));
+    let category = find("category", spec.category.as_deref());
+    let time = find("time", Some(&spec.time));
+    let behavior = find("behavior", spec.behavior.as_deref());
+    let value = find("label", spec.value.as_deref());
+    if !missing.is_empty() {
+        return Err(Error::MissingLogColumns {
+            path: path.clone(),
+            missing,
+            header: columns.join(","),
+        });
+    }
+    let (user, item, time) = (user.unwrap_or(0), item.unwrap_or(0), time.unwrap_or(0));
 
     let mut log = Log::default();
     let mut record = csv::StringRecord::new();
