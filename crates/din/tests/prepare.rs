@@ -451,3 +451,51 @@ fn samples_left_with_an_empty_history_are_counted() {
         .count();
     assert_eq!(empty, report.empty_histories);
 }
+
+/// `min_value` (`--min-rating`) keeps only the behaviours rated at least
+/// that in the next-item protocol; items rated lower are still never
+/// sampled as the user's negatives.
+#[test]
+fn next_item_with_a_minimum_rating_keeps_only_positive_behaviours() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = hand_log(dir.path());
+    let options = PrepareOptions {
+        min_value: Some(4.0),
+        ..PrepareOptions::default()
+    };
+    let s = build_samples(&log, &options).expect("samples");
+    let user_a = s.vocab.fields["user_id"].iter().position(|u| u == "a").expect("a") as u32 + 1;
+    let positives: Vec<(String, Vec<String>)> = s
+        .train
+        .iter()
+        .chain(&s.test)
+        .filter(|x| x.label == 1)
+        .map(|x| (raw(&s, "item_id", x.item), items(&s, &x.hist_items)))
+        .collect();
+    // a: x(5) z(4) w(5), y(2) dropped; b: y(4) v(5), x(1) dropped.
+    let expected: Vec<(String, Vec<String>)> = vec![
+        ("z".into(), vec!["x".into()]),
+        ("w".into(), vec!["x".into(), "z".into()]),
+        ("v".into(), vec!["y".into()]),
+    ];
+    let mut got = positives.clone();
+    got.sort();
+    let mut want = expected.clone();
+    want.sort();
+    assert_eq!(got, want);
+    for x in s.train.iter().chain(&s.test).filter(|x| x.label == 0) {
+        let item = raw(&s, "item_id", x.item);
+        if x.user == user_a {
+            assert_eq!(item, "v", "a touched x, y, z, w");
+        } else {
+            assert!(item == "z" || item == "w", "b touched y, x, v: {item}");
+        }
+    }
+    // The rating protocol has its own threshold.
+    let wrong = PrepareOptions {
+        protocol: Protocol::Rating { threshold: 4.0 },
+        ..options
+    };
+    let err = build_samples(&log, &wrong).expect_err("not for rating").to_string();
+    assert!(err.contains("min_value") && err.contains("next-item"), "{err}");
+}

@@ -45,6 +45,10 @@ pub struct Args {
     /// Lowest positive rating/label value for --protocol rating.
     #[arg(long, default_value_t = 4.0)]
     positive_threshold: f32,
+    /// --protocol next-item: only ratings (or label values) of at least this
+    /// are behaviours, e.g. 4 for MovieLens' positive ratings.
+    #[arg(long)]
+    min_rating: Option<f32>,
     /// Longest history kept (the most recent behaviours).
     #[arg(long, default_value_t = 50)]
     max_len: usize,
@@ -163,6 +167,9 @@ pub fn run(args: Args) -> Result<()> {
             if args.protocol == ProtocolArg::Rating && spec.value.is_none() {
                 bail!("--protocol rating needs the rating or label column: name it with --label-col");
             }
+            if args.min_rating.is_some() && spec.value.is_none() {
+                bail!("--min-rating needs the rating or label column: name it with --label-col");
+            }
             read_log(&spec, args.skip_bad_rows).map_err(with_flags)?
         }
     };
@@ -180,6 +187,7 @@ pub fn run(args: Args) -> Result<()> {
         history_behaviors: args.history_behaviors.clone(),
         history_times: args.history_times,
         embedding_dim: args.embedding_dim,
+        min_value: args.min_rating,
         test_per_user: args.test_per_user.unwrap_or(match args.protocol {
             ProtocolArg::NextItem => 1,
             ProtocolArg::Rating => 10,

@@ -55,6 +55,10 @@ pub struct PrepareOptions {
     pub history_times: bool,
     /// Embedding width written into the generated config.
     pub embedding_dim: usize,
+    /// Next-item protocol: only behaviours whose value (rating, label) is at
+    /// least this are behaviours at all (in histories and as targets), as
+    /// the paper and most papers build MovieLens histories from ratings >= 4.
+    pub min_value: Option<f32>,
     /// Each user's last this many samples (by time) are held out as test.
     /// 1 is the paper's protocol; the rating protocol needs more, or every
     /// user's test samples have one label class and GAUC is undefined.
@@ -72,6 +76,7 @@ impl Default for PrepareOptions {
             history_behaviors: None,
             history_times: false,
             embedding_dim: 8,
+            min_value: None,
             test_per_user: 1,
         }
     }

@@ -97,6 +97,22 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
     if options.test_per_user == 0 {
         return Err(Error::config("test_per_user", 0, "must be at least 1"));
     }
+    if let Some(m) = options.min_value {
+        if let Protocol::Rating { .. } = options.protocol {
+            return Err(Error::config(
+                "min_value",
+                m,
+                "applies to the next-item protocol; the rating protocol labels by its threshold",
+            ));
+        }
+        if !m.is_finite() || log.events.iter().any(|e| e.value.is_none()) {
+            return Err(Error::config(
+                "min_value",
+                m,
+                "needs a finite threshold and a rating or label column in the log",
+            ));
+        }
+    }
     if let Protocol::Rating { .. } = options.protocol {
         if log.events.iter().any(|e| e.value.is_none()) {
             return Err(Error::config(
@@ -146,6 +162,11 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
         idx.sort_by_key(|&i| (log.events[i].time, log.events[i].line));
         let mut timeline: Vec<Timeline> = Vec::with_capacity(idx.len());
         let mut session = 0;
+        // Every item the user touched, kept or not: never a negative for them.
+        let touched: HashSet<u32> = idx.iter().map(|&i| items.ids[&log.events[i].item]).collect();
+        if let Some(m) = options.min_value {
+            idx.retain(|&i| log.events[i].value.is_some_and(|v| v >= m));
+        }
         for (k, &i) in idx.iter().enumerate() {
             let e = &log.events[i];
             if let (Some(g), true) = (gap, k > 0) {
@@ -167,7 +188,6 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
                 value: e.value,
             });
         }
-        let touched: HashSet<u32> = timeline.iter().map(|t| t.item).collect();
         let first = match options.protocol {
             Protocol::NextItem => 1,
             Protocol::Rating { .. } => 0,
