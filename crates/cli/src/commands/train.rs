@@ -217,12 +217,12 @@ pub fn run(args: Args) -> Result<()> {
         if outcome.stopped_early {
             println!("stopped early after epoch {}", outcome.history.len());
         }
-        let which = match (outcome.best_epoch, tc.keep) {
-            (Some(b), _) if b == outcome.model_epoch && tc.keep == Keep::Best => {
+        let which = match outcome.best_epoch {
+            Some(b) if tc.keep == Keep::Best && b == outcome.model_epoch => {
                 format!(", the best by {}; --keep last saves the last", monitor.name())
             }
-            (Some(_), _) => ", the last".to_string(),
-            (None, _) => String::new(),
+            Some(_) => ", the last".to_string(),
+            None => String::new(),
         };
         println!(
             "saved model (epoch {}{which}) to {}",
