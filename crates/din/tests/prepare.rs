@@ -499,3 +499,79 @@ fn next_item_with_a_minimum_rating_keeps_only_positive_behaviours() {
     let err = build_samples(&log, &wrong).expect_err("not for rating").to_string();
     assert!(err.contains("min_value") && err.contains("next-item"), "{err}");
 }
+
+/// MovieLens 1M (`::`-separated .dat files) and the CSV releases (latest,
+/// 20M, 25M) are read by the files present, like 100K; anything else is a
+/// clear error.
+#[test]
+fn movielens_1m_and_csv_releases_are_detected_by_their_files() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let m1 = dir.path().join("ml-1m");
+    std::fs::create_dir_all(&m1).expect("mkdir");
+    std::fs::write(
+        m1.join("movies.dat"),
+        "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Jumanji (1995)::Adventure\n",
+    )
+    .expect("write");
+    std::fs::write(m1.join("users.dat"), "1::F::1::10::48067\n2::M::56::16::70072\n").expect("write");
+    std::fs::write(
+        m1.join("ratings.dat"),
+        "1::1::5::978300760\n1::2::3::978302109\n2::2::x::978301968\n2::1::4::978300275\n",
+    )
+    .expect("write");
+    let err = read_movielens(&m1, false).expect_err("bad rating").to_string();
+    assert!(
+        err.contains("ratings.dat:3: column `rating`: not a number: \"x\""),
+        "{err}"
+    );
+    let log = read_movielens(&m1, true).expect("1M");
+    assert_eq!((log.events.len(), log.skipped.len()), (3, 1));
+    assert_eq!(log.events[0].category, "Animation", "the first genre");
+    assert_eq!(log.profile_fields, ["age", "gender", "occupation"]);
+    assert_eq!(log.events[0].profile, ["1", "F", "10"]);
+    assert_eq!(log.events[0].value, Some(5.0));
+
+    let latest = dir.path().join("ml-latest-small");
+    std::fs::create_dir_all(&latest).expect("mkdir");
+    std::fs::write(
+        latest.join("movies.csv"),
+        "movieId,title,genres\n1,\"American President, The (1995)\",Comedy|Drama|Romance\n2,Heat (1995),(no genres listed)\n",
+    )
+    .expect("write");
+    std::fs::write(
+        latest.join("ratings.csv"),
+        "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,3.5,964981247\n2,3,5.0,964982224\n2,1,4.5,964983815\n",
+    )
+    .expect("write");
+    let err = read_movielens(&latest, false)
+        .expect_err("movie 3 is unknown")
+        .to_string();
+    assert!(
+        err.contains("ratings.csv:4: column `item`: not in movies.csv: \"3\""),
+        "{err}"
+    );
+    let log = read_movielens(&latest, true).expect("latest");
+    assert_eq!(log.events.len(), 3);
+    assert_eq!(
+        log.events[0].category, "Comedy",
+        "a quoted title with a comma does not shift the columns"
+    );
+    assert_eq!(log.events[1].category, "(no genres listed)");
+    assert!(log.profile_fields.is_empty() && log.events[0].profile.is_empty());
+    assert_eq!(log.events[1].value, Some(3.5));
+    // The samples build and the rating protocol has its values.
+    let options = PrepareOptions {
+        protocol: Protocol::Rating { threshold: 4.0 },
+        test_per_user: 1,
+        ..PrepareOptions::default()
+    };
+    prepare(&log, &options, &dir.path().join("out")).expect("prepares");
+
+    let err = read_movielens(dir.path(), false)
+        .expect_err("no MovieLens files")
+        .to_string();
+    assert!(
+        err.contains("not a MovieLens folder") && err.contains("ratings.csv"),
+        "{err}"
+    );
+}

@@ -8,7 +8,7 @@ use din::prepare::{prepare, read_log, read_movielens, LogSpec, PrepareOptions, P
 /// Input formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
-    /// MovieLens-100K folder (u.data, u.item genres as category, u.user profile).
+    /// A MovieLens folder: 100K (u.data), 1M (ratings.dat) or latest/20M/25M (ratings.csv), by its files.
     Movielens,
     /// The DIN paper's Amazon review table (header user_id,item_id,time,cate_id).
     Amazon,

@@ -267,16 +267,13 @@ type Rows = Vec<(u64, Vec<String>)>;
 
 /// The non-blank lines of a MovieLens file split at `sep`; lines without
 /// exactly `width` fields are errors, or skipped into `log` under `skip`.
-fn read_fields(path: &Path, sep: u8, width: usize, log: &mut Log, skip: bool) -> Result<(PathBuf, Rows)> {
+fn read_fields(path: &Path, sep: &str, width: usize, log: &mut Log, skip: bool) -> Result<(PathBuf, Rows)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, "cannot read MovieLens file", e))?;
-    // u.item has Latin-1 titles: decode lossily, titles are not used.
+    // u.item and movies.dat have Latin-1 titles: decode lossily, titles are not used.
     let text = String::from_utf8_lossy(&bytes);
     let mut rows = Vec::new();
     for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let (line, fields): (u64, Vec<String>) = (
-            i as u64 + 1,
-            l.split(sep as char).map(|s| s.trim().to_string()).collect(),
-        );
+        let (line, fields): (u64, Vec<String>) = (i as u64 + 1, l.split(sep).map(|s| s.trim().to_string()).collect());
         if fields.len() == width {
             rows.push((line, fields));
         } else {
@@ -292,16 +289,88 @@ fn read_fields(path: &Path, sep: u8, width: usize, log: &mut Log, skip: bool) ->
     Ok((path.to_path_buf(), rows))
 }
 
-/// Reads MovieLens-100K from its folder: `u.data` (user, item, rating, time),
-/// `u.item` (the first of the 19 genre flags is the item's category) and
-/// `u.user` (age, gender, occupation as profile fields).
+/// Reads a MovieLens folder, whichever release it is, by the files present:
+///
+/// * 100K: `u.data` (user, item, rating, time, tab-separated), `u.item` (the
+///   first of the 19 genre flags is the item's category), `u.user` (age,
+///   gender, occupation as profile fields);
+/// * 1M: `ratings.dat`, `movies.dat` (the first genre is the category) and
+///   `users.dat` (the same profile fields), `::`-separated;
+/// * latest, 20M, 25M, 32M: `ratings.csv` and `movies.csv` (the first genre
+///   is the category), with headers; they have no user profile.
 pub fn read_movielens(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
+    if dir.join("u.data").is_file() {
+        read_ml_100k(dir, skip_bad_rows)
+    } else if dir.join("ratings.dat").is_file() {
+        read_ml_1m(dir, skip_bad_rows)
+    } else if dir.join("ratings.csv").is_file() {
+        read_ml_csv(dir, skip_bad_rows)
+    } else {
+        Err(Error::config(
+            "input",
+            dir.display(),
+            "not a MovieLens folder: expected u.data (100K), ratings.dat (1M) or ratings.csv (latest, 20M, 25M)",
+        ))
+    }
+}
+
+/// The first of `genres` (`|`-separated names), `none` when there is none.
+fn first_genre(genres: &str) -> String {
+    genres
+        .split('|')
+        .map(str::trim)
+        .find(|g| !g.is_empty())
+        .unwrap_or("none")
+        .to_string()
+}
+
+type Lookup = std::collections::HashMap<String, Vec<String>>;
+
+/// Adds one rating (user, item, rating, time as written) to `log`, or
+/// rejects it naming the file, line, column and value.
+#[allow(clippy::too_many_arguments)]
+fn push_rating(
+    log: &mut Log,
+    skip: bool,
+    (path, line): (&Path, u64),
+    f: [&str; 4],
+    genre: &std::collections::HashMap<String, String>,
+    (movies, users): (&str, &str),
+    profile: Option<&Lookup>,
+) -> Result<()> {
+    let [user, item, rating, time] = f;
+    let value = rating.parse::<f32>().ok().filter(|r| r.is_finite());
+    let t = time.parse::<i64>().ok();
+    let known_user = profile.is_none_or(|p| p.contains_key(user));
+    let err = match (value, t, genre.get(item), known_user) {
+        (None, ..) => Some(parse_error(path, line, "rating", rating, "not a number")),
+        (_, None, ..) => Some(parse_error(path, line, "timestamp", time, "not an integer timestamp")),
+        (_, _, None, _) => Some(parse_error(path, line, "item", item, &format!("not in {movies}"))),
+        (_, _, _, false) => Some(parse_error(path, line, "user", user, &format!("not in {users}"))),
+        _ => None,
+    };
+    if let Some(err) = err {
+        return reject(log, skip, err);
+    }
+    log.events.push(Event {
+        user: user.to_string(),
+        item: item.to_string(),
+        category: genre.get(item).cloned().unwrap_or_default(),
+        time: t.unwrap_or_default(),
+        behavior: None,
+        value,
+        profile: profile.and_then(|p| p.get(user)).cloned().unwrap_or_default(),
+        line,
+    });
+    Ok(())
+}
+
+fn read_ml_100k(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
     let mut log = Log {
         profile_fields: vec!["age".into(), "gender".into(), "occupation".into()],
         ..Log::default()
     };
-
-    let (_, items) = read_fields(&dir.join("u.item"), b'|', 24, &mut log, skip_bad_rows)?;
+    let (_, items) = read_fields(&dir.join("u.item"), "|", 24, &mut log, skip_bad_rows)?;
     let mut genre = std::collections::HashMap::new();
     for (_, f) in items {
         let first = f[5..]
@@ -310,45 +379,181 @@ pub fn read_movielens(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
             .map_or_else(|| "none".to_string(), |g| g.to_string());
         genre.insert(f[0].clone(), first);
     }
-    let (_, users) = read_fields(&dir.join("u.user"), b'|', 5, &mut log, skip_bad_rows)?;
-    let mut profile = std::collections::HashMap::new();
-    for (_, f) in users {
-        profile.insert(f[0].clone(), vec![f[1].clone(), f[2].clone(), f[3].clone()]);
-    }
-    let (data_path, ratings) = read_fields(&dir.join("u.data"), b'\t', 4, &mut log, skip_bad_rows)?;
+    let (_, users) = read_fields(&dir.join("u.user"), "|", 5, &mut log, skip_bad_rows)?;
+    let profile: Lookup = users
+        .into_iter()
+        .map(|(_, f)| (f[0].clone(), vec![f[1].clone(), f[2].clone(), f[3].clone()]))
+        .collect();
+    let (data_path, ratings) = read_fields(&dir.join("u.data"), "\t", 4, &mut log, skip_bad_rows)?;
     for (line, f) in ratings {
-        let rating = f[2].parse::<f32>().ok().filter(|r| r.is_finite());
-        let time = f[3].parse::<i64>().ok();
-        let err = match (rating, time, genre.get(&f[1]), profile.get(&f[0])) {
-            (None, ..) => Some(parse_error(&data_path, line, "rating", &f[2], "not a number")),
-            (_, None, ..) => Some(parse_error(
-                &data_path,
-                line,
-                "timestamp",
-                &f[3],
-                "not an integer timestamp",
-            )),
-            (_, _, None, _) => Some(parse_error(&data_path, line, "item", &f[1], "not in u.item")),
-            (_, _, _, None) => Some(parse_error(&data_path, line, "user", &f[0], "not in u.user")),
-            _ => None,
-        };
-        if let Some(err) = err {
-            reject(&mut log, skip_bad_rows, err)?;
-            continue;
-        }
-        log.events.push(Event {
-            user: f[0].clone(),
-            item: f[1].clone(),
-            category: genre.get(&f[1]).cloned().unwrap_or_default(),
-            time: time.unwrap_or_default(),
-            behavior: None,
-            value: rating,
-            profile: profile.get(&f[0]).cloned().unwrap_or_default(),
-            line,
-        });
+        let fields = [f[0].as_str(), f[1].as_str(), f[2].as_str(), f[3].as_str()];
+        let at = (data_path.as_path(), line);
+        push_rating(
+            &mut log,
+            skip_bad_rows,
+            at,
+            fields,
+            &genre,
+            ("u.item", "u.user"),
+            Some(&profile),
+        )?;
     }
     if log.events.is_empty() {
         return Err(Error::EmptyFile { path: data_path });
+    }
+    Ok(log)
+}
+
+fn read_ml_1m(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
+    let mut log = Log {
+        profile_fields: vec!["age".into(), "gender".into(), "occupation".into()],
+        ..Log::default()
+    };
+    let (_, movies) = read_fields(&dir.join("movies.dat"), "::", 3, &mut log, skip_bad_rows)?;
+    let genre = movies
+        .into_iter()
+        .map(|(_, f)| (f[0].clone(), first_genre(&f[2])))
+        .collect();
+    // users.dat: UserID::Gender::Age::Occupation::Zip-code.
+    let (_, users) = read_fields(&dir.join("users.dat"), "::", 5, &mut log, skip_bad_rows)?;
+    let profile: Lookup = users
+        .into_iter()
+        .map(|(_, f)| (f[0].clone(), vec![f[2].clone(), f[1].clone(), f[3].clone()]))
+        .collect();
+    let (data_path, ratings) = read_fields(&dir.join("ratings.dat"), "::", 4, &mut log, skip_bad_rows)?;
+    for (line, f) in ratings {
+        let fields = [f[0].as_str(), f[1].as_str(), f[2].as_str(), f[3].as_str()];
+        let at = (data_path.as_path(), line);
+        push_rating(
+            &mut log,
+            skip_bad_rows,
+            at,
+            fields,
+            &genre,
+            ("movies.dat", "users.dat"),
+            Some(&profile),
+        )?;
+    }
+    if log.events.is_empty() {
+        return Err(Error::EmptyFile { path: data_path });
+    }
+    Ok(log)
+}
+
+/// Opens a MovieLens CSV (header row, quoted titles) and finds `columns` in it.
+fn ml_csv(path: &Path, columns: &[&str]) -> Result<(csv::Reader<BufReader<File>>, Vec<usize>)> {
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot open MovieLens file", e))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(BufReader::new(file));
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| Error::Csv {
+            path: path.to_path_buf(),
+            line: 1,
+            message: e.to_string(),
+        })?
+        .iter()
+        .map(|c| c.trim().to_string())
+        .collect();
+    let missing: Vec<(&'static str, String)> = columns
+        .iter()
+        .filter(|c| !header.iter().any(|h| h == *c))
+        .map(|c| ("MovieLens", c.to_string()))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::MissingLogColumns {
+            path: path.to_path_buf(),
+            missing,
+            header: header.join(","),
+        });
+    }
+    let at = columns
+        .iter()
+        .map(|c| header.iter().position(|h| h == c).unwrap_or(0))
+        .collect();
+    Ok((reader, at))
+}
+
+fn read_ml_csv(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
+    let mut log = Log::default();
+    let movies_path = dir.join("movies.csv");
+    let (mut movies, at) = ml_csv(&movies_path, &["movieId", "genres"])?;
+    let mut genre = std::collections::HashMap::new();
+    let mut record = csv::StringRecord::new();
+    loop {
+        match movies.read_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                let err = Error::Csv {
+                    path: movies_path.clone(),
+                    line,
+                    message: e.to_string(),
+                };
+                reject(&mut log, skip_bad_rows, err)?;
+                continue;
+            }
+        }
+        match (record.get(at[0]), record.get(at[1])) {
+            (Some(id), Some(g)) => {
+                genre.insert(id.trim().to_string(), first_genre(g));
+            }
+            _ => {
+                let line = record.position().map_or(0, |p| p.line());
+                let err = Error::RowLength {
+                    path: movies_path.clone(),
+                    line,
+                    expected: 3,
+                    found: record.len(),
+                };
+                reject(&mut log, skip_bad_rows, err)?;
+            }
+        }
+    }
+    let path = dir.join("ratings.csv");
+    let (mut ratings, at) = ml_csv(&path, &["userId", "movieId", "rating", "timestamp"])?;
+    loop {
+        match ratings.read_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                let err = Error::Csv {
+                    path: path.clone(),
+                    line,
+                    message: e.to_string(),
+                };
+                reject(&mut log, skip_bad_rows, err)?;
+                continue;
+            }
+        }
+        let line = record.position().map_or(0, |p| p.line());
+        let get = |i: usize| record.get(at[i]).map(str::trim);
+        match (get(0), get(1), get(2), get(3)) {
+            (Some(u), Some(i), Some(r), Some(t)) => push_rating(
+                &mut log,
+                skip_bad_rows,
+                (&path, line),
+                [u, i, r, t],
+                &genre,
+                ("movies.csv", ""),
+                None,
+            )?,
+            _ => {
+                let err = Error::RowLength {
+                    path: path.clone(),
+                    line,
+                    expected: 4,
+                    found: record.len(),
+                };
+                reject(&mut log, skip_bad_rows, err)?;
+            }
+        }
+    }
+    if log.events.is_empty() {
+        return Err(Error::EmptyFile { path });
     }
     Ok(log)
 }
