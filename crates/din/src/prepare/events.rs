@@ -384,22 +384,26 @@ fn read_ml_100k(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
         .into_iter()
         .map(|(_, f)| (f[0].clone(), vec![f[1].clone(), f[2].clone(), f[3].clone()]))
         .collect();
-    let (data_path, ratings) = read_fields(&dir.join("u.data"), "\t", 4, &mut log, skip_bad_rows)?;
-    for (line, f) in ratings {
+    let ratings = read_fields(&dir.join("u.data"), "\t", 4, &mut log, skip_bad_rows)?;
+    add_ratings(log, skip_bad_rows, ratings, &genre, ("u.item", "u.user"), &profile)
+}
+
+/// Adds the rows of a ratings file (user, item, rating, time) to `log`; a
+/// log left without any is an error naming the file.
+fn add_ratings(
+    mut log: Log,
+    skip: bool,
+    (path, rows): (PathBuf, Rows),
+    genre: &std::collections::HashMap<String, String>,
+    names: (&str, &str),
+    profile: &Lookup,
+) -> Result<Log> {
+    for (line, f) in rows {
         let fields = [f[0].as_str(), f[1].as_str(), f[2].as_str(), f[3].as_str()];
-        let at = (data_path.as_path(), line);
-        push_rating(
-            &mut log,
-            skip_bad_rows,
-            at,
-            fields,
-            &genre,
-            ("u.item", "u.user"),
-            Some(&profile),
-        )?;
+        push_rating(&mut log, skip, (&path, line), fields, genre, names, Some(profile))?;
     }
     if log.events.is_empty() {
-        return Err(Error::EmptyFile { path: data_path });
+        return Err(Error::EmptyFile { path });
     }
     Ok(log)
 }
@@ -420,24 +424,15 @@ fn read_ml_1m(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
         .into_iter()
         .map(|(_, f)| (f[0].clone(), vec![f[2].clone(), f[1].clone(), f[3].clone()]))
         .collect();
-    let (data_path, ratings) = read_fields(&dir.join("ratings.dat"), "::", 4, &mut log, skip_bad_rows)?;
-    for (line, f) in ratings {
-        let fields = [f[0].as_str(), f[1].as_str(), f[2].as_str(), f[3].as_str()];
-        let at = (data_path.as_path(), line);
-        push_rating(
-            &mut log,
-            skip_bad_rows,
-            at,
-            fields,
-            &genre,
-            ("movies.dat", "users.dat"),
-            Some(&profile),
-        )?;
-    }
-    if log.events.is_empty() {
-        return Err(Error::EmptyFile { path: data_path });
-    }
-    Ok(log)
+    let ratings = read_fields(&dir.join("ratings.dat"), "::", 4, &mut log, skip_bad_rows)?;
+    add_ratings(
+        log,
+        skip_bad_rows,
+        ratings,
+        &genre,
+        ("movies.dat", "users.dat"),
+        &profile,
+    )
 }
 
 /// Opens a MovieLens CSV (header row, quoted titles) and finds `columns` in it.
