@@ -442,6 +442,9 @@ fn samples_left_with_an_empty_history_are_counted() {
     let report = prepare(&log, &PrepareOptions::default(), &dir.path().join("out")).expect("prepares");
     // a's y (tied with x) as a positive and its negative; every other sample has a history.
     assert_eq!(report.empty_histories, 2, "{report:?}");
+    // Lengths, sorted: y 0, 0 (positive and negative), v 1, 1, z 2, 2; nearest
+    // rank round(5q) gives p10 0, p25 0, median 1, p75 2, p90 2, max 2.
+    assert_eq!(report.history_len_quantiles, [0, 0, 1, 2, 2, 2], "{report:?}");
     let s = build_samples(&log, &PrepareOptions::default()).expect("samples");
     let empty = s
         .train

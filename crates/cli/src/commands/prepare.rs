@@ -226,6 +226,11 @@ pub fn run(args: Args) -> Result<()> {
             report.mean_history_len,
             report.empty_histories
         );
+        let q = report.history_len_quantiles;
+        println!(
+            "history length: p10 {}, p25 {}, median {}, p75 {}, p90 {}, max {}",
+            q[0], q[1], q[2], q[3], q[4], q[5]
+        );
         println!("train with: din train --config {}", report.config.display());
     }
     Ok(())

@@ -47,6 +47,9 @@ pub struct PrepareReport {
     pub positives: usize,
     /// Mean history length over all samples.
     pub mean_history_len: f64,
+    /// History length over all samples at the 10th, 25th, 50th, 75th and
+    /// 90th percentiles and the maximum (nearest rank).
+    pub history_len_quantiles: [usize; 6],
     /// Samples with an empty history (e.g. a user's first behaviour, or
     /// behaviours that share the earliest timestamp: a history holds only
     /// strictly earlier ones).
@@ -104,6 +107,16 @@ pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, ou
         test_samples: samples.test.len(),
         positives: all.clone().filter(|s| s.label == 1).count(),
         mean_history_len: if n == 0 { 0.0 } else { hist as f64 / n as f64 },
+        history_len_quantiles: {
+            let mut lens: Vec<usize> = all.clone().map(|s| s.hist_items.len()).collect();
+            lens.sort_unstable();
+            let at = |q: f64| {
+                lens.get(((lens.len().max(1) - 1) as f64 * q).round() as usize)
+                    .copied()
+                    .unwrap_or(0)
+            };
+            [at(0.1), at(0.25), at(0.5), at(0.75), at(0.9), at(1.0)]
+        },
         empty_histories: all.filter(|s| s.hist_items.is_empty()).count(),
         config: out_dir.join(CONFIG_FILE),
     })
