@@ -326,45 +326,6 @@ fn first_genre(genres: &str) -> String {
 
 type Lookup = std::collections::HashMap<String, Vec<String>>;
 
-/// Adds one rating (user, item, rating, time as written) to `log`, or
-/// rejects it naming the file, line, column and value.
-#[allow(clippy::too_many_arguments)]
-fn push_rating(
-    log: &mut Log,
-    skip: bool,
-    (path, line): (&Path, u64),
-    f: [&str; 4],
-    genre: &std::collections::HashMap<String, String>,
-    (movies, users): (&str, &str),
-    profile: Option<&Lookup>,
-) -> Result<()> {
-    let [user, item, rating, time] = f;
-    let value = rating.parse::<f32>().ok().filter(|r| r.is_finite());
-    let t = time.parse::<i64>().ok();
-    let known_user = profile.is_none_or(|p| p.contains_key(user));
-    let err = match (value, t, genre.get(item), known_user) {
-        (None, ..) => Some(parse_error(path, line, "rating", rating, "not a number")),
-        (_, None, ..) => Some(parse_error(path, line, "timestamp", time, "not an integer timestamp")),
-        (_, _, None, _) => Some(parse_error(path, line, "item", item, &format!("not in {movies}"))),
-        (_, _, _, false) => Some(parse_error(path, line, "user", user, &format!("not in {users}"))),
-        _ => None,
-    };
-    if let Some(err) = err {
-        return reject(log, skip, err);
-    }
-    log.events.push(Event {
-        user: user.to_string(),
-        item: item.to_string(),
-        category: genre.get(item).cloned().unwrap_or_default(),
-        time: t.unwrap_or_default(),
-        behavior: None,
-        value,
-        profile: profile.and_then(|p| p.get(user)).cloned().unwrap_or_default(),
-        line,
-    });
-    Ok(())
-}
-
 fn read_ml_100k(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
     let mut log = Log {
         profile_fields: vec!["age".into(), "gender".into(), "occupation".into()],
@@ -388,19 +349,42 @@ fn read_ml_100k(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
     add_ratings(log, skip_bad_rows, ratings, &genre, ("u.item", "u.user"), &profile)
 }
 
-/// Adds the rows of a ratings file (user, item, rating, time) to `log`; a
-/// log left without any is an error naming the file.
+/// Adds the rows of a ratings file (user, item, rating, time) to `log`,
+/// rejecting a row that does not parse or names an unknown movie or user
+/// (with file, line, column and value); a log left without any is an error
+/// naming the file.
 fn add_ratings(
     mut log: Log,
     skip: bool,
     (path, rows): (PathBuf, Rows),
     genre: &std::collections::HashMap<String, String>,
-    names: (&str, &str),
+    (movies, users): (&str, &str),
     profile: &Lookup,
 ) -> Result<Log> {
     for (line, f) in rows {
-        let fields = [f[0].as_str(), f[1].as_str(), f[2].as_str(), f[3].as_str()];
-        push_rating(&mut log, skip, (&path, line), fields, genre, names, Some(profile))?;
+        let [user, item, rating, time] = [&f[0], &f[1], &f[2], &f[3]];
+        let value = rating.parse::<f32>().ok().filter(|r| r.is_finite());
+        let t = time.parse::<i64>().ok();
+        let err = match (value, t, genre.get(item), profile.get(user)) {
+            (None, ..) => parse_error(&path, line, "rating", rating, "not a number"),
+            (_, None, ..) => parse_error(&path, line, "timestamp", time, "not an integer timestamp"),
+            (_, _, None, _) => parse_error(&path, line, "item", item, &format!("not in {movies}")),
+            (_, _, _, None) => parse_error(&path, line, "user", user, &format!("not in {users}")),
+            (Some(value), Some(time), Some(category), Some(p)) => {
+                log.events.push(Event {
+                    user: user.clone(),
+                    item: item.clone(),
+                    category: category.clone(),
+                    time,
+                    behavior: None,
+                    value: Some(value),
+                    profile: p.clone(),
+                    line,
+                });
+                continue;
+            }
+        };
+        reject(&mut log, skip, err)?;
     }
     if log.events.is_empty() {
         return Err(Error::EmptyFile { path });
@@ -435,120 +419,58 @@ fn read_ml_1m(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
     )
 }
 
-/// Opens a MovieLens CSV (header row, quoted titles) and finds `columns` in it.
-fn ml_csv(path: &Path, columns: &[&str]) -> Result<(csv::Reader<BufReader<File>>, Vec<usize>)> {
-    let file = File::open(path).map_err(|e| Error::io(path, "cannot open MovieLens file", e))?;
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_reader(BufReader::new(file));
-    let header: Vec<String> = reader
-        .headers()
-        .map_err(|e| Error::Csv {
-            path: path.to_path_buf(),
-            line: 1,
-            message: e.to_string(),
-        })?
-        .iter()
-        .map(|c| c.trim().to_string())
-        .collect();
-    let missing: Vec<(&'static str, String)> = columns
-        .iter()
-        .filter(|c| !header.iter().any(|h| h == *c))
-        .map(|c| ("MovieLens", c.to_string()))
-        .collect();
-    if !missing.is_empty() {
-        return Err(Error::MissingLogColumns {
-            path: path.to_path_buf(),
-            missing,
-            header: header.join(","),
-        });
-    }
-    let at = columns
-        .iter()
-        .map(|c| header.iter().position(|h| h == c).unwrap_or(0))
-        .collect();
-    Ok((reader, at))
-}
-
+/// The CSV releases: `ratings.csv` is a delimited log that [`read_log`]
+/// reads; `movies.csv` (quoted titles) gives each movie's first genre.
 fn read_ml_csv(dir: &Path, skip_bad_rows: bool) -> Result<Log> {
-    let mut log = Log::default();
-    let movies_path = dir.join("movies.csv");
-    let (mut movies, at) = ml_csv(&movies_path, &["movieId", "genres"])?;
+    let ratings = LogSpec {
+        category: None,
+        value: Some("rating".into()),
+        ..LogSpec::csv(dir.join("ratings.csv"), "userId", "movieId", "", "timestamp")
+    };
+    let mut log = read_log(&ratings, skip_bad_rows)?;
+    let movies = dir.join("movies.csv");
+    let file = File::open(&movies).map_err(|e| Error::io(&movies, "cannot open MovieLens file", e))?;
+    let mut reader = csv::Reader::from_reader(BufReader::new(file));
     let mut genre = std::collections::HashMap::new();
-    let mut record = csv::StringRecord::new();
-    loop {
-        match movies.read_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
-                let err = Error::Csv {
-                    path: movies_path.clone(),
-                    line,
-                    message: e.to_string(),
-                };
-                reject(&mut log, skip_bad_rows, err)?;
-                continue;
-            }
-        }
-        match (record.get(at[0]), record.get(at[1])) {
+    for row in reader.records() {
+        let row = row.map_err(|e| Error::Csv {
+            path: movies.clone(),
+            line: e.position().map_or(0, |p| p.line()),
+            message: e.to_string(),
+        })?;
+        // movieId,title,genres
+        match (row.get(0), row.get(2)) {
             (Some(id), Some(g)) => {
                 genre.insert(id.trim().to_string(), first_genre(g));
             }
             _ => {
-                let line = record.position().map_or(0, |p| p.line());
+                let line = row.position().map_or(0, |p| p.line());
+                let found = row.len();
                 let err = Error::RowLength {
-                    path: movies_path.clone(),
+                    path: movies.clone(),
                     line,
                     expected: 3,
-                    found: record.len(),
+                    found,
                 };
                 reject(&mut log, skip_bad_rows, err)?;
             }
         }
     }
-    let path = dir.join("ratings.csv");
-    let (mut ratings, at) = ml_csv(&path, &["userId", "movieId", "rating", "timestamp"])?;
-    loop {
-        match ratings.read_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
-                let err = Error::Csv {
-                    path: path.clone(),
-                    line,
-                    message: e.to_string(),
-                };
-                reject(&mut log, skip_bad_rows, err)?;
-                continue;
+    let events = std::mem::take(&mut log.events);
+    for mut e in events {
+        match genre.get(&e.item) {
+            Some(g) => {
+                e.category = g.clone();
+                log.events.push(e);
             }
-        }
-        let line = record.position().map_or(0, |p| p.line());
-        let get = |i: usize| record.get(at[i]).map(str::trim);
-        match (get(0), get(1), get(2), get(3)) {
-            (Some(u), Some(i), Some(r), Some(t)) => push_rating(
-                &mut log,
-                skip_bad_rows,
-                (&path, line),
-                [u, i, r, t],
-                &genre,
-                ("movies.csv", ""),
-                None,
-            )?,
-            _ => {
-                let err = Error::RowLength {
-                    path: path.clone(),
-                    line,
-                    expected: 4,
-                    found: record.len(),
-                };
+            None => {
+                let err = parse_error(&ratings.path, e.line, "item", &e.item, "not in movies.csv");
                 reject(&mut log, skip_bad_rows, err)?;
             }
         }
     }
     if log.events.is_empty() {
-        return Err(Error::EmptyFile { path });
+        return Err(Error::EmptyFile { path: ratings.path });
     }
     Ok(log)
 }
