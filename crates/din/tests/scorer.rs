@@ -521,20 +521,7 @@ fn dense_ids_and_the_oov_policy_without_a_vocabulary() {
     let mut config = config.clone();
     config.freeze_vocab(&layout);
     let model = din::model::Din::new(&layout, &config.model, 1).expect("model");
-    let mut s = Scorer {
-        config: config.clone(),
-        layout: layout.clone(),
-        model,
-        assets: Assets::default(),
-        file: checkpoint::ModelFile {
-            format_version: checkpoint::FORMAT_VERSION,
-            din_version: String::new(),
-            weights_fingerprint: String::new(),
-            vocab_fingerprint: None,
-            items_fingerprint: None,
-            config,
-        },
-    };
+    let mut s = Scorer::new(config, layout.clone(), model, Assets::default());
     let names: Vec<String> = s.layout.sparse.iter().map(|x| x.name.clone()).collect();
     let mut user = Map::new();
     for n in &names {

@@ -197,7 +197,7 @@ impl AppState {
     }
 
     /// A place in the compute queue, or `None` when it is full (shed the request).
-    pub fn enqueue(self: &Arc<Self>) -> Option<Slot> {
+    fn enqueue(self: &Arc<Self>) -> Option<Slot> {
         let d = self.depth.fetch_add(1, Ordering::AcqRel) + 1;
         let slot = Slot { state: self.clone() };
         if d > self.limits.queue {

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use din::checkpoint;
 use din::checkpoint::{write_atomic, write_atomic_with};
 use din::data::{Batch, Dataset};
 use din::model::linalg::matmul;
@@ -246,11 +245,12 @@ fn measure(a: &RunArgs) -> Result<()> {
         if let Some(path) = &a.request_out {
             write_atomic(path, body.as_bytes())?;
         }
-        let dir = std::env::temp_dir().join(format!("din-bench-{}", std::process::id()));
-        checkpoint::save_with_assets(&dir, &data.config, &model, &data.assets, None)?;
-        let scorer = Scorer::load(&dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        let scorer = scorer?;
+        let scorer = Scorer::new(
+            data.config.clone(),
+            data.layout.clone(),
+            model.clone(),
+            data.assets.clone(),
+        );
         let mut json_lat: Vec<f64> = (0..a.repetitions.max(1))
             .map(|_| -> Result<f64> {
                 let t = Instant::now();

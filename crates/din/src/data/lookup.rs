@@ -147,12 +147,13 @@ impl ItemTable {
                 let batch = &set.batch;
                 for r in 0..batch.rows {
                     let line = set.lines[r];
-                    let mut pairs = vec![(batch.sparse[f.key][r], batch.sparse[f.feature][r])];
-                    if let Some((h, hk)) = f.history {
-                        let (vals, keys) = (batch.sequences[h].row(r), batch.sequences[hk].row(r));
-                        pairs.extend(keys.iter().copied().zip(vals.iter().copied()));
-                    }
-                    for (k, v) in pairs {
+                    // The target, then the paired histories position by position.
+                    let (keys, vals): (&[u32], &[u32]) = match f.history {
+                        Some((h, hk)) => (batch.sequences[hk].row(r), batch.sequences[h].row(r)),
+                        None => (&[], &[]),
+                    };
+                    let target = (batch.sparse[f.key][r], batch.sparse[f.feature][r]);
+                    for (k, v) in std::iter::once(target).chain(keys.iter().copied().zip(vals.iter().copied())) {
                         if Some(k) == reserved {
                             continue;
                         }

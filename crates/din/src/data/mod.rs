@@ -11,7 +11,7 @@ mod vocab;
 
 pub use batch::{Batch, Ragged};
 pub use lookup::{ItemColumn, ItemTable, Vocabulary};
-pub use reader::{kept_range, read_dataset, truncate, ReadOptions};
+pub use reader::{kept_range, read_dataset, ReadOptions};
 pub use vocab::{apply_vocab, id_counts, infer_vocab, MAX_INFERRED_TABLE};
 
 use std::path::PathBuf;

@@ -240,11 +240,13 @@ fn parse_id(v: &str) -> std::result::Result<u32, &'static str> {
 
 /// Keeps at most `max_len` ids, at the end that `truncation` names (the
 /// file's `order` says which end is recent).
-pub fn truncate<'a>(slot: &SequenceSlot, ids: &'a [u32]) -> &'a [u32] {
+fn truncate<'a>(slot: &SequenceSlot, ids: &'a [u32]) -> &'a [u32] {
     &ids[kept_range(slot, ids.len())]
 }
 
-/// The positions [`truncate`] keeps of a history of `len` ids.
+/// The positions of a history of `len` ids that are kept: at most
+/// `max_len`, at the end that `truncation` names (the file's `order` says
+/// which end is recent).
 pub fn kept_range(slot: &SequenceSlot, len: usize) -> std::ops::Range<usize> {
     if len <= slot.max_len {
         return 0..len;

@@ -44,6 +44,26 @@ impl Scorer {
         })
     }
 
+    /// A scorer over a model in memory, not read from a directory (its
+    /// `file` holds no fingerprints: `weights_fingerprint` is `unsaved`).
+    pub fn new(config: Config, layout: Layout, model: Din, assets: Assets) -> Scorer {
+        let file = ModelFile {
+            format_version: checkpoint::FORMAT_VERSION,
+            din_version: env!("CARGO_PKG_VERSION").to_string(),
+            weights_fingerprint: "unsaved".to_string(),
+            vocab_fingerprint: None,
+            items_fingerprint: None,
+            config: config.clone(),
+        };
+        Scorer {
+            config,
+            layout,
+            model,
+            assets,
+            file,
+        }
+    }
+
     /// Reads a data file in the model's input format, checking ids against
     /// the model's vocabulary. Labels are required when `require_label` is set.
     pub fn read(&self, path: &Path, require_label: bool) -> Result<Dataset> {

@@ -269,7 +269,7 @@ impl Scorer {
             if let (None, Some(f)) = (&raw[h], filled(h)) {
                 let (_, hk) = f.history.unwrap_or((h, h));
                 let key_name = &l.sequences[hk].name;
-                let keys = raw[hk].clone().unwrap_or_default();
+                let keys = raw[hk].as_deref().unwrap_or_default();
                 let mut ids = Vec::with_capacity(keys.len());
                 for (p, &k) in keys.iter().enumerate() {
                     ids.push(if k == 0 {
@@ -283,7 +283,7 @@ impl Scorer {
         }
         // The histories of one attention unit are aligned per position.
         let first = l.pairs[0].1;
-        let base = raw[first].clone().unwrap_or_default();
+        let base = raw[first].as_deref().unwrap_or_default();
         for &(_, h) in &l.pairs[1..] {
             let other = raw[h].as_deref().unwrap_or_default();
             let (a, b) = (&l.sequences[first].name, &l.sequences[h].name);
