@@ -924,57 +924,28 @@ fn prepare_names_every_missing_column_with_its_flag() {
     ] {
         assert!(err.contains(expect), "{expect} not in {err}");
     }
-    let flags = ["--user-col", "uid", "--item-col", "iid", "--time-col", "ts"];
-    let mut a = args![
-        "prepare",
-        "--input",
-        log,
-        "--format",
-        "log",
-        "--out",
-        "p",
-        "--protocol",
-        "rating"
-    ];
-    a.extend(flags.iter().map(OsString::from));
-    let out = din(tmp.path(), a);
+    // `din prepare` of the log into `out` with the log's column names and `extra`.
+    let prepare_as = |out: &str, extra: &[&str]| {
+        let mut a = args!["prepare", "--input", log, "--format", "log", "--out", out];
+        let flags = ["--user-col", "uid", "--item-col", "iid", "--time-col", "ts"];
+        a.extend(flags.iter().chain(extra).map(OsString::from));
+        din(tmp.path(), a)
+    };
+    let out = prepare_as("p", &["--protocol", "rating"]);
     assert!(
         stderr(&out).contains("--protocol rating needs the rating or label column: name it with --label-col"),
         "{}",
         stderr(&out)
     );
 
-    let mut a = args![
-        "prepare",
-        "--input",
-        log,
-        "--format",
-        "log",
-        "--out",
-        "p",
-        "--category-col",
-        "cat"
-    ];
-    a.extend(flags.iter().map(OsString::from));
-    let out = din(tmp.path(), a);
+    let out = prepare_as("p", &["--category-col", "cat"]);
     assert_ok(&out);
     assert!(
         stdout(&out).contains("4 users, 7 items, 3 categories"),
         "{}",
         stdout(&out)
     );
-    let mut a = args![
-        "prepare",
-        "--input",
-        log,
-        "--format",
-        "log",
-        "--out",
-        "q",
-        "--no-category"
-    ];
-    a.extend(flags.iter().map(OsString::from));
-    let out = din(tmp.path(), a);
+    let out = prepare_as("q", &["--no-category"]);
     assert_ok(&out);
     assert!(stdout(&out).contains("7 items, 1 categories"), "{}", stdout(&out));
     // With the default names, no flag is needed.
