@@ -677,6 +677,22 @@ mod tests {
         att.backward(&q, &keys, &mut cache, &[1.0, 1.0]);
     }
 
+    /// Scores far outside exp's range (e^1000 overflows, e^-1000 is 0): the
+    /// max subtraction keeps the softmax finite and exact.
+    #[test]
+    fn softmax_is_exact_for_scores_exp_cannot_hold() {
+        let e = std::f64::consts::E;
+        let (lo, hi) = ((1.0 / (1.0 + e)) as f32, (e / (1.0 + e)) as f32);
+        for base in [1000.0f32, -1001.0, 0.0] {
+            let mut x = [base, base + 1.0];
+            softmax_in_place(&mut x);
+            assert!((x[0] - lo).abs() < 1e-6 && (x[1] - hi).abs() < 1e-6, "{base}: {x:?}");
+        }
+        let mut one = [88.9f32];
+        softmax_in_place(&mut one);
+        assert_eq!(one, [1.0]);
+    }
+
     #[test]
     fn softmax_weights_sum_to_one_per_sample() {
         let config = AttentionConfig {
