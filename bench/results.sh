@@ -18,12 +18,15 @@ DIN=./target/release/din
 mkdir -p "$OUT"
 
 # Data: both protocols, plus the time-gap and days-since-previous variants.
-$DIN prepare --input "$ML" --format movielens --out "$OUT/next" --protocol next-item
-$DIN prepare --input "$ML" --format movielens --out "$OUT/rating" --protocol rating
-$DIN prepare --input "$ML" --format movielens --out "$OUT/next-gap" --protocol next-item --session-gap-days 1
-$DIN prepare --input "$ML" --format movielens --out "$OUT/rating-gap" --protocol rating --session-gap-days 1
-$DIN prepare --input "$ML" --format movielens --out "$OUT/next-days" --protocol next-item --days-since-prev
-$DIN prepare --input "$ML" --format movielens --out "$OUT/rating-days" --protocol rating --days-since-prev
+# These runs predate the validation split and the user-id choice of `din
+# prepare`: the tables were made with the test file as validation (the last
+# epoch reported) and with a user-id embedding, which these two flags keep.
+$DIN prepare --input "$ML" --format movielens --out "$OUT/next" --protocol next-item --valid-per-user 0 --user-feature
+$DIN prepare --input "$ML" --format movielens --out "$OUT/rating" --protocol rating --valid-per-user 0 --user-feature
+$DIN prepare --input "$ML" --format movielens --out "$OUT/next-gap" --protocol next-item --valid-per-user 0 --user-feature --session-gap-days 1
+$DIN prepare --input "$ML" --format movielens --out "$OUT/rating-gap" --protocol rating --valid-per-user 0 --user-feature --session-gap-days 1
+$DIN prepare --input "$ML" --format movielens --out "$OUT/next-days" --protocol next-item --valid-per-user 0 --user-feature --days-since-prev
+$DIN prepare --input "$ML" --format movielens --out "$OUT/rating-days" --protocol rating --valid-per-user 0 --user-feature --days-since-prev
 
 # Shared hyper-parameters: embedding 8, attention (80,40) PReLU, DNN (200,80)
 # PReLU, Adam lr 0.001, batch 256, EPOCHS epochs; the last epoch is reported.

@@ -958,3 +958,114 @@ fn prepare_names_every_missing_column_with_its_flag() {
     assert_ok(&out);
     assert!(stdout(&out).contains("3 categories"), "{}", stdout(&out));
 }
+
+/// `../shared/data`, beside the repository in CI; `None` (and a `skipped`
+/// line) on a fresh clone.
+fn shared_data() -> Option<PathBuf> {
+    let p = root().join("../shared/data");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "skipped: {} is absent (it is only beside the project in CI)",
+            p.display()
+        );
+        None
+    }
+}
+
+/// The `din ...` lines of the README's walkthrough block, in order.
+fn readme_walkthrough() -> Vec<String> {
+    let readme = fs::read_to_string(root().join("README.md")).expect("README.md");
+    let start = readme
+        .find("<!-- walkthrough")
+        .expect("README.md has a walkthrough block");
+    let block = &readme[start..];
+    let body = &block[block.find("```sh\n").expect("a sh block") + 6..];
+    let body = &body[..body.find("```").expect("the block ends")];
+    body.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("din "))
+        .map(String::from)
+        .collect()
+}
+
+/// Runs a README command line (`din ...`, plain words) in `cwd`, with
+/// `../shared/data` pointing at `shared`.
+fn run_line(cwd: &Path, line: &str, shared: &Path) -> Output {
+    let words: Vec<String> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|w| match w.strip_prefix("../shared/data/") {
+            Some(rest) => shared.join(rest).display().to_string(),
+            None => w.to_string(),
+        })
+        .collect();
+    din(cwd, &words)
+}
+
+/// The README's walkthrough, followed literally: `din prepare` on a raw CSV
+/// log prints what it built and the next two commands, exactly the
+/// README's; those train a model (early stopping on the validation split,
+/// the best epoch saved) and evaluate it on the test file. The same three
+/// steps then run on the Taobao fixture.
+#[test]
+fn the_readme_walkthrough_runs_as_written() {
+    let Some(shared) = shared_data() else { return };
+    let lines = readme_walkthrough();
+    assert_eq!(lines.len(), 3, "three commands: {lines:?}");
+    let tmp = TempDir::new().unwrap();
+    let out = run_line(tmp.path(), &lines[0], &shared);
+    assert_ok(&out);
+    let printed = stdout(&out);
+    for expect in [
+        "read 100 behaviours (0 malformed rows skipped): 16 users, 99 items, 67 categories",
+        "users left out (fewer than two behaviours, nothing to predict): 1",
+        "wrote 102 training, 32 validation and 32 test samples",
+        "history length: mean 1.92, p10 0, p25 0, median 2, p75 3, p90 5, max 8; 62 samples with an empty history",
+        "stops early, keeps the best epoch; user_id embedding off",
+    ] {
+        assert!(printed.contains(expect), "{expect:?} not in\n{printed}");
+    }
+    let next: Vec<&str> = printed
+        .lines()
+        .skip_while(|l| *l != "next:")
+        .skip(1)
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        next,
+        [lines[1].as_str(), lines[2].as_str()],
+        "prepare prints the README's next commands"
+    );
+
+    let out = run_line(tmp.path(), &lines[1], &shared);
+    assert_ok(&out);
+    let train = stdout(&out);
+    assert!(train.contains("validating on 32 rows"), "{train}");
+    assert!(train.contains("the best by val_logloss"), "{train}");
+    let out = run_line(tmp.path(), &lines[2], &shared);
+    assert_ok(&out);
+    assert!(stdout(&out).contains("(rows 32, positives 16)"), "{}", stdout(&out));
+
+    // The Taobao head: no header, a behaviour column.
+    let taobao = shared.join("fixtures/taobao/UserBehavior_head.csv");
+    let out = din(
+        tmp.path(),
+        args!["prepare", "--input", taobao, "--format", "taobao", "--out", "tb"],
+    );
+    assert_ok(&out);
+    let printed = stdout(&out);
+    let next: Vec<&str> = printed
+        .lines()
+        .skip_while(|l| *l != "next:")
+        .skip(1)
+        .map(str::trim)
+        .collect();
+    assert_eq!(next.len(), 2, "{printed}");
+    for line in next {
+        let out = run_line(tmp.path(), line, &shared);
+        assert_ok(&out);
+    }
+    assert!(tmp.path().join("tb/model/config.json").exists());
+}

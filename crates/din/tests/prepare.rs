@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use din::prepare::{build_samples, prepare, read_log, read_movielens, Log, LogSpec, PrepareOptions, Protocol, Samples};
-use din::schema::Config;
+use din::schema::{Config, Keep, Monitor};
 use din::train::load_training_data;
 
 fn shared(rel: &str) -> Option<PathBuf> {
@@ -46,6 +46,15 @@ fn hand_log(dir: &Path) -> Log {
     read_log(&log_spec(p), false).expect("reads")
 }
 
+/// The defaults without a validation split: train and test only, as the
+/// tests below were written for.
+fn no_valid() -> PrepareOptions {
+    PrepareOptions {
+        valid_per_user: 0,
+        ..PrepareOptions::default()
+    }
+}
+
 fn raw(samples: &Samples, field: &str, id: u32) -> String {
     samples.vocab.fields[field][id as usize - 1].clone()
 }
@@ -55,15 +64,19 @@ fn items(samples: &Samples, ids: &[u32]) -> Vec<String> {
 }
 
 /// Every history behaviour is strictly earlier than its sample, histories are
-/// in time order and within max_len, and each user's test sample is not
-/// earlier than any of the user's training samples.
+/// in time order and within max_len, and each user's validation samples are
+/// not earlier than their training samples, nor their test samples earlier
+/// than either.
 fn assert_no_leakage(s: &Samples, max_len: usize) {
-    let mut last_train = std::collections::HashMap::new();
-    for x in &s.train {
-        let t = last_train.entry(x.user).or_insert(i64::MIN);
-        *t = (*t).max(x.time);
-    }
-    for (i, x) in s.train.iter().chain(&s.test).enumerate() {
+    let latest = |rows: &[&[din::prepare::Sample]]| {
+        let mut last = std::collections::HashMap::new();
+        for x in rows.iter().flat_map(|r| r.iter()) {
+            let t = last.entry(x.user).or_insert(i64::MIN);
+            *t = (*t).max(x.time);
+        }
+        last
+    };
+    for (i, x) in s.train.iter().chain(&s.valid).chain(&s.test).enumerate() {
         assert!(
             x.hist_times.iter().all(|&h| h < x.time),
             "sample {i}: history at or after {}",
@@ -75,10 +88,18 @@ fn assert_no_leakage(s: &Samples, max_len: usize) {
         );
         assert!(x.hist_items.len() <= max_len && x.hist_items.len() == x.hist_categories.len());
     }
-    for x in &s.test {
+    let last_train = latest(&[&s.train]);
+    for x in &s.valid {
         assert!(
             last_train.get(&x.user).is_none_or(|&t| t <= x.time),
-            "test sample before a training sample"
+            "validation sample before a training sample"
+        );
+    }
+    let last_fit = latest(&[&s.train, &s.valid]);
+    for x in &s.test {
+        assert!(
+            last_fit.get(&x.user).is_none_or(|&t| t <= x.time),
+            "test sample before a training or validation sample"
         );
     }
 }
@@ -87,7 +108,7 @@ fn assert_no_leakage(s: &Samples, max_len: usize) {
 fn next_item_protocol_on_a_hand_made_log() {
     let dir = tempfile::tempdir().expect("tmp");
     let log = hand_log(dir.path());
-    let s = build_samples(&log, &PrepareOptions::default()).expect("samples");
+    let s = build_samples(&log, &no_valid()).expect("samples");
     // User a (events sorted x@10, y@20, z@20, w@30): targets y, z (train), w (test);
     // user b (y@5, x@7, v@100): targets x (train), v (test). One negative each.
     assert_eq!(s.train.len(), 6);
@@ -133,7 +154,7 @@ fn rating_protocol_labels_by_threshold_and_keeps_only_earlier_positives() {
     let log = hand_log(dir.path());
     let options = PrepareOptions {
         protocol: Protocol::Rating { threshold: 4.0 },
-        ..PrepareOptions::default()
+        ..no_valid()
     };
     let s = build_samples(&log, &options).expect("samples");
     // Every rating is a sample: a has 4 (3 train + 1 test), b has 3 (2 + 1).
@@ -163,7 +184,7 @@ fn session_gap_cuts_histories_and_days_since_previous_is_measured() {
     let options = PrepareOptions {
         session_gap_days: Some(2.0),
         days_since_prev: true,
-        ..PrepareOptions::default()
+        ..no_valid()
     };
     let s = build_samples(&log, &options).expect("samples");
     let pos: Vec<_> = s.train.iter().chain(&s.test).filter(|x| x.label == 1).collect();
@@ -174,7 +195,7 @@ fn session_gap_cuts_histories_and_days_since_previous_is_measured() {
     assert!((pos[0].days_since_prev - 1f32.ln_1p()).abs() < 1e-6, "one day: ln(2)");
     assert_eq!(pos[1].days_since_prev, -1.0, "no history");
     assert!((pos[2].days_since_prev - (1.0f32 / 24.0).ln_1p()).abs() < 1e-6);
-    let without = build_samples(&log, &PrepareOptions::default()).expect("samples");
+    let without = build_samples(&log, &no_valid()).expect("samples");
     let last = without.test.iter().find(|x| x.label == 1).expect("test");
     assert_eq!(
         items(&without, &last.hist_items),
@@ -191,7 +212,7 @@ fn deterministic_for_a_seed_and_max_len_keeps_the_most_recent() {
         &log,
         &PrepareOptions {
             max_len: 2,
-            ..PrepareOptions::default()
+            ..no_valid()
         },
     )
     .expect("a");
@@ -199,7 +220,7 @@ fn deterministic_for_a_seed_and_max_len_keeps_the_most_recent() {
         &log,
         &PrepareOptions {
             max_len: 2,
-            ..PrepareOptions::default()
+            ..no_valid()
         },
     )
     .expect("b");
@@ -255,7 +276,7 @@ fn written_files_train_directly() {
     let options = PrepareOptions {
         days_since_prev: true,
         history_times: true,
-        ..PrepareOptions::default()
+        ..no_valid()
     };
     let report = prepare(&log, &options, &out).expect("prepares");
     assert_eq!(
@@ -286,14 +307,23 @@ fn movielens_both_protocols_without_leakage() {
     let Some(dir) = shared("ml-100k") else { return };
     let log = read_movielens(&dir, false).expect("reads ml-100k");
     assert_eq!(log.events.len(), 100_000);
-    let next = check_fixture(&log, &PrepareOptions::default());
+    let next = check_fixture(&log, &no_valid());
     // 943 users, each with >= 20 ratings: one test positive and negative each.
     assert_eq!(next.test.len(), 2 * 943);
+    assert!(next.valid.is_empty());
+    // The default split: the behaviour before each user's test one is validation.
+    let split = check_fixture(&log, &PrepareOptions::default());
+    assert_eq!((split.valid.len(), split.test.len()), (2 * 943, 2 * 943));
+    assert_eq!(split.test, next.test, "the test samples do not depend on the split");
+    assert_eq!(
+        split.train.len() + split.valid.len() + split.test.len(),
+        2 * (100_000 - 943)
+    );
     assert_eq!(next.train.len() + next.test.len(), 2 * (100_000 - 943));
     let options = PrepareOptions {
         protocol: Protocol::Rating { threshold: 4.0 },
         test_per_user: 10,
-        ..PrepareOptions::default()
+        ..no_valid()
     };
     let rating = check_fixture(&log, &options);
     assert_eq!(rating.train.len() + rating.test.len(), 100_000);
@@ -314,15 +344,15 @@ fn amazon_and_taobao_fixtures_without_leakage() {
     if let Some(p) = shared("fixtures/torchrechub_amazon_electronics_sample.csv") {
         let log = read_log(&LogSpec::amazon(p), false).expect("reads amazon");
         assert_eq!(log.events.len(), 100);
-        check_fixture(&log, &PrepareOptions::default());
+        check_fixture(&log, &no_valid());
     }
     if let Some(p) = shared("fixtures/taobao/UserBehavior_head.csv") {
         let log = read_log(&LogSpec::taobao(p), false).expect("reads taobao");
         assert_eq!(log.events.len(), 4321);
-        let all = check_fixture(&log, &PrepareOptions::default());
+        let all = check_fixture(&log, &no_valid());
         let buys = PrepareOptions {
             history_behaviors: Some(vec!["cart".into(), "fav".into(), "buy".into()]),
-            ..PrepareOptions::default()
+            ..no_valid()
         };
         let some = check_fixture(&log, &buys);
         let mean =
@@ -377,9 +407,9 @@ fn an_item_keeps_its_first_category_and_conflicts_are_counted() {
     .expect("write");
     let log = read_log(&LogSpec::csv(p, "user", "item", "cate", "ts"), false).expect("reads");
     let out = dir.path().join("out");
-    let report = prepare(&log, &PrepareOptions::default(), &out).expect("prepares");
+    let report = prepare(&log, &no_valid(), &out).expect("prepares");
     assert_eq!(report.category_conflicts, 1, "b's x in c9 after a's x in c1");
-    let s = build_samples(&log, &PrepareOptions::default()).expect("samples");
+    let s = build_samples(&log, &no_valid()).expect("samples");
     let x = 1 + s.vocab.fields["item_id"].iter().position(|i| i == "x").expect("x") as u32;
     let c1 = 1 + s.vocab.fields["cate_id"].iter().position(|c| c == "c1").expect("c1") as u32;
     for sample in s.train.iter().chain(&s.test) {
@@ -407,7 +437,7 @@ fn generated_configs_set_the_width_once_and_print_round_numbers() {
     let dir = tempfile::tempdir().expect("tmp");
     let log = hand_log(dir.path());
     let out = dir.path().join("out");
-    prepare(&log, &PrepareOptions::default(), &out).expect("prepares");
+    prepare(&log, &no_valid(), &out).expect("prepares");
     let text = std::fs::read_to_string(out.join("config.toml")).expect("config");
     assert!(text.contains("learning_rate = 0.001\n"), "{text}");
     assert!(text.contains("dropout = 0.0\n"), "{text}");
@@ -439,13 +469,13 @@ fn samples_left_with_an_empty_history_are_counted() {
     )
     .expect("write");
     let log = read_log(&LogSpec::csv(p, "user", "item", "cate", "ts"), false).expect("reads");
-    let report = prepare(&log, &PrepareOptions::default(), &dir.path().join("out")).expect("prepares");
+    let report = prepare(&log, &no_valid(), &dir.path().join("out")).expect("prepares");
     // a's y (tied with x) as a positive and its negative; every other sample has a history.
     assert_eq!(report.empty_histories, 2, "{report:?}");
     // Lengths, sorted: y 0, 0 (positive and negative), v 1, 1, z 2, 2; nearest
     // rank round(5q) gives p10 0, p25 0, median 1, p75 2, p90 2, max 2.
     assert_eq!(report.history_len_quantiles, [0, 0, 1, 2, 2, 2], "{report:?}");
-    let s = build_samples(&log, &PrepareOptions::default()).expect("samples");
+    let s = build_samples(&log, &no_valid()).expect("samples");
     let empty = s
         .train
         .iter()
@@ -464,7 +494,7 @@ fn next_item_with_a_minimum_rating_keeps_only_positive_behaviours() {
     let log = hand_log(dir.path());
     let options = PrepareOptions {
         min_value: Some(4.0),
-        ..PrepareOptions::default()
+        ..no_valid()
     };
     let s = build_samples(&log, &options).expect("samples");
     let user_a = s.vocab.fields["user_id"].iter().position(|u| u == "a").expect("a") as u32 + 1;
@@ -566,7 +596,7 @@ fn movielens_1m_and_csv_releases_are_detected_by_their_files() {
     let options = PrepareOptions {
         protocol: Protocol::Rating { threshold: 4.0 },
         test_per_user: 1,
-        ..PrepareOptions::default()
+        ..no_valid()
     };
     prepare(&log, &options, &dir.path().join("out")).expect("prepares");
 
@@ -577,4 +607,158 @@ fn movielens_1m_and_csv_releases_are_detected_by_their_files() {
         err.contains("not a MovieLens folder") && err.contains("ratings.csv"),
         "{err}"
     );
+}
+
+/// The default split: each user's sample before the test one is validation;
+/// the generated config validates on it, stops early and keeps the best
+/// epoch, has no user-id embedding unless asked, and the report names the
+/// commands to run next. Turning the split off removes a stale valid.tsv.
+#[test]
+fn the_default_split_validates_on_its_own_samples_and_stops_early() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = hand_log(dir.path());
+    let s = build_samples(&log, &PrepareOptions::default()).expect("samples");
+    assert_no_leakage(&s, 50);
+    // a: targets y (train), z (validation), w (test); b: x (validation), v (test).
+    let targets = |rows: &[din::prepare::Sample]| {
+        let mut v: Vec<(String, String)> = rows
+            .iter()
+            .filter(|x| x.label == 1)
+            .map(|x| (raw(&s, "user_id", x.user), raw(&s, "item_id", x.item)))
+            .collect();
+        v.sort();
+        v
+    };
+    let pair = |u: &str, i: &str| (u.to_string(), i.to_string());
+    assert_eq!(targets(&s.train), [pair("a", "y")]);
+    assert_eq!(targets(&s.valid), [pair("a", "z"), pair("b", "x")]);
+    assert_eq!(targets(&s.test), [pair("a", "w"), pair("b", "v")]);
+
+    let out = dir.path().join("out dir");
+    let report = prepare(&log, &PrepareOptions::default(), &out).expect("prepares");
+    assert_eq!(
+        (report.train_samples, report.valid_samples, report.test_samples),
+        (2, 4, 4)
+    );
+    let config = Config::from_toml_file(&out.join("config.toml")).expect("config");
+    assert_eq!(config.data.validation.as_deref(), Some(out.join("valid.tsv").as_path()));
+    assert_eq!(config.train.keep, Keep::Best);
+    let stop = config.train.early_stopping.as_ref().expect("early stopping");
+    assert_eq!(
+        (stop.monitor, stop.patience, stop.restore_best),
+        (Monitor::ValLogloss, 2, true)
+    );
+    assert!(config.train.epochs > 3 && config.train.batch_size == 256);
+    assert_eq!(
+        config.schema.user.as_deref(),
+        Some("user_id"),
+        "GAUC still groups by user"
+    );
+    assert!(
+        !config.schema.sparse.iter().any(|f| f.name == "user_id"),
+        "no user-id embedding by default"
+    );
+    assert!(!report.user_feature);
+    let data = load_training_data(&config).expect("the core reader takes the files");
+    assert_eq!(
+        (data.train.len(), data.validation.as_ref().map(|v| v.len())),
+        (2, Some(4))
+    );
+    // items.json gives every item its category, also w and v, which only
+    // the test file shows: the model's item table covers the vocabulary.
+    assert_eq!(config.data.items.as_deref(), Some(out.join("items.json").as_path()));
+    let table = data.assets.items.as_ref().expect("item table");
+    for item in ["x", "y", "z", "w", "v"] {
+        let id = s.vocab.fields["item_id"]
+            .iter()
+            .position(|r| r == item)
+            .expect("listed") as u32
+            + 1;
+        let cate = table.value("cate_id", id).expect("every item has a category");
+        let expect = LOG
+            .lines()
+            .find(|l| l.split(',').nth(1) == Some(item))
+            .and_then(|l| l.split(',').nth(2));
+        assert_eq!(Some(raw(&s, "cate_id", cate).as_str()), expect, "{item}");
+    }
+    // Rows that contradict items.json are refused, naming it.
+    let items_path = out.join("items.json");
+    let good = std::fs::read_to_string(&items_path).expect("items");
+    let mut bad: serde_json::Value = serde_json::from_str(&good).expect("json");
+    let y = s.vocab.fields["item_id"].iter().position(|r| r == "y").expect("y") + 1;
+    let other = if bad["features"]["cate_id"]["values"][y] == 1 {
+        2
+    } else {
+        1
+    };
+    bad["features"]["cate_id"]["values"][y] = serde_json::json!(other);
+    std::fs::write(&items_path, bad.to_string()).expect("write");
+    let err = load_training_data(&config)
+        .expect_err("a contradicting row")
+        .to_string();
+    assert!(err.contains("items.json") && err.contains("item_feature_of"), "{err}");
+    // So is a table of another length.
+    bad["features"]["cate_id"]["values"] = serde_json::json!([0, 1]);
+    std::fs::write(&items_path, bad.to_string()).expect("write");
+    let err = load_training_data(&config).expect_err("a short table").to_string();
+    assert!(err.contains("items.json") && err.contains("has 2 items"), "{err}");
+    std::fs::write(&items_path, good).expect("write");
+    // The commands to run next, with the path quoted for the shell.
+    let quoted = |p: &Path| format!("'{}'", p.display());
+    assert_eq!(
+        report.train_command,
+        format!(
+            "din train --config {} --out {}",
+            quoted(&out.join("config.toml")),
+            quoted(&out.join("model"))
+        )
+    );
+    assert_eq!(
+        report.evaluate_command,
+        format!(
+            "din evaluate --model {} --data {}",
+            quoted(&out.join("model")),
+            quoted(&out.join("test.tsv"))
+        )
+    );
+
+    let with_user = PrepareOptions {
+        user_feature: true,
+        ..PrepareOptions::default()
+    };
+    let report = prepare(&log, &with_user, &out).expect("prepares");
+    assert!(report.user_feature);
+    let config = Config::from_toml_file(&out.join("config.toml")).expect("config");
+    assert!(config.schema.sparse.iter().any(|f| f.name == "user_id"));
+
+    prepare(&log, &no_valid(), &out).expect("prepares");
+    assert!(!out.join("valid.tsv").exists(), "a stale validation file is removed");
+    let config = Config::from_toml_file(&out.join("config.toml")).expect("config");
+    assert_eq!(config.data.validation.as_deref(), Some(out.join("test.tsv").as_path()));
+    assert_eq!((config.train.keep, config.train.early_stopping), (Keep::Last, None));
+}
+
+/// Users with one behaviour and behaviours below --min-rating are counted.
+#[test]
+fn users_too_short_and_dropped_behaviours_are_counted() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = hand_log(dir.path());
+    let s = build_samples(&log, &PrepareOptions::default()).expect("samples");
+    assert_eq!((s.short_users, s.below_min_value), (0, 0));
+    let options = PrepareOptions {
+        min_value: Some(4.0),
+        ..PrepareOptions::default()
+    };
+    // a keeps x, z, w (y rated 2 is dropped); b keeps y and v (x rated 1 is dropped).
+    let s = build_samples(&log, &options).expect("samples");
+    assert_eq!((s.short_users, s.below_min_value), (0, 2));
+    let options = PrepareOptions {
+        min_value: Some(5.0),
+        ..PrepareOptions::default()
+    };
+    // a keeps x and w; b keeps only v, too few to predict anything.
+    let s = build_samples(&log, &options).expect("samples");
+    assert_eq!((s.short_users, s.below_min_value, s.users), (1, 4, 1));
+    let report = prepare(&log, &options, &dir.path().join("out")).expect("prepares");
+    assert_eq!((report.short_users, report.below_min_value), (1, 4));
 }

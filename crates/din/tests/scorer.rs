@@ -36,6 +36,8 @@ fn trained(dir: &Path) -> (Scorer, PathBuf) {
     let log = read_log(&spec, false).expect("log reads");
     let options = PrepareOptions {
         max_len: 6,
+        // A user-id embedding, so that requests carry a raw user id too.
+        user_feature: true,
         ..PrepareOptions::default()
     };
     let prepared = dir.join("prepared");
@@ -138,7 +140,12 @@ fn assert_requests_match_rows(s: &Scorer, prepared: &Path, rows: usize, extra: u
                     "hist_cate_id" => hc.join(","),
                     "time" => "0".into(),
                     "label" => "0".into(),
-                    other => b.sparse[f(other)][r].to_string(),
+                    // A profile feature, or the user column that only groups rows for GAUC.
+                    other => l
+                        .sparse
+                        .iter()
+                        .position(|x| x.name == other)
+                        .map_or_else(|| "0".to_string(), |p| b.sparse[p][r].to_string()),
                 })
                 .collect();
             let _ = writeln!(text, "{}", cols.join("\t"));

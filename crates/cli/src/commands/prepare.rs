@@ -71,6 +71,16 @@ pub struct Args {
     /// next-item, the paper's; 10 for rating, so that GAUC is defined).
     #[arg(long)]
     test_per_user: Option<usize>,
+    /// Each user's N samples before the test ones are validation (valid.tsv),
+    /// on which the generated config stops early and keeps the best epoch
+    /// (default: --test-per-user's). 0: no validation file; the config
+    /// validates on test.tsv and keeps the last epoch.
+    #[arg(long)]
+    valid_per_user: Option<usize>,
+    /// Give the generated config a user_id embedding (off by default: it
+    /// overfits on next-item data; the histories say who the user is).
+    #[arg(long)]
+    user_feature: bool,
     /// Embedding width in the generated config.
     #[arg(long, default_value_t = 8)]
     embedding_dim: usize,
@@ -173,6 +183,10 @@ pub fn run(args: Args) -> Result<()> {
             read_log(&spec, args.skip_bad_rows).map_err(with_flags)?
         }
     };
+    let test_per_user = args.test_per_user.unwrap_or(match args.protocol {
+        ProtocolArg::NextItem => 1,
+        ProtocolArg::Rating => 10,
+    });
     let options = PrepareOptions {
         protocol: match args.protocol {
             ProtocolArg::NextItem => Protocol::NextItem,
@@ -188,10 +202,9 @@ pub fn run(args: Args) -> Result<()> {
         history_times: args.history_times,
         embedding_dim: args.embedding_dim,
         min_value: args.min_rating,
-        test_per_user: args.test_per_user.unwrap_or(match args.protocol {
-            ProtocolArg::NextItem => 1,
-            ProtocolArg::Rating => 10,
-        }),
+        test_per_user,
+        valid_per_user: args.valid_per_user.unwrap_or(test_per_user),
+        user_feature: args.user_feature,
     };
     if let Some(g) = options.session_gap_days {
         if !(g.is_finite() && g > 0.0) {
@@ -218,20 +231,54 @@ pub fn run(args: Args) -> Result<()> {
                 report.category_conflicts
             );
         }
+        if report.short_users > 0 {
+            println!(
+                "users left out (fewer than two behaviours, nothing to predict): {}",
+                report.short_users
+            );
+        }
+        if report.below_min_value > 0 {
+            println!(
+                "behaviours dropped (rated below --min-rating): {}",
+                report.below_min_value
+            );
+        }
         println!(
-            "wrote {} training and {} test samples ({} positive), mean history length {:.2}, {} with an empty history",
+            "wrote {} training, {} validation and {} test samples ({} positive) to {}",
             report.train_samples,
+            report.valid_samples,
             report.test_samples,
             report.positives,
-            report.mean_history_len,
-            report.empty_histories
+            args.out.display()
         );
         let q = report.history_len_quantiles;
         println!(
-            "history length: p10 {}, p25 {}, median {}, p75 {}, p90 {}, max {}",
-            q[0], q[1], q[2], q[3], q[4], q[5]
+            "history length: mean {:.2}, p10 {}, p25 {}, median {}, p75 {}, p90 {}, max {}; {} samples with an empty history",
+            report.mean_history_len, q[0], q[1], q[2], q[3], q[4], q[5], report.empty_histories
         );
-        println!("train with: din train --config {}", report.config.display());
+        if report.valid_samples > 0 {
+            println!(
+                "config: {} (validates on {}, stops early, keeps the best epoch; user_id embedding {})",
+                report.config.display(),
+                report.validation.display(),
+                if report.user_feature {
+                    "on"
+                } else {
+                    "off: --user-feature turns it on"
+                }
+            );
+        } else {
+            println!(
+                "config: {} (validates on the test file and keeps the last epoch; user_id embedding {})",
+                report.config.display(),
+                if report.user_feature {
+                    "on"
+                } else {
+                    "off: --user-feature turns it on"
+                }
+            );
+        }
+        println!("next:\n  {}\n  {}", report.train_command, report.evaluate_command);
     }
     Ok(())
 }

@@ -132,16 +132,47 @@ impl ItemTable {
     /// position by position, the paired histories. Two rows that give one
     /// item two values are an error naming both lines.
     pub fn derive(layout: &Layout, data: &[&Dataset]) -> Result<ItemTable> {
+        Self::derive_from(layout, data, None)
+    }
+
+    /// Reads an item table (`items.json`) and checks it against `layout`
+    /// (see [`ItemTable::check`]).
+    pub fn read(path: &Path, layout: &Layout) -> Result<ItemTable> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, "cannot read the item table", e))?;
+        let table: ItemTable = serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("not an item table: {e}"),
+        })?;
+        table.check(layout, path)?;
+        Ok(table)
+    }
+
+    /// Like [`ItemTable::derive`], starting from `known` (a table read from
+    /// its file, see [`ItemTable::read`]): every row must agree with it, and
+    /// items it lacks are filled in from the rows.
+    pub fn derive_from(layout: &Layout, data: &[&Dataset], known: Option<(ItemTable, &Path)>) -> Result<ItemTable> {
+        let (mut known, known_path) = match known {
+            Some((table, path)) => (table, Some(path)),
+            None => (ItemTable::default(), None),
+        };
         let mut features = BTreeMap::new();
         for f in &layout.item_features {
             let key_table = &layout.tables[layout.sparse[f.key].table];
             let key_rows = key_table.rows();
             // Under oov = "reserved" unseen items share one row: no single value.
             let reserved = (key_table.oov == Oov::Reserved).then(|| key_table.vocab_size.unwrap_or(0) as u32);
-            let mut values: Vec<Option<u32>> = vec![None; key_rows];
-            // Where each value was first seen: (file, line).
-            let mut seen: Vec<(usize, u64)> = vec![(0, 0); key_rows];
             let name = &layout.sparse[f.feature].name;
+            // `check` made the known column as long as the key's table.
+            let mut values: Vec<Option<u32>> = known
+                .features
+                .remove(name)
+                .map_or_else(|| vec![None; key_rows], |c| c.values);
+            // Where each value was first seen: (file, line); file `usize::MAX`
+            // is the known table's.
+            let mut seen: Vec<(usize, u64)> = values
+                .iter()
+                .map(|v| if v.is_some() { (usize::MAX, 0) } else { (0, 0) })
+                .collect();
             let key_name = &layout.sparse[f.key].name;
             for (d, set) in data.iter().enumerate() {
                 let batch = &set.batch;
@@ -165,14 +196,17 @@ impl ItemTable {
                             }
                             Some(old) if old != v => {
                                 let (od, oline) = seen[k as usize];
+                                let there = match (od, known_path) {
+                                    (usize::MAX, Some(p)) => format!("in {}", p.display()),
+                                    _ => format!("at {}:{oline}", data[od.min(data.len() - 1)].source.display()),
+                                };
                                 return Err(Error::Parse {
                                     path: set.source.clone(),
                                     line,
                                     column: name.clone(),
                                     value: v.to_string(),
                                     reason: format!(
-                                        "`{name}` is an item feature of `{key_name}` (item_feature_of), but {key_name} {k} has {name} {v} here and {old} at {}:{oline}; fix the data or remove item_feature_of",
-                                        data[od].source.display()
+                                        "`{name}` is an item feature of `{key_name}` (item_feature_of), but {key_name} {k} has {name} {v} here and {old} {there}; fix the data or remove item_feature_of"
                                     ),
                                 });
                             }

@@ -7,10 +7,12 @@
 //!   time; every behaviour after the first is predicted from the earlier ones
 //!   (positive), paired with an item the user never touched (negative, with its
 //!   own category); each user's last behaviour is held out as test
-//!   ([`PrepareOptions::test_per_user`] changes how many).
+//!   ([`PrepareOptions::test_per_user`] changes how many), the one before it
+//!   validation ([`PrepareOptions::valid_per_user`]).
 //! * [`Protocol::Rating`] (the paper's MovieLens setup): every rating is a
 //!   sample, labelled positive when the rating is at least a threshold, with
-//!   the history of earlier positives; each user's last ratings are test.
+//!   the history of earlier positives; each user's last ratings are test,
+//!   the ones before them validation.
 //!
 //! A sample's history holds only behaviours strictly before it in time, so a
 //! test sample never feeds a training history beyond its timestamp.
@@ -21,7 +23,9 @@ mod writer;
 
 pub use events::{read_log, read_movielens, Event, Log, LogSpec};
 pub use samples::{build_samples, Sample, Samples, Vocab};
-pub use writer::{prepare, write_prepared, PrepareReport, CONFIG_FILE, TEST_FILE, TRAIN_FILE, VOCAB_FILE};
+pub use writer::{
+    prepare, write_prepared, PrepareReport, CONFIG_FILE, ITEMS_FILE, TEST_FILE, TRAIN_FILE, VALID_FILE, VOCAB_FILE,
+};
 
 /// How samples are made from behaviours.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,6 +67,16 @@ pub struct PrepareOptions {
     /// 1 is the paper's protocol; the rating protocol needs more, or every
     /// user's test samples have one label class and GAUC is undefined.
     pub test_per_user: usize,
+    /// Each user's this many samples just before the test ones are held out
+    /// as validation (`valid.tsv`): the generated config validates on them,
+    /// stops early and keeps the best epoch. 0 writes no validation file; the
+    /// config then validates on the test file and keeps the last epoch, as
+    /// choosing an epoch on the test set would be choosing on the test set.
+    pub valid_per_user: usize,
+    /// Give the generated config a `user_id` embedding. Off by default: on
+    /// next-item data the user's history already says who they are, and a
+    /// per-user embedding learned from a few hundred rows overfits.
+    pub user_feature: bool,
 }
 
 impl Default for PrepareOptions {
@@ -78,6 +92,8 @@ impl Default for PrepareOptions {
             embedding_dim: 8,
             min_value: None,
             test_per_user: 1,
+            valid_per_user: 1,
+            user_feature: false,
         }
     }
 }

@@ -66,6 +66,9 @@ pub struct Sample {
 pub struct Samples {
     /// Training samples.
     pub train: Vec<Sample>,
+    /// Validation samples (each user's `valid_per_user` samples before the
+    /// test ones).
+    pub valid: Vec<Sample>,
     /// Held-out samples (each user's last `test_per_user` samples by time).
     pub test: Vec<Sample>,
     /// Raw values of every dense id.
@@ -78,6 +81,13 @@ pub struct Samples {
     /// item: every sample gives an item that first category, so that the
     /// category is a function of the item (`item_feature_of`).
     pub category_conflicts: usize,
+    /// Users left out: fewer than two behaviours (after `min_value`), so
+    /// nothing to predict or to hold out.
+    pub short_users: usize,
+    /// Behaviours dropped by `min_value`.
+    pub below_min_value: usize,
+    /// Every item's category, by dense item id (index 0, padding, is 0).
+    pub item_categories: Vec<u32>,
 }
 
 struct Timeline {
@@ -165,7 +175,9 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
         // Every item the user touched, kept or not: never a negative for them.
         let touched: HashSet<u32> = idx.iter().map(|&i| items.ids[&log.events[i].item]).collect();
         if let Some(m) = options.min_value {
+            let before = idx.len();
             idx.retain(|&i| log.events[i].value.is_some_and(|v| v >= m));
+            out.below_min_value += before - idx.len();
         }
         for (k, &i) in idx.iter().enumerate() {
             let e = &log.events[i];
@@ -193,6 +205,7 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
             Protocol::Rating { .. } => 0,
         };
         if timeline.len() < 2 {
+            out.short_users += 1;
             continue; // nothing to hold out
         }
         out.users += 1;
@@ -229,6 +242,7 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
                 label: 1,
             };
             let is_test = i + options.test_per_user >= timeline.len();
+            let is_valid = !is_test && i + options.test_per_user + options.valid_per_user >= timeline.len();
             let mut made = Vec::with_capacity(2);
             match options.protocol {
                 Protocol::NextItem => {
@@ -257,11 +271,14 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
             }
             if is_test {
                 out.test.extend(made);
+            } else if is_valid {
+                out.valid.extend(made);
             } else {
                 out.train.extend(made);
             }
         }
     }
+    out.item_categories = item_category;
     out.vocab.fields.insert("user_id".into(), users.raw);
     out.vocab.fields.insert("item_id".into(), items.raw);
     out.vocab.fields.insert("cate_id".into(), categories.raw);

@@ -8,20 +8,31 @@ use serde::Serialize;
 use super::samples::{build_samples, Sample, Samples};
 use super::{Log, PrepareOptions};
 use crate::checkpoint::{write_atomic, write_atomic_with};
+use crate::data::{ItemColumn, ItemTable};
 use crate::schema::{
-    Config, DataConfig, DenseFeature, DinPair, InputConfig, Keep, ModelConfig, Oov, Schema, SequenceFeature,
-    SequenceOrder, SparseFeature, TrainConfig, Truncation,
+    Config, DataConfig, DenseFeature, DinPair, EarlyStoppingConfig, InputConfig, Keep, ModelConfig, Monitor, Oov,
+    Schema, SequenceFeature, SequenceOrder, SparseFeature, TrainConfig, Truncation,
 };
+
+/// Batch size of a generated config with a validation split.
+const GENERATED_BATCH_SIZE: usize = 256;
+/// Epoch limit of a generated config with a validation split (early
+/// stopping ends the run sooner).
+const GENERATED_MAX_EPOCHS: usize = 20;
 use crate::{Error, Result};
 
 /// Training samples file.
 pub const TRAIN_FILE: &str = "train.tsv";
+/// Validation samples file (when [`PrepareOptions::valid_per_user`] > 0).
+pub const VALID_FILE: &str = "valid.tsv";
 /// Held-out samples file.
 pub const TEST_FILE: &str = "test.tsv";
 /// Generated config.
 pub const CONFIG_FILE: &str = "config.toml";
 /// Raw values of the dense ids.
 pub const VOCAB_FILE: &str = "vocab.json";
+/// Every item's category (the model directory's item table format).
+pub const ITEMS_FILE: &str = "items.json";
 
 /// What [`prepare`] did.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -39,8 +50,14 @@ pub struct PrepareReport {
     /// Behaviours whose item had been seen with another category (they are
     /// given the item's first category).
     pub category_conflicts: usize,
+    /// Users left out for having fewer than two behaviours.
+    pub short_users: usize,
+    /// Behaviours dropped for a value below `min_value`.
+    pub below_min_value: usize,
     /// Training samples.
     pub train_samples: usize,
+    /// Validation samples (`valid.tsv`; 0 when none was written).
+    pub valid_samples: usize,
     /// Test samples.
     pub test_samples: usize,
     /// Positive samples (train and test).
@@ -56,10 +73,20 @@ pub struct PrepareReport {
     pub empty_histories: usize,
     /// The generated config.
     pub config: PathBuf,
+    /// The generated config's validation file (`valid.tsv`, or `test.tsv`
+    /// without a validation split).
+    pub validation: PathBuf,
+    /// Whether the config has a `user_id` embedding.
+    pub user_feature: bool,
+    /// The `din train` command that trains on these files.
+    pub train_command: String,
+    /// The `din evaluate` command that scores the trained model on the test file.
+    pub evaluate_command: String,
 }
 
-/// Builds samples from `log` and writes `train.tsv`, `test.tsv`,
-/// `config.toml` and `vocab.json` into `out_dir`.
+/// Builds samples from `log` and writes `train.tsv`, `valid.tsv` (with a
+/// validation split), `test.tsv`, `config.toml`, `vocab.json` and
+/// `items.json` into `out_dir`.
 pub fn prepare(log: &Log, options: &PrepareOptions, out_dir: &Path) -> Result<PrepareReport> {
     let samples = build_samples(log, options)?;
     write_prepared(log, &samples, options, out_dir)
@@ -69,7 +96,15 @@ pub fn prepare(log: &Log, options: &PrepareOptions, out_dir: &Path) -> Result<Pr
 pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, out_dir: &Path) -> Result<PrepareReport> {
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, "cannot create output folder", e))?;
     let header = header(samples, options);
-    for (name, rows) in [(TRAIN_FILE, &samples.train), (TEST_FILE, &samples.test)] {
+    let with_valid = !samples.valid.is_empty();
+    let mut files = vec![(TRAIN_FILE, &samples.train), (TEST_FILE, &samples.test)];
+    if with_valid {
+        files.push((VALID_FILE, &samples.valid));
+    } else {
+        // A validation file from an earlier run would not match these samples.
+        remove_stale(&out_dir.join(VALID_FILE))?;
+    }
+    for (name, rows) in files {
         write_atomic_with(&out_dir.join(name), |w| {
             writeln!(w, "{}", header.join("\t"))?;
             for s in rows.iter() {
@@ -83,19 +118,45 @@ pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, ou
         reason: e.to_string(),
     })?;
     write_atomic(&out_dir.join(VOCAB_FILE), &vocab)?;
-    let config = config(samples, options);
+    // The category of every item, also of those only the test file shows, so
+    // that the model directory's item table covers the whole vocabulary.
+    let items = ItemTable {
+        features: [(
+            "cate_id".to_string(),
+            ItemColumn {
+                key: "item_id".into(),
+                values: samples.item_categories.iter().map(|&c| Some(c)).collect(),
+            },
+        )]
+        .into(),
+    };
+    let items = serde_json::to_vec(&items).map_err(|e| Error::Checkpoint {
+        path: out_dir.join(ITEMS_FILE),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&out_dir.join(ITEMS_FILE), &items)?;
+    let config = config(samples, options, with_valid);
     let text = toml::to_string_pretty(&config).map_err(|e| Error::Checkpoint {
         path: out_dir.join(CONFIG_FILE),
         reason: e.to_string(),
     })?;
-    let banner = "# Written by `din prepare`. Paths are relative to this file.\n\
-        # train.keep = \"last\": the validation file is the test file, and picking the best epoch\n\
-        # on it would pick on the test set.\n";
-    write_atomic(&out_dir.join(CONFIG_FILE), format!("{banner}{text}").as_bytes())?;
+    let banner = if with_valid {
+        "# Written by `din prepare`. Paths are relative to this file.\n\
+         # Validation is valid.tsv (each user's samples just before the test ones): training\n\
+         # stops when val_logloss has not improved for 2 epochs and keeps the best epoch.\n\
+         # test.tsv is for `din evaluate --data test.tsv` once, at the end.\n"
+    } else {
+        "# Written by `din prepare`. Paths are relative to this file.\n\
+         # train.keep = \"last\": the validation file is the test file, and picking the best epoch\n\
+         # on it would pick on the test set.\n"
+    };
+    let config_path = out_dir.join(CONFIG_FILE);
+    write_atomic(&config_path, format!("{banner}{text}").as_bytes())?;
 
-    let all = samples.train.iter().chain(&samples.test);
-    let n = samples.train.len() + samples.test.len();
+    let all = samples.train.iter().chain(&samples.valid).chain(&samples.test);
+    let n = samples.train.len() + samples.valid.len() + samples.test.len();
     let hist: usize = all.clone().map(|s| s.hist_items.len()).sum();
+    let model_dir = out_dir.join("model");
     Ok(PrepareReport {
         events: log.events.len(),
         skipped_rows: log.skipped.len(),
@@ -103,7 +164,10 @@ pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, ou
         items: samples.vocab.fields.get("item_id").map_or(0, Vec::len),
         categories: samples.vocab.fields.get("cate_id").map_or(0, Vec::len),
         category_conflicts: samples.category_conflicts,
+        short_users: samples.short_users,
+        below_min_value: samples.below_min_value,
         train_samples: samples.train.len(),
+        valid_samples: samples.valid.len(),
         test_samples: samples.test.len(),
         positives: all.clone().filter(|s| s.label == 1).count(),
         mean_history_len: if n == 0 { 0.0 } else { hist as f64 / n as f64 },
@@ -118,8 +182,38 @@ pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, ou
             [at(0.1), at(0.25), at(0.5), at(0.75), at(0.9), at(1.0)]
         },
         empty_histories: all.filter(|s| s.hist_items.is_empty()).count(),
-        config: out_dir.join(CONFIG_FILE),
+        validation: out_dir.join(if with_valid { VALID_FILE } else { TEST_FILE }),
+        user_feature: options.user_feature,
+        train_command: format!(
+            "din train --config {} --out {}",
+            shell_word(&config_path),
+            shell_word(&model_dir)
+        ),
+        evaluate_command: format!(
+            "din evaluate --model {} --data {}",
+            shell_word(&model_dir),
+            shell_word(&out_dir.join(TEST_FILE))
+        ),
+        config: config_path,
     })
+}
+
+/// A path as one shell word: quoted when it holds anything but plain characters.
+fn shell_word(path: &Path) -> String {
+    let s = path.display().to_string();
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c)) {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn remove_stale(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, "cannot remove the stale file", e)),
+    }
 }
 
 fn header(samples: &Samples, options: &PrepareOptions) -> Vec<String> {
@@ -164,9 +258,10 @@ fn write_row(w: &mut impl Write, s: &Sample, options: &PrepareOptions) -> std::i
     writeln!(w, "\t{}", s.label)
 }
 
-/// The config for the written files: the tutorial's model and training
-/// defaults, the test file as validation, vocabulary sizes frozen.
-fn config(samples: &Samples, options: &PrepareOptions) -> Config {
+/// The config for the written files: the tutorial's model, vocabulary
+/// sizes frozen; with a validation file, early stopping on it and the best
+/// epoch kept, else the test file as validation and the last epoch kept.
+fn config(samples: &Samples, options: &PrepareOptions, with_valid: bool) -> Config {
     let size = |field: &str| samples.vocab.fields.get(field).map_or(1, |v| v.len() + 1);
     let sparse = |name: &str| SparseFeature {
         name: name.to_string(),
@@ -178,7 +273,10 @@ fn config(samples: &Samples, options: &PrepareOptions) -> Config {
         // The category is a function of the item (see `build_samples`).
         item_feature_of: (name == "cate_id").then(|| "item_id".to_string()),
     };
-    let mut sparse_features = vec![sparse("user_id")];
+    let mut sparse_features = Vec::new();
+    if options.user_feature {
+        sparse_features.push(sparse("user_id"));
+    }
     sparse_features.extend(samples.profile_fields.iter().map(|f| sparse(f)));
     sparse_features.extend([sparse("item_id"), sparse("cate_id")]);
     let sequence = |name: &str, owner: &str| SequenceFeature {
@@ -202,9 +300,10 @@ fn config(samples: &Samples, options: &PrepareOptions) -> Config {
     Config {
         data: DataConfig {
             train: Some(PathBuf::from(TRAIN_FILE)),
-            validation: Some(PathBuf::from(TEST_FILE)),
+            validation: Some(PathBuf::from(if with_valid { VALID_FILE } else { TEST_FILE })),
             validation_split: None,
             vocab: Some(PathBuf::from(VOCAB_FILE)),
+            items: Some(PathBuf::from(ITEMS_FILE)),
         },
         input: InputConfig {
             header: true,
@@ -229,11 +328,25 @@ fn config(samples: &Samples, options: &PrepareOptions) -> Config {
             ],
         },
         model: ModelConfig::default(),
-        // The validation file is the test file: choosing the best epoch on
-        // it would choose on the test set, so the last epoch is kept.
-        train: TrainConfig {
-            keep: Keep::Last,
-            ..TrainConfig::default()
+        train: if with_valid {
+            TrainConfig {
+                batch_size: GENERATED_BATCH_SIZE,
+                epochs: GENERATED_MAX_EPOCHS,
+                early_stopping: Some(EarlyStoppingConfig {
+                    monitor: Monitor::ValLogloss,
+                    patience: 2,
+                    restore_best: true,
+                }),
+                keep: Keep::Best,
+                ..TrainConfig::default()
+            }
+        } else {
+            // The validation file is the test file: choosing the best epoch on
+            // it would choose on the test set, so the last epoch is kept.
+            TrainConfig {
+                keep: Keep::Last,
+                ..TrainConfig::default()
+            }
         },
     }
 }

@@ -44,6 +44,12 @@ pub struct DataConfig {
     /// takes requests in raw ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vocab: Option<PathBuf>,
+    /// The item features' value for every item (`items.json` as `din
+    /// prepare` writes it, the model directory's format), also for items the
+    /// training and validation rows never show. Training checks the rows
+    /// against it and completes it from them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<PathBuf>,
 }
 
 /// Layout of a delimited data file.
@@ -626,7 +632,7 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
 impl DataConfig {
     /// Makes relative paths relative to `base`.
     pub fn resolve_relative_to(&mut self, base: &Path) {
-        for p in [&mut self.train, &mut self.validation, &mut self.vocab]
+        for p in [&mut self.train, &mut self.validation, &mut self.vocab, &mut self.items]
             .into_iter()
             .flatten()
         {

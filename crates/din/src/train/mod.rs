@@ -89,7 +89,11 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
         None
     } else {
         let sets: Vec<&Dataset> = std::iter::once(&train).chain(validation.as_ref()).collect();
-        Some(ItemTable::derive(&layout, &sets)?)
+        let known = match &config.data.items {
+            Some(path) => Some((ItemTable::read(path, &layout)?, path.as_path())),
+            None => None,
+        };
+        Some(ItemTable::derive_from(&layout, &sets, known)?)
     };
     let mut config = config.clone();
     config.freeze_vocab(&layout);

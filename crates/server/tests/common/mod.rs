@@ -31,6 +31,8 @@ pub fn train_model(work: &Path, out: &Path, seed: u64) {
     let prepared = work.join("prepared");
     let options = PrepareOptions {
         max_len: 8,
+        // A user-id embedding, so that requests carry a raw user id too.
+        user_feature: true,
         ..PrepareOptions::default()
     };
     prepare(&log, &options, &prepared).expect("prepare");
