@@ -170,3 +170,122 @@ fn saving_leaves_no_temporary_files() {
     files.sort();
     assert_eq!(files, ["config.json", "history.json", "model.safetensors"]);
 }
+
+/// What the file holds under each name is the model's tensor as the model
+/// uses it: the same shape and the same f32 values, little-endian, in the
+/// same (row-major, `[in, out]` for weights) order. Together with the
+/// layers' own tests of what a named tensor means, this pins the on-disk
+/// layout: a save and a load that both transposed, or both swapped two
+/// tensors, would fail here.
+#[test]
+fn the_file_holds_each_tensor_as_the_model_uses_it() {
+    let (config, model) = trained("dice", "dice");
+    let dir = tempfile::tempdir().expect("tmp");
+    save(dir.path(), &config, &model, None).expect("save");
+    let bytes = std::fs::read(dir.path().join(WEIGHTS_FILE)).expect("read");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let mut seen = 0;
+    model.visit("", &mut |name, p| {
+        let t = st.tensor(&name).expect("present");
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+        assert_eq!(t.shape(), p.shape.as_slice(), "{name}");
+        let raw: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(
+            raw.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            p.value.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{name}"
+        );
+        seen += 1;
+    });
+    assert_eq!(seen, st.names().len());
+    // Non-square weights, so that a transposition could not pass unnoticed.
+    let w = st.tensor("dnn.layers.1.weight").expect("present");
+    assert_eq!(w.shape(), &[5, 3], "[in, out]: 5 inputs, 3 units");
+    // Dice's variance is positive, its mean has moved from 0 (the two differ).
+    let var = st.tensor("dnn.layers.0.activation.running_var").expect("present");
+    assert!(var
+        .data()
+        .chunks_exact(4)
+        .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) > 0.0));
+}
+
+/// `config.json` is covered too: a hand edit of the config that would load
+/// and change every score is refused, and so are weights that are not
+/// finite, a wrong format version, and a version-2 file without the config
+/// fingerprint. A version-1 file (before the fingerprint) still loads.
+#[test]
+fn edited_configs_non_finite_weights_and_unknown_versions_are_refused() {
+    let (config, model) = trained("prelu", "prelu");
+    let dir = tempfile::tempdir().expect("tmp");
+    save(dir.path(), &config, &model, None).expect("save");
+    let config_path = dir.path().join(CONFIG_FILE);
+    let saved = std::fs::read(&config_path).expect("read");
+    let json: serde_json::Value = serde_json::from_slice(&saved).expect("json");
+    let load_with = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut j = json.clone();
+        edit(&mut j);
+        std::fs::write(&config_path, serde_json::to_vec_pretty(&j).expect("json")).expect("write");
+        load(dir.path()).map(|_| ()).map_err(|e| e.to_string())
+    };
+    // Edits that keep every tensor's shape, so only the fingerprint can tell.
+    let edits: [(&str, &dyn Fn(&mut serde_json::Value)); 4] = [
+        ("normalization", &|j| {
+            j["config"]["model"]["attention"]["normalization"] = "none".into()
+        }),
+        ("pooling", &|j| {
+            j["config"]["model"]["attention"]["pooling"] = "sum".into()
+        }),
+        ("max_len", &|j| {
+            j["config"]["schema"]["sequence"][0]["max_len"] = 2.into()
+        }),
+        ("activation", &|j| {
+            j["config"]["model"]["dnn"]["activation"] = "sigmoid".into()
+        }),
+    ];
+    for (what, edit) in edits {
+        let err = load_with(edit).expect_err(what);
+        assert!(
+            err.contains("config.json") && err.contains("edited after saving"),
+            "{what}: {err}"
+        );
+    }
+    // Reformatting alone (the same config) is fine.
+    load_with(&|_| {}).expect("the same config, pretty-printed again");
+
+    let err = load_with(&|j| j["format_version"] = 3.into()).expect_err("future version");
+    assert!(err.contains("format_version 3 is not supported"), "{err}");
+    let err = load_with(&|j| {
+        j.as_object_mut().map(|o| o.remove("config_fingerprint"));
+    })
+    .expect_err("version 2 without the fingerprint");
+    assert!(err.contains("requires config_fingerprint"), "{err}");
+    load_with(&|j| {
+        j["format_version"] = 1.into();
+        j.as_object_mut().map(|o| o.remove("config_fingerprint"));
+    })
+    .expect("a version-1 directory loads");
+
+    // A NaN or an infinity in any tensor (with a matching fingerprint, as a
+    // diverged run would save it).
+    for (tensor, bad) in [("output.bias", f32::NAN), ("dnn.layers.1.weight", f32::INFINITY)] {
+        let mut broken = model.clone();
+        broken.visit_mut("", &mut |name, p| {
+            if name == tensor {
+                if let Some(last) = p.value.last_mut() {
+                    *last = bad;
+                }
+            }
+        });
+        let dir = tempfile::tempdir().expect("tmp");
+        save(dir.path(), &config, &broken, None).expect("save");
+        let err = load(dir.path()).map(|_| ()).expect_err("not finite").to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains(&format!("`{tensor}`: holds a NaN or infinite value")),
+            "{err}"
+        );
+    }
+}

@@ -8,7 +8,6 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 
 use din::checkpoint::CONFIG_FILE;
-use din::model::Module;
 use din::scorer::Scorer;
 
 use crate::metrics::Metrics;
@@ -62,18 +61,7 @@ pub fn load(source: &Path) -> Result<Loaded, ServeError> {
     let scorer = Scorer::load(&dir).map_err(|e| ServeError::Model {
         message: format!("{}: {e}", dir.display()),
     })?;
-    // A weight that is not finite would turn every score into NaN.
-    let mut bad: Option<String> = None;
-    scorer.model.visit("", &mut |name, p| {
-        if bad.is_none() && p.value.iter().any(|v| !v.is_finite()) {
-            bad = Some(name);
-        }
-    });
-    if let Some(name) = bad {
-        return Err(ServeError::Model {
-            message: format!("{}: tensor `{name}` holds a NaN or infinite value", dir.display()),
-        });
-    }
+    // load_model refuses weights that are not finite, as every loader does.
     let version = version.unwrap_or_else(|| scorer.file.weights_fingerprint.clone());
     Ok(Loaded { scorer, version, dir })
 }

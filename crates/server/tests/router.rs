@@ -411,6 +411,6 @@ async fn reload_serves_the_highest_version_and_refuses_a_broken_one() {
     assert!(a.json()["error"]
         .as_str()
         .expect("message")
-        .contains("`output.bias` holds a NaN"));
+        .contains("`output.bias`: holds a NaN"));
     assert_eq!(state.current().version, "2");
 }

@@ -31,8 +31,9 @@ pub const HISTORY_FILE: &str = "history.json";
 pub const VOCAB_FILE: &str = "vocab.json";
 /// The item feature table (see [`ItemTable`]).
 pub const ITEMS_FILE: &str = "items.json";
-/// Version of the model-directory format.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the model-directory format: 2 adds `config_fingerprint`;
+/// version 1 directories (without it) still load.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What `config.json` holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +52,11 @@ pub struct ModelFile {
     /// FNV-1a 64 of `items.json`, when the model has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items_fingerprint: Option<String>,
+    /// FNV-1a 64 of `config` as compact JSON: a hand edit of the config
+    /// (a pooling, a normalisation, a `max_len`) would load silently and
+    /// change every score, so it is refused. Absent in format 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_fingerprint: Option<String>,
     /// The resolved configuration (vocabulary sizes frozen).
     pub config: Config,
 }
@@ -165,6 +171,7 @@ pub fn save_with_assets(
         weights_fingerprint: fingerprint(&blob),
         vocab_fingerprint,
         items_fingerprint,
+        config_fingerprint: Some(config_fingerprint(config)?),
         config: config.clone(),
     };
     let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Checkpoint {
@@ -199,14 +206,32 @@ pub fn load_model(dir: &Path) -> Result<SavedModel> {
         path: config_path.clone(),
         message: e.to_string(),
     })?;
-    if file.format_version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&file.format_version) {
         return Err(Error::Checkpoint {
             path: config_path,
             reason: format!(
-                "format_version {} is not supported (this build reads {FORMAT_VERSION})",
+                "format_version {} is not supported (this build reads 1 to {FORMAT_VERSION})",
                 file.format_version
             ),
         });
+    }
+    let found = config_fingerprint(&file.config)?;
+    match &file.config_fingerprint {
+        Some(expected) if *expected != found => {
+            return Err(Error::Checkpoint {
+                path: config_path,
+                reason: format!(
+                    "its `config` does not match its config_fingerprint (fingerprint {found}, expected {expected}): it was edited after saving; retrain, or restore the saved file"
+                ),
+            })
+        }
+        None if file.format_version >= 2 => {
+            return Err(Error::Checkpoint {
+                path: config_path,
+                reason: format!("format_version {} requires config_fingerprint", file.format_version),
+            })
+        }
+        _ => {}
     }
     let config = file.config.clone();
     let layout = config.validate()?;
@@ -259,6 +284,10 @@ pub fn load_model(dir: &Path) -> Result<SavedModel> {
             Ok(view) => {
                 for (v, b) in p.value.iter_mut().zip(view.data().chunks_exact(4)) {
                     *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+                // A weight that is not finite turns every score into NaN.
+                if let Some(i) = p.value.iter().position(|v| !v.is_finite()) {
+                    failure = fail(format!("holds a NaN or infinite value ({} at element {i})", p.value[i]));
                 }
             }
         }
@@ -324,6 +353,12 @@ pub fn load_model(dir: &Path) -> Result<SavedModel> {
         assets: Assets { vocab, items },
         file,
     })
+}
+
+/// [`fingerprint`] of `config` as compact JSON.
+fn config_fingerprint(config: &Config) -> Result<String> {
+    let json = serde_json::to_vec(config).map_err(|e| Error::config("config", "", e.to_string()))?;
+    Ok(fingerprint(&json))
 }
 
 /// FNV-1a, 64-bit, in hex. Hand-written (six lines) because it only has to

@@ -501,6 +501,23 @@ mod tests {
         assert_eq!(y, vec![-0.5, 3.0, -1.0, -0.5]);
     }
 
+    /// The tensors named `running_mean` and `running_var` (what the file
+    /// holds under those names) are used as the mean and the variance.
+    #[test]
+    fn dice_tensors_hold_what_their_names_say() {
+        let mut act = Activation::new(ActivationKind::Dice, 1);
+        act.visit_mut("d", &mut |name, p| match name.as_str() {
+            "d.alpha" => p.value = vec![0.0],
+            "d.running_mean" => p.value = vec![2.0],
+            "d.running_var" => p.value = vec![4.0],
+            other => panic!("unexpected tensor {other}"),
+        });
+        let mut y = Vec::new();
+        act.forward(&[3.0], 1, Mode::Infer, &mut y);
+        let z = (3.0 - 2.0) / (4.0f32 + DICE_EPS).sqrt();
+        assert!((y[0] - 3.0 / (1.0 + (-z).exp())).abs() < 1e-6, "{y:?}");
+    }
+
     #[test]
     fn dice_uses_batch_statistics_in_training_and_moving_averages_at_inference() {
         let mut act = Activation::new(ActivationKind::Dice, 1);

@@ -91,6 +91,24 @@ mod tests {
         assert_eq!(y, vec![-0.5, -0.5]);
     }
 
+    /// `weight` is `[in, out]`, row-major (Keras' layout, the file's): set by
+    /// name, element `i * out + j` connects input `i` to output `j`.
+    #[test]
+    fn the_weight_named_weight_is_in_by_out() {
+        let mut l = Linear::new(3, 2, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0));
+        l.visit_mut("lin", &mut |name, p| match name.as_str() {
+            "lin.weight" => {
+                assert_eq!(p.shape, [3, 2]);
+                p.value = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+            }
+            "lin.bias" => p.value = vec![0.5, -0.5],
+            other => panic!("unexpected tensor {other}"),
+        });
+        let mut y = Vec::new();
+        l.forward(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], 3, &mut y);
+        assert_eq!(y, [1.5, 1.5, 3.5, 3.5, 5.5, 5.5]);
+    }
+
     #[test]
     fn gradients_match_finite_differences() {
         let (rows, i, o) = (5, 4, 3);

@@ -53,6 +53,7 @@ impl Scorer {
             weights_fingerprint: "unsaved".to_string(),
             vocab_fingerprint: None,
             items_fingerprint: None,
+            config_fingerprint: None,
             config: config.clone(),
         };
         Scorer {
