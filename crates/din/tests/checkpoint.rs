@@ -232,7 +232,8 @@ fn edited_configs_non_finite_weights_and_unknown_versions_are_refused() {
         load(dir.path()).map(|_| ()).map_err(|e| e.to_string())
     };
     // Edits that keep every tensor's shape, so only the fingerprint can tell.
-    let edits: [(&str, &dyn Fn(&mut serde_json::Value)); 4] = [
+    type Edit<'a> = (&'a str, &'a dyn Fn(&mut serde_json::Value));
+    let edits: [Edit; 4] = [
         ("normalization", &|j| {
             j["config"]["model"]["attention"]["normalization"] = "none".into()
         }),
