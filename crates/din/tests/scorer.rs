@@ -573,3 +573,29 @@ fn dense_ids_and_the_oov_policy_without_a_vocabulary() {
     let enc = s.encode(&user, &bad).expect("reserved");
     assert_eq!(enc.batch.sparse[s.layout.pairs[0].0], vec![10]);
 }
+
+/// A model without a user-id embedding (what `din prepare` generates by
+/// default) still takes the user column (`schema.user`) in `user`, and
+/// ignores it; any other unknown field is refused.
+#[test]
+fn the_user_column_is_accepted_when_it_is_not_a_feature() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("log.csv");
+    write_log(&log_path);
+    let log = read_log(&LogSpec::csv(log_path, "user", "item", "cate", "ts"), false).expect("log reads");
+    let prepared = dir.path().join("prepared");
+    prepare(&log, &PrepareOptions::default(), &prepared).expect("prepare");
+    let (s, _) = train_prepared(&prepared, &dir.path().join("model"), &[]);
+    assert!(!s.layout.sparse.iter().any(|f| f.name == "user_id"));
+    assert_eq!(s.layout.user.as_deref(), Some("user_id"));
+    let history = json!([raw(&s, "item_id", 1), raw(&s, "item_id", 2)]);
+    let candidates = vec![obj(json!({"item_id": raw(&s, "item_id", 3)}))];
+    let without = obj(json!({ "hist_item_id": history }));
+    let with = obj(json!({ "user_id": "u1", "hist_item_id": history }));
+    let a = s.score(&without, &candidates, 0).expect("scores");
+    let b = s.score(&with, &candidates, 0).expect("the user column is accepted");
+    assert_eq!(a.scores, b.scores);
+    let typo = obj(json!({ "user": "u1", "hist_item_id": history }));
+    let err = s.score(&typo, &candidates, 0).expect_err("unknown field").to_string();
+    assert!(err.contains("user.user") && err.contains("not a feature"), "{err}");
+}

@@ -195,8 +195,8 @@ impl Scorer {
         Ok(Encoded { batch, positions })
     }
 
-    /// Refuses fields that are not features of the model, and histories
-    /// given per candidate.
+    /// Refuses fields that are not features of the model (but for the user
+    /// column, `schema.user`, in `user`), and histories given per candidate.
     fn check_names(&self, user: &Map<String, Value>, candidates: &[Map<String, Value>]) -> Result<()> {
         let l = &self.layout;
         let is_sparse_or_dense = |k: &str| l.sparse.iter().any(|s| s.name == k) || l.dense.iter().any(|d| d.0 == k);
@@ -208,7 +208,13 @@ impl Scorer {
                 .collect();
             names.join(", ")
         };
-        if let Some(k) = user.keys().find(|k| !is_sparse_or_dense(k) && !is_history(k)) {
+        // The column that groups rows by user (schema.user) is in every data
+        // row, so a request may carry it even when it is not a feature.
+        let is_user_column = |k: &str| l.user.as_deref() == Some(k);
+        if let Some(k) = user
+            .keys()
+            .find(|k| !is_sparse_or_dense(k) && !is_history(k) && !is_user_column(k))
+        {
             return Err(Error::request(
                 format!("user.{k}"),
                 format!("not a feature of this model (its features: {})", features()),
