@@ -5,9 +5,20 @@ use gemm::{gemm, Parallelism};
 /// Products smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_THRESHOLD: usize = 1 << 16;
 
-/// Whether a `rows x cols` matrix with non-negative strides lies inside `len` elements.
+/// Whether a `rows x cols` matrix with non-negative strides lies inside `len`
+/// elements. Checked arithmetic: a huge dimension must not wrap past the
+/// check into `gemm`.
 fn fits(len: usize, rows: usize, cols: usize, rs: isize, cs: isize) -> bool {
-    rows == 0 || cols == 0 || (rs >= 0 && cs >= 0 && (rows - 1) * (rs as usize) + (cols - 1) * (cs as usize) < len)
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    let (Ok(rs), Ok(cs)) = (usize::try_from(rs), usize::try_from(cs)) else {
+        return false;
+    };
+    let last = (rows - 1)
+        .checked_mul(rs)
+        .and_then(|r| (cols - 1).checked_mul(cs).and_then(|c| r.checked_add(c)));
+    last.is_some_and(|last| last < len)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -24,7 +35,9 @@ fn product(
     may_split: bool,
 ) {
     assert!(
-        c.len() >= m * n && fits(a.len(), m, k, a_rs, a_cs) && fits(b.len(), k, n, b_rs, b_cs),
+        m.checked_mul(n).is_some_and(|mn| c.len() >= mn)
+            && fits(a.len(), m, k, a_rs, a_cs)
+            && fits(b.len(), k, n, b_rs, b_cs),
         "matrix product shape mismatch"
     );
     if m == 0 || n == 0 {
@@ -36,11 +49,13 @@ fn product(
         }
         return;
     }
-    let parallelism = if may_split && m * n * k >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1 {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
+    let parallelism =
+        if may_split && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1
+        {
+            Parallelism::Rayon(0)
+        } else {
+            Parallelism::None
+        };
     // SAFETY: the assert above checks that every matrix holds the elements
     // addressed by its shape and strides; `c` does not alias `a` or `b`
     // (guaranteed by the borrow checker: `c` is a unique borrow).
@@ -178,6 +193,28 @@ mod tests {
     fn a_matrix_past_its_buffer_is_refused() {
         let mut c = vec![0.0; 4];
         serial::matmul_lda(2, 2, 2, &[0.0; 5], 4, &[0.0; 4], &mut c, false);
+    }
+
+    /// Dimensions whose products wrap around `usize` are refused, not
+    /// wrapped past the bounds check.
+    #[test]
+    fn dimensions_that_overflow_are_refused() {
+        let huge = usize::MAX / 2 + 2;
+        assert!(!fits(10, 2, huge, 1, 2), "(huge - 1) * 2 wraps to a small number");
+        assert!(!fits(10, huge, 2, 2, 1));
+        assert!(!fits(10, 2, 2, -1, 1), "negative strides");
+        assert!(fits(4, 2, 2, 2, 1) && !fits(3, 2, 2, 2, 1));
+        let caught = std::panic::catch_unwind(|| {
+            // m * n = 2^64 wraps to 0, which an empty `c` would "hold".
+            matmul(1 << 33, 0, 1 << 31, &[], &[], &mut [], false);
+        });
+        let message = caught.expect_err("refused");
+        let message = message
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| message.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        assert!(message.contains("shape mismatch"), "{message}");
     }
 
     #[test]
