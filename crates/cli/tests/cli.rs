@@ -1069,3 +1069,40 @@ fn the_readme_walkthrough_runs_as_written() {
     }
     assert!(tmp.path().join("tb/model/config.json").exists());
 }
+
+/// A full disk (a file-size limit, `ulimit -f`) while saving: the run stops
+/// with the file named, and the previous model in `--out` still loads and
+/// scores as before. With SIGXFSZ at its default the process is killed
+/// mid-write instead, a crash: the previous model survives that too.
+#[cfg(unix)]
+#[test]
+fn a_full_disk_leaves_the_previous_model_intact() {
+    let tmp = TempDir::new().unwrap();
+    let train = |seed: &str| args!["train", "--epochs", "1", "--threads", "1", "--seed", seed, "--out", "m"];
+    assert_ok(&din(tmp.path(), train("1")));
+    let before = stdout(&din(tmp.path(), args!["evaluate", "--model", "m", "--json"]));
+    assert!(before.contains("\"auc\""), "{before}");
+    for trap in ["trap '' XFSZ;", ""] {
+        let script = format!("{trap} ulimit -f 8; exec \"$0\" \"$@\"");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .arg(env!("CARGO_BIN_EXE_din"))
+            .args(train("9"));
+        let out = cmd.current_dir(tmp.path()).env_remove("RUST_LOG").output().expect("sh");
+        assert!(!out.status.success(), "{trap}: the save cannot fit in 8 KiB");
+        if !trap.is_empty() {
+            assert_error(
+                &out,
+                &[
+                    "m/model.safetensors",
+                    "cannot write",
+                    "left as it was",
+                    "File too large",
+                ],
+            );
+        }
+        let after = stdout(&din(tmp.path(), args!["evaluate", "--model", "m", "--json"]));
+        assert_eq!(after, before, "{trap}: the previous model scores as before");
+    }
+}

@@ -2,9 +2,9 @@
 //! (tensor names are field paths, e.g. `attention.layers.0.weight`),
 //! `history.json` (per-epoch metrics) and, when the model has them,
 //! `vocab.json` (raw value of every dense id) and `items.json` (the item
-//! feature table). Every file is written atomically: to a
-//! temporary file in the same folder, fsynced, then renamed over the old one,
-//! so a crash never leaves a half-written model.
+//! feature table). A save writes a whole new directory beside the old one
+//! and swaps it in (see [`save_with_assets`]), so a crash at any point leaves
+//! a complete model, never a half-written one or files from two saves.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
@@ -106,9 +106,17 @@ pub fn save(dir: &Path, config: &Config, model: &Din, history: Option<&[EpochRep
     save_with_assets(dir, config, model, &Assets::default(), history)
 }
 
-/// [`save`] with a vocabulary and an item table. `config.json` is written
-/// last and holds the fingerprint of every other file, so that a directory
-/// whose files come from different saves is refused on loading.
+/// [`save`] with a vocabulary and an item table. `config.json` holds the
+/// fingerprint of every other file, so that a directory whose files come
+/// from different saves is refused on loading.
+///
+/// The directory is replaced as a whole: every file is written and fsynced
+/// into a new sibling directory, which then takes the place of the old one
+/// (the old one is renamed aside first, and removed last). Whatever step a
+/// crash interrupts, [`load_model`] finds a complete model, the old or the
+/// new: in the one window where `dir` is absent, it loads the old one from
+/// beside it, and the next save puts it back first. A `dir` holding
+/// anything but model files is refused, never replaced.
 pub fn save_with_assets(
     dir: &Path,
     config: &Config,
@@ -116,42 +124,187 @@ pub fn save_with_assets(
     assets: &Assets,
     history: Option<&[EpochReport]>,
 ) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| Error::io(dir, "cannot create model directory", e))?;
-    let asset_fingerprint = |name: &str, bytes: Option<Vec<u8>>| -> Result<Option<String>> {
-        let path = dir.join(name);
-        match bytes {
-            Some(b) => {
-                write_atomic(&path, &b)?;
-                Ok(Some(fingerprint(&b)))
-            }
-            None => {
-                // A file left by an earlier save is not part of this model.
-                if path.exists() {
-                    fs::remove_file(&path).map_err(|e| Error::io(&path, "cannot remove stale file", e))?;
-                }
-                Ok(None)
+    save_steps(dir, config, model, assets, history, &mut |_| Ok(()))
+}
+
+/// The files of a model directory (and the temporary files of their writes).
+const MODEL_FILES: [&str; 5] = [CONFIG_FILE, WEIGHTS_FILE, HISTORY_FILE, VOCAB_FILE, ITEMS_FILE];
+
+/// Where a save stages the new directory and puts the old one aside:
+/// hidden siblings of `dir`.
+fn siblings(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: "a model directory needs a name (not `.`, `..` or `/`): give e.g. `runs/model`".into(),
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let parent = dir.parent().unwrap_or(Path::new(""));
+    Ok((
+        parent.join(format!(".{name}.new-{}", std::process::id())),
+        parent.join(format!(".{name}.old")),
+    ))
+}
+
+/// The folder to fsync after renaming an entry of it.
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, "cannot sync folder", e))
+}
+
+/// A directory `save` may replace: absent, or holding only model files.
+fn check_replaceable(dir: &Path) -> Result<bool> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(dir, "cannot list the model directory", e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, "cannot list the model directory", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours =
+            MODEL_FILES.contains(&name.as_str()) || MODEL_FILES.iter().any(|f| name.starts_with(&format!(".{f}.tmp-")));
+        if !ours {
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "holds `{name}`, which is not a model file: saving replaces the whole directory, so give --out an empty or new folder"
+                ),
+            });
+        }
+    }
+    Ok(true)
+}
+
+/// [`save_with_assets`], calling `step` before each write step (with its
+/// number, from 0); an error from `step` stops the save there, as a crash
+/// would, so tests can interrupt every step.
+fn save_steps(
+    dir: &Path,
+    config: &Config,
+    model: &Din,
+    assets: &Assets,
+    history: Option<&[EpochReport]>,
+    step: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<()> {
+    let (staging, aside) = siblings(dir)?;
+    let mut n = 0;
+    let mut next = |n: &mut usize| {
+        let r = step(*n);
+        *n += 1;
+        r
+    };
+    // An earlier save that crashed after putting the old directory aside
+    // and before moving the new one in: the old one goes back first.
+    if !dir.exists() && aside.join(CONFIG_FILE).exists() {
+        fs::rename(&aside, dir).map_err(|e| Error::io(&aside, "cannot restore the model directory", e))?;
+    }
+    let existed = check_replaceable(dir)?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| Error::io(parent, "cannot create the parent folder", e))?;
+    }
+    // Staging folders of saves that crashed (in any process).
+    let stale_prefix = format!(".{}.new-", dir.file_name().unwrap_or_default().to_string_lossy());
+    if let Ok(entries) = fs::read_dir(parent_of(dir)) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&stale_prefix) {
+                let path = entry.path();
+                fs::remove_dir_all(&path).map_err(|e| Error::io(&path, "cannot remove a stale staging folder", e))?;
             }
         }
-    };
-    let vocab_fingerprint = asset_fingerprint(VOCAB_FILE, assets.vocab.as_ref().map(Vocabulary::to_json))?;
-    let items_json = match &assets.items {
-        Some(items) => Some(serde_json::to_vec(items).map_err(|e| Error::Checkpoint {
-            path: dir.join(ITEMS_FILE),
+    }
+    fs::create_dir(&staging).map_err(|e| Error::io(&staging, "cannot create model directory", e))?;
+    let result = (|| {
+        let mut files: Vec<(&str, Vec<u8>)> = Vec::new();
+        let vocab_json = assets.vocab.as_ref().map(Vocabulary::to_json);
+        let items_json = match &assets.items {
+            Some(items) => Some(serde_json::to_vec(items).map_err(|e| Error::Checkpoint {
+                path: dir.join(ITEMS_FILE),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
+        let blob = weights_blob(model, &dir.join(WEIGHTS_FILE))?;
+        let file = ModelFile {
+            format_version: FORMAT_VERSION,
+            din_version: env!("CARGO_PKG_VERSION").to_string(),
+            weights_fingerprint: fingerprint(&blob),
+            vocab_fingerprint: vocab_json.as_deref().map(fingerprint),
+            items_fingerprint: items_json.as_deref().map(fingerprint),
+            config_fingerprint: Some(config_fingerprint(config)?),
+            config: config.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Checkpoint {
+            path: dir.join(CONFIG_FILE),
             reason: e.to_string(),
-        })?),
-        None => None,
-    };
-    let items_fingerprint = asset_fingerprint(ITEMS_FILE, items_json)?;
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
+        })?;
+        files.push((WEIGHTS_FILE, blob));
+        files.extend(vocab_json.map(|b| (VOCAB_FILE, b)));
+        files.extend(items_json.map(|b| (ITEMS_FILE, b)));
+        if let Some(h) = history {
+            let h = serde_json::to_vec_pretty(h).map_err(|e| Error::Checkpoint {
+                path: dir.join(HISTORY_FILE),
+                reason: e.to_string(),
+            })?;
+            files.push((HISTORY_FILE, h));
+        }
+        files.push((CONFIG_FILE, json));
+        for (name, bytes) in &files {
+            next(&mut n)?;
+            let path = staging.join(name);
+            // Named as the file it becomes; nothing of `dir` is touched yet.
+            let failed = |e| Error::io(dir.join(name), "cannot write (the directory is left as it was)", e);
+            let mut f = File::create(&path).map_err(failed)?;
+            f.write_all(bytes).and_then(|()| f.sync_all()).map_err(failed)?;
+        }
+        next(&mut n)?;
+        sync_dir(&staging)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    // The swap. Until the first rename the old directory is untouched;
+    // between the two, it is complete beside `dir` (load_model reads it);
+    // after the second, the new one is in place.
+    next(&mut n)?;
+    if existed {
+        if aside.exists() {
+            fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, "cannot remove the previous model", e))?;
+        }
+        fs::rename(dir, &aside).map_err(|e| Error::io(dir, "cannot move the previous model aside", e))?;
+        next(&mut n)?;
+    }
+    fs::rename(&staging, dir).map_err(|e| Error::io(dir, "cannot move the new model in", e))?;
+    next(&mut n)?;
+    sync_dir(parent_of(dir))?;
+    if existed {
+        next(&mut n)?;
+        fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, "cannot remove the previous model", e))?;
+    }
+    Ok(())
+}
+
+/// The weights as a safetensors file.
+fn weights_blob(model: &Din, weights_path: &Path) -> Result<Vec<u8>> {
     let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     model.visit("", &mut |name, p| {
         let raw: Vec<u8> = p.value.iter().flat_map(|v| v.to_le_bytes()).collect();
         bytes.push((name, p.shape.clone(), raw));
     });
+    let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
     for (name, shape, raw) in &bytes {
         let view = TensorView::new(Dtype::F32, shape.clone(), raw).map_err(|e| Error::Checkpoint {
-            path: weights_path.clone(),
+            path: weights_path.to_path_buf(),
             reason: format!("tensor `{name}`: {e}"),
         })?;
         views.push((name.clone(), view));
@@ -159,34 +312,10 @@ pub fn save_with_assets(
     // One metadata key: a HashMap's order would make the header, and so the
     // file, differ between runs with the same weights.
     let info = HashMap::from([("format".to_string(), format!("din/{FORMAT_VERSION}"))]);
-    let blob = safetensors::serialize(views, Some(info)).map_err(|e| Error::Checkpoint {
-        path: weights_path.clone(),
+    safetensors::serialize(views, Some(info)).map_err(|e| Error::Checkpoint {
+        path: weights_path.to_path_buf(),
         reason: e.to_string(),
-    })?;
-    write_atomic(&weights_path, &blob)?;
-
-    let file = ModelFile {
-        format_version: FORMAT_VERSION,
-        din_version: env!("CARGO_PKG_VERSION").to_string(),
-        weights_fingerprint: fingerprint(&blob),
-        vocab_fingerprint,
-        items_fingerprint,
-        config_fingerprint: Some(config_fingerprint(config)?),
-        config: config.clone(),
-    };
-    let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Checkpoint {
-        path: dir.join(CONFIG_FILE),
-        reason: e.to_string(),
-    })?;
-    write_atomic(&dir.join(CONFIG_FILE), &json)?;
-    if let Some(h) = history {
-        let json = serde_json::to_vec_pretty(h).map_err(|e| Error::Checkpoint {
-            path: dir.join(HISTORY_FILE),
-            reason: e.to_string(),
-        })?;
-        write_atomic(&dir.join(HISTORY_FILE), &json)?;
-    }
-    Ok(())
+    })
 }
 
 /// Reads a model directory written by [`save`]. Every tensor the config's
@@ -200,6 +329,13 @@ pub fn load(dir: &Path) -> Result<(Config, Layout, Din)> {
 /// table that `config.json` lists, each checked against its fingerprint and
 /// against the schema.
 pub fn load_model(dir: &Path) -> Result<SavedModel> {
+    // A save that crashed between its two renames leaves the previous model
+    // complete beside `dir` (see `save_with_assets`).
+    let dir = match siblings(dir) {
+        Ok((_, aside)) if !dir.exists() && aside.join(CONFIG_FILE).exists() => aside,
+        _ => dir.to_path_buf(),
+    };
+    let dir = dir.as_path();
     let config_path = dir.join(CONFIG_FILE);
     let text = fs::read(&config_path).map_err(|e| Error::io(&config_path, "cannot read model config", e))?;
     let file: ModelFile = serde_json::from_slice(&text).map_err(|e| Error::ConfigSyntax {
@@ -406,4 +542,124 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut BufWriter<File>) ->
         let _ = fs::remove_file(&tmp);
         Error::io(path, "cannot write", e)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::from_toml_str(
+            r#"
+[input]
+columns = ["item", "hist", "label"]
+[schema]
+label = "label"
+sparse = [{ name = "item", vocab_size = 6, embedding_dim = 2 }]
+sequence = [{ name = "hist", shares_embedding_with = "item", max_len = 3 }]
+din_pairs = [{ target = "item", history = "hist" }]
+[model.attention]
+hidden_units = [3]
+[model.dnn]
+hidden_units = [3]
+"#,
+        )
+        .expect("config")
+    }
+
+    fn model(seed: u64) -> Din {
+        let c = config();
+        Din::new(&c.validate().expect("valid"), &c.model, seed).expect("model")
+    }
+
+    fn history(epoch: usize) -> Vec<EpochReport> {
+        vec![EpochReport {
+            epoch,
+            train_loss: 0.5,
+            validation: None,
+            seconds: 1.0,
+            samples_per_second: 10.0,
+        }]
+    }
+
+    /// A save interrupted at every one of its steps (as a crash would: the
+    /// files stay as they are) leaves a directory that loads as the old
+    /// model or the new one, never an error or a mix; the next save then
+    /// succeeds and loads as its own model.
+    #[test]
+    fn a_save_interrupted_at_any_step_leaves_a_loadable_model() {
+        let (old, new, newer) = (model(1), model(2), model(3));
+        assert!(old != new && new != newer);
+        let c = config();
+        let mut steps = 0;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("m");
+        save_with_assets(&dir, &c, &old, &Assets::default(), Some(&history(1))).expect("first save");
+        save_steps(&dir, &c, &new, &Assets::default(), Some(&history(2)), &mut |k| {
+            steps = steps.max(k + 1);
+            Ok(())
+        })
+        .expect("an uninterrupted save");
+        assert_eq!(load_model(&dir).expect("loads").model, new);
+        assert!(steps >= 7, "{steps} steps");
+        for stop in 0..steps {
+            let tmp = tempfile::tempdir().expect("tmp");
+            let dir = tmp.path().join("m");
+            save_with_assets(&dir, &c, &old, &Assets::default(), Some(&history(1))).expect("first save");
+            let crash = save_steps(&dir, &c, &new, &Assets::default(), Some(&history(2)), &mut |k| {
+                if k == stop {
+                    Err(Error::config("test", k, "crash"))
+                } else {
+                    Ok(())
+                }
+            });
+            assert!(crash.is_err(), "step {stop}");
+            let loaded = load_model(&dir).unwrap_or_else(|e| panic!("after a crash at step {stop}: {e}"));
+            assert!(loaded.model == old || loaded.model == new, "step {stop}: a mix");
+            // The history matches the weights it came with.
+            let h: Vec<EpochReport> = serde_json::from_slice(
+                &fs::read(if dir.exists() {
+                    dir.join(HISTORY_FILE)
+                } else {
+                    siblings(&dir).expect("names").1.join(HISTORY_FILE)
+                })
+                .expect("history"),
+            )
+            .expect("json");
+            assert_eq!(h[0].epoch, if loaded.model == old { 1 } else { 2 }, "step {stop}");
+            // What a real crash in staging would leave (the error path above
+            // removes its own staging folder).
+            fs::create_dir(tmp.path().join(".m.new-4000000000")).expect("mkdir");
+            save_with_assets(&dir, &c, &newer, &Assets::default(), None).expect("the next save");
+            assert_eq!(load_model(&dir).expect("loads").model, newer, "step {stop}");
+            let mut left: Vec<String> = fs::read_dir(tmp.path())
+                .expect("ls")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            left.sort();
+            assert_eq!(left, ["m"], "step {stop}: nothing left beside the model");
+            assert!(
+                !dir.join(HISTORY_FILE).exists(),
+                "a save without history drops the old one"
+            );
+        }
+    }
+
+    /// Saving replaces the whole directory, so a folder holding anything
+    /// but model files is refused, and left as it was.
+    #[test]
+    fn a_folder_with_other_files_is_never_replaced() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("runs");
+        fs::create_dir_all(dir.join("other-run")).expect("mkdir");
+        fs::write(dir.join("notes.txt"), "mine").expect("write");
+        let err = save(&dir, &config(), &model(1), None).expect_err("refused").to_string();
+        assert!(err.contains("runs") && err.contains("not a model file"), "{err}");
+        assert_eq!(fs::read_to_string(dir.join("notes.txt")).expect("kept"), "mine");
+        assert!(dir.join("other-run").is_dir());
+        let err = save(Path::new("."), &config(), &model(1), None)
+            .expect_err("no name")
+            .to_string();
+        assert!(err.contains("needs a name"), "{err}");
+    }
 }
