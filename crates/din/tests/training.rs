@@ -344,3 +344,96 @@ fn a_table_too_large_to_allocate_is_an_error_not_an_abort() {
         "{err}"
     );
 }
+
+/// Injects a NaN into one gradient of one batch: the dense tensor `tensor`
+/// (element 0), or row `row` of embedding table 0.
+struct Inject {
+    at: (usize, usize),
+    tensor: Option<&'static str>,
+    skipped: Vec<(usize, usize, String)>,
+}
+
+impl din::train::Observer for Inject {
+    fn on_gradients(
+        &mut self,
+        epoch: usize,
+        batch: usize,
+        model: &mut Din,
+        embeddings: &mut din::model::EmbeddingGrads,
+    ) {
+        if (epoch, batch) != self.at {
+            return;
+        }
+        match self.tensor {
+            Some(tensor) => model.visit_mut("", &mut |name, p| {
+                if name == tensor {
+                    p.grad[0] = f32::NAN;
+                }
+            }),
+            None => embeddings[0].grads[0] = f32::INFINITY,
+        }
+    }
+    fn on_skipped_batch(&mut self, epoch: usize, batch: usize, reason: &str) {
+        self.skipped.push((epoch, batch, reason.to_string()));
+    }
+}
+
+/// A NaN in a gradient is caught in the step where it appears and named;
+/// by default the run stops there, and with `skip_batch` that batch leaves
+/// the weights as they were and is counted.
+#[test]
+fn a_non_finite_gradient_is_named_and_stops_or_skips_the_batch() {
+    let mut config = bundled();
+    config.train.epochs = 2;
+    let data = load_training_data(&config).expect("data");
+    let table = data.layout.tables[0].name.clone();
+    for (tensor, named) in [
+        (
+            Some("dnn.layers.0.weight"),
+            "the gradient of `dnn.layers.0.weight` is NaN (element 0)".to_string(),
+        ),
+        (None, format!("the gradient of `embeddings.{table}.weight` row")),
+    ] {
+        let mut inject = Inject {
+            at: (2, 3),
+            tensor,
+            skipped: Vec::new(),
+        };
+        let err = fit(&data, &mut inject).map(|_| ()).expect_err("stops").to_string();
+        assert!(
+            err.contains(&named) && err.contains("at epoch 2, batch 3 of 16"),
+            "{err}"
+        );
+
+        let mut skip = data.clone();
+        skip.config.train.on_non_finite = din::schema::OnNonFinite::SkipBatch;
+        let mut inject = Inject {
+            at: (2, 3),
+            tensor,
+            skipped: Vec::new(),
+        };
+        let out = fit(&skip, &mut inject).expect("skips and goes on");
+        assert_eq!(inject.skipped.len(), 1);
+        assert_eq!((inject.skipped[0].0, inject.skipped[0].1), (2, 3));
+        assert!(inject.skipped[0].2.contains(&named), "{:?}", inject.skipped);
+        assert_eq!(
+            out.history.iter().map(|h| h.skipped_batches).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        let mut finite = true;
+        out.model
+            .visit("", &mut |_, p| finite &= p.value.iter().all(|v| v.is_finite()));
+        assert!(finite, "the skipped batch did not touch the weights");
+        // Epoch 1 is the same as without the fault, bit for bit.
+        let clean = fit(&data, &mut Silent).expect("clean");
+        assert_eq!(
+            out.history[0].train_loss.to_bits(),
+            clean.history[0].train_loss.to_bits()
+        );
+        assert_ne!(
+            out.history[1].train_loss.to_bits(),
+            clean.history[1].train_loss.to_bits(),
+            "one batch fewer in epoch 2"
+        );
+    }
+}

@@ -137,6 +137,14 @@ impl Observer for Progress {
         bar.set_message(format!("{epoch}/{}  loss {running_loss:.4}", self.epochs));
     }
 
+    fn on_skipped_batch(&mut self, epoch: usize, batch: usize, reason: &str) {
+        let line = format!("warning: skipped epoch {epoch}, batch {batch}: {reason}");
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
     fn on_epoch(&mut self, report: &EpochReport, model: &Din) -> din::Result<()> {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
@@ -149,8 +157,12 @@ impl Observer for Progress {
                 .as_ref()
                 .map(|m| format_metrics("val_", m))
                 .unwrap_or_default();
+            let skipped = match report.skipped_batches {
+                0 => String::new(),
+                n => format!("  skipped {n} batches (not finite)"),
+            };
             println!(
-                "epoch {:>3}/{}  train_loss {:.4}  {val}  ({:.1} s, {:.0} samples/s)",
+                "epoch {:>3}/{}  train_loss {:.4}  {val}  ({:.1} s, {:.0} samples/s){skipped}",
                 report.epoch, self.epochs, report.train_loss, report.seconds, report.samples_per_second
             );
         }

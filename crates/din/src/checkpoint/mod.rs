@@ -84,6 +84,14 @@ pub struct EpochReport {
     pub seconds: f64,
     /// Training samples per second.
     pub samples_per_second: f64,
+    /// Batches skipped for a loss or gradient that was not finite
+    /// (`train.on_non_finite = "skip_batch"`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_batches: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Everything [`load_model`] reads from a model directory.
@@ -579,6 +587,7 @@ hidden_units = [3]
             validation: None,
             seconds: 1.0,
             samples_per_second: 10.0,
+            skipped_batches: 0,
         }]
     }
 

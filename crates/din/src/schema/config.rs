@@ -489,6 +489,24 @@ pub struct TrainConfig {
     /// early stopping), or the last.
     #[serde(default)]
     pub keep: Keep,
+    /// What a NaN or infinite loss or gradient does: stop the run naming the
+    /// tensor (the model directory keeps the last good epoch), or skip the
+    /// batch and count it.
+    #[serde(default)]
+    pub on_non_finite: OnNonFinite,
+}
+
+/// What training does with a batch whose loss or gradients are not finite.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// Stop with an error naming the tensor, the epoch and the batch.
+    #[default]
+    Stop,
+    /// Leave the weights as they were before the batch, count it
+    /// (`skipped_batches` in the report) and go on; an epoch that skips
+    /// every batch stops the run.
+    SkipBatch,
 }
 
 /// Which epoch's weights training ends with.
@@ -516,6 +534,7 @@ impl Default for TrainConfig {
             regularization: RegularizationConfig::default(),
             early_stopping: None,
             keep: Keep::Best,
+            on_non_finite: OnNonFinite::Stop,
         }
     }
 }

@@ -22,8 +22,8 @@ pub use crate::checkpoint::EpochReport;
 use crate::data::{
     apply_vocab, id_counts, infer_vocab, read_dataset, Batch, Dataset, ItemTable, ReadOptions, Vocabulary,
 };
-use crate::model::{Din, DinCache, EmbeddingGrads, Mode};
-use crate::schema::{Config, EarlyStoppingConfig, Keep, Layout, Monitor};
+use crate::model::{Din, DinCache, EmbeddingGrads, Mode, Module};
+use crate::schema::{Config, EarlyStoppingConfig, Keep, Layout, Monitor, OnNonFinite};
 use crate::scorer::evaluate;
 use crate::threads::thread_pool;
 use crate::{Error, Result};
@@ -117,6 +117,13 @@ pub trait Observer {
     fn on_epoch(&mut self, _report: &EpochReport, _model: &Din) -> Result<()> {
         Ok(())
     }
+    /// Between a batch's backward pass and its optimizer step: the dense
+    /// gradients are in `model`'s parameters, the embedding rows' in
+    /// `embeddings`. For inspection, clipping, or injecting faults in tests.
+    fn on_gradients(&mut self, _epoch: usize, _batch: usize, _model: &mut Din, _embeddings: &mut EmbeddingGrads) {}
+    /// A batch skipped under `train.on_non_finite = "skip_batch"`, and why
+    /// (the tensor that was not finite).
+    fn on_skipped_batch(&mut self, _epoch: usize, _batch: usize, _reason: &str) {}
 }
 
 /// An observer that ignores everything.
@@ -145,6 +152,31 @@ pub fn fit(data: &TrainingData, observer: &mut (dyn Observer + Send)) -> Result<
     thread_pool(tc.threads)?.install(|| {
         let model = Din::new(&data.layout, &data.config.model, tc.seed)?;
         fit_model(model, data, observer)
+    })
+}
+
+/// The first gradient that is not finite, named: a dense tensor, or an
+/// embedding table's row.
+fn non_finite_gradient(model: &Din, emb: &EmbeddingGrads, layout: &Layout) -> Option<String> {
+    let mut found = None;
+    model.visit("", &mut |name, p| {
+        if found.is_none() {
+            if let Some(i) = p.grad.iter().position(|g| !g.is_finite()) {
+                found = Some(format!("the gradient of `{name}` is {} (element {i})", p.grad[i]));
+            }
+        }
+    });
+    if found.is_some() {
+        return found;
+    }
+    emb.iter().enumerate().find_map(|(t, g)| {
+        let k = g.grads.iter().position(|x| !x.is_finite())?;
+        let row = g.ids.get(k / g.dim.max(1)).copied().unwrap_or(0);
+        let table = layout.tables.get(t).map_or("?", |t| t.name.as_str());
+        Some(format!(
+            "the gradient of `embeddings.{table}.weight` row {row} is {}",
+            g.grads[k]
+        ))
     })
 }
 
@@ -182,24 +214,44 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
         if tc.shuffle {
             order.shuffle(&mut shuffle_rng);
         }
-        let mut loss_sum = 0.0f64;
+        let (mut loss_sum, mut skipped) = (0.0f64, 0usize);
         for (i, rows) in order.chunks(tc.batch_size).enumerate() {
             data.train.batch.gather_into(rows, &mut batch);
             let logits = model.forward_into(&batch, Mode::Train, Some(&mut dropout_rng), &mut cache);
             let loss = bce_with_logits(logits, &batch.labels, &mut dlogits);
-            if !loss.is_finite() {
-                return Err(Error::Training(format!(
-                    "the loss became {loss} at epoch {epoch}, batch {}; lower train.learning_rate",
-                    i + 1
-                )));
+            let mut fault = (!loss.is_finite()).then(|| format!("the loss is {loss} (the output logits)"));
+            if fault.is_none() {
+                model.zero_grad();
+                model.backward_into(&batch, &mut cache, &dlogits, &mut emb);
+                regularize(&tc.regularization, &mut model, &mut emb, &counts);
+                observer.on_gradients(epoch, i + 1, &mut model, &mut emb);
+                fault = non_finite_gradient(&model, &emb, &data.layout);
             }
-            model.zero_grad();
-            model.backward_into(&batch, &mut cache, &dlogits, &mut emb);
-            regularize(&tc.regularization, &mut model, &mut emb, &counts);
+            if let Some(what) = fault {
+                let place = format!("epoch {epoch}, batch {} of {n_batches}", i + 1);
+                match tc.on_non_finite {
+                    OnNonFinite::Stop => {
+                        return Err(Error::Training(format!(
+                            "{what} at {place}; lower train.learning_rate, check the data, or set train.on_non_finite = \"skip_batch\" (the model directory keeps the last good epoch)"
+                        )))
+                    }
+                    OnNonFinite::SkipBatch => {
+                        observer.on_skipped_batch(epoch, i + 1, &what);
+                        skipped += 1;
+                        observer.on_batch(epoch, i + 1, n_batches, loss_sum / (i + 1 - skipped).max(1) as f64);
+                        continue;
+                    }
+                }
+            }
             optimizer.step(&mut model, &emb);
             model.update_statistics(&cache);
             loss_sum += loss;
-            observer.on_batch(epoch, i + 1, n_batches, loss_sum / (i + 1) as f64);
+            observer.on_batch(epoch, i + 1, n_batches, loss_sum / (i + 1 - skipped) as f64);
+        }
+        if skipped > 0 && skipped == n_batches {
+            return Err(Error::Training(format!(
+                "every batch of epoch {epoch} had a loss or gradient that is not finite; nothing was learned"
+            )));
         }
         let train_seconds = start.elapsed().as_secs_f64();
         let validation = data
@@ -208,10 +260,11 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
             .map(|v| evaluate(&model, v, tc.eval_batch_size));
         let report = EpochReport {
             epoch,
-            train_loss: loss_sum / n_batches.max(1) as f64,
+            train_loss: loss_sum / (n_batches - skipped).max(1) as f64,
             validation,
             seconds: start.elapsed().as_secs_f64(),
             samples_per_second: data.train.len() as f64 / train_seconds.max(1e-9),
+            skipped_batches: skipped,
         };
         let mut stop = false;
         if let (Some(es), Some(v)) = (tracker.as_mut(), &report.validation) {
