@@ -1106,3 +1106,68 @@ fn a_full_disk_leaves_the_previous_model_intact() {
         assert_eq!(after, before, "{trap}: the previous model scores as before");
     }
 }
+
+/// Whether the generated config embeds the user id is the protocol's better
+/// default (off for next-item, on for rating), and either flag overrides it.
+#[test]
+fn prepare_chooses_the_user_id_embedding_by_protocol() {
+    let tmp = TempDir::new().unwrap();
+    let log = tmp.path().join("log.csv");
+    let mut text = String::from("user_id,item_id,timestamp,category_id,rating\n");
+    for u in 0..4 {
+        for e in 0..6 {
+            text.push_str(&format!(
+                "u{u},i{},{},c{},{}\n",
+                (u + e) % 7,
+                100 + e,
+                (u + e) % 3,
+                1 + (u + e) % 5
+            ));
+        }
+    }
+    fs::write(&log, &text).unwrap();
+    let has_user = |out: &str, extra: &[&str]| {
+        let mut a = args![
+            "prepare",
+            "--input",
+            log,
+            "--format",
+            "log",
+            "--label-col",
+            "rating",
+            "--out",
+            out
+        ];
+        a.extend(extra.iter().map(OsString::from));
+        let run = din(tmp.path(), a);
+        assert_ok(&run);
+        let config = fs::read_to_string(tmp.path().join(out).join("config.toml")).unwrap();
+        let embedded = config.contains("name = \"user_id\"");
+        let said = if embedded {
+            "user_id embedding on"
+        } else {
+            "user_id embedding off"
+        };
+        assert!(stdout(&run).contains(said), "{}", stdout(&run));
+        embedded
+    };
+    assert!(!has_user("a", &[]));
+    assert!(has_user("b", &["--user-feature"]));
+    assert!(has_user("c", &["--protocol", "rating"]));
+    assert!(!has_user("d", &["--protocol", "rating", "--no-user-feature"]));
+    let both = din(
+        tmp.path(),
+        args![
+            "prepare",
+            "--input",
+            log,
+            "--format",
+            "log",
+            "--out",
+            "e",
+            "--user-feature",
+            "--no-user-feature"
+        ],
+    );
+    assert_eq!(both.status.code(), Some(2));
+}

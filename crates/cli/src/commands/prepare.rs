@@ -77,10 +77,14 @@ pub struct Args {
     /// validates on test.tsv and keeps the last epoch.
     #[arg(long)]
     valid_per_user: Option<usize>,
-    /// Give the generated config a user_id embedding (off by default: it
-    /// overfits on next-item data; the histories say who the user is).
-    #[arg(long)]
+    /// Give the generated config a user_id embedding. Default: off for
+    /// next-item (it overfits; the history says who the user is), on for
+    /// rating (it learns each user's rating level).
+    #[arg(long, conflicts_with = "no_user_feature")]
     user_feature: bool,
+    /// No user_id embedding in the generated config (see --user-feature).
+    #[arg(long)]
+    no_user_feature: bool,
     /// Embedding width in the generated config.
     #[arg(long, default_value_t = 8)]
     embedding_dim: usize,
@@ -204,7 +208,7 @@ pub fn run(args: Args) -> Result<()> {
         min_value: args.min_rating,
         test_per_user,
         valid_per_user: args.valid_per_user.unwrap_or(test_per_user),
-        user_feature: args.user_feature,
+        user_feature: args.user_feature || (args.protocol == ProtocolArg::Rating && !args.no_user_feature),
     };
     if let Some(g) = options.session_gap_days {
         if !(g.is_finite() && g > 0.0) {

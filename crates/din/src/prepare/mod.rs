@@ -73,9 +73,11 @@ pub struct PrepareOptions {
     /// config then validates on the test file and keeps the last epoch, as
     /// choosing an epoch on the test set would be choosing on the test set.
     pub valid_per_user: usize,
-    /// Give the generated config a `user_id` embedding. Off by default: on
-    /// next-item data the user's history already says who they are, and a
-    /// per-user embedding learned from a few hundred rows overfits.
+    /// Give the generated config a `user_id` embedding. Off by default, as
+    /// for the next-item protocol: the user's history already says who they
+    /// are, and a per-user embedding learned from a few hundred rows
+    /// overfits. `din prepare` turns it on for the rating protocol, where it
+    /// learns each user's rating level.
     pub user_feature: bool,
 }
 
