@@ -346,10 +346,13 @@ pub fn load_model(dir: &Path) -> Result<SavedModel> {
     let dir = dir.as_path();
     let config_path = dir.join(CONFIG_FILE);
     let text = fs::read(&config_path).map_err(|e| Error::io(&config_path, "cannot read model config", e))?;
-    let file: ModelFile = serde_json::from_slice(&text).map_err(|e| Error::ConfigSyntax {
+    let syntax = |e: serde_json::Error| Error::ConfigSyntax {
         path: config_path.clone(),
         message: e.to_string(),
-    })?;
+    };
+    let raw: serde_json::Value = serde_json::from_slice(&text).map_err(syntax)?;
+    let written_config = raw.get("config").map(value_fingerprint);
+    let file: ModelFile = serde_json::from_value(raw).map_err(syntax)?;
     if !(1..=FORMAT_VERSION).contains(&file.format_version) {
         return Err(Error::Checkpoint {
             path: config_path,
@@ -359,7 +362,7 @@ pub fn load_model(dir: &Path) -> Result<SavedModel> {
             ),
         });
     }
-    let found = config_fingerprint(&file.config)?;
+    let found = written_config.unwrap_or_default();
     match &file.config_fingerprint {
         Some(expected) if *expected != found => {
             return Err(Error::Checkpoint {
@@ -499,10 +502,17 @@ pub fn load_model(dir: &Path) -> Result<SavedModel> {
     })
 }
 
-/// [`fingerprint`] of `config` as compact JSON.
+/// [`fingerprint`] of `config` as compact JSON with sorted keys.
 fn config_fingerprint(config: &Config) -> Result<String> {
-    let json = serde_json::to_vec(config).map_err(|e| Error::config("config", "", e.to_string()))?;
-    Ok(fingerprint(&json))
+    let value = serde_json::to_value(config).map_err(|e| Error::config("config", "", e.to_string()))?;
+    Ok(value_fingerprint(&value))
+}
+
+/// [`fingerprint`] of a JSON value as compact JSON with sorted keys: of the
+/// `config` as written, so that a later version's new fields (with their
+/// defaults) do not count as an edit.
+fn value_fingerprint(value: &serde_json::Value) -> String {
+    fingerprint(value.to_string().as_bytes())
 }
 
 /// FNV-1a, 64-bit, in hex. Hand-written (six lines) because it only has to

@@ -13,13 +13,13 @@ use crate::schema::{
     Config, DataConfig, DenseFeature, DinPair, EarlyStoppingConfig, InputConfig, Keep, ModelConfig, Monitor, Oov,
     Schema, SequenceFeature, SequenceOrder, SparseFeature, TrainConfig, Truncation,
 };
+use crate::{Error, Result};
 
 /// Batch size of a generated config with a validation split.
 const GENERATED_BATCH_SIZE: usize = 256;
 /// Epoch limit of a generated config with a validation split (early
 /// stopping ends the run sooner).
 const GENERATED_MAX_EPOCHS: usize = 20;
-use crate::{Error, Result};
 
 /// Training samples file.
 pub const TRAIN_FILE: &str = "train.tsv";
@@ -60,7 +60,7 @@ pub struct PrepareReport {
     pub valid_samples: usize,
     /// Test samples.
     pub test_samples: usize,
-    /// Positive samples (train and test).
+    /// Positive samples (all splits).
     pub positives: usize,
     /// Mean history length over all samples.
     pub mean_history_len: f64,
