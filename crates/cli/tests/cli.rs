@@ -1171,3 +1171,40 @@ fn prepare_chooses_the_user_id_embedding_by_protocol() {
     );
     assert_eq!(both.status.code(), Some(2));
 }
+
+/// `din train` stops at a malformed row naming it; with --skip-bad-rows it
+/// skips it, says how many and where, and history.json lists them.
+#[test]
+fn train_skips_bad_rows_on_request_and_reports_them() {
+    let tmp = TempDir::new().unwrap();
+    let text = fs::read_to_string(sample()).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    lines[4] = lines[4].replacen('\t', "\tx", 1); // gender "x1": not an id
+    lines[9] = "1\t2".to_string(); // too few columns
+    let data = tmp.path().join("dirty.txt");
+    fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let base = args!["train", "--data", data, "--epochs", "1", "--threads", "1", "--out", "m"];
+    let out = din(tmp.path(), &base);
+    assert_error(&out, &["dirty.txt:5", "column `gender`", "x1"]);
+    let mut skip = base.clone();
+    skip.push("--skip-bad-rows".into());
+    let out = din(tmp.path(), &skip);
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("skipped 2 malformed rows of") && stdout(&out).contains("(lines 5, 10)"),
+        "{}",
+        stdout(&out)
+    );
+    let history = read_json(&tmp.path().join("m/history.json"));
+    let skipped = &history[0]["skipped_rows"];
+    let (file, rows) = skipped.as_object().and_then(|o| o.iter().next()).expect("one file");
+    assert!(file.ends_with("dirty.txt"), "{file}");
+    assert_eq!(rows["count"], 2);
+    assert_eq!(rows["first"][0][0], 5);
+    assert_eq!(rows["first"][1][0], 10);
+    // Over the limit (2 of 1380 rows is above 0.1%).
+    let mut strict = skip.clone();
+    strict.extend(args!["--set", "data.max_bad_rows_fraction=0.001"]);
+    let out = din(tmp.path(), &strict);
+    assert_error(&out, &["dirty.txt", "2 of 1380 rows are malformed", "0.001"]);
+}

@@ -134,6 +134,20 @@ pub enum Error {
         /// What is wrong, with the bad value.
         reason: String,
     },
+    /// More malformed rows than `data.max_bad_rows_fraction` allows.
+    #[error("{}: {skipped} of {total} rows are malformed, more than data.max_bad_rows_fraction = {limit} allows; the first, {first}", path.display())]
+    TooManyBadRows {
+        /// The data file.
+        path: PathBuf,
+        /// Malformed rows.
+        skipped: usize,
+        /// All data rows, malformed or not.
+        total: usize,
+        /// The allowed fraction.
+        limit: f64,
+        /// The first malformed row and its error.
+        first: String,
+    },
     /// Training cannot proceed (e.g. the loss became NaN).
     #[error("training: {0}")]
     Training(String),

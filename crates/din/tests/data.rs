@@ -8,7 +8,10 @@ use din::data::{apply_vocab, infer_vocab, read_dataset, ReadOptions};
 use din::schema::Config;
 use din::Error;
 
-const REQUIRE: ReadOptions = ReadOptions { require_label: true };
+const REQUIRE: ReadOptions = ReadOptions {
+    require_label: true,
+    skip_bad_rows: None,
+};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -125,7 +128,7 @@ fn header_files_map_columns_by_name_and_allow_extra_columns() {
     apply_vocab(&layout, &mut d).expect("in vocabulary");
     // A file without the label column can be read for prediction.
     let p2 = write(dir.path(), "p.csv", "item,hist\n3,1|2\n");
-    let d2 = read_dataset(&p2, &config, &layout, ReadOptions { require_label: false }).expect("reads");
+    let d2 = read_dataset(&p2, &config, &layout, ReadOptions::strict(false)).expect("reads");
     assert!(d2.batch.labels.is_empty());
     let err = read_dataset(&p2, &config, &layout, REQUIRE).expect_err("label required");
     assert!(
@@ -310,7 +313,7 @@ fn predicting_needs_neither_label_nor_user_column() {
     config.schema.user = Some("uid".into());
     let layout = config.validate().expect("valid");
     let p = write(dir.path(), "p.csv", "item,hist\n3,1|2\n");
-    let d = read_dataset(&p, &config, &layout, ReadOptions { require_label: false }).expect("reads");
+    let d = read_dataset(&p, &config, &layout, ReadOptions::strict(false)).expect("reads");
     assert!(d.users.is_none() && d.batch.labels.is_empty());
     let err = read_dataset(&p, &config, &layout, REQUIRE).expect_err("evaluation needs them");
     assert!(matches!(err, Error::MissingColumn { .. }), "{err}");

@@ -51,6 +51,10 @@ pub struct Args {
     /// by the monitored metric (default), or the last (train.keep).
     #[arg(long, value_enum)]
     keep: Option<KeepArg>,
+    /// Skip malformed data rows (counted and listed) instead of stopping at
+    /// the first, up to data.max_bad_rows_fraction (1%) of a file.
+    #[arg(long)]
+    skip_bad_rows: bool,
     /// Override a config value: `--set model.attention.hidden_units=[80,40]`,
     /// `--set model.attention.pooling=sum` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -106,6 +110,9 @@ fn apply_overrides(config: &mut Config, args: &Args) {
     t.learning_rate = args.learning_rate.unwrap_or(t.learning_rate);
     t.seed = args.seed.unwrap_or(t.seed);
     t.threads = args.threads.unwrap_or(t.threads);
+    if args.skip_bad_rows {
+        config.data.skip_bad_rows = true;
+    }
     match args.keep {
         Some(KeepArg::Best) => t.keep = Keep::Best,
         Some(KeepArg::Last) => t.keep = Keep::Last,
@@ -193,6 +200,20 @@ pub fn run(args: Args) -> Result<()> {
             data.train.len(),
             config_path.display()
         );
+        for set in std::iter::once(&data.train).chain(data.validation.as_ref()) {
+            let s = &set.skipped;
+            if s.count > 0 {
+                let lines: Vec<String> = s.first.iter().map(|(l, _)| l.to_string()).collect();
+                println!(
+                    "skipped {} malformed rows of {} (lines {}{}); the first: {}",
+                    s.count,
+                    set.source.display(),
+                    lines.join(", "),
+                    if s.count > s.first.len() { ", ..." } else { "" },
+                    s.first.first().map_or("", |(_, e)| e.as_str())
+                );
+            }
+        }
     }
     let mut progress = Progress {
         bar: None,

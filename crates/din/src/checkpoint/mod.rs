@@ -15,7 +15,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{ItemTable, Vocabulary};
+use crate::data::{ItemTable, SkippedRows, Vocabulary};
 use crate::metrics::Metrics;
 use crate::model::{Din, Module};
 use crate::schema::{Config, Layout};
@@ -88,6 +88,10 @@ pub struct EpochReport {
     /// (`train.on_non_finite = "skip_batch"`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub skipped_batches: usize,
+    /// Malformed rows skipped while reading, by data file (with
+    /// `data.skip_bad_rows`; in the first epoch's report only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub skipped_rows: BTreeMap<String, SkippedRows>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -598,6 +602,7 @@ hidden_units = [3]
             seconds: 1.0,
             samples_per_second: 10.0,
             skipped_batches: 0,
+            skipped_rows: BTreeMap::new(),
         }]
     }
 

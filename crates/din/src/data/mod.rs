@@ -11,7 +11,7 @@ mod vocab;
 
 pub use batch::{Batch, Ragged};
 pub use lookup::{ItemColumn, ItemTable, Vocabulary};
-pub use reader::{kept_range, read_dataset, ReadOptions};
+pub use reader::{kept_range, read_dataset, ReadOptions, SkippedRows};
 pub use vocab::{apply_vocab, id_counts, infer_vocab, MAX_INFERRED_TABLE};
 
 use std::path::PathBuf;
@@ -27,6 +27,8 @@ pub struct Dataset {
     pub batch: Batch,
     /// Raw user ids for GAUC (when the schema names a user column).
     pub users: Option<Vec<u64>>,
+    /// Malformed rows skipped while reading (with `skip_bad_rows`).
+    pub skipped: SkippedRows,
 }
 
 impl Dataset {
@@ -47,7 +49,9 @@ impl Dataset {
         let cut = ((n as f64) * (1.0 - fraction)).floor() as usize;
         let head: Vec<usize> = (0..cut).collect();
         let tail: Vec<usize> = (cut..n).collect();
-        (self.select(&head), self.select(&tail))
+        let mut head = self.select(&head);
+        head.skipped = self.skipped.clone(); // the file's, counted once
+        (head, self.select(&tail))
     }
 
     /// The rows at `rows`, in that order.
@@ -57,6 +61,7 @@ impl Dataset {
             lines: rows.iter().map(|&r| self.lines[r]).collect(),
             batch: self.batch.gather(rows),
             users: self.users.as_ref().map(|u| rows.iter().map(|&r| u[r]).collect()),
+            skipped: SkippedRows::default(),
         }
     }
 }

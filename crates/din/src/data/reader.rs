@@ -11,11 +11,39 @@ use crate::schema::{Config, Layout, SequenceOrder, SequenceSlot, Truncation};
 use crate::{Error, Result};
 
 /// How strictly to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReadOptions {
     /// Whether the label column must be present (training, evaluation) or
     /// may be absent (prediction; it is ignored when present).
     pub require_label: bool,
+    /// Skip malformed rows (counted in [`Dataset::skipped`]) instead of
+    /// stopping at the first, as long as they are at most this fraction of
+    /// the file's rows. `None`: the first malformed row is the error.
+    pub skip_bad_rows: Option<f64>,
+}
+
+impl ReadOptions {
+    /// Strict reading: the first malformed row is an error.
+    pub fn strict(require_label: bool) -> ReadOptions {
+        ReadOptions {
+            require_label,
+            skip_bad_rows: None,
+        }
+    }
+}
+
+/// How many rows [`read_dataset`] skipped as malformed, and the first ones.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SkippedRows {
+    /// Rows skipped.
+    pub count: usize,
+    /// The first [`SkippedRows::KEPT`] of them: line number and the error.
+    pub first: Vec<(u64, String)>,
+}
+
+impl SkippedRows {
+    /// How many skipped rows are listed with their error.
+    pub const KEPT: usize = 10;
 }
 
 /// Where each schema column sits in the file.
@@ -74,7 +102,12 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
     let mut user_ids: HashMap<String, u64> = HashMap::new();
     let mut record = csv::StringRecord::new();
     let mut ids: Vec<u32> = Vec::with_capacity(64);
-    let mut raw: Vec<Vec<u32>> = vec![Vec::new(); layout.sequences.len()];
+    let mut row = Row {
+        sparse: Vec::with_capacity(layout.sparse.len()),
+        dense: vec![Vec::new(); layout.dense.len()],
+        raw: vec![Vec::new(); layout.sequences.len()],
+    };
+    let mut skipped = SkippedRows::default();
     let pair_histories: Vec<usize> = layout.pairs.iter().map(|&(_, h)| h).collect();
 
     loop {
@@ -87,97 +120,54 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         if record.len() == 1 && record[0].trim().is_empty() {
             continue; // a blank line
         }
-        if record.len() != map.width {
-            return Err(Error::RowLength {
-                path: path.to_path_buf(),
-                line,
-                expected: map.width,
-                found: record.len(),
-            });
-        }
-        let field = |col: usize| record[col].trim();
-        let bad = |name: &str, value: &str, reason: &str| Error::Parse {
-            path: path.to_path_buf(),
+        // The row is parsed whole into `row` first, so that a malformed row
+        // can be skipped without leaving a column half-filled.
+        let parsed = parse_row(
+            &record,
             line,
-            column: name.to_string(),
-            value: value.to_string(),
-            reason: reason.to_string(),
+            path,
+            &map,
+            layout,
+            options,
+            sep,
+            &pair_histories,
+            &mut row,
+        );
+        let label = match parsed {
+            Ok(label) => label,
+            Err(e @ (Error::RowLength { .. } | Error::Parse { .. })) if options.skip_bad_rows.is_some() => {
+                skipped.count += 1;
+                if skipped.first.len() < SkippedRows::KEPT {
+                    skipped.first.push((line, e.to_string()));
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
         };
-
-        for (f, &col) in map.sparse.iter().enumerate() {
-            let name = &layout.sparse[f].name;
-            let v = field(col);
-            batch.sparse[f].push(parse_id(v).map_err(|r| bad(name, v, r))?);
+        let field = |col: usize| record[col].trim();
+        for (f, &id) in row.sparse.iter().enumerate() {
+            batch.sparse[f].push(id);
         }
-        for (f, &col) in map.dense.iter().enumerate() {
-            let (name, dim) = (&layout.dense[f].0, layout.dense[f].1);
-            let v = field(col);
-            let mut n = 0;
-            for piece in v.split(sep) {
-                let x: f32 = piece.trim().parse().map_err(|_| bad(name, v, "not a number"))?;
-                if !x.is_finite() {
-                    return Err(bad(name, v, "not a finite number"));
-                }
-                batch.dense[f].push(x);
-                n += 1;
-            }
-            if n != dim {
-                return Err(bad(
-                    name,
-                    v,
-                    &format!("expected {dim} values separated by {sep:?}, found {n}"),
-                ));
-            }
-        }
-        for (f, &col) in map.sequences.iter().enumerate() {
-            let slot = &layout.sequences[f];
-            let v = field(col);
-            raw[f].clear();
-            for piece in v.split(sep) {
-                let piece = piece.trim();
-                if !piece.is_empty() {
-                    raw[f].push(parse_id(piece).map_err(|r| bad(&slot.name, piece, r))?);
-                }
-            }
-        }
-        // Histories of one attention unit are aligned per position: same
-        // length and padding at the same positions, checked before padding
-        // is dropped and before truncation.
-        if let Some(&first) = pair_histories.first() {
-            for &h in &pair_histories[1..] {
-                let (a, b) = (&raw[first], &raw[h]);
-                let (na, nb) = (&layout.sequences[first].name, &layout.sequences[h].name);
-                if a.len() != b.len() {
-                    let reason = format!(
-                        "histories `{na}` and `{nb}` are aligned per position but have {} and {} ids",
-                        a.len(),
-                        b.len()
-                    );
-                    return Err(bad(nb, field(map.sequences[h]), &reason));
-                }
-                if let Some(p) = a.iter().zip(b).position(|(x, y)| (*x == 0) != (*y == 0)) {
-                    let reason = format!("histories `{na}` and `{nb}` are aligned per position but only one has padding (0) at position {}", p + 1);
-                    return Err(bad(nb, field(map.sequences[h]), &reason));
-                }
-            }
+        for (f, values) in row.dense.iter().enumerate() {
+            batch.dense[f].extend_from_slice(values);
         }
         for (f, slot) in layout.sequences.iter().enumerate() {
             ids.clear();
-            ids.extend(raw[f].iter().copied().filter(|&id| id != 0)); // 0 is padding: not stored
+            ids.extend(row.raw[f].iter().copied().filter(|&id| id != 0)); // 0 is padding: not stored
             let kept = truncate(slot, &ids);
             // Offsets are 32-bit: refuse a file whose histories would overflow them.
             if batch.sequences[f].values.len() + kept.len() > u32::MAX as usize {
-                let reason = "the file holds more than 4294967295 history ids in this column; split it";
-                return Err(bad(&slot.name, field(map.sequences[f]), reason));
+                return Err(Error::Parse {
+                    path: path.to_path_buf(),
+                    line,
+                    column: slot.name.clone(),
+                    value: field(map.sequences[f]).to_string(),
+                    reason: "the file holds more than 4294967295 history ids in this column; split it".into(),
+                });
             }
             batch.sequences[f].push(kept);
         }
-        if let (Some(col), true) = (map.label, options.require_label) {
-            let v = field(col);
-            let y: f32 = v.parse().map_err(|_| bad(&layout.label, v, "label must be 0 or 1"))?;
-            if y != 0.0 && y != 1.0 {
-                return Err(bad(&layout.label, v, "label must be 0 or 1"));
-            }
+        if let Some(y) = label {
             batch.labels.push(y);
         }
         if let (Some(col), Some(users)) = (map.user, users.as_mut()) {
@@ -186,6 +176,19 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         }
         lines.push(line);
         batch.rows += 1;
+    }
+    if let Some(limit) = options.skip_bad_rows {
+        let total = batch.rows + skipped.count;
+        if skipped.count > 0 && skipped.count as f64 > limit * total as f64 {
+            let (line, first) = skipped.first.first().cloned().unwrap_or_default();
+            return Err(Error::TooManyBadRows {
+                path: path.to_path_buf(),
+                skipped: skipped.count,
+                total,
+                limit,
+                first: format!("line {line}: {first}"),
+            });
+        }
     }
     if batch.rows == 0 {
         return Err(Error::EmptyFile {
@@ -197,7 +200,119 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         lines,
         batch,
         users,
+        skipped,
     })
+}
+
+/// One row's parsed columns, before they join the batch.
+struct Row {
+    sparse: Vec<u32>,
+    dense: Vec<Vec<f32>>,
+    raw: Vec<Vec<u32>>,
+}
+
+/// Parses one record into `row`; returns its label (when required).
+#[allow(clippy::too_many_arguments)]
+fn parse_row(
+    record: &csv::StringRecord,
+    line: u64,
+    path: &Path,
+    map: &ColumnMap,
+    layout: &Layout,
+    options: ReadOptions,
+    sep: char,
+    pair_histories: &[usize],
+    row: &mut Row,
+) -> Result<Option<f32>> {
+    if record.len() != map.width {
+        return Err(Error::RowLength {
+            path: path.to_path_buf(),
+            line,
+            expected: map.width,
+            found: record.len(),
+        });
+    }
+    let field = |col: usize| record[col].trim();
+    let bad = |name: &str, value: &str, reason: &str| Error::Parse {
+        path: path.to_path_buf(),
+        line,
+        column: name.to_string(),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    };
+    row.sparse.clear();
+    for (f, &col) in map.sparse.iter().enumerate() {
+        let name = &layout.sparse[f].name;
+        let v = field(col);
+        row.sparse.push(parse_id(v).map_err(|r| bad(name, v, r))?);
+    }
+    for (f, &col) in map.dense.iter().enumerate() {
+        let (name, dim) = (&layout.dense[f].0, layout.dense[f].1);
+        let v = field(col);
+        let out = &mut row.dense[f];
+        out.clear();
+        for piece in v.split(sep) {
+            let x: f32 = piece.trim().parse().map_err(|_| bad(name, v, "not a number"))?;
+            if !x.is_finite() {
+                return Err(bad(name, v, "not a finite number"));
+            }
+            out.push(x);
+        }
+        if out.len() != dim {
+            return Err(bad(
+                name,
+                v,
+                &format!("expected {dim} values separated by {sep:?}, found {}", out.len()),
+            ));
+        }
+    }
+    for (f, &col) in map.sequences.iter().enumerate() {
+        let slot = &layout.sequences[f];
+        let v = field(col);
+        let raw = &mut row.raw[f];
+        raw.clear();
+        for piece in v.split(sep) {
+            let piece = piece.trim();
+            if !piece.is_empty() {
+                raw.push(parse_id(piece).map_err(|r| bad(&slot.name, piece, r))?);
+            }
+        }
+    }
+    // Histories of one attention unit are aligned per position: same
+    // length and padding at the same positions, checked before padding
+    // is dropped and before truncation.
+    if let Some(&first) = pair_histories.first() {
+        for &h in &pair_histories[1..] {
+            let (a, b) = (&row.raw[first], &row.raw[h]);
+            let (na, nb) = (&layout.sequences[first].name, &layout.sequences[h].name);
+            if a.len() != b.len() {
+                let reason = format!(
+                    "histories `{na}` and `{nb}` are aligned per position but have {} and {} ids",
+                    a.len(),
+                    b.len()
+                );
+                return Err(bad(nb, field(map.sequences[h]), &reason));
+            }
+            if let Some(p) = a.iter().zip(b).position(|(x, y)| (*x == 0) != (*y == 0)) {
+                let reason = format!(
+                    "histories `{na}` and `{nb}` are aligned per position but only one has padding (0) at position {}",
+                    p + 1
+                );
+                return Err(bad(nb, field(map.sequences[h]), &reason));
+            }
+        }
+    }
+    match (map.label, options.require_label) {
+        (Some(col), true) => {
+            let v = field(col);
+            let y: f32 = v.parse().map_err(|_| bad(&layout.label, v, "label must be 0 or 1"))?;
+            if y != 0.0 && y != 1.0 {
+                return Err(bad(&layout.label, v, "label must be 0 or 1"));
+            }
+            Ok(Some(y))
+        }
+        _ => Ok(None),
+    }
 }
 
 impl ColumnMap {

@@ -304,6 +304,7 @@ fn config(samples: &Samples, options: &PrepareOptions, with_valid: bool) -> Conf
             validation_split: None,
             vocab: Some(PathBuf::from(VOCAB_FILE)),
             items: Some(PathBuf::from(ITEMS_FILE)),
+            ..DataConfig::default()
         },
         input: InputConfig {
             header: true,

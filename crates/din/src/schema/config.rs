@@ -28,7 +28,7 @@ pub struct Config {
 }
 
 /// Where the training and validation data are.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Training file.
@@ -50,6 +50,25 @@ pub struct DataConfig {
     /// against it and completes it from them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items: Option<PathBuf>,
+    /// Skip malformed training and validation rows (counted, the first
+    /// listed in the report and `history.json`) instead of stopping at the
+    /// first; `din train --skip-bad-rows`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub skip_bad_rows: bool,
+    /// With `skip_bad_rows`: the largest fraction of a file's rows that may
+    /// be malformed before the run stops anyway.
+    #[serde(default = "default_bad_fraction", skip_serializing_if = "is_default_bad_fraction")]
+    pub max_bad_rows_fraction: f64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn default_bad_fraction() -> f64 {
+    0.01
+}
+fn is_default_bad_fraction(f: &f64) -> bool {
+    *f == default_bad_fraction()
 }
 
 /// Layout of a delimited data file.
@@ -646,6 +665,20 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     }
     node.insert(last.to_string(), value);
     Ok(())
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train: None,
+            validation: None,
+            validation_split: None,
+            vocab: None,
+            items: None,
+            skip_bad_rows: false,
+            max_bad_rows_fraction: default_bad_fraction(),
+        }
+    }
 }
 
 impl DataConfig {

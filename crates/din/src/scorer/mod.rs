@@ -68,7 +68,7 @@ impl Scorer {
     /// Reads a data file in the model's input format, checking ids against
     /// the model's vocabulary. Labels are required when `require_label` is set.
     pub fn read(&self, path: &Path, require_label: bool) -> Result<Dataset> {
-        let mut data = read_dataset(path, &self.config, &self.layout, ReadOptions { require_label })?;
+        let mut data = read_dataset(path, &self.config, &self.layout, ReadOptions::strict(require_label))?;
         apply_vocab(&self.layout, &mut data)?;
         Ok(data)
     }

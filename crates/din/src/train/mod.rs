@@ -6,6 +6,7 @@ pub mod loss;
 pub mod optim;
 pub mod regularization;
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use rand::seq::SliceRandom;
@@ -20,7 +21,7 @@ pub use regularization::regularize;
 use crate::checkpoint::Assets;
 pub use crate::checkpoint::EpochReport;
 use crate::data::{
-    apply_vocab, id_counts, infer_vocab, read_dataset, Batch, Dataset, ItemTable, ReadOptions, Vocabulary,
+    apply_vocab, id_counts, infer_vocab, read_dataset, Batch, Dataset, ItemTable, ReadOptions, SkippedRows, Vocabulary,
 };
 use crate::model::{Din, DinCache, EmbeddingGrads, Mode, Module};
 use crate::schema::{Config, EarlyStoppingConfig, Keep, Layout, Monitor, OnNonFinite};
@@ -55,7 +56,17 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
         .train
         .clone()
         .ok_or_else(|| Error::config("data.train", "(none)", "name the training file"))?;
-    let options = ReadOptions { require_label: true };
+    if config.data.skip_bad_rows && !(0.0..=1.0).contains(&config.data.max_bad_rows_fraction) {
+        return Err(Error::config(
+            "data.max_bad_rows_fraction",
+            config.data.max_bad_rows_fraction,
+            "must be between 0 and 1",
+        ));
+    }
+    let options = ReadOptions {
+        require_label: true,
+        skip_bad_rows: config.data.skip_bad_rows.then_some(config.data.max_bad_rows_fraction),
+    };
     let mut train = read_dataset(&train_path, config, &layout, options)?;
     let mut validation = match (&config.data.validation, config.data.validation_split) {
         (Some(path), _) => Some(read_dataset(path, config, &layout, options)?),
@@ -153,6 +164,15 @@ pub fn fit(data: &TrainingData, observer: &mut (dyn Observer + Send)) -> Result<
         let model = Din::new(&data.layout, &data.config.model, tc.seed)?;
         fit_model(model, data, observer)
     })
+}
+
+/// The malformed rows skipped in each data file (with `data.skip_bad_rows`).
+fn skipped_rows(data: &TrainingData) -> BTreeMap<String, SkippedRows> {
+    std::iter::once(&data.train)
+        .chain(data.validation.as_ref())
+        .filter(|d| d.skipped.count > 0)
+        .map(|d| (d.source.display().to_string(), d.skipped.clone()))
+        .collect()
 }
 
 /// The first gradient that is not finite, named: a dense tensor, or an
@@ -265,6 +285,12 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
             seconds: start.elapsed().as_secs_f64(),
             samples_per_second: data.train.len() as f64 / train_seconds.max(1e-9),
             skipped_batches: skipped,
+            // Reported once, with the first epoch.
+            skipped_rows: if epoch == 1 {
+                skipped_rows(data)
+            } else {
+                BTreeMap::new()
+            },
         };
         let mut stop = false;
         if let (Some(es), Some(v)) = (tracker.as_mut(), &report.validation) {
