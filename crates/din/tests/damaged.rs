@@ -100,6 +100,23 @@ fn every_kind_of_damage_is_refused_naming_the_file() {
             write_config(d, doc, false);
         })
     };
+    // A file's content replaced, the fingerprints in config.json refreshed,
+    // so that only what the content itself is can be refused.
+    let replaced = |name: &'static str, content: &'static [u8]| -> Damage {
+        Box::new(move |d: &Path, doc: &Value| {
+            fs::write(d.join(name), content).expect("write");
+            write_config(d, doc.clone(), true);
+        })
+    };
+    // items.json edited as JSON, fingerprints refreshed.
+    let items = |f: fn(&mut Value)| -> Damage {
+        Box::new(move |d: &Path, doc: &Value| {
+            let mut j: Value = serde_json::from_slice(&fs::read(d.join(ITEMS_FILE)).expect("read")).expect("json");
+            f(&mut j);
+            fs::write(d.join(ITEMS_FILE), j.to_string()).expect("write");
+            write_config(d, doc.clone(), true);
+        })
+    };
     let weights = |f: fn(&mut Vec<Stored>)| -> Damage {
         Box::new(move |d: &Path, doc: &Value| {
             let mut t = tensors(d);
@@ -213,10 +230,7 @@ fn every_kind_of_damage_is_refused_naming_the_file() {
         ),
         (
             "a header that is not safetensors (fingerprint matched)",
-            Box::new(|d, doc| {
-                fs::write(d.join(WEIGHTS_FILE), b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk").expect("write");
-                write_config(d, doc.clone(), true);
-            }),
+            replaced(WEIGHTS_FILE, b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk"),
             vec!["model.safetensors"],
         ),
         (
@@ -300,10 +314,7 @@ fn every_kind_of_damage_is_refused_naming_the_file() {
         ),
         (
             "vocab.json not JSON (fingerprint matched)",
-            Box::new(|d, doc| {
-                fs::write(d.join(VOCAB_FILE), b"[1,").expect("write");
-                write_config(d, doc.clone(), true);
-            }),
+            replaced(VOCAB_FILE, b"[1,"),
             vec!["vocab.json"],
         ),
         (
@@ -318,22 +329,12 @@ fn every_kind_of_damage_is_refused_naming_the_file() {
         ),
         (
             "items.json too short (fingerprint matched)",
-            Box::new(|d, doc| {
-                let mut j: Value = serde_json::from_slice(&fs::read(d.join(ITEMS_FILE)).expect("read")).expect("json");
-                j["features"]["cate_id"]["values"] = json!([0, 1]);
-                fs::write(d.join(ITEMS_FILE), j.to_string()).expect("write");
-                write_config(d, doc.clone(), true);
-            }),
+            items(|j| j["features"]["cate_id"]["values"] = json!([0, 1])),
             vec!["items.json", "has 2 items"],
         ),
         (
             "items.json with a category outside its table (fingerprint matched)",
-            Box::new(|d, doc| {
-                let mut j: Value = serde_json::from_slice(&fs::read(d.join(ITEMS_FILE)).expect("read")).expect("json");
-                j["features"]["cate_id"]["values"][1] = json!(999);
-                fs::write(d.join(ITEMS_FILE), j.to_string()).expect("write");
-                write_config(d, doc.clone(), true);
-            }),
+            items(|j| j["features"]["cate_id"]["values"][1] = json!(999)),
             vec!["items.json", "outside its table"],
         ),
     ];

@@ -1,6 +1,7 @@
 //! The delimited reader: the tutorial's format, header files, ragged
 //! histories, truncation, vocabularies and error messages.
 
+mod common;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -8,10 +9,7 @@ use din::data::{apply_vocab, infer_vocab, read_dataset, ReadOptions};
 use din::schema::Config;
 use din::Error;
 
-const REQUIRE: ReadOptions = ReadOptions {
-    require_label: true,
-    skip_bad_rows: None,
-};
+const REQUIRE: ReadOptions = ReadOptions::strict(true);
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -246,14 +244,9 @@ din_pairs = [{ target = "item", history = "hist_items" }, { target = "cate", his
 /// The DIN paper's Amazon Electronics format (PaddleRec's sample), if `../shared` is present.
 #[test]
 fn reads_the_amazon_fixture_when_shared_data_is_present() {
-    let path = workspace().join("../shared/data/fixtures/paddlerec_din_sample_data.txt");
-    if !path.exists() {
-        eprintln!(
-            "skipped: {} is absent (it is only beside the project in CI)",
-            path.display()
-        );
+    let Some(path) = common::shared("fixtures/paddlerec_din_sample_data.txt") else {
         return;
-    }
+    };
     let mut config = bundled();
     config.input.columns = vec![
         "hist_items".into(),

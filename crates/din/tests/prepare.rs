@@ -1,26 +1,14 @@
 //! `prepare`: protocols on hand-made logs, the no-leakage property on every
 //! real fixture, malformed rows, determinism, and files the core reader takes.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::shared;
 use din::prepare::{build_samples, prepare, read_log, read_movielens, Log, LogSpec, PrepareOptions, Protocol, Samples};
 use din::schema::{Config, Keep, Monitor};
 use din::train::load_training_data;
-
-fn shared(rel: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data")
-        .join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "skipped: {} is absent (it is only beside the project in CI)",
-            p.display()
-        );
-        None
-    }
-}
 
 fn log_spec(path: PathBuf) -> LogSpec {
     LogSpec {
@@ -44,6 +32,13 @@ fn hand_log(dir: &Path) -> Log {
     let p = dir.join("log.csv");
     std::fs::write(&p, LOG).expect("write");
     read_log(&log_spec(p), false).expect("reads")
+}
+
+/// `text` (header user,item,cate,ts) written as `log.csv` in `dir`, read.
+fn text_log(dir: &Path, text: &str) -> Log {
+    let p = dir.join("log.csv");
+    std::fs::write(&p, text).expect("write");
+    read_log(&LogSpec::csv(p, "user", "item", "cate", "ts"), false).expect("reads")
 }
 
 /// The defaults without a validation split: train and test only, as the
@@ -399,13 +394,10 @@ fn movielens_format_on_a_tiny_folder_with_a_bad_rating() {
 #[test]
 fn an_item_keeps_its_first_category_and_conflicts_are_counted() {
     let dir = tempfile::tempdir().expect("tmp");
-    let p = dir.path().join("log.csv");
-    std::fs::write(
-        &p,
+    let log = text_log(
+        dir.path(),
         "user,item,cate,ts\na,x,c1,10\na,y,c2,20\nb,x,c9,5\nb,y,c2,30\na,z,c3,40\nb,z,c3,50\n",
-    )
-    .expect("write");
-    let log = read_log(&LogSpec::csv(p, "user", "item", "cate", "ts"), false).expect("reads");
+    );
     let out = dir.path().join("out");
     let report = prepare(&log, &no_valid(), &out).expect("prepares");
     assert_eq!(report.category_conflicts, 1, "b's x in c9 after a's x in c1");
@@ -462,13 +454,10 @@ fn generated_configs_set_the_width_once_and_print_round_numbers() {
 #[test]
 fn samples_left_with_an_empty_history_are_counted() {
     let dir = tempfile::tempdir().expect("tmp");
-    let p = dir.path().join("log.csv");
-    std::fs::write(
-        &p,
+    let log = text_log(
+        dir.path(),
         "user,item,cate,ts\na,x,c1,10\na,y,c2,10\na,z,c1,20\nb,w,c2,1\nb,v,c1,2\n",
-    )
-    .expect("write");
-    let log = read_log(&LogSpec::csv(p, "user", "item", "cate", "ts"), false).expect("reads");
+    );
     let report = prepare(&log, &no_valid(), &dir.path().join("out")).expect("prepares");
     // a's y (tied with x) as a positive and its negative; every other sample has a history.
     assert_eq!(report.empty_histories, 2, "{report:?}");

@@ -2,6 +2,7 @@
 //! table, scores equal to `din predict` on the equivalent rows, explanations,
 //! truncation, and every error path of a request.
 
+mod common;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -173,14 +174,7 @@ fn raw_id_requests_score_like_din_predict_on_the_equivalent_rows() {
 
 #[test]
 fn movielens_raw_ids_score_like_din_predict_when_shared_data_is_present() {
-    let ml = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/ml-100k");
-    if !ml.exists() {
-        eprintln!(
-            "skipped: {} is absent (it is only beside the project in CI)",
-            ml.display()
-        );
-        return;
-    }
+    let Some(ml) = common::shared("ml-100k") else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     let log = read_movielens(&ml, false).expect("movielens reads");
     let prepared = dir.path().join("ml");

@@ -260,28 +260,23 @@ pub fn run(args: Args) -> Result<()> {
             "history length: mean {:.2}, p10 {}, p25 {}, median {}, p75 {}, p90 {}, max {}; {} samples with an empty history",
             report.mean_history_len, q[0], q[1], q[2], q[3], q[4], q[5], report.empty_histories
         );
-        if report.valid_samples > 0 {
-            println!(
-                "config: {} (validates on {}, stops early, keeps the best epoch; user_id embedding {})",
-                report.config.display(),
-                report.validation.display(),
-                if report.user_feature {
-                    "on"
-                } else {
-                    "off: --user-feature turns it on"
-                }
-            );
+        let training = if report.valid_samples > 0 {
+            format!(
+                "validates on {}, stops early, keeps the best epoch",
+                report.validation.display()
+            )
         } else {
-            println!(
-                "config: {} (validates on the test file and keeps the last epoch; user_id embedding {})",
-                report.config.display(),
-                if report.user_feature {
-                    "on"
-                } else {
-                    "off: --user-feature turns it on"
-                }
-            );
-        }
+            "validates on the test file and keeps the last epoch".to_string()
+        };
+        let user = if report.user_feature {
+            "on"
+        } else {
+            "off: --user-feature turns it on"
+        };
+        println!(
+            "config: {} ({training}; user_id embedding {user})",
+            report.config.display()
+        );
         println!("next:\n  {}\n  {}", report.train_command, report.evaluate_command);
     }
     Ok(())

@@ -155,9 +155,15 @@ fn siblings(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         .into_owned();
     let parent = dir.parent().unwrap_or(Path::new(""));
     Ok((
-        parent.join(format!(".{name}.new-{}", std::process::id())),
+        parent.join(format!("{}{}", staging_prefix(&name), std::process::id())),
         parent.join(format!(".{name}.old")),
     ))
+}
+
+/// The start of the name of every staging folder of model directory `name`
+/// (any process's).
+fn staging_prefix(name: &str) -> String {
+    format!(".{name}.new-")
 }
 
 /// The folder to fsync after renaming an entry of it.
@@ -225,7 +231,7 @@ fn save_steps(
         fs::create_dir_all(parent).map_err(|e| Error::io(parent, "cannot create the parent folder", e))?;
     }
     // Staging folders of saves that crashed (in any process).
-    let stale_prefix = format!(".{}.new-", dir.file_name().unwrap_or_default().to_string_lossy());
+    let stale_prefix = staging_prefix(&dir.file_name().unwrap_or_default().to_string_lossy());
     if let Ok(entries) = fs::read_dir(parent_of(dir)) {
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().starts_with(&stale_prefix) {
@@ -539,10 +545,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// `path` only if `fill` succeeds. A crash leaves either the old file or the
 /// new one, never a half-written one.
 pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = parent_of(path);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

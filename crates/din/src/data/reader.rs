@@ -24,7 +24,7 @@ pub struct ReadOptions {
 
 impl ReadOptions {
     /// Strict reading: the first malformed row is an error.
-    pub fn strict(require_label: bool) -> ReadOptions {
+    pub const fn strict(require_label: bool) -> ReadOptions {
         ReadOptions {
             require_label,
             skip_bad_rows: None,

@@ -1,8 +1,27 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+
 use din::data::{Batch, Ragged};
 use din::schema::{Config, Layout};
+
+/// `rel` inside `../shared/data`, which sits beside the repository in CI;
+/// `None` (and a `skipped` line) on a fresh clone, where the test passes.
+pub fn shared(rel: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data")
+        .join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "skipped: {} is absent (it is only beside the project in CI)",
+            p.display()
+        );
+        None
+    }
+}
 
 /// A config with two DIN pairs (item, cate) x (hist_items, hist_cates), a
 /// user feature, a dense feature and one mean-pooled sequence.
