@@ -234,12 +234,14 @@ fn train_with_bundled_config_reports_epochs_and_saves_model() {
     for file in ["config.json", "model.safetensors", "history.json"] {
         assert!(model.join(file).is_file(), "{file} missing from the model directory");
     }
-    // Nothing else lands in the working directory (e.g. a default runs/ folder).
-    let entries: Vec<_> = fs::read_dir(tmp.path())
+    // Nothing else lands in the working directory (e.g. a default runs/
+    // folder) but the run's checkpoints beside the model.
+    let mut entries: Vec<_> = fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(entries, vec![std::ffi::OsString::from("model")]);
+    entries.sort();
+    assert_eq!(entries, ["model", "model.checkpoints"]);
 
     let history = read_json(&model.join("history.json"));
     let history = history.as_array().expect("history.json is an array");
@@ -1097,7 +1099,7 @@ fn a_full_disk_leaves_the_previous_model_intact() {
                 &[
                     "m/model.safetensors",
                     "cannot write",
-                    "left as it was",
+                    "left as they were",
                     "File too large",
                 ],
             );

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use din::checkpoint::{self, Assets};
 use din::model::Din;
 use din::schema::{Config, Keep, Monitor};
-use din::train::{fit, load_training_data, EpochReport, Observer};
+use din::train::{checkpoints, fit_with, load_training_data, Checkpoints, EpochReport, Observer, Resumable};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::format_metrics;
@@ -59,6 +59,21 @@ pub struct Args {
     /// `--set model.attention.pooling=sum` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Write a training checkpoint every N batches, besides one at each
+    /// epoch end (train.checkpoint_every, default 1000; 0: epoch ends
+    /// only). Checkpoints go to `<out>.checkpoints`, the newest
+    /// train.keep_checkpoints (2) kept.
+    #[arg(long, value_name = "N")]
+    checkpoint_every: Option<usize>,
+    /// Continue an interrupted run from its newest whole checkpoint: give
+    /// the run's model directory (its --out), its checkpoints folder, or one
+    /// checkpoint. The run goes on with its own config, data and threads,
+    /// and ends with bitwise the model it would have ended with.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "config", "data", "validation", "validation_split", "out", "epochs", "batch_size",
+        "learning_rate", "seed", "threads", "keep", "skip_bad_rows", "set", "checkpoint_every",
+    ])]
+    resume: Option<PathBuf>,
     /// Print the history as JSON on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -110,6 +125,7 @@ fn apply_overrides(config: &mut Config, args: &Args) {
     t.learning_rate = args.learning_rate.unwrap_or(t.learning_rate);
     t.seed = args.seed.unwrap_or(t.seed);
     t.threads = args.threads.unwrap_or(t.threads);
+    t.checkpoint_every = args.checkpoint_every.unwrap_or(t.checkpoint_every);
     if args.skip_bad_rows {
         config.data.skip_bad_rows = true;
     }
@@ -117,6 +133,45 @@ fn apply_overrides(config: &mut Config, args: &Args) {
         Some(KeepArg::Best) => t.keep = Keep::Best,
         Some(KeepArg::Last) => t.keep = Keep::Last,
         None => {}
+    }
+}
+
+/// Where a test asks `din train` to stop and wait to be killed (the hidden
+/// `DIN_TEST_PAUSE_AT` variable): `batch:N` after the N-th batch of the run,
+/// `checkpoint:K:STEP` before step STEP (`state.safetensors`, `state.json`,
+/// `sync`, `rename`, `prune`) of the K-th checkpoint write, `epoch:E`
+/// before the model directory is saved at the end of epoch E. It prints
+/// `paused at ...` on stderr and sleeps: the kill-and-resume tests SIGKILL
+/// it there.
+#[derive(Debug, Clone, PartialEq)]
+enum Pause {
+    Batch(usize),
+    Checkpoint(usize, String),
+    Epoch(usize),
+}
+
+impl Pause {
+    const VAR: &'static str = "DIN_TEST_PAUSE_AT";
+
+    fn from_env() -> Result<Option<Pause>> {
+        let Ok(spec) = std::env::var(Self::VAR) else {
+            return Ok(None);
+        };
+        let parts: Vec<&str> = spec.split(':').collect();
+        let n = |s: &str| s.parse::<usize>().ok();
+        Ok(Some(match parts.as_slice() {
+            ["batch", k] if n(k).is_some() => Pause::Batch(n(k).unwrap_or(0)),
+            ["epoch", k] if n(k).is_some() => Pause::Epoch(n(k).unwrap_or(0)),
+            ["checkpoint", k, step] if n(k).is_some() => Pause::Checkpoint(n(k).unwrap_or(0), step.to_string()),
+            _ => bail!("{}={spec}: expected batch:N, epoch:E or checkpoint:K:STEP", Self::VAR),
+        }))
+    }
+
+    fn wait_here(&self) -> ! {
+        eprintln!("paused at {self:?}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
 }
 
@@ -129,6 +184,8 @@ struct Progress {
     history: Vec<EpochReport>,
     epochs: usize,
     json: bool,
+    pause: Option<Pause>,
+    checkpoints_written: usize,
 }
 
 impl Observer for Progress {
@@ -140,6 +197,9 @@ impl Observer for Progress {
             bar.set_style(style.progress_chars("=> "));
             bar
         });
+        if self.pause == Some(Pause::Batch((epoch - 1) * total + done)) {
+            bar.suspend(|| self.pause.as_ref().map(Pause::wait_here));
+        }
         bar.set_position(done as u64);
         bar.set_message(format!("{epoch}/{}  loss {running_loss:.4}", self.epochs));
     }
@@ -152,11 +212,26 @@ impl Observer for Progress {
         }
     }
 
+    fn on_checkpoint_step(&mut self, step: &str) -> din::Result<()> {
+        if step == din::train::checkpoints::STATE_TENSORS {
+            self.checkpoints_written += 1;
+        }
+        if let Some(Pause::Checkpoint(k, at)) = &self.pause {
+            if *k == self.checkpoints_written && at == step {
+                self.pause.as_ref().map(Pause::wait_here);
+            }
+        }
+        Ok(())
+    }
+
     fn on_epoch(&mut self, report: &EpochReport, model: &Din) -> din::Result<()> {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
         self.history.push(report.clone());
+        if self.pause == Some(Pause::Epoch(report.epoch)) {
+            self.pause.as_ref().map(Pause::wait_here);
+        }
         checkpoint::save_with_assets(&self.out, &self.config, model, &self.assets, Some(&self.history))?;
         if !self.json {
             let val = report
@@ -177,29 +252,92 @@ impl Observer for Progress {
     }
 }
 
+/// The newest whole checkpoint for `--resume DIR`, and the run's model
+/// directory.
+fn find_checkpoint(dir: &Path) -> Result<(Resumable, PathBuf)> {
+    let one = dir.join(checkpoints::STATE_JSON).is_file();
+    let root = if one {
+        dir.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else if dir
+        .to_string_lossy()
+        .trim_end_matches('/')
+        .ends_with(CHECKPOINTS_SUFFIX)
+    {
+        dir.to_path_buf()
+    } else {
+        Checkpoints::dir_for(dir)
+    };
+    let root_name = root.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let Some(model_name) = root_name.strip_suffix(CHECKPOINTS_SUFFIX) else {
+        bail!(
+            "{}: not in a checkpoints folder (`<model dir>{CHECKPOINTS_SUFFIX}`); give the run's --out folder",
+            dir.display()
+        )
+    };
+    let out = root.with_file_name(model_name);
+    if one {
+        return Ok((checkpoints::read(dir)?, out));
+    }
+    let Some((found, damaged)) = checkpoints::latest(&root)? else {
+        bail!(
+            "{}: no checkpoint to resume from (the run stopped before writing its first one, or never ran); start it again without --resume",
+            root.display()
+        )
+    };
+    for e in damaged {
+        eprintln!("warning: skipped a damaged checkpoint: {e}");
+    }
+    Ok((found, out))
+}
+
+/// The checkpoints folder's suffix after the model directory's name.
+const CHECKPOINTS_SUFFIX: &str = ".checkpoints";
+
 /// Runs `din train`.
 pub fn run(args: Args) -> Result<()> {
-    let config_path = match &args.config {
-        Some(p) => p.clone(),
-        None => bundled_config()?,
+    let pause = Pause::from_env()?;
+    let (data, out, resume, source) = match &args.resume {
+        Some(dir) => {
+            let (found, out) = find_checkpoint(dir)?;
+            let data = load_training_data(&found.config)?;
+            let source = found.path.display().to_string();
+            (data, out, Some(found), source)
+        }
+        None => {
+            let config_path = match &args.config {
+                Some(p) => p.clone(),
+                None => bundled_config()?,
+            };
+            let mut config = Config::from_toml_file_with(&config_path, &args.set)?;
+            apply_overrides(&mut config, &args);
+            let data = load_training_data(&config)?;
+            let out = args.out.clone().unwrap_or_else(|| {
+                let stem = config_path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".into());
+                PathBuf::from("runs").join(stem)
+            });
+            (data, out, None, config_path.display().to_string())
+        }
     };
-    let mut config = Config::from_toml_file_with(&config_path, &args.set)?;
-    apply_overrides(&mut config, &args);
-    let data = load_training_data(&config)?;
-    let out = args.out.clone().unwrap_or_else(|| {
-        let stem = config_path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into());
-        PathBuf::from("runs").join(stem)
-    });
+    let policy = Checkpoints::from_config(Checkpoints::dir_for(&out), &data.config.train);
     if !args.json {
         let val = data.validation.as_ref().map_or(0, |v| v.len());
         println!(
-            "training on {} rows, validating on {val} rows ({})",
+            "training on {} rows, validating on {val} rows ({source})",
             data.train.len(),
-            config_path.display()
         );
+        if let Some(r) = &resume {
+            let s = &r.state;
+            let n = data.train.len().div_ceil(data.config.train.batch_size);
+            println!(
+                "resuming at epoch {}, after batch {} of {n}{}",
+                s.epoch,
+                s.batches_done,
+                if s.finished { " (the run had finished)" } else { "" }
+            );
+        }
         for set in std::iter::once(&data.train).chain(data.validation.as_ref()) {
             let s = &set.skipped;
             if s.count > 0 {
@@ -220,11 +358,13 @@ pub fn run(args: Args) -> Result<()> {
         out: out.clone(),
         config: data.config.clone(),
         assets: data.assets.clone(),
-        history: Vec::new(),
+        history: resume.as_ref().map(|r| r.state.history.clone()).unwrap_or_default(),
         epochs: data.config.train.epochs,
         json: args.json,
+        pause,
+        checkpoints_written: 0,
     };
-    let outcome = fit(&data, &mut progress)?;
+    let outcome = fit_with(&data, policy.as_ref(), resume, &mut progress)?;
     checkpoint::save_with_assets(&out, &data.config, &outcome.model, &data.assets, Some(&outcome.history))
         .with_context(|| format!("saving the model to {}", out.display()))?;
     if args.json {

@@ -6,7 +6,7 @@
 //! and swaps it in (see [`save_with_assets`]), so a crash at any point leaves
 //! a complete model, never a half-written one or files from two saves.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -167,13 +167,13 @@ fn staging_prefix(name: &str) -> String {
 }
 
 /// The folder to fsync after renaming an entry of it.
-fn parent_of(path: &Path) -> &Path {
+pub(crate) fn parent_of(path: &Path) -> &Path {
     path.parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(dir, "cannot sync folder", e))
@@ -276,16 +276,7 @@ fn save_steps(
             files.push((HISTORY_FILE, h));
         }
         files.push((CONFIG_FILE, json));
-        for (name, bytes) in &files {
-            next(&mut n)?;
-            let path = staging.join(name);
-            // Named as the file it becomes; nothing of `dir` is touched yet.
-            let failed = |e| Error::io(dir.join(name), "cannot write (the directory is left as it was)", e);
-            let mut f = File::create(&path).map_err(failed)?;
-            f.write_all(bytes).and_then(|()| f.sync_all()).map_err(failed)?;
-        }
-        next(&mut n)?;
-        sync_dir(&staging)
+        write_files(&staging, dir, &files, &mut || next(&mut n))
     })();
     if let Err(e) = result {
         let _ = fs::remove_dir_all(&staging);
@@ -312,17 +303,64 @@ fn save_steps(
     Ok(())
 }
 
+/// Writes and fsyncs `files` into the new folder `staging`, then fsyncs
+/// the folder, calling `step` before each file and before the folder sync.
+/// Errors name each file as it will be called in `dir`, its final place.
+pub(crate) fn write_files(
+    staging: &Path,
+    dir: &Path,
+    files: &[(&str, Vec<u8>)],
+    step: &mut dyn FnMut() -> Result<()>,
+) -> Result<()> {
+    for (name, bytes) in files {
+        step()?;
+        let failed = |e| {
+            Error::io(
+                dir.join(name),
+                "cannot write (the previous files are left as they were)",
+                e,
+            )
+        };
+        let mut f = File::create(staging.join(name)).map_err(failed)?;
+        f.write_all(bytes).and_then(|()| f.sync_all()).map_err(failed)?;
+    }
+    step()?;
+    sync_dir(staging)
+}
+
 /// The weights as a safetensors file.
 fn weights_blob(model: &Din, weights_path: &Path) -> Result<Vec<u8>> {
-    let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors = Vec::new();
+    push_params(&mut tensors, "", model);
+    tensor_file(&tensors, weights_path)
+}
+
+/// One tensor to write: name, dtype, shape, little-endian bytes.
+pub(crate) type RawTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// Appends every tensor of `model` to `out`, named `<prefix><name>`.
+pub(crate) fn push_params(out: &mut Vec<RawTensor>, prefix: &str, model: &Din) {
     model.visit("", &mut |name, p| {
-        let raw: Vec<u8> = p.value.iter().flat_map(|v| v.to_le_bytes()).collect();
-        bytes.push((name, p.shape.clone(), raw));
+        out.push((
+            format!("{prefix}{name}"),
+            Dtype::F32,
+            p.shape.clone(),
+            f32_bytes(&p.value),
+        ));
     });
+}
+
+/// Little-endian bytes of `values`.
+pub(crate) fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A safetensors file of `tensors`, in their order (`path` names it in errors).
+pub(crate) fn tensor_file(tensors: &[RawTensor], path: &Path) -> Result<Vec<u8>> {
     let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
-    for (name, shape, raw) in &bytes {
-        let view = TensorView::new(Dtype::F32, shape.clone(), raw).map_err(|e| Error::Checkpoint {
-            path: weights_path.to_path_buf(),
+    for (name, dtype, shape, raw) in tensors {
+        let view = TensorView::new(*dtype, shape.clone(), raw).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
             reason: format!("tensor `{name}`: {e}"),
         })?;
         views.push((name.clone(), view));
@@ -331,9 +369,59 @@ fn weights_blob(model: &Din, weights_path: &Path) -> Result<Vec<u8>> {
     // file, differ between runs with the same weights.
     let info = HashMap::from([("format".to_string(), format!("din/{FORMAT_VERSION}"))]);
     safetensors::serialize(views, Some(info)).map_err(|e| Error::Checkpoint {
-        path: weights_path.to_path_buf(),
+        path: path.to_path_buf(),
         reason: e.to_string(),
     })
+}
+
+/// Fills every tensor of `model` from `tensors[<prefix><name>]`: each must
+/// be present, F32, of the model's exact shape and finite. Returns the
+/// names read, so the caller can refuse extra tensors.
+pub(crate) fn fill_params(
+    model: &mut Din,
+    tensors: &SafeTensors<'_>,
+    prefix: &str,
+    path: &Path,
+) -> Result<Vec<String>> {
+    let mut read = Vec::new();
+    let mut failure: Option<Error> = None;
+    model.visit_mut("", &mut |name, p| {
+        if failure.is_some() {
+            return;
+        }
+        let name = format!("{prefix}{name}");
+        let fail = |reason: String| {
+            Some(Error::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!("tensor `{name}`: {reason}"),
+            })
+        };
+        match tensors.tensor(&name) {
+            Err(_) => failure = fail("missing".into()),
+            Ok(view) if view.dtype() != Dtype::F32 => failure = fail(format!("dtype {:?}, expected F32", view.dtype())),
+            Ok(view) if view.shape() != p.shape.as_slice() => {
+                failure = fail(format!(
+                    "shape {:?}, expected {:?} from config.json",
+                    view.shape(),
+                    p.shape
+                ))
+            }
+            Ok(view) => {
+                for (v, b) in p.value.iter_mut().zip(view.data().chunks_exact(4)) {
+                    *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+                // A weight that is not finite turns every score into NaN.
+                if let Some(i) = p.value.iter().position(|v| !v.is_finite()) {
+                    failure = fail(format!("holds a NaN or infinite value ({} at element {i})", p.value[i]));
+                }
+            }
+        }
+        read.push(name);
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(read),
+    }
 }
 
 /// Reads a model directory written by [`save`]. Every tensor the config's
@@ -416,44 +504,10 @@ pub fn load_model(dir: &Path) -> Result<SavedModel> {
         path: weights_path.clone(),
         reason: e.to_string(),
     })?;
-    let mut expected: BTreeMap<String, ()> = BTreeMap::new();
-    let mut failure: Option<Error> = None;
-    model.visit_mut("", &mut |name, p| {
-        if failure.is_some() {
-            return;
-        }
-        let fail = |reason: String| {
-            Some(Error::Checkpoint {
-                path: weights_path.clone(),
-                reason: format!("tensor `{name}`: {reason}"),
-            })
-        };
-        match tensors.tensor(&name) {
-            Err(_) => failure = fail("missing".into()),
-            Ok(view) if view.dtype() != Dtype::F32 => failure = fail(format!("dtype {:?}, expected F32", view.dtype())),
-            Ok(view) if view.shape() != p.shape.as_slice() => {
-                failure = fail(format!(
-                    "shape {:?}, expected {:?} from config.json",
-                    view.shape(),
-                    p.shape
-                ))
-            }
-            Ok(view) => {
-                for (v, b) in p.value.iter_mut().zip(view.data().chunks_exact(4)) {
-                    *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-                // A weight that is not finite turns every score into NaN.
-                if let Some(i) = p.value.iter().position(|v| !v.is_finite()) {
-                    failure = fail(format!("holds a NaN or infinite value ({} at element {i})", p.value[i]));
-                }
-            }
-        }
-        expected.insert(name, ());
-    });
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    if let Some(extra) = tensors.names().into_iter().find(|n| !expected.contains_key(*n)) {
+    let expected: BTreeSet<String> = fill_params(&mut model, &tensors, "", &weights_path)?
+        .into_iter()
+        .collect();
+    if let Some(extra) = tensors.names().into_iter().find(|n| !expected.contains(*n)) {
         return Err(Error::Checkpoint {
             path: weights_path,
             reason: format!("tensor `{extra}` is not part of the model described by config.json"),
@@ -528,11 +582,36 @@ fn value_fingerprint(value: &serde_json::Value) -> String {
 /// FNV-1a, 64-bit, in hex. Hand-written (six lines) because it only has to
 /// tell two saves apart, not resist an adversary; no dependency is needed.
 pub fn fingerprint(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    let mut h = Fnv::new();
+    h.write(bytes);
+    h.hex()
+}
+
+/// [`fingerprint`] fed in pieces, for files read in chunks.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv(u64);
+
+impl Fnv {
+    /// The FNV-1a 64 offset basis.
+    pub fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
     }
-    format!("{h:016x}")
+    /// Adds `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    /// The hash so far, in hex.
+    pub fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv::new()
+    }
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.

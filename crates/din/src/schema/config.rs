@@ -513,6 +513,13 @@ pub struct TrainConfig {
     /// batch and count it.
     #[serde(default)]
     pub on_non_finite: OnNonFinite,
+    /// Write a training checkpoint every this many batches, and at each
+    /// epoch end (0: at epoch ends only). See `din train --resume`.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
+    /// How many checkpoints to keep, newest first (0: write none).
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
 }
 
 /// What training does with a batch whose loss or gradients are not finite.
@@ -554,6 +561,8 @@ impl Default for TrainConfig {
             early_stopping: None,
             keep: Keep::Best,
             on_non_finite: OnNonFinite::Stop,
+            checkpoint_every: default_checkpoint_every(),
+            keep_checkpoints: default_keep_checkpoints(),
         }
     }
 }
@@ -569,6 +578,12 @@ fn default_eval_batch_size() -> usize {
 }
 fn default_epochs() -> usize {
     10
+}
+fn default_checkpoint_every() -> usize {
+    1000
+}
+fn default_keep_checkpoints() -> usize {
+    2
 }
 fn default_seed() -> u64 {
     2024

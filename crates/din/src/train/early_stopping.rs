@@ -4,7 +4,7 @@ use crate::metrics::Metrics;
 use crate::schema::{EarlyStoppingConfig, Monitor};
 
 /// Tracks the best value of the monitored metric.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EarlyStopping {
     config: EarlyStoppingConfig,
     best: Option<f64>,

@@ -1,18 +1,21 @@
 //! Training: data preparation, the loop, loss, optimizers, regularisation,
 //! early stopping.
 
+pub mod checkpoints;
 pub mod early_stopping;
 pub mod loss;
 pub mod optim;
 pub mod regularization;
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+pub use checkpoints::{Checkpoints, DataFingerprint, Resumable, TrainState};
 pub use early_stopping::EarlyStopping;
 pub use loss::bce_with_logits;
 pub use optim::Optimizer;
@@ -135,6 +138,14 @@ pub trait Observer {
     /// A batch skipped under `train.on_non_finite = "skip_batch"`, and why
     /// (the tensor that was not finite).
     fn on_skipped_batch(&mut self, _epoch: usize, _batch: usize, _reason: &str) {}
+    /// Before each step of writing a checkpoint: `state.safetensors`,
+    /// `state.json` (each file), `sync`, `rename`, `prune`. An error stops
+    /// the write there, as a crash would (for fault-injection tests).
+    fn on_checkpoint_step(&mut self, _step: &str) -> Result<()> {
+        Ok(())
+    }
+    /// After a checkpoint has been written, with its folder.
+    fn on_checkpoint(&mut self, _path: &Path) {}
 }
 
 /// An observer that ignores everything.
@@ -157,12 +168,55 @@ pub struct TrainOutcome {
     pub model_epoch: usize,
 }
 
-/// Trains a model from scratch on `data` with `data.config.train`.
+/// Trains a model from scratch on `data` with `data.config.train`, without
+/// checkpoints.
 pub fn fit(data: &TrainingData, observer: &mut (dyn Observer + Send)) -> Result<TrainOutcome> {
+    fit_with(data, None, None, observer)
+}
+
+/// [`fit`], writing checkpoints with `checkpoints` and, with `resume`,
+/// continuing from one (read by [`checkpoints::latest`] or
+/// [`checkpoints::read`] with the config it holds, and `data` loaded with
+/// that config). A resumed run ends with bitwise the model of an
+/// uninterrupted one, given the same thread count.
+///
+/// A fresh run with checkpoints first removes any earlier run's
+/// checkpoints from the folder, and refuses to if that run is unfinished
+/// (it is resumed, or its folder removed, by the user).
+pub fn fit_with(
+    data: &TrainingData,
+    checkpoints: Option<&Checkpoints>,
+    resume: Option<Resumable>,
+    observer: &mut (dyn Observer + Send),
+) -> Result<TrainOutcome> {
     let tc = &data.config.train;
+    let fingerprints = match checkpoints {
+        Some(_) => DataFingerprint::of_config(&data.config)?,
+        None => Vec::new(),
+    };
+    if let Some(r) = &resume {
+        r.check_data()?;
+        checkpoints::check_order(r, data.train.len())?;
+    } else if let Some(policy) = checkpoints {
+        if let Some((earlier, _)) = checkpoints::latest(&policy.dir).ok().flatten() {
+            if !earlier.state.finished {
+                return Err(Error::Checkpoint {
+                    path: policy.dir.clone(),
+                    reason: format!(
+                        "holds the checkpoints of an unfinished run (epoch {}, batch {}): continue it with `din train --resume`, or remove the folder to start over",
+                        earlier.state.epoch, earlier.state.batches_done
+                    ),
+                });
+            }
+        }
+        checkpoints::clear(&policy.dir)?;
+    }
     thread_pool(tc.threads)?.install(|| {
-        let model = Din::new(&data.layout, &data.config.model, tc.seed)?;
-        fit_model(model, data, observer)
+        let state = match resume {
+            Some(r) => r.state,
+            None => TrainState::start(data)?,
+        };
+        run(state, data, checkpoints.map(|c| (c, fingerprints.as_slice())), observer)
     })
 }
 
@@ -200,75 +254,147 @@ fn non_finite_gradient(model: &Din, emb: &EmbeddingGrads, layout: &Layout) -> Op
     })
 }
 
-fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer + Send)) -> Result<TrainOutcome> {
+impl TrainState {
+    /// A new run's state: the model initialised from `train.seed`, the
+    /// optimizer empty, the rows in file order.
+    fn start(data: &TrainingData) -> Result<TrainState> {
+        let tc = &data.config.train;
+        let model = Din::new(&data.layout, &data.config.model, tc.seed)?;
+        // The best epoch is tracked whenever there is validation data; early
+        // stopping only adds the patience.
+        let monitor = tc.early_stopping.clone().unwrap_or(EarlyStoppingConfig {
+            monitor: Monitor::ValLogloss,
+            patience: usize::MAX,
+            restore_best: false,
+        });
+        Ok(TrainState {
+            epoch: 0,
+            batches_done: 0,
+            epoch_done: true,
+            finished: false,
+            stopped_early: false,
+            loss_sum: 0.0,
+            skipped: 0,
+            seconds: 0.0,
+            rng_positions: [0, 0],
+            tracker: data.validation.as_ref().map(|_| EarlyStopping::new(monitor)),
+            history: Vec::new(),
+            optimizer: Optimizer::new(tc.optimizer, tc.learning_rate, &model),
+            model,
+            best_model: None,
+            order: (0..data.train.len()).collect(),
+        })
+    }
+}
+
+/// A random stream of the run: `stream` of `seed`, at `position`.
+fn stream(seed: u64, stream: u64, position: u128) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng.set_word_pos(position);
+    rng
+}
+
+/// The training loop from `s` on, writing checkpoints when given a policy
+/// (with the data fingerprints to record).
+fn run(
+    mut s: TrainState,
+    data: &TrainingData,
+    checkpoints: Option<(&Checkpoints, &[DataFingerprint])>,
+    observer: &mut (dyn Observer + Send),
+) -> Result<TrainOutcome> {
     let tc = &data.config.train;
-    let mut optimizer = Optimizer::new(tc.optimizer, tc.learning_rate, &model);
     let counts = id_counts(&data.layout, &data.train);
     // Separate streams for shuffling and dropout, both from the one seed.
-    let mut shuffle_rng = ChaCha8Rng::seed_from_u64(tc.seed);
-    shuffle_rng.set_stream(1);
-    let mut dropout_rng = ChaCha8Rng::seed_from_u64(tc.seed);
-    dropout_rng.set_stream(2);
-    // The best epoch is tracked whenever there is validation data; early
-    // stopping only adds the patience.
-    let monitor = tc.early_stopping.clone().unwrap_or(EarlyStoppingConfig {
-        monitor: Monitor::ValLogloss,
-        patience: usize::MAX,
-        restore_best: false,
-    });
-    let mut tracker = data.validation.as_ref().map(|_| EarlyStopping::new(monitor));
+    let mut shuffle_rng = stream(tc.seed, 1, s.rng_positions[0]);
+    let mut dropout_rng = stream(tc.seed, 2, s.rng_positions[1]);
     let keep_best = tc.keep == Keep::Best || tc.early_stopping.as_ref().is_some_and(|c| c.restore_best);
-    let mut best_model: Option<Din> = None;
-    let mut history = Vec::new();
-    let mut stopped_early = false;
-    let mut order: Vec<usize> = (0..data.train.len()).collect();
     let mut dlogits = Vec::new();
     // Buffers reused from step to step: no allocation in the steady state.
     let mut cache = DinCache::default();
     let mut batch = Batch::default();
     let mut emb = EmbeddingGrads::new();
     let n_batches = data.train.len().div_ceil(tc.batch_size);
+    let save = |s: &mut TrainState,
+                shuffle: &ChaCha8Rng,
+                dropout: &ChaCha8Rng,
+                observer: &mut (dyn Observer + Send)|
+     -> Result<()> {
+        let Some((policy, fingerprints)) = checkpoints else {
+            return Ok(());
+        };
+        s.rng_positions = [shuffle.get_word_pos(), dropout.get_word_pos()];
+        let done = ((s.epoch - 1) * n_batches + s.batches_done) as u64;
+        let path = checkpoints::write(policy, &data.config, fingerprints, s, done, &mut |step| {
+            observer.on_checkpoint_step(step)
+        })?;
+        observer.on_checkpoint(&path);
+        Ok(())
+    };
 
-    for epoch in 1..=tc.epochs {
-        let start = Instant::now();
-        if tc.shuffle {
-            order.shuffle(&mut shuffle_rng);
+    while !s.finished {
+        if s.epoch_done {
+            if s.epoch == tc.epochs {
+                s.finished = true;
+                break;
+            }
+            s.epoch += 1;
+            s.epoch_done = false;
+            (s.batches_done, s.loss_sum, s.skipped, s.seconds) = (0, 0.0, 0, 0.0);
+            if tc.shuffle {
+                s.order.shuffle(&mut shuffle_rng);
+            }
         }
-        let (mut loss_sum, mut skipped) = (0.0f64, 0usize);
-        for (i, rows) in order.chunks(tc.batch_size).enumerate() {
+        let epoch = s.epoch;
+        let start = Instant::now()
+            .checked_sub(Duration::from_secs_f64(s.seconds))
+            .unwrap_or_else(Instant::now);
+        let first = s.batches_done;
+        for i in first..n_batches {
+            let rows = &s.order[i * tc.batch_size..((i + 1) * tc.batch_size).min(s.order.len())];
             data.train.batch.gather_into(rows, &mut batch);
+            let model = &mut s.model;
             let logits = model.forward_into(&batch, Mode::Train, Some(&mut dropout_rng), &mut cache);
             let loss = bce_with_logits(logits, &batch.labels, &mut dlogits);
             let mut fault = (!loss.is_finite()).then(|| format!("the loss is {loss} (the output logits)"));
             if fault.is_none() {
                 model.zero_grad();
                 model.backward_into(&batch, &mut cache, &dlogits, &mut emb);
-                regularize(&tc.regularization, &mut model, &mut emb, &counts);
-                observer.on_gradients(epoch, i + 1, &mut model, &mut emb);
-                fault = non_finite_gradient(&model, &emb, &data.layout);
+                regularize(&tc.regularization, model, &mut emb, &counts);
+                observer.on_gradients(epoch, i + 1, model, &mut emb);
+                fault = non_finite_gradient(model, &emb, &data.layout);
             }
-            if let Some(what) = fault {
-                let place = format!("epoch {epoch}, batch {} of {n_batches}", i + 1);
-                match tc.on_non_finite {
-                    OnNonFinite::Stop => {
-                        return Err(Error::Training(format!(
-                            "{what} at {place}; lower train.learning_rate, check the data, or set train.on_non_finite = \"skip_batch\" (the model directory keeps the last good epoch)"
-                        )))
-                    }
-                    OnNonFinite::SkipBatch => {
-                        observer.on_skipped_batch(epoch, i + 1, &what);
-                        skipped += 1;
-                        observer.on_batch(epoch, i + 1, n_batches, loss_sum / (i + 1 - skipped).max(1) as f64);
-                        continue;
+            s.batches_done = i + 1;
+            match fault {
+                None => {
+                    s.optimizer.step(model, &emb);
+                    model.update_statistics(&cache);
+                    s.loss_sum += loss;
+                }
+                Some(what) => {
+                    let place = format!("epoch {epoch}, batch {} of {n_batches}", i + 1);
+                    match tc.on_non_finite {
+                        OnNonFinite::Stop => {
+                            return Err(Error::Training(format!(
+                                "{what} at {place}; lower train.learning_rate, check the data, or set train.on_non_finite = \"skip_batch\" (the model directory keeps the last good epoch, the checkpoints folder the last good checkpoint)"
+                            )))
+                        }
+                        OnNonFinite::SkipBatch => {
+                            observer.on_skipped_batch(epoch, i + 1, &what);
+                            s.skipped += 1;
+                        }
                     }
                 }
             }
-            optimizer.step(&mut model, &emb);
-            model.update_statistics(&cache);
-            loss_sum += loss;
-            observer.on_batch(epoch, i + 1, n_batches, loss_sum / (i + 1 - skipped) as f64);
+            observer.on_batch(epoch, i + 1, n_batches, s.loss_sum / (i + 1 - s.skipped).max(1) as f64);
+            let every = checkpoints.map_or(0, |c| c.0.every);
+            // The epoch's last batch is followed by the epoch-end checkpoint.
+            if every > 0 && ((epoch - 1) * n_batches + i + 1).is_multiple_of(every) && i + 1 < n_batches {
+                s.seconds = start.elapsed().as_secs_f64();
+                save(&mut s, &shuffle_rng, &dropout_rng, observer)?;
+            }
         }
-        if skipped > 0 && skipped == n_batches {
+        if s.skipped > 0 && s.skipped == n_batches {
             return Err(Error::Training(format!(
                 "every batch of epoch {epoch} had a loss or gradient that is not finite; nothing was learned"
             )));
@@ -277,14 +403,14 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
         let validation = data
             .validation
             .as_ref()
-            .map(|v| evaluate(&model, v, tc.eval_batch_size));
+            .map(|v| evaluate(&s.model, v, tc.eval_batch_size));
         let report = EpochReport {
             epoch,
-            train_loss: loss_sum / (n_batches - skipped).max(1) as f64,
+            train_loss: s.loss_sum / (n_batches - s.skipped).max(1) as f64,
             validation,
             seconds: start.elapsed().as_secs_f64(),
             samples_per_second: data.train.len() as f64 / train_seconds.max(1e-9),
-            skipped_batches: skipped,
+            skipped_batches: s.skipped,
             // Reported once, with the first epoch.
             skipped_rows: if epoch == 1 {
                 skipped_rows(data)
@@ -293,29 +419,32 @@ fn fit_model(mut model: Din, data: &TrainingData, observer: &mut (dyn Observer +
             },
         };
         let mut stop = false;
-        if let (Some(es), Some(v)) = (tracker.as_mut(), &report.validation) {
+        if let (Some(es), Some(v)) = (s.tracker.as_mut(), &report.validation) {
             if es.observe(epoch, v) && keep_best {
-                best_model = Some(model.clone());
+                s.best_model = Some(s.model.clone());
             }
             stop = tc.early_stopping.is_some() && es.should_stop();
         }
-        observer.on_epoch(&report, best_model.as_ref().unwrap_or(&model))?;
-        history.push(report);
+        observer.on_epoch(&report, s.best_model.as_ref().unwrap_or(&s.model))?;
+        s.history.push(report);
+        s.epoch_done = true;
+        s.seconds = start.elapsed().as_secs_f64();
         if stop && epoch < tc.epochs {
-            stopped_early = true;
-            break;
+            s.stopped_early = true;
         }
+        s.finished = s.stopped_early || epoch == tc.epochs;
+        save(&mut s, &shuffle_rng, &dropout_rng, observer)?;
     }
-    let best_epoch = tracker.as_ref().and_then(|e| e.best()).map(|b| b.0);
-    let model_epoch = match (&best_model, best_epoch) {
+    let best_epoch = s.tracker.as_ref().and_then(|e| e.best()).map(|b| b.0);
+    let model_epoch = match (&s.best_model, best_epoch) {
         (Some(_), Some(best)) => best,
-        _ => history.len(),
+        _ => s.history.len(),
     };
     Ok(TrainOutcome {
-        model: best_model.unwrap_or(model),
-        history,
+        model: s.best_model.unwrap_or(s.model),
+        history: s.history,
         best_epoch,
-        stopped_early,
+        stopped_early: s.stopped_early,
         model_epoch,
     })
 }

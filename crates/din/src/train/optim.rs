@@ -67,6 +67,70 @@ impl Optimizer {
         self.step
     }
 
+    /// Every state tensor, named after the parameter it belongs to
+    /// (`<param>.m`, `<param>.v` for Adam, `<param>.accumulator` for
+    /// Adagrad; SGD has none), for checkpoints. `model` is the model this
+    /// optimizer was made for.
+    pub fn state(&self, model: &Din) -> Vec<(String, &[f32])> {
+        let names = self.slot_names(model);
+        let slots = self.dense.iter().chain(&self.tables);
+        let mut out = Vec::new();
+        for (name, s) in names.into_iter().zip(slots) {
+            let (a, b) = self.slot_labels();
+            if !s.a.is_empty() {
+                out.push((format!("{name}.{a}"), s.a.as_slice()));
+            }
+            if !s.b.is_empty() {
+                out.push((format!("{name}.{b}"), s.b.as_slice()));
+            }
+        }
+        out
+    }
+
+    /// [`Optimizer::state`], mutably: the tensors to fill from a checkpoint.
+    pub fn state_mut(&mut self, model: &Din) -> Vec<(String, &mut Vec<f32>)> {
+        let names = self.slot_names(model);
+        let (a, b) = self.slot_labels();
+        let mut out = Vec::new();
+        for (name, s) in names.into_iter().zip(self.dense.iter_mut().chain(&mut self.tables)) {
+            if !s.a.is_empty() {
+                out.push((format!("{name}.{a}"), &mut s.a));
+            }
+            if !s.b.is_empty() {
+                out.push((format!("{name}.{b}"), &mut s.b));
+            }
+        }
+        out
+    }
+
+    /// Sets the number of steps taken (restored from a checkpoint; Adam's
+    /// bias correction depends on it).
+    pub fn set_steps(&mut self, steps: u64) {
+        self.step = steps;
+    }
+
+    /// The names of the parameters with state, in the order of `dense`
+    /// then `tables`.
+    fn slot_names(&self, model: &Din) -> Vec<String> {
+        let (mut dense, mut tables) = (Vec::new(), Vec::new());
+        model.visit("", &mut |name, p| {
+            if trained_densely(p.role) {
+                dense.push(name);
+            } else if p.role == Role::Embedding {
+                tables.push(name);
+            }
+        });
+        dense.extend(tables);
+        dense
+    }
+
+    fn slot_labels(&self) -> (&'static str, &'static str) {
+        match self.kind {
+            OptimizerKind::Adagrad => ("accumulator", ""),
+            _ => ("m", "v"),
+        }
+    }
+
     /// Applies one update from the model's dense gradients and `emb` (touched rows only).
     pub fn step(&mut self, model: &mut Din, emb: &EmbeddingGrads) {
         self.step += 1;
