@@ -193,6 +193,31 @@ fn every_kind_of_damage_is_refused_naming_the_file() {
             vec!["config.json", "requires config_fingerprint"],
         ),
         (
+            // Found by the model-directory fuzz target: the key lost a
+            // letter, and the model loaded without its vocabulary.
+            "vocab fingerprint key misspelt",
+            set(|d| {
+                let o = d.as_object_mut().expect("object");
+                let v = o.remove("vocab_fingerprint").expect("there");
+                o.insert("ocab_fingerprint".into(), v);
+            }),
+            vec!["config.json", "unknown field `ocab_fingerprint`"],
+        ),
+        (
+            "vocab fingerprint removed, vocab.json still there",
+            set(|d| {
+                d.as_object_mut().map(|o| o.remove("vocab_fingerprint"));
+            }),
+            vec!["config.json", "does not list vocab.json"],
+        ),
+        (
+            "items fingerprint removed, items.json still there",
+            set(|d| {
+                d.as_object_mut().map(|o| o.remove("items_fingerprint"));
+            }),
+            vec!["config.json", "does not list items.json"],
+        ),
+        (
             "no weights",
             Box::new(|d, _| fs::remove_file(d.join(WEIGHTS_FILE)).expect("rm")),
             vec!["model.safetensors", "cannot read"],

@@ -345,6 +345,28 @@ fn a_table_too_large_to_allocate_is_an_error_not_an_abort() {
     );
 }
 
+/// Found by the config fuzz target: small tables of huge rows passed the
+/// table check, and the DNN's first weight matrix (its input is every
+/// embedding's width) aborted the process when it could not be allocated.
+#[test]
+fn dense_layers_too_large_to_allocate_are_an_error_not_an_abort() {
+    let mut config = common::config("prelu", "none", "prelu");
+    config.schema.sparse[0].vocab_size = Some(1);
+    config.schema.sparse[0].embedding_dim = Some(1 << 20);
+    config.model.dnn.hidden_units = vec![1 << 26];
+    let layout = common::layout(&config);
+    let err = Din::new(&layout, &config.model, 0).expect_err("256 TB").to_string();
+    assert!(
+        err.contains("model.dnn.hidden_units") && err.contains("cannot be allocated"),
+        "{err}"
+    );
+    let mut config = common::config("prelu", "none", "prelu");
+    config.model.attention.hidden_units = vec![usize::MAX / 2, 4];
+    let layout = common::layout(&config);
+    let err = Din::new(&layout, &config.model, 0).expect_err("overflow").to_string();
+    assert!(err.contains("model.attention.hidden_units"), "{err}");
+}
+
 /// Injects a NaN into one gradient of one batch: the dense tensor `tensor`
 /// (element 0), or row `row` of embedding table 0.
 struct Inject {

@@ -35,8 +35,11 @@ pub const ITEMS_FILE: &str = "items.json";
 /// version 1 directories (without it) still load.
 pub const FORMAT_VERSION: u32 = 2;
 
-/// What `config.json` holds.
+/// What `config.json` holds. Unknown fields are refused: a misspelt or
+/// damaged `vocab_fingerprint` would otherwise load the model without its
+/// vocabulary (a later format adds fields under a new `format_version`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelFile {
     /// [`FORMAT_VERSION`] at save time.
     pub format_version: u32,
@@ -514,8 +517,19 @@ pub fn load_model(dir: &Path) -> Result<SavedModel> {
         });
     }
     let read_asset = |name: &str, expected: &Option<String>| -> Result<Option<Vec<u8>>> {
-        let Some(expected) = expected else { return Ok(None) };
         let path = dir.join(name);
+        let Some(expected) = expected else {
+            // A file the save wrote whose fingerprint line is gone.
+            if path.exists() {
+                return Err(Error::Checkpoint {
+                    path: config_path.clone(),
+                    reason: format!(
+                        "does not list {name}, which the directory holds: config.json is damaged or from another save"
+                    ),
+                });
+            }
+            return Ok(None);
+        };
         let bytes = fs::read(&path).map_err(|e| Error::io(&path, "cannot read (config.json lists it)", e))?;
         if &fingerprint(&bytes) != expected {
             return Err(Error::Checkpoint {

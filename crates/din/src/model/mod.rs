@@ -98,6 +98,7 @@ impl Din {
             .iter()
             .map(|t| Embedding::new(&t.name, t.rows(), t.dim, t.vocab_size.unwrap_or(0), &mut rng))
             .collect::<Result<_>>()?;
+        check_layer_sizes(layout, config)?;
         let attention = Attention::new(layout.query_dim(), &config.attention, &mut rng);
         let input = layout.dnn_input_dim();
         let dnn = Mlp::new(
@@ -357,6 +358,50 @@ impl Din {
     pub fn zero_grad(&mut self) {
         self.visit_mut("", &mut |_, p| p.zero_grad());
     }
+}
+
+/// Refuses, before anything is allocated, a model whose dense layers cannot
+/// be: a width that overflows, or a weight matrix larger than the memory
+/// the process can get (an allocation failure would abort the process,
+/// not return an error). The embedding tables check themselves.
+fn check_layer_sizes(layout: &Layout, config: &ModelConfig) -> Result<()> {
+    fn sum(widths: impl Iterator<Item = usize>) -> Option<usize> {
+        widths.into_iter().try_fold(0usize, usize::checked_add)
+    }
+    let dim = |s: &crate::schema::SparseSlot| layout.tables[s.table].dim;
+    let query = sum(layout.pairs.iter().map(|&(s, _)| dim(&layout.sparse[s])));
+    let unpaired = layout.unpaired_sequences();
+    let dnn_input = [
+        sum(layout.sparse.iter().map(dim)),
+        sum(layout.dense.iter().map(|d| d.1)),
+        query,
+        sum(unpaired.iter().map(|&i| layout.tables[layout.sequences[i].table].dim)),
+    ]
+    .into_iter()
+    .try_fold(0usize, |a, b| a.checked_add(b?));
+    let chain = |field: &str, input: Option<usize>, units: &[usize]| -> Result<()> {
+        let too_big = |what: String| crate::Error::config(field, format!("{units:?}"), what);
+        let mut width = input.ok_or_else(|| too_big("the input width overflows".into()))?;
+        for &next in units.iter().chain([&1]) {
+            let fits = width
+                .checked_mul(next)
+                .and_then(|n| n.checked_mul(4))
+                .is_some_and(|bytes| Vec::<u8>::new().try_reserve_exact(bytes).is_ok());
+            if !fits {
+                return Err(too_big(format!(
+                    "a {width} x {next} weight matrix cannot be allocated; lower the widths or the embedding dimensions"
+                )));
+            }
+            width = next;
+        }
+        Ok(())
+    };
+    chain(
+        "model.attention.hidden_units",
+        query.and_then(|q| q.checked_mul(4)),
+        &config.attention.hidden_units,
+    )?;
+    chain("model.dnn.hidden_units", dnn_input, &config.dnn.hidden_units)
 }
 
 impl Module for Din {
