@@ -149,3 +149,55 @@ fn skipped_rows_are_counted_listed_and_leave_the_good_rows_as_they_were() {
     std::fs::write(&all_bad, format!("{}\n", kinds[2].0)).expect("write");
     assert!(read(&all_bad, Some(1.0)).is_err());
 }
+
+/// Ids outside their table (`oov = "error"`) are found after reading; with
+/// skipping they drop their rows like malformed ones, counted and listed
+/// with the column and the id, within the same limit.
+#[test]
+fn rows_with_ids_outside_the_vocabulary_are_skipped_with_the_others() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = common::config("prelu", "none", "prelu");
+    let layout = common::layout(&config);
+    let clean_rows: Vec<String> = (0..40).map(|_| row(None)).collect();
+    let mut dirty_rows = clean_rows.clone();
+    dirty_rows.insert(5, row(Some((1, "999"))));
+    dirty_rows.insert(20, row(Some((4, "1,999,4"))));
+    dirty_rows.insert(30, GOOD[..7].join("\t"));
+    let write = |name: &str, rows: &[String]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, rows.join("\n") + "\n").expect("write");
+        p
+    };
+    let (clean, dirty) = (write("clean.tsv", &clean_rows), write("dirty.tsv", &dirty_rows));
+    let mut got = read(&dirty, Some(0.1)).expect("reads");
+    assert_eq!(
+        (got.len(), got.skipped.count),
+        (42, 1),
+        "the short row is skipped by the reader"
+    );
+    let strict = din::data::apply_vocab(&layout, &mut got.clone())
+        .expect_err("999")
+        .to_string();
+    assert!(strict.contains("dirty.tsv:6") && strict.contains("999"), "{strict}");
+    din::data::drop_out_of_vocabulary(&layout, &mut got, 0.1).expect("skips");
+    let want = read(&clean, None).expect("clean");
+    assert_eq!(got.batch, want.batch, "exactly the clean rows");
+    assert_eq!(got.len(), 40);
+    assert_eq!(got.skipped.count, 3);
+    let lines: Vec<u64> = got.skipped.first.iter().map(|(l, _)| *l).collect();
+    assert_eq!(lines, [6, 21, 31]);
+    assert!(got.skipped.first[0].1.contains("item") && got.skipped.first[0].1.contains("999"));
+    assert!(
+        got.skipped.first[1].1.contains("hist_items"),
+        "{:?}",
+        got.skipped.first[1]
+    );
+    assert_eq!(got.lines.len(), 40);
+    assert!(!got.lines.contains(&6) && !got.lines.contains(&21));
+    // 3 of 43 is more than 5%.
+    let mut again = read(&dirty, Some(0.05)).expect("reads");
+    let err = din::data::drop_out_of_vocabulary(&layout, &mut again, 0.05)
+        .expect_err("too many")
+        .to_string();
+    assert!(err.contains("dirty.tsv") && err.contains("3 of 43"), "{err}");
+}

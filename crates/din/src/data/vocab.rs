@@ -1,6 +1,6 @@
 //! Vocabulary sizes: inferred from training data, then enforced.
 
-use super::Dataset;
+use super::{Batch, Dataset, SkippedRows};
 use crate::schema::{Layout, Oov};
 use crate::{Error, Result};
 
@@ -119,6 +119,66 @@ pub fn apply_vocab(layout: &Layout, data: &mut Dataset) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// [`apply_vocab`] for reading with `skip_bad_rows`: a row holding an id
+/// outside its table (a table with `oov = "error"`) is dropped and counted
+/// in `data.skipped` with its line and error, like a malformed row, as long
+/// as the skipped rows stay within `limit` (a fraction) of the file's rows.
+pub fn drop_out_of_vocabulary(layout: &Layout, data: &mut Dataset, limit: f64) -> Result<()> {
+    let mut bad: std::collections::BTreeMap<usize, Error> = std::collections::BTreeMap::new();
+    for (t, name, ids, offsets) in id_sources(layout, data) {
+        let table = &layout.tables[t];
+        if table.oov == Oov::Reserved {
+            continue;
+        }
+        let vocab = table.vocab_size.unwrap_or(0);
+        for (i, &id) in ids.iter().enumerate().filter(|(_, &id)| id as usize >= vocab) {
+            let row = row_of(offsets, i);
+            bad.entry(row).or_insert_with(|| Error::OutOfVocabulary {
+                path: data.source.clone(),
+                line: data.lines[row],
+                column: name.to_string(),
+                id: u64::from(id),
+                vocab_size: vocab,
+                table: table.name.clone(),
+            });
+        }
+    }
+    if !bad.is_empty() {
+        let kept: Vec<usize> = (0..data.len()).filter(|r| !bad.contains_key(r)).collect();
+        let skipped = &mut data.skipped;
+        let total = data.batch.rows + skipped.count;
+        skipped.count += bad.len();
+        skipped
+            .first
+            .extend(bad.iter().map(|(&r, e)| (data.lines[r], e.to_string())));
+        skipped.first.sort_by_key(|(line, _)| *line);
+        skipped.first.truncate(SkippedRows::KEPT);
+        if skipped.count as f64 > limit * total as f64 {
+            let (line, first) = skipped.first.first().cloned().unwrap_or_default();
+            return Err(Error::TooManyBadRows {
+                path: data.source.clone(),
+                skipped: skipped.count,
+                total,
+                limit,
+                first: format!("line {line}: {first}"),
+            });
+        }
+        if kept.is_empty() {
+            return Err(Error::EmptyFile {
+                path: data.source.clone(),
+            });
+        }
+        let mut batch = Batch::default();
+        data.batch.gather_into(&kept, &mut batch);
+        data.batch = batch;
+        data.lines = kept.iter().map(|&r| data.lines[r]).collect();
+        if let Some(users) = data.users.as_mut() {
+            *users = kept.iter().map(|&r| users[r]).collect();
+        }
+    }
+    apply_vocab(layout, data)
 }
 
 /// How often each id of each table occurs in `data` (the n_j of the paper's

@@ -24,7 +24,8 @@ pub use regularization::regularize;
 use crate::checkpoint::Assets;
 pub use crate::checkpoint::EpochReport;
 use crate::data::{
-    apply_vocab, id_counts, infer_vocab, read_dataset, Batch, Dataset, ItemTable, ReadOptions, SkippedRows, Vocabulary,
+    apply_vocab, drop_out_of_vocabulary, id_counts, infer_vocab, read_dataset, Batch, Dataset, ItemTable, ReadOptions,
+    SkippedRows, Vocabulary,
 };
 use crate::model::{Din, DinCache, EmbeddingGrads, Mode, Module};
 use crate::schema::{Config, EarlyStoppingConfig, Keep, Layout, Monitor, OnNonFinite};
@@ -91,9 +92,11 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
         (None, None) => None,
     };
     infer_vocab(&mut layout, &train)?;
-    apply_vocab(&layout, &mut train)?;
-    if let Some(v) = validation.as_mut() {
-        apply_vocab(&layout, v)?;
+    for set in std::iter::once(&mut train).chain(validation.as_mut()) {
+        match options.skip_bad_rows {
+            Some(limit) => drop_out_of_vocabulary(&layout, set, limit)?,
+            None => apply_vocab(&layout, set)?,
+        }
     }
     let vocab = match &config.data.vocab {
         Some(path) => Some(Vocabulary::read(path)?.restricted_to(&layout)),
