@@ -751,3 +751,81 @@ fn users_too_short_and_dropped_behaviours_are_counted() {
     let report = prepare(&log, &options, &dir.path().join("out")).expect("prepares");
     assert_eq!((report.short_users, report.below_min_value), (1, 4));
 }
+
+/// `negatives: N`: each positive is followed by N distinct negatives the
+/// user never touched, sharing its history (a page view's candidates), as
+/// many groups as the default's pairs; a user who touched nearly every
+/// item gets as many as there are; 0 and the rating protocol are refused.
+#[test]
+fn several_negatives_per_positive_share_its_history() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut text = String::from("user,item,cate,ts\n");
+    for u in 0..4 {
+        for k in 0..6 {
+            text.push_str(&format!("u{u},i{},c{},{}\n", u * 6 + k, k % 3, 100 + k));
+        }
+    }
+    // A user who touched all but two of the 26 items.
+    for k in 0..24 {
+        text.push_str(&format!("greedy,i{k},c{},{}\n", k % 3, 200 + k));
+    }
+    text.push_str("other,i24,c0,1\nother,i25,c1,2\n");
+    let log = text_log(dir.path(), &text);
+    let one = build_samples(&log, &no_valid()).expect("samples");
+    let five = build_samples(
+        &log,
+        &PrepareOptions {
+            negatives: 5,
+            ..no_valid()
+        },
+    )
+    .expect("samples");
+    let touched = |user: u32| -> std::collections::HashSet<String> {
+        let name = raw(&five, "user_id", user);
+        text.lines()
+            .filter(|l| l.split(',').next() == Some(name.as_str()))
+            .map(|l| l.split(',').nth(1).expect("item").to_string())
+            .collect()
+    };
+    let mut groups = 0;
+    for set in [&five.train, &five.test] {
+        let mut i = 0;
+        while i < set.len() {
+            let pos = &set[i];
+            assert_eq!(pos.label, 1, "a group starts with its positive");
+            let negs: Vec<_> = set[i + 1..].iter().take_while(|s| s.label == 0).collect();
+            let greedy = raw(&five, "user_id", pos.user) == "greedy";
+            assert_eq!(
+                negs.len(),
+                if greedy { 2 } else { 5 },
+                "{}",
+                raw(&five, "user_id", pos.user)
+            );
+            let mut seen = std::collections::HashSet::new();
+            for n in &negs {
+                assert_eq!((n.user, &n.hist_items, n.time), (pos.user, &pos.hist_items, pos.time));
+                assert!(seen.insert(n.item), "distinct negatives");
+                assert!(
+                    !touched(pos.user).contains(&raw(&five, "item_id", n.item)),
+                    "never touched"
+                );
+                assert_eq!(n.category, five.item_categories[n.item as usize]);
+            }
+            i += 1 + negs.len();
+            groups += 1;
+        }
+    }
+    assert_eq!(groups, one.train.len() / 2 + one.test.len() / 2);
+    for (n, protocol, expected) in [
+        (0, Protocol::NextItem, "at least 1"),
+        (3, Protocol::Rating { threshold: 4.0 }, "next-item protocol"),
+    ] {
+        let options = PrepareOptions {
+            negatives: n,
+            protocol,
+            ..no_valid()
+        };
+        let err = build_samples(&log, &options).expect_err("refused").to_string();
+        assert!(err.contains("negatives") && err.contains(expected), "{err}");
+    }
+}

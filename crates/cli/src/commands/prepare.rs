@@ -85,6 +85,11 @@ pub struct Args {
     /// No user_id embedding in the generated config (see --user-feature).
     #[arg(long)]
     no_user_feature: bool,
+    /// Next-item protocol: sampled negatives per positive (distinct items
+    /// the user never touched), sharing its history like a page view's
+    /// candidates.
+    #[arg(long, default_value_t = 1)]
+    negatives: usize,
     /// Embedding width in the generated config.
     #[arg(long, default_value_t = 8)]
     embedding_dim: usize,
@@ -209,6 +214,7 @@ pub fn run(args: Args) -> Result<()> {
         test_per_user,
         valid_per_user: args.valid_per_user.unwrap_or(test_per_user),
         user_feature: args.user_feature || (args.protocol == ProtocolArg::Rating && !args.no_user_feature),
+        negatives: args.negatives,
     };
     if let Some(g) = options.session_gap_days {
         if !(g.is_finite() && g > 0.0) {

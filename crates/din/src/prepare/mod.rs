@@ -79,6 +79,11 @@ pub struct PrepareOptions {
     /// overfits. `din prepare` turns it on for the rating protocol, where it
     /// learns each user's rating level.
     pub user_feature: bool,
+    /// Next-item protocol: sampled negatives per positive, each an item the
+    /// user never touched, distinct, sharing the positive's history (a page
+    /// view's candidates; see issue 13's common feature trick). 1, the
+    /// paper's, by default.
+    pub negatives: usize,
 }
 
 impl Default for PrepareOptions {
@@ -96,6 +101,7 @@ impl Default for PrepareOptions {
             test_per_user: 1,
             valid_per_user: 1,
             user_feature: false,
+            negatives: 1,
         }
     }
 }

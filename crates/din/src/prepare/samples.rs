@@ -104,6 +104,16 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
     if options.max_len == 0 {
         return Err(Error::config("max_len", 0, "must be at least 1"));
     }
+    if options.negatives == 0 {
+        return Err(Error::config("negatives", 0, "must be at least 1"));
+    }
+    if options.negatives > 1 && options.protocol != Protocol::NextItem {
+        return Err(Error::config(
+            "negatives",
+            options.negatives,
+            "applies to the next-item protocol; the rating protocol's negatives are the low ratings",
+        ));
+    }
     if options.test_per_user == 0 {
         return Err(Error::config("test_per_user", 0, "must be at least 1"));
     }
@@ -246,22 +256,23 @@ pub fn build_samples(log: &Log, options: &PrepareOptions) -> Result<Samples> {
             let mut made = Vec::with_capacity(2);
             match options.protocol {
                 Protocol::NextItem => {
-                    if (touched.len() as u32) < n_items {
-                        let negative = loop {
-                            let candidate = rng.gen_range(1..=n_items);
-                            if !touched.contains(&candidate) {
-                                break candidate;
-                            }
-                        };
+                    // As many as there are untouched items, distinct.
+                    let wanted = options.negatives.min(n_items as usize - touched.len());
+                    let mut negatives: Vec<u32> = Vec::with_capacity(wanted);
+                    while negatives.len() < wanted {
+                        let candidate = rng.gen_range(1..=n_items);
+                        if !touched.contains(&candidate) && !negatives.contains(&candidate) {
+                            negatives.push(candidate);
+                        }
+                    }
+                    for &negative in &negatives {
                         let mut neg = base.clone();
                         neg.item = negative;
                         neg.category = item_category[negative as usize];
                         neg.label = 0;
-                        made.push(base);
                         made.push(neg);
-                    } else {
-                        made.push(base);
                     }
+                    made.insert(0, base);
                 }
                 Protocol::Rating { threshold } => {
                     let mut s = base;
