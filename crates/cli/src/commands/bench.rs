@@ -15,7 +15,7 @@ use din::schema::{Config, Layout};
 use din::scorer::predict;
 use din::scorer::Scorer;
 use din::threads::thread_pool;
-use din::train::{fit, load_training_data, Silent};
+use din::train::{fit_with, load_training_data, Checkpoints, Observer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -85,6 +85,11 @@ struct RunArgs {
     /// Config overrides, e.g. `--set "model.attention.hidden_units=[80,40]"`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Write training checkpoints as `din train` does (every
+    /// train.checkpoint_every batches and at each epoch end), into
+    /// `<data>/bench.checkpoints`, to measure what they cost.
+    #[arg(long)]
+    checkpoints: bool,
     /// Print the measurements as JSON.
     #[arg(long)]
     json: bool,
@@ -216,7 +221,19 @@ fn measure(a: &RunArgs) -> Result<()> {
     let behaviours = data.train.batch.sequences[data.layout.pairs[0].1].values.len();
     let n = data.train.len();
 
-    let outcome = fit(&data, &mut Silent)?;
+    let policy = a
+        .checkpoints
+        .then(|| Checkpoints::from_config(a.data.join("bench.checkpoints"), &data.config.train))
+        .flatten();
+    let mut counter = CheckpointCounter {
+        written: 0,
+        seconds: 0.0,
+        since: Instant::now(),
+    };
+    let fit_start = Instant::now();
+    let outcome = fit_with(&data, policy.as_ref(), None, &mut counter)?;
+    // The whole run, checkpoint writes included.
+    let train_seconds = fit_start.elapsed().as_secs_f64();
     let train_sps = outcome.history[0].samples_per_second;
     let model = outcome.model;
     let pool = thread_pool(a.threads)?;
@@ -294,6 +311,10 @@ fn measure(a: &RunArgs) -> Result<()> {
         "samples": n,
         "mean_history": behaviours as f64 / n as f64,
         "train_samples_per_second": train_sps,
+        "train_seconds": train_seconds,
+        "epochs": outcome.history.len(),
+        "checkpoints_written": counter.written,
+        "checkpoint_seconds": counter.seconds,
         "inference_samples_per_second_batch_4096": infer_sps,
         "latency_ms_1x200_median": p(0.5),
         "latency_ms_1x200_p99": p(0.99),
@@ -317,6 +338,12 @@ fn measure(a: &RunArgs) -> Result<()> {
             a.batch_size
         );
         println!("training            {train_sps:>10.0} samples/s   {train_gflops:>6.1} useful GFLOP/s");
+        println!(
+            "training run        {train_seconds:>10.2} s ({} epochs, {} checkpoints written in {:.3} s)",
+            outcome.history.len(),
+            counter.written,
+            counter.seconds
+        );
         println!("inference (4096)    {infer_sps:>10.0} samples/s   {infer_gflops:>6.1} useful GFLOP/s");
         println!(
             "1 user x 200        {:>10.3} ms median   {:.3} ms p99 ({} runs, history {history0}, {latency_gflops:.1} useful GFLOP/s)",
@@ -335,6 +362,29 @@ fn measure(a: &RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Counts the checkpoints a run writes and times them: from the batch (or
+/// epoch end) that precedes each to the checkpoint in place, so the time
+/// covers gathering the state, serialising and the fsynced writes.
+struct CheckpointCounter {
+    written: usize,
+    seconds: f64,
+    since: Instant,
+}
+
+impl Observer for CheckpointCounter {
+    fn on_batch(&mut self, _epoch: usize, _done: usize, _total: usize, _running_loss: f64) {
+        self.since = Instant::now();
+    }
+    fn on_epoch(&mut self, _report: &din::train::EpochReport, _model: &Din) -> din::Result<()> {
+        self.since = Instant::now();
+        Ok(())
+    }
+    fn on_checkpoint(&mut self, _path: &Path) {
+        self.written += 1;
+        self.seconds += self.since.elapsed().as_secs_f64();
+    }
 }
 
 /// Row `row`'s user and history with 200 candidates: the targets (item and
