@@ -37,6 +37,10 @@ enum Command {
     Bench(commands::bench::Args),
     /// Serve a saved model over HTTP (scores in raw ids, hot reload, metrics).
     Serve(commands::serve::Args),
+    /// Draw a model's training curves (history.json) as SVG.
+    Plot(commands::plot::PlotArgs),
+    /// Draw the attention weights of one sample's history against its candidates as SVG.
+    Explain(commands::plot::ExplainArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,8 @@ fn main() -> ExitCode {
         Command::Prepare(args) => commands::prepare::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Serve(args) => commands::serve::run(args),
+        Command::Plot(args) => commands::plot::plot(args),
+        Command::Explain(args) => commands::plot::explain(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
