@@ -331,12 +331,18 @@ pub fn run(args: Args) -> Result<()> {
         if let Some(r) = &resume {
             let s = &r.state;
             let n = data.train.len().div_ceil(data.config.train.batch_size);
-            println!(
-                "resuming at epoch {}, after batch {} of {n}{}",
-                s.epoch,
-                s.batches_done,
-                if s.finished { " (the run had finished)" } else { "" }
-            );
+            let epochs = data.config.train.epochs;
+            match (s.finished, s.epoch_done) {
+                (true, _) => println!(
+                    "resuming a run that had finished (epoch {} of {epochs}): saving its model",
+                    s.epoch
+                ),
+                (false, true) => println!("resuming after epoch {} of {epochs}", s.epoch),
+                (false, false) => println!(
+                    "resuming in epoch {} of {epochs}, after batch {} of {n}",
+                    s.epoch, s.batches_done
+                ),
+            }
         }
         for set in std::iter::once(&data.train).chain(data.validation.as_ref()) {
             let s = &set.skipped;

@@ -206,8 +206,10 @@ pub fn fit_with(
                 return Err(Error::Checkpoint {
                     path: policy.dir.clone(),
                     reason: format!(
-                        "holds the checkpoints of an unfinished run (epoch {}, batch {}): continue it with `din train --resume`, or remove the folder to start over",
-                        earlier.state.epoch, earlier.state.batches_done
+                        "holds the checkpoints of an unfinished run (epoch {}, batch {}): continue it with `din train --resume {}`, or remove the folder to start over",
+                        earlier.state.epoch,
+                        earlier.state.batches_done,
+                        policy.dir.display()
                     ),
                 });
             }
