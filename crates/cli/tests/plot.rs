@@ -86,20 +86,14 @@ fn pictures_of_training_and_attention() {
 
     // Row 0 of the sample: its history with its candidates (the rows after
     // it with the same history).
-    let said = ok(&din(
-        cwd,
-        [
-            "explain",
-            "--model",
-            "m",
-            "--data",
-            sample.to_str().expect("path"),
-            "--row",
-            "0",
-            "--out",
-            "attention.svg",
-        ],
-    ));
+    let explain = |row: &str, out: &str| {
+        let data = sample.to_str().expect("path");
+        din(
+            cwd,
+            ["explain", "--model", "m", "--data", data, "--row", row, "--out", out],
+        )
+    };
+    let said = ok(&explain("0", "attention.svg"));
     let text = std::fs::read_to_string(&sample).expect("sample");
     let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split('\t').collect()).collect();
     let history: Vec<&str> = lines[0][3].split(',').filter(|id| *id != "0").collect();
@@ -128,20 +122,7 @@ fn pictures_of_training_and_attention() {
 
     let e = err(&din(cwd, ["plot", "--model", "m", "--out", "curves.png"]));
     assert!(e.contains("curves.png") && e.contains(".svg"), "{e}");
-    let e = err(&din(
-        cwd,
-        [
-            "explain",
-            "--model",
-            "m",
-            "--data",
-            sample.to_str().expect("path"),
-            "--row",
-            "999999",
-            "--out",
-            "a.svg",
-        ],
-    ));
+    let e = err(&explain("999999", "a.svg"));
     assert!(e.contains("--row 999999") && e.contains("1380 data rows"), "{e}");
     let e = err(&din(cwd, ["plot", "--model", "nothing", "--out", "x.svg"]));
     assert!(e.contains("nothing"), "{e}");

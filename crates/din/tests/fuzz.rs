@@ -108,7 +108,7 @@ const COMMON: &[&str] = &[
     "\u{ff}",
 ];
 
-/// Applies `ops` to `seeds[pick]`.
+/// Applies `ops` to `seeds[pick]`; `tokens` is the whole dictionary.
 fn mutate(seeds: &[Vec<u8>], pick: usize, ops: &[Op], tokens: &[&str]) -> Vec<u8> {
     let mut v = seeds[pick % seeds.len()].clone();
     let at = |p: usize, len: usize| if len == 0 { 0 } else { p % (len + 1) };
@@ -118,8 +118,7 @@ fn mutate(seeds: &[Vec<u8>], pick: usize, ops: &[Op], tokens: &[&str]) -> Vec<u8
             Op::Flip(p, b) if n > 0 => v[p % n] ^= 1 << b,
             Op::Set(p, b) if n > 0 => v[p % n] = b,
             Op::Token(p, t) => {
-                let all: Vec<&str> = COMMON.iter().chain(tokens).copied().collect();
-                let tok = all[t % all.len()].as_bytes();
+                let tok = tokens[t % tokens.len()].as_bytes();
                 let p = at(p, n);
                 v.splice(p..p, tok.iter().copied());
             }
@@ -188,6 +187,7 @@ fn fuzz(target: &str, mut seeds: Vec<Vec<u8>>, tokens: &[&str], check: impl Fn(&
         .unwrap_or(256);
     let deadline = seconds.map(|s| Instant::now() + Duration::from_secs(s));
     let strategy = (any::<usize>(), proptest::collection::vec(op(), 1..8));
+    let dictionary: Vec<&str> = COMMON.iter().chain(tokens).copied().collect();
     let (start, mut executions, mut round) = (Instant::now(), 0u64, 0u64);
     loop {
         let per_round = if deadline.is_some() { 2000 } else { cases };
@@ -202,7 +202,7 @@ fn fuzz(target: &str, mut seeds: Vec<Vec<u8>>, tokens: &[&str], check: impl Fn(&
         seed[8..16].copy_from_slice(&(target.len() as u64 * 7919).to_le_bytes());
         let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &seed));
         let result = runner.run(&strategy, |(pick, ops)| {
-            let input = mutate(&seeds, pick, &ops, tokens);
+            let input = mutate(&seeds, pick, &ops, &dictionary);
             check(&input).map_err(|e| TestCaseError::fail(format!("{e}\ninput: {}", escaped(&input))))
         });
         if let Err(e) = result {
@@ -566,9 +566,8 @@ fn prepare_log(format: u8, bytes: &[u8]) -> Result<(), String> {
         ] {
             if let Ok(samples) = build_samples(&log, &options) {
                 let out = dir.path().join("out");
-                if let Ok(report) = write_prepared(&log, &samples, &options, &out) {
+                if write_prepared(&log, &samples, &options, &out).is_ok() {
                     // What prepare writes, training reads.
-                    let _ = report;
                     let config = Config::from_toml_file(&out.join("config.toml")).map_err(|e| e.to_string())?;
                     if let Err(e) = load_training_data(&config) {
                         if !matches!(e, din::Error::EmptyFile { .. }) {

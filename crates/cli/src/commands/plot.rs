@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use din::checkpoint::{write_atomic, EpochReport, HISTORY_FILE};
 use din::data::Batch;
-use din::schema::{Keep, Monitor};
+use din::schema::{EarlyStoppingConfig, Keep, Monitor};
 use din::scorer::Scorer;
 use din::train::EarlyStopping;
 use plotters::prelude::*;
@@ -68,9 +68,9 @@ fn draw_svg(
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+        root.fill(&WHITE).map_err(drawing)?;
         draw(&root)?;
-        root.present().map_err(|e| anyhow::anyhow!("drawing: {e}"))?;
+        root.present().map_err(drawing)?;
     }
     write_atomic(out, svg.as_bytes())?;
     Ok(())
@@ -94,53 +94,37 @@ pub fn plot(args: PlotArgs) -> Result<()> {
         bail!("{}: no epochs to draw", path.display());
     }
     let tc = &scorer.config.train;
-    let monitor = tc.early_stopping.as_ref().map_or(Monitor::ValLogloss, |e| e.monitor);
     // The epoch the model directory holds: the best by the monitor under
-    // keep = "best" (as training chose it), else the last.
-    let best = history
-        .iter()
-        .filter_map(|r| Some((r.epoch, EarlyStopping::value(monitor, r.validation.as_ref()?)?)))
-        .fold(None, |acc: Option<(usize, f64)>, (e, v)| match acc {
-            Some((_, b))
-                if (monitor == Monitor::ValLogloss && v >= b) || (monitor != Monitor::ValLogloss && v <= b) =>
-            {
-                acc
-            }
-            _ => Some((e, v)),
-        });
-    let saved = match (tc.keep, best) {
+    // keep = "best" (tracked as training tracked it), else the last.
+    let monitor = tc.early_stopping.as_ref().map_or(Monitor::ValLogloss, |e| e.monitor);
+    let mut tracker = EarlyStopping::new(EarlyStoppingConfig {
+        monitor,
+        patience: usize::MAX,
+        restore_best: false,
+    });
+    for r in &history {
+        if let Some(v) = &r.validation {
+            tracker.observe(r.epoch, v);
+        }
+    }
+    let saved = match (tc.keep, tracker.best()) {
         (Keep::Best, Some((e, _))) => e,
         _ => history.len(),
     };
     let epochs = history.len() as f64;
-    let losses: Vec<(&str, Vec<(f64, f64)>)> = vec![
-        (
-            "train loss",
-            history.iter().map(|r| (r.epoch as f64, r.train_loss)).collect(),
-        ),
-        (
-            "validation logloss",
-            history
-                .iter()
-                .filter_map(|r| Some((r.epoch as f64, r.validation.as_ref()?.logloss)))
-                .collect(),
-        ),
+    let points = |value: fn(&EpochReport) -> Option<f64>| -> Vec<(f64, f64)> {
+        history
+            .iter()
+            .filter_map(|r| Some((r.epoch as f64, value(r)?)))
+            .collect()
+    };
+    let losses = vec![
+        ("train loss", points(|r| Some(r.train_loss))),
+        ("validation logloss", points(|r| Some(r.validation.as_ref()?.logloss))),
     ];
-    let ranks: Vec<(&str, Vec<(f64, f64)>)> = vec![
-        (
-            "validation AUC",
-            history
-                .iter()
-                .filter_map(|r| Some((r.epoch as f64, r.validation.as_ref()?.auc?)))
-                .collect(),
-        ),
-        (
-            "validation GAUC",
-            history
-                .iter()
-                .filter_map(|r| Some((r.epoch as f64, r.validation.as_ref()?.gauc?)))
-                .collect(),
-        ),
+    let ranks = vec![
+        ("validation AUC", points(|r| r.validation.as_ref()?.auc)),
+        ("validation GAUC", points(|r| r.validation.as_ref()?.gauc)),
     ];
     let name = args
         .model

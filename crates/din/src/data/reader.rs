@@ -44,6 +44,22 @@ pub struct SkippedRows {
 impl SkippedRows {
     /// How many skipped rows are listed with their error.
     pub const KEPT: usize = 10;
+
+    /// Refuses more skipped rows than `limit` (a fraction) of the `total`
+    /// rows of `path`, naming the first.
+    pub fn check_limit(&self, path: &Path, total: usize, limit: f64) -> Result<()> {
+        if self.count > 0 && self.count as f64 > limit * total as f64 {
+            let (line, first) = self.first.first().cloned().unwrap_or_default();
+            return Err(Error::TooManyBadRows {
+                path: path.to_path_buf(),
+                skipped: self.count,
+                total,
+                limit,
+                first: format!("line {line}: {first}"),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Where each schema column sits in the file.
@@ -178,17 +194,7 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         batch.rows += 1;
     }
     if let Some(limit) = options.skip_bad_rows {
-        let total = batch.rows + skipped.count;
-        if skipped.count > 0 && skipped.count as f64 > limit * total as f64 {
-            let (line, first) = skipped.first.first().cloned().unwrap_or_default();
-            return Err(Error::TooManyBadRows {
-                path: path.to_path_buf(),
-                skipped: skipped.count,
-                total,
-                limit,
-                first: format!("line {line}: {first}"),
-            });
-        }
+        skipped.check_limit(path, batch.rows + skipped.count, limit)?;
     }
     if batch.rows == 0 {
         return Err(Error::EmptyFile {

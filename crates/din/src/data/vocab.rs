@@ -155,16 +155,7 @@ pub fn drop_out_of_vocabulary(layout: &Layout, data: &mut Dataset, limit: f64) -
             .extend(bad.iter().map(|(&r, e)| (data.lines[r], e.to_string())));
         skipped.first.sort_by_key(|(line, _)| *line);
         skipped.first.truncate(SkippedRows::KEPT);
-        if skipped.count as f64 > limit * total as f64 {
-            let (line, first) = skipped.first.first().cloned().unwrap_or_default();
-            return Err(Error::TooManyBadRows {
-                path: data.source.clone(),
-                skipped: skipped.count,
-                total,
-                limit,
-                first: format!("line {line}: {first}"),
-            });
-        }
+        skipped.check_limit(&data.source, total, limit)?;
         if kept.is_empty() {
             return Err(Error::EmptyFile {
                 path: data.source.clone(),

@@ -19,7 +19,7 @@
 //! `train.keep_checkpoints` are kept.
 
 use std::fs::{self, File};
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::Dtype;
@@ -90,8 +90,7 @@ pub struct DataFingerprint {
 impl DataFingerprint {
     /// Reads `path` through once.
     pub fn of(path: &Path) -> Result<DataFingerprint> {
-        let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
-        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let mut reader = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
         let mut h = crate::checkpoint::Fnv::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut bytes = 0u64;
@@ -197,11 +196,12 @@ pub struct Resumable {
 }
 
 impl Resumable {
-    /// Refuses to continue on data that changed since the run started.
-    pub fn check_data(&self) -> Result<()> {
-        for was in &self.data {
-            let now = DataFingerprint::of(&was.path)?;
-            if now != *was {
+    /// Refuses to continue on data other than the run's: files that
+    /// changed since it started (`now`: their fingerprints as read for this
+    /// run, in `config` order), or a row count its row order does not fit.
+    pub(crate) fn check_data(&self, now: &[DataFingerprint], rows: usize) -> Result<()> {
+        for (was, now) in self.data.iter().zip(now) {
+            if now != was {
                 return Err(Error::Checkpoint {
                     path: was.path.clone(),
                     reason: format!(
@@ -214,6 +214,13 @@ impl Resumable {
                     ),
                 });
             }
+        }
+        let n = self.state.order.len();
+        if n != rows {
+            return Err(Error::Checkpoint {
+                path: self.path.join(STATE_TENSORS),
+                reason: format!("its row order has {n} rows, the training data {rows}"),
+            });
         }
         Ok(())
     }
@@ -519,16 +526,4 @@ pub fn latest(root: &Path) -> Result<Option<(Resumable, Vec<Error>)>> {
         Some(e) => Err(e),
         None => Ok(None),
     }
-}
-
-/// Shapes the `order` tensor must match: `rows` training rows.
-pub(crate) fn check_order(resumable: &Resumable, rows: usize) -> Result<()> {
-    let n = resumable.state.order.len();
-    if n != rows {
-        return Err(Error::Checkpoint {
-            path: resumable.path.join(STATE_TENSORS),
-            reason: format!("its row order has {n} rows, the training data {rows}"),
-        });
-    }
-    Ok(())
 }

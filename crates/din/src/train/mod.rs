@@ -193,13 +193,13 @@ pub fn fit_with(
     observer: &mut (dyn Observer + Send),
 ) -> Result<TrainOutcome> {
     let tc = &data.config.train;
-    let fingerprints = match checkpoints {
-        Some(_) => DataFingerprint::of_config(&data.config)?,
-        None => Vec::new(),
+    // Read once: recorded in the checkpoints, and checked on resuming.
+    let fingerprints = match (checkpoints, &resume) {
+        (None, None) => Vec::new(),
+        _ => DataFingerprint::of_config(&data.config)?,
     };
     if let Some(r) = &resume {
-        r.check_data()?;
-        checkpoints::check_order(r, data.train.len())?;
+        r.check_data(&fingerprints, data.train.len())?;
     } else if let Some(policy) = checkpoints {
         if let Some((earlier, _)) = checkpoints::latest(&policy.dir).ok().flatten() {
             if !earlier.state.finished {
@@ -320,6 +320,7 @@ fn run(
     let mut batch = Batch::default();
     let mut emb = EmbeddingGrads::new();
     let n_batches = data.train.len().div_ceil(tc.batch_size);
+    let every = checkpoints.map_or(0, |c| c.0.every);
     let save = |s: &mut TrainState,
                 shuffle: &ChaCha8Rng,
                 dropout: &ChaCha8Rng,
@@ -392,7 +393,6 @@ fn run(
                 }
             }
             observer.on_batch(epoch, i + 1, n_batches, s.loss_sum / (i + 1 - s.skipped).max(1) as f64);
-            let every = checkpoints.map_or(0, |c| c.0.every);
             // The epoch's last batch is followed by the epoch-end checkpoint.
             if every > 0 && ((epoch - 1) * n_batches + i + 1).is_multiple_of(every) && i + 1 < n_batches {
                 s.seconds = start.elapsed().as_secs_f64();

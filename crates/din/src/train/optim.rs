@@ -72,63 +72,27 @@ impl Optimizer {
     /// Adagrad; SGD has none), for checkpoints. `model` is the model this
     /// optimizer was made for.
     pub fn state(&self, model: &Din) -> Vec<(String, &[f32])> {
-        let names = self.slot_names(model);
-        let slots = self.dense.iter().chain(&self.tables);
-        let mut out = Vec::new();
-        for (name, s) in names.into_iter().zip(slots) {
-            let (a, b) = self.slot_labels();
-            if !s.a.is_empty() {
-                out.push((format!("{name}.{a}"), s.a.as_slice()));
-            }
-            if !s.b.is_empty() {
-                out.push((format!("{name}.{b}"), s.b.as_slice()));
-            }
-        }
-        out
+        let slots = self.dense.iter().chain(&self.tables).map(|s| [&s.a, &s.b]);
+        name_slots(self.kind, slot_params(model), slots)
+            .map(|(name, v)| (name, v.as_slice()))
+            .collect()
     }
 
     /// [`Optimizer::state`], mutably: the tensors to fill from a checkpoint.
     pub fn state_mut(&mut self, model: &Din) -> Vec<(String, &mut Vec<f32>)> {
-        let names = self.slot_names(model);
-        let (a, b) = self.slot_labels();
-        let mut out = Vec::new();
-        for (name, s) in names.into_iter().zip(self.dense.iter_mut().chain(&mut self.tables)) {
-            if !s.a.is_empty() {
-                out.push((format!("{name}.{a}"), &mut s.a));
-            }
-            if !s.b.is_empty() {
-                out.push((format!("{name}.{b}"), &mut s.b));
-            }
-        }
-        out
+        let (kind, params) = (self.kind, slot_params(model));
+        let slots = self
+            .dense
+            .iter_mut()
+            .chain(&mut self.tables)
+            .map(|s| [&mut s.a, &mut s.b]);
+        name_slots(kind, params, slots).collect()
     }
 
     /// Sets the number of steps taken (restored from a checkpoint; Adam's
     /// bias correction depends on it).
     pub fn set_steps(&mut self, steps: u64) {
         self.step = steps;
-    }
-
-    /// The names of the parameters with state, in the order of `dense`
-    /// then `tables`.
-    fn slot_names(&self, model: &Din) -> Vec<String> {
-        let (mut dense, mut tables) = (Vec::new(), Vec::new());
-        model.visit("", &mut |name, p| {
-            if trained_densely(p.role) {
-                dense.push(name);
-            } else if p.role == Role::Embedding {
-                tables.push(name);
-            }
-        });
-        dense.extend(tables);
-        dense
-    }
-
-    fn slot_labels(&self) -> (&'static str, &'static str) {
-        match self.kind {
-            OptimizerKind::Adagrad => ("accumulator", ""),
-            _ => ("m", "v"),
-        }
     }
 
     /// Applies one update from the model's dense gradients and `emb` (touched rows only).
@@ -154,6 +118,40 @@ impl Optimizer {
             update_rows(kind, lr_t, &mut table.weight.value, g, s);
         }
     }
+}
+
+/// The parameters with optimizer state, in the order of `dense` then `tables`.
+fn slot_params(model: &Din) -> Vec<String> {
+    let (mut dense, mut tables) = (Vec::new(), Vec::new());
+    model.visit("", &mut |name, p| {
+        if trained_densely(p.role) {
+            dense.push(name);
+        } else if p.role == Role::Embedding {
+            tables.push(name);
+        }
+    });
+    dense.extend(tables);
+    dense
+}
+
+/// Names each slot's two tensors after its parameter (`.m` and `.v` for
+/// Adam, `.accumulator` for Adagrad), skipping the empty ones.
+fn name_slots<T: std::ops::Deref<Target = Vec<f32>>>(
+    kind: OptimizerKind,
+    params: Vec<String>,
+    slots: impl Iterator<Item = [T; 2]>,
+) -> impl Iterator<Item = (String, T)> {
+    let labels = match kind {
+        OptimizerKind::Adagrad => ["accumulator", ""],
+        _ => ["m", "v"],
+    };
+    params.into_iter().zip(slots).flat_map(move |(param, pair)| {
+        pair.into_iter()
+            .zip(labels)
+            .filter(|(v, _)| !v.is_empty())
+            .map(move |(v, label)| (format!("{param}.{label}"), v))
+            .collect::<Vec<_>>()
+    })
 }
 
 /// `rows[from..]` when the state exists, else nothing (SGD has no state).
