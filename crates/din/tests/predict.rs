@@ -66,6 +66,7 @@ fn batch() -> Batch {
         ],
         labels: vec![0.0; 8],
         rows: 8,
+        groups: Vec::new(),
     }
 }
 

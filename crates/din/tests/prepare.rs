@@ -829,3 +829,60 @@ fn several_negatives_per_positive_share_its_history() {
         assert!(err.contains("negatives") && err.contains(expected), "{err}");
     }
 }
+
+/// `grouped: true` writes one line per run of samples sharing a user side
+/// (a positive and its negatives); read back, the files give the flat
+/// files' samples in the same order, each history stored once per group,
+/// and the generated config says so.
+#[test]
+fn grouped_files_hold_the_flat_files_samples_one_line_per_group() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut text = String::from("user,item,cate,ts\n");
+    for u in 0..4 {
+        for k in 0..6 {
+            text.push_str(&format!("u{u},i{},c{},{}\n", u * 6 + k, k % 3, 100 + 10 * k));
+        }
+    }
+    let log = text_log(dir.path(), &text);
+    let (flat_dir, grouped_dir) = (dir.path().join("flat"), dir.path().join("grouped"));
+    let options = PrepareOptions {
+        negatives: 3,
+        ..PrepareOptions::default()
+    };
+    prepare(&log, &options, &flat_dir).expect("flat");
+    prepare(
+        &log,
+        &PrepareOptions {
+            grouped: true,
+            ..options
+        },
+        &grouped_dir,
+    )
+    .expect("grouped");
+    let flat = load_training_data(&Config::from_toml_file(&flat_dir.join("config.toml")).unwrap()).unwrap();
+    let grouped_config = Config::from_toml_file(&grouped_dir.join("config.toml")).unwrap();
+    assert_eq!(grouped_config.input.layout, din::schema::InputLayout::Grouped);
+    let grouped = load_training_data(&grouped_config).unwrap();
+    for (f, g) in [
+        (&flat.train, &grouped.train),
+        (flat.validation.as_ref().unwrap(), grouped.validation.as_ref().unwrap()),
+    ] {
+        assert!(!f.batch.is_grouped() && g.batch.is_grouped());
+        assert_eq!(
+            (g.batch.sparse.clone(), g.batch.labels.clone()),
+            (f.batch.sparse.clone(), f.batch.labels.clone())
+        );
+        for h in 0..2 {
+            for r in 0..f.len() {
+                assert_eq!(g.batch.history(h, r), f.batch.history(h, r), "row {r}");
+            }
+        }
+        // A positive and its 3 negatives per line.
+        assert_eq!(g.batch.group_count() * 4, g.len());
+    }
+    let lines = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count();
+    assert_eq!(
+        lines(&flat_dir.join("train.tsv")) - 1,
+        4 * (lines(&grouped_dir.join("train.tsv")) - 1)
+    );
+}

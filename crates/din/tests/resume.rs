@@ -98,6 +98,50 @@ fn resuming_from_every_checkpoint_gives_the_uninterrupted_model_bitwise() {
     }
 }
 
+/// Grouped training (detected groups of 6 and 12 rows, shuffled by group,
+/// batches of whole groups, so an epoch's batch count depends on its
+/// order): checkpoints are numbered by the batches done, in order, and
+/// resuming from any gives the uninterrupted model bitwise.
+#[test]
+fn grouped_runs_resume_bitwise_from_every_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut c = config(OptimizerKind::Adam);
+    c.data.group = true;
+    c.train.batch_size = 100;
+    let data = load_training_data(&c).expect("data");
+    assert!(data.train.batch.is_grouped());
+    let plain = fit(&data, &mut Silent).expect("trains");
+    let root = tmp.path().join("ckpt");
+    let checked = fit_with(&data, Some(&policy(&root)), None, &mut Silent).expect("trains");
+    assert_same(&plain, &checked, "checkpoints change nothing");
+    let all = checkpoints::list(&root).expect("list");
+    let done: Vec<u64> = all
+        .iter()
+        .map(|p| {
+            p.file_name().unwrap().to_string_lossy()["ckpt-".len()..]
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(done.windows(2).all(|w| w[0] < w[1]), "{done:?}");
+    // Every 3 batches of the run, and each epoch's end.
+    let mut ends = 0;
+    for (p, &n) in all.iter().zip(&done) {
+        let st = checkpoints::read(p).expect("reads").state;
+        assert_eq!(st.batches_before + st.batches_done as u64, n, "{}", p.display());
+        if st.epoch_done {
+            ends += 1;
+        } else {
+            assert_eq!(n % 3, 0, "{done:?}");
+        }
+    }
+    assert_eq!(ends, 3, "{done:?}");
+    for (k, ckpt) in all.iter().enumerate() {
+        let out = resume(ckpt, &tmp.path().join(format!("again-{k}")));
+        assert_same(&plain, &out, &format!("grouped, from {}", ckpt.display()));
+    }
+}
+
 /// Fails the write of checkpoint number `at` (counting from 1) at `step`.
 struct Crash {
     at: usize,

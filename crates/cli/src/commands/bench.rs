@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use din::checkpoint::{write_atomic, write_atomic_with};
-use din::data::{Batch, Dataset};
+use din::data::{infer_vocab, read_dataset, Batch, Dataset, ReadOptions};
 use din::model::linalg::matmul;
 use din::model::Din;
 use din::schema::{Config, Layout};
@@ -32,6 +32,23 @@ enum BenchCommand {
     Gen(GenArgs),
     /// Measure training and inference on a data set written by `din bench gen`.
     Run(RunArgs),
+    /// Read a config's training file only: rows, groups, the history ids
+    /// stored, seconds, rows/s and the process's peak memory.
+    Load(LoadArgs),
+}
+
+/// `din bench load`.
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// The config whose data.train is read (with its input section).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config value, as `din train --set` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the measurements as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `din bench gen`.
@@ -55,6 +72,10 @@ struct GenArgs {
     /// Candidates per history.
     #[arg(long, default_value_t = 6)]
     candidates: usize,
+    /// Write the grouped layout: one line per history with its candidates
+    /// (`input.layout = "grouped"`), the same samples in the same order.
+    #[arg(long)]
+    grouped: bool,
     /// Seed.
     #[arg(long, default_value_t = 2024)]
     seed: u64,
@@ -100,7 +121,60 @@ pub fn run(args: Args) -> Result<()> {
     match args.command {
         BenchCommand::Gen(a) => generate(&a),
         BenchCommand::Run(a) => measure(&a),
+        BenchCommand::Load(a) => load(&a),
     }
+}
+
+fn load(a: &LoadArgs) -> Result<()> {
+    let config = Config::from_toml_file_with(&a.config, &a.set)?;
+    let mut layout = config.validate()?;
+    let path = config.data.train.clone().context("the config names no data.train")?;
+    let start = Instant::now();
+    let data = read_dataset(&path, &config, &layout, ReadOptions::strict(true))?;
+    let seconds = start.elapsed().as_secs_f64();
+    let peak = peak_rss_mib();
+    let ids: usize = data.batch.sequences.iter().map(|s| s.values.len()).sum();
+    // The products an epoch of training on these rows computes, counted
+    // from the config's model shapes.
+    infer_vocab(&mut layout, &data)?;
+    let model = Din::new(&layout, &config.model, 0)?;
+    let h0 = layout.pairs[0].1;
+    let behaviours: usize = (0..data.len()).map(|r| data.batch.history(h0, r).len()).sum();
+    let keys = data.batch.sequences[h0].values.len();
+    let (flat, grouped) = train_flops(&model, &layout, data.len(), behaviours, keys);
+    let report = serde_json::json!({
+        "file": path,
+        "file_bytes": std::fs::metadata(&path).map(|m| m.len()).ok(),
+        "rows": data.len(),
+        "groups": data.batch.group_count(),
+        "history_ids_stored": ids,
+        "seconds": seconds,
+        "rows_per_second": data.len() as f64 / seconds.max(1e-9),
+        "peak_rss_mib": peak,
+        "behaviours": behaviours,
+        "history_rows_stored": keys,
+        "train_gflop_per_epoch_flat": flat / 1e9,
+        "train_gflop_per_epoch_grouped": grouped / 1e9,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{}: {} rows in {} groups, {ids} history ids stored, read in {seconds:.2} s ({:.0} rows/s), peak RSS {}",
+            path.display(),
+            data.len(),
+            data.batch.group_count(),
+            data.len() as f64 / seconds.max(1e-9),
+            peak.map_or("n/a".to_string(), |m| format!("{m:.1} MiB"))
+        );
+        println!(
+            "training products: {:.2} GFLOP per epoch with every row's own history, {:.2} with each stored history's first-layer term once ({:.1}% fewer)",
+            flat / 1e9,
+            grouped / 1e9,
+            100.0 * (1.0 - grouped / flat.max(1e-9))
+        );
+    }
+    Ok(())
 }
 
 const CONFIG: &str = r#"# Written by `din bench gen`: the tutorial's model on synthetic data.
@@ -109,7 +183,7 @@ train = "samples.tsv"
 
 [input]
 header = true
-
+LAYOUT
 [schema]
 label = "label"
 user = "user_id"
@@ -163,14 +237,28 @@ fn generate(a: &GenArgs) -> Result<()> {
                 let _ = write!(items, "{sep}{h}");
                 let _ = write!(cates, "{sep}{}", category[h as usize]);
             }
+            let mut group: Vec<(u32, u32, u8)> = Vec::with_capacity(a.candidates);
             for _ in 0..a.candidates {
                 let item = rng.gen_range(1..=a.items);
                 let cate = category[item as usize];
                 // Learnable signal: clicks are likelier when the category is in the history.
                 let seen = hist.iter().any(|&h| category[h as usize] == cate);
                 let label = u8::from(rng.gen::<f32>() < if seen { 0.6 } else { 0.15 });
-                writeln!(w, "{user}\t{item}\t{cate}\t{items}\t{cates}\t{label}")?;
+                group.push((item, cate, label));
                 rows += 1;
+            }
+            if a.grouped {
+                let join = |f: &dyn Fn(&(u32, u32, u8)) -> String| group.iter().map(f).collect::<Vec<_>>().join("|");
+                let (i, c, l) = (
+                    join(&|g| g.0.to_string()),
+                    join(&|g| g.1.to_string()),
+                    join(&|g| g.2.to_string()),
+                );
+                writeln!(w, "{user}\t{i}\t{c}\t{items}\t{cates}\t{l}")?;
+            } else {
+                for (item, cate, label) in group {
+                    writeln!(w, "{user}\t{item}\t{cate}\t{items}\t{cates}\t{label}")?;
+                }
             }
         }
         Ok(())
@@ -179,7 +267,8 @@ fn generate(a: &GenArgs) -> Result<()> {
         .replace("USERS", &(a.users + 1).to_string())
         .replace("ITEMS", &(a.items + 1).to_string())
         .replace("CATES", &(a.categories + 1).to_string())
-        .replace("MAXLEN", &a.max_len.to_string());
+        .replace("MAXLEN", &a.max_len.to_string())
+        .replace("LAYOUT", if a.grouped { "layout = \"grouped\"\n" } else { "" });
     write_atomic(&a.out.join("config.toml"), config.as_bytes())?;
     println!("wrote {rows} samples to {} and config.toml", path.display());
     Ok(())
@@ -203,6 +292,17 @@ fn forward_flops(model: &Din, layout: &Layout, samples: usize, behaviours: usize
     per_behaviour * behaviours as f64 + per_sample * samples as f64
 }
 
+/// Multiply-adds x 2 of one training step's products over the data
+/// (forward, and twice its products backward), flat: every sample's own
+/// copy of its history. Grouped, the keys' share of the first attention
+/// layer (`k·Wk'` forward, `dWk'` and `dk` backward) is computed once per
+/// stored history row (`keys`) instead of once per (sample, behaviour) row.
+fn train_flops(model: &Din, layout: &Layout, samples: usize, behaviours: usize, keys: usize) -> (f64, f64) {
+    let flat = 3.0 * forward_flops(model, layout, samples, behaviours);
+    let key_term = 2.0 * (layout.query_dim() * model.attention.first.linear.output_dim()) as f64;
+    (flat, flat - 3.0 * key_term * behaviours.saturating_sub(keys) as f64)
+}
+
 /// Peak resident memory of this process in MiB (Linux), if known.
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -218,7 +318,11 @@ fn measure(a: &RunArgs) -> Result<()> {
     sets.push(format!("train.threads={}", a.threads));
     let config = Config::from_toml_file_with(path, &sets)?;
     let data = load_training_data(&config)?;
-    let behaviours = data.train.batch.sequences[data.layout.pairs[0].1].values.len();
+    // (query, behaviour) rows: a grouped file's histories count once per candidate.
+    let h0 = data.layout.pairs[0].1;
+    let behaviours: usize = (0..data.train.len())
+        .map(|r| data.train.batch.history(h0, r).len())
+        .sum();
     let n = data.train.len();
 
     let policy = a
@@ -238,6 +342,8 @@ fn measure(a: &RunArgs) -> Result<()> {
     let model = outcome.model;
     let pool = thread_pool(a.threads)?;
     let flops_forward = forward_flops(&model, &data.layout, n, behaviours);
+    let keys = data.train.batch.sequences[h0].values.len();
+    let (flops_flat, flops_grouped) = train_flops(&model, &data.layout, n, behaviours, keys);
 
     let (infer_sps, latencies, gemm_gflops, candidates_per_second, json_latencies) = pool.install(|| {
         let start = Instant::now();
@@ -298,9 +404,7 @@ fn measure(a: &RunArgs) -> Result<()> {
         Ok::<_, anyhow::Error>((infer, lat, gemm, candidates_per_second, json_lat))
     })?;
     let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
-    let history0 = data.train.batch.sequences[data.layout.pairs[0].1]
-        .row(a.latency_row)
-        .len();
+    let history0 = data.train.batch.history(data.layout.pairs[0].1, a.latency_row).len();
     let latency_gflops = forward_flops(&model, &data.layout, 200, 200 * history0) / (p(0.5) / 1e3) / 1e9;
     // Training does the forward and about twice its products backward.
     let train_gflops = 3.0 * flops_forward / n as f64 * train_sps / 1e9;
@@ -327,6 +431,9 @@ fn measure(a: &RunArgs) -> Result<()> {
         "latency_candidates_per_second_1x200": candidates_per_second,
         "latency_useful_gflops": latency_gflops,
         "gemm_peak_gflops": gemm_gflops,
+        "groups": data.train.batch.group_count(),
+        "train_gflop_per_epoch_flat": flops_flat / 1e9,
+        "train_gflop_per_epoch_grouped": flops_grouped / 1e9,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -357,6 +464,13 @@ fn measure(a: &RunArgs) -> Result<()> {
             json_latencies[json_latencies.len() / 2]
         );
         println!("FP32 GEMM peak      {gemm_gflops:>10.1} GFLOP/s (2048^3, best of 5, same GEMM crate and threads)");
+        println!(
+            "training products   {:>10.2} GFLOP per epoch flat, {:.2} in {} groups ({:.1}% saved)",
+            flops_flat / 1e9,
+            flops_grouped / 1e9,
+            data.train.batch.group_count(),
+            100.0 * (1.0 - flops_grouped / flops_flat.max(1e-9))
+        );
         if let Some(rss) = peak_rss_mib() {
             println!("peak RSS            {rss:>10.1} MiB");
         }
@@ -429,7 +543,7 @@ fn request_body(one: &Batch, layout: &Layout) -> Result<String> {
     }
     for (h, slot) in layout.sequences.iter().enumerate() {
         if !filled(h) {
-            user.insert(slot.name.clone(), json!(one.sequences[h].row(0)));
+            user.insert(slot.name.clone(), json!(one.history(h, 0)));
         }
     }
     let candidates: Vec<Value> = (0..one.rows)

@@ -21,6 +21,11 @@ pub struct Args {
     /// Worker threads (0 = all cores; default: the training setting).
     #[arg(long)]
     threads: Option<usize>,
+    /// How the data file's lines map to samples (default: the model's
+    /// input.layout): `flat`, one sample per line; `grouped`, one group of
+    /// candidates per line.
+    #[arg(long, value_enum)]
+    layout: Option<super::LayoutArg>,
     /// Print the metrics as JSON.
     #[arg(long)]
     json: bool,
@@ -28,8 +33,11 @@ pub struct Args {
 
 /// Runs `din evaluate`.
 pub fn run(args: Args) -> Result<()> {
-    let scorer =
+    let mut scorer =
         Scorer::load(&args.model).with_context(|| format!("loading the model from {}", args.model.display()))?;
+    if let Some(layout) = args.layout {
+        scorer.config.input.layout = layout.into();
+    }
     let data = match &args.data {
         Some(path) => scorer.read(path, true)?,
         None => load_training_data(&scorer.config)?

@@ -20,3 +20,22 @@ pub fn format_metrics(prefix: &str, m: &Metrics) -> String {
         opt(m.gauc)
     )
 }
+
+/// `--layout`: how a data file's lines map to samples, overriding the
+/// model's `input.layout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayoutArg {
+    /// One sample per line.
+    Flat,
+    /// One group (a user side and its candidates) per line.
+    Grouped,
+}
+
+impl From<LayoutArg> for din::schema::InputLayout {
+    fn from(l: LayoutArg) -> Self {
+        match l {
+            LayoutArg::Flat => din::schema::InputLayout::Flat,
+            LayoutArg::Grouped => din::schema::InputLayout::Grouped,
+        }
+    }
+}

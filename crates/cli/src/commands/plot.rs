@@ -223,8 +223,7 @@ pub fn explain(args: ExplainArgs) -> Result<()> {
         );
     }
     let (target, hist) = layout.pairs[0];
-    let seq = &data.batch.sequences[hist];
-    let history = seq.row(args.row).to_vec();
+    let history = data.batch.history(hist, args.row).to_vec();
     if history.is_empty() {
         bail!(
             "--row {}: line {} has an empty history ({}): nothing to attend to; pick another row",
@@ -235,7 +234,7 @@ pub fn explain(args: ExplainArgs) -> Result<()> {
     }
     // The row and the following ones with the same history: its candidates.
     let rows: Vec<usize> = (args.row..data.len())
-        .take_while(|&r| seq.row(r) == history.as_slice())
+        .take_while(|&r| data.batch.history(hist, r) == history.as_slice())
         .take(args.candidates.max(1))
         .collect();
     let batch = Batch::gather(&data.batch, &rows);

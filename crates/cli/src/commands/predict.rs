@@ -22,12 +22,20 @@ pub struct Args {
     /// Worker threads (0 = all cores; default: the training setting).
     #[arg(long)]
     threads: Option<usize>,
+    /// How the data file's lines map to samples (default: the model's
+    /// input.layout): `flat`, one sample per line; `grouped`, one group of
+    /// candidates per line.
+    #[arg(long, value_enum)]
+    layout: Option<super::LayoutArg>,
 }
 
 /// Runs `din predict`.
 pub fn run(args: Args) -> Result<()> {
-    let scorer =
+    let mut scorer =
         Scorer::load(&args.model).with_context(|| format!("loading the model from {}", args.model.display()))?;
+    if let Some(layout) = args.layout {
+        scorer.config.input.layout = layout.into();
+    }
     let data = scorer.read(&args.data, false)?;
     let probs = scorer.predict(&data, args.threads.unwrap_or(scorer.config.train.threads))?;
     let mut text = String::with_capacity(probs.len() * 12);

@@ -90,6 +90,11 @@ pub struct Args {
     /// candidates.
     #[arg(long, default_value_t = 1)]
     negatives: usize,
+    /// Write one line per group of samples that share a user side (a
+    /// positive and its negatives): the grouped layout, with the
+    /// candidates' values joined by `|` (input.layout = "grouped").
+    #[arg(long)]
+    grouped: bool,
     /// Embedding width in the generated config.
     #[arg(long, default_value_t = 8)]
     embedding_dim: usize,
@@ -215,6 +220,7 @@ pub fn run(args: Args) -> Result<()> {
         valid_per_user: args.valid_per_user.unwrap_or(test_per_user),
         user_feature: args.user_feature || (args.protocol == ProtocolArg::Rating && !args.no_user_feature),
         negatives: args.negatives,
+        grouped: args.grouped,
     };
     if let Some(g) = options.session_gap_days {
         if !(g.is_finite() && g > 0.0) {

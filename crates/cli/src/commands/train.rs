@@ -55,6 +55,11 @@ pub struct Args {
     /// the first, up to data.max_bad_rows_fraction (1%) of a file.
     #[arg(long)]
     skip_bad_rows: bool,
+    /// Common features: store the histories of consecutive rows with the
+    /// same user side once, and train on whole groups, shuffled by group
+    /// (data.group; grouped files are always read so).
+    #[arg(long)]
+    group: bool,
     /// Override a config value: `--set model.attention.hidden_units=[80,40]`,
     /// `--set model.attention.pooling=sum` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -71,7 +76,7 @@ pub struct Args {
     /// and ends with bitwise the model it would have ended with.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "config", "data", "validation", "validation_split", "out", "epochs", "batch_size",
-        "learning_rate", "seed", "threads", "keep", "skip_bad_rows", "set", "checkpoint_every",
+        "learning_rate", "seed", "threads", "keep", "skip_bad_rows", "group", "set", "checkpoint_every",
     ])]
     resume: Option<PathBuf>,
     /// Print the history as JSON on stdout instead of a table.
@@ -128,6 +133,9 @@ fn apply_overrides(config: &mut Config, args: &Args) {
     t.checkpoint_every = args.checkpoint_every.unwrap_or(t.checkpoint_every);
     if args.skip_bad_rows {
         config.data.skip_bad_rows = true;
+    }
+    if args.group {
+        config.data.group = true;
     }
     match args.keep {
         Some(KeepArg::Best) => t.keep = Keep::Best,

@@ -616,6 +616,10 @@ impl Fnv {
             self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
         }
     }
+    /// The hash so far.
+    pub fn value(&self) -> u64 {
+        self.0
+    }
     /// The hash so far, in hex.
     pub fn hex(&self) -> String {
         format!("{:016x}", self.0)

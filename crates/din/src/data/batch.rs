@@ -49,6 +49,12 @@ pub struct Batch {
     pub labels: Vec<f32>,
     /// Rows in the batch.
     pub rows: usize,
+    /// Common features (architecture.md, trick 4): when not empty, the
+    /// sequences are stored once per *group* of consecutive rows that share
+    /// them (a page view's candidates), and `groups[r]` is row `r`'s index
+    /// into every `sequences[f]`: non-decreasing, starting at 0, each group's
+    /// rows consecutive. Empty: row `r`'s sequences are row `r` of each.
+    pub groups: Vec<u32>,
 }
 
 impl Batch {
@@ -60,6 +66,46 @@ impl Batch {
     /// Whether there are no rows.
     pub fn is_empty(&self) -> bool {
         self.rows == 0
+    }
+
+    /// Whether the sequences are stored once per group of rows.
+    pub fn is_grouped(&self) -> bool {
+        !self.groups.is_empty()
+    }
+
+    /// The row of `sequences[f]` holding row `r`'s sequence.
+    pub fn history_row(&self, r: usize) -> usize {
+        if self.groups.is_empty() {
+            r
+        } else {
+            self.groups[r] as usize
+        }
+    }
+
+    /// Row `r`'s ids of sequence feature `f`.
+    pub fn history(&self, f: usize, r: usize) -> &[u32] {
+        self.sequences[f].row(self.history_row(r))
+    }
+
+    /// Number of groups (rows that share their sequences); the number of
+    /// rows when the batch is not grouped.
+    pub fn group_count(&self) -> usize {
+        match self.groups.last() {
+            Some(&g) => g as usize + 1,
+            None => self.rows,
+        }
+    }
+
+    /// Where each group's rows start, then the number of rows (`[G + 1]`).
+    pub fn group_bounds(&self) -> Vec<usize> {
+        let mut bounds = Vec::with_capacity(self.group_count() + 1);
+        for r in 0..self.rows {
+            if r == 0 || self.history_row(r) != self.history_row(r - 1) {
+                bounds.push(r);
+            }
+        }
+        bounds.push(self.rows);
+        bounds
     }
 
     /// The rows at `rows`, in that order.
@@ -85,12 +131,27 @@ impl Batch {
             }
         }
         out.sequences.resize_with(self.sequences.len(), Ragged::new);
+        out.groups.clear();
+        // A grouped batch stays grouped: consecutive gathered rows of one
+        // source group share one copy of its sequences.
+        let mut kept: Vec<usize> = Vec::with_capacity(rows.len());
+        for (i, &r) in rows.iter().enumerate() {
+            let h = self.history_row(r);
+            if self.is_grouped() {
+                if i == 0 || self.history_row(rows[i - 1]) != h {
+                    kept.push(h);
+                }
+                out.groups.push(kept.len() as u32 - 1);
+            } else {
+                kept.push(h);
+            }
+        }
         for (o, s) in out.sequences.iter_mut().zip(&self.sequences) {
             o.offsets.clear();
             o.offsets.push(0);
             o.values.clear();
-            for &r in rows {
-                o.push(s.row(r));
+            for &h in &kept {
+                o.push(s.row(h));
             }
         }
         out.labels.clear();

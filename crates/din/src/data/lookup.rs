@@ -177,10 +177,10 @@ impl ItemTable {
             for (d, set) in data.iter().enumerate() {
                 let batch = &set.batch;
                 for r in 0..batch.rows {
-                    let line = set.lines[r];
+                    let line = u64::from(set.lines[r]);
                     // The target, then the paired histories position by position.
                     let (keys, vals): (&[u32], &[u32]) = match f.history {
-                        Some((h, hk)) => (batch.sequences[hk].row(r), batch.sequences[h].row(r)),
+                        Some((h, hk)) => (batch.history(hk, r), batch.history(h, r)),
                         None => (&[], &[]),
                     };
                     let target = (batch.sparse[f.key][r], batch.sparse[f.feature][r]);

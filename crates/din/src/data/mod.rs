@@ -22,11 +22,11 @@ pub struct Dataset {
     /// The file the rows came from (for error messages).
     pub source: PathBuf,
     /// 1-based line number of each row in `source`.
-    pub lines: Vec<u64>,
+    pub lines: Vec<u32>,
     /// All columns used by the model.
     pub batch: Batch,
     /// Raw user ids for GAUC (when the schema names a user column).
-    pub users: Option<Vec<u64>>,
+    pub users: Option<Vec<u32>>,
     /// Malformed rows skipped while reading (with `skip_bad_rows`).
     pub skipped: SkippedRows,
 }

@@ -7,7 +7,7 @@ use std::io::BufReader;
 use std::path::Path;
 
 use super::{Batch, Dataset, Ragged};
-use crate::schema::{Config, Layout, SequenceOrder, SequenceSlot, Truncation};
+use crate::schema::{Config, InputLayout, Layout, SequenceOrder, SequenceSlot, Truncation};
 use crate::{Error, Result};
 
 /// How strictly to read.
@@ -75,6 +75,12 @@ struct ColumnMap {
 /// Reads a delimited file into a [`Dataset`]. Ids are stored as written;
 /// [`apply_vocab`](super::apply_vocab) checks them against the tables.
 ///
+/// A grouped file (`input.layout = "grouped"`, one group per line) gives
+/// one row per candidate, the line's sequences stored once for them; with
+/// `data.group`, consecutive rows of a flat file with the same user side
+/// (every sequence, and the user column) share theirs the same way (see
+/// [`Batch::groups`]).
+///
 /// Errors name the file, the line, the column and the value: a row with the
 /// wrong number of columns, a non-numeric id or value, a label other than 0
 /// or 1, a history whose paired columns differ in length, or a file without
@@ -82,6 +88,7 @@ struct ColumnMap {
 pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: ReadOptions) -> Result<Dataset> {
     let input = &config.input;
     let file = File::open(path).map_err(|e| Error::io(path, "cannot open data file", e))?;
+    let file_bytes = file.metadata().map_or(0, |m| m.len());
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(input.delimiter_byte()?)
         .has_headers(input.header)
@@ -105,6 +112,14 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
     }
     let map = ColumnMap::new(path, &columns, layout, options)?;
     let sep = input.separator_byte()? as char;
+    let grouped_file = input.layout == InputLayout::Grouped;
+    let candidates = if grouped_file {
+        Some(input.candidate_separator_byte()? as char)
+    } else {
+        None
+    };
+    let group = grouped_file || config.data.group;
+    let mut last_user: Option<String> = None;
 
     let mut batch = Batch {
         sparse: vec![Vec::new(); layout.sparse.len()],
@@ -112,16 +127,23 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         sequences: vec![Ragged::new(); layout.sequences.len()],
         labels: Vec::new(),
         rows: 0,
+        groups: Vec::new(),
     };
+    let mut row_count: usize = 0; // rows, or lines of a grouped file
     let mut lines = Vec::new();
-    let mut users: Option<Vec<u64>> = map.user.map(|_| Vec::new());
-    let mut user_ids: HashMap<String, u64> = HashMap::new();
+    let mut users: Option<Vec<u32>> = map.user.map(|_| Vec::new());
+    // Dense user ids for GAUC, keyed by a 64-bit hash of the raw value
+    // rather than the value itself: the map holds 12 bytes a user, not a
+    // string; two users would be merged only on a 64-bit collision.
+    let mut user_ids: HashMap<u64, u32> = HashMap::new();
     let mut record = csv::StringRecord::new();
     let mut ids: Vec<u32> = Vec::with_capacity(64);
     let mut row = Row {
-        sparse: Vec::with_capacity(layout.sparse.len()),
+        sparse: vec![Vec::new(); layout.sparse.len()],
         dense: vec![Vec::new(); layout.dense.len()],
         raw: vec![Vec::new(); layout.sequences.len()],
+        labels: Vec::new(),
+        candidates: 1,
     };
     let mut skipped = SkippedRows::default();
     let pair_histories: Vec<usize> = layout.pairs.iter().map(|&(_, h)| h).collect();
@@ -146,11 +168,12 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
             layout,
             options,
             sep,
+            candidates,
             &pair_histories,
             &mut row,
         );
-        let label = match parsed {
-            Ok(label) => label,
+        match parsed {
+            Ok(()) => {}
             Err(e @ (Error::RowLength { .. } | Error::Parse { .. })) if options.skip_bad_rows.is_some() => {
                 skipped.count += 1;
                 if skipped.first.len() < SkippedRows::KEPT {
@@ -161,13 +184,45 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
             Err(e) => return Err(e),
         };
         let field = |col: usize| record[col].trim();
-        for (f, &id) in row.sparse.iter().enumerate() {
-            batch.sparse[f].push(id);
+        let n = row.candidates;
+        for (f, ids) in row.sparse.iter().enumerate() {
+            batch.sparse[f].extend((0..n).map(|c| ids[if ids.len() == 1 { 0 } else { c }]));
         }
         for (f, values) in row.dense.iter().enumerate() {
-            batch.dense[f].extend_from_slice(values);
+            let dim = layout.dense[f].1;
+            for c in 0..n {
+                let at = if values.len() == dim { 0 } else { c * dim };
+                batch.dense[f].extend_from_slice(&values[at..at + dim]);
+            }
+        }
+        // Common features: the row joins the previous row's group when its
+        // user side is the same (always a new group for a grouped line).
+        let user = map.user.map(field);
+        let joins = group
+            && !grouped_file
+            && row_count > 0
+            && user == last_user.as_deref()
+            && layout.sequences.iter().enumerate().all(|(f, slot)| {
+                ids.clear();
+                ids.extend(row.raw[f].iter().copied().filter(|&id| id != 0));
+                let s = &batch.sequences[f];
+                truncate(slot, &ids) == s.row(s.rows() - 1)
+            });
+        if group {
+            if let (Some(u), false) = (user, joins) {
+                last_user = Some(u.to_string());
+            }
+            let g = if joins {
+                batch.sequences.first().map_or(0, |s| s.rows() - 1)
+            } else {
+                batch.sequences.first().map_or(row_count, Ragged::rows)
+            };
+            batch.groups.extend(std::iter::repeat_n(g as u32, n));
         }
         for (f, slot) in layout.sequences.iter().enumerate() {
+            if joins {
+                break;
+            }
             ids.clear();
             ids.extend(row.raw[f].iter().copied().filter(|&id| id != 0)); // 0 is padding: not stored
             let kept = truncate(slot, &ids);
@@ -183,18 +238,34 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
             }
             batch.sequences[f].push(kept);
         }
-        if let Some(y) = label {
-            batch.labels.push(y);
-        }
+        batch.labels.extend_from_slice(&row.labels);
         if let (Some(col), Some(users)) = (map.user, users.as_mut()) {
-            let next = user_ids.len() as u64;
-            users.push(*user_ids.entry(field(col).to_string()).or_insert(next));
+            let next = user_ids.len() as u32;
+            let mut h = crate::checkpoint::Fnv::new();
+            h.write(field(col).as_bytes());
+            let id = *user_ids.entry(h.value()).or_insert(next);
+            users.extend(std::iter::repeat_n(id, n));
         }
-        lines.push(line);
-        batch.rows += 1;
+        // Line numbers are 32-bit, like the history offsets.
+        let Ok(line32) = u32::try_from(line) else {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                line,
+                column: String::new(),
+                value: String::new(),
+                reason: "the file has more than 4294967295 lines; split it".into(),
+            });
+        };
+        lines.extend(std::iter::repeat_n(line32, n));
+        batch.rows += n;
+        row_count += 1;
+        if row_count == RESERVE_AFTER {
+            let read = record.position().map_or(0, |p| p.byte());
+            reserve_for_file(&mut batch, &mut lines, users.as_mut(), file_bytes, read);
+        }
     }
     if let Some(limit) = options.skip_bad_rows {
-        skipped.check_limit(path, batch.rows + skipped.count, limit)?;
+        skipped.check_limit(path, row_count + skipped.count, limit)?;
     }
     if batch.rows == 0 {
         return Err(Error::EmptyFile {
@@ -210,14 +281,72 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
     })
 }
 
-/// One row's parsed columns, before they join the batch.
-struct Row {
-    sparse: Vec<u32>,
-    dense: Vec<Vec<f32>>,
-    raw: Vec<Vec<u32>>,
+/// Lines read before the columns are sized for the whole file.
+const RESERVE_AFTER: usize = 1024;
+
+/// Sizes every column for the whole file, estimated from its first
+/// bytes (`bytes_read`) with a margin, so that the
+/// columns do not grow by doubling: each doubling copies the column and
+/// leaves the old buffer to the allocator, which can hold twice the data's
+/// memory at the peak. Capacity never written to is address space only,
+/// not resident memory; a column that outgrows the estimate grows as usual.
+fn reserve_for_file(
+    batch: &mut Batch,
+    lines: &mut Vec<u32>,
+    users: Option<&mut Vec<u32>>,
+    file_bytes: u64,
+    bytes_read: u64,
+) {
+    if bytes_read == 0 || file_bytes <= bytes_read {
+        return;
+    }
+    // 1.5 x the estimated total, over the part still to read.
+    let scale = 1.5 * file_bytes as f64 / bytes_read as f64;
+    let more = |have: usize| (have as f64 * scale) as usize - have;
+    for c in &mut batch.sparse {
+        c.reserve(more(c.len()));
+    }
+    for c in &mut batch.dense {
+        c.reserve(more(c.len()));
+    }
+    for s in &mut batch.sequences {
+        s.values.reserve(more(s.values.len()));
+        s.offsets.reserve(more(s.offsets.len()));
+    }
+    batch.labels.reserve(more(batch.labels.len()));
+    batch.groups.reserve(more(batch.groups.len()));
+    lines.reserve(more(lines.len()));
+    if let Some(u) = users {
+        u.reserve(more(u.len()));
+    }
 }
 
-/// Parses one record into `row`; returns its label (when required).
+/// One line's parsed columns, before they join the batch: one value per
+/// column, or (a grouped line) one per candidate.
+struct Row {
+    /// Per sparse feature: one id, or one per candidate.
+    sparse: Vec<Vec<u32>>,
+    /// Per dense feature: `dim` values, or `dim` per candidate.
+    dense: Vec<Vec<f32>>,
+    raw: Vec<Vec<u32>>,
+    /// One label per candidate (none when not required).
+    labels: Vec<f32>,
+    /// Samples on the line: 1, or a grouped line's candidates.
+    candidates: usize,
+}
+
+/// The values of a field: the whole field, or (a grouped line, `split`
+/// being the candidate separator) one per candidate.
+fn pieces(v: &str, split: Option<char>) -> impl Iterator<Item = &str> {
+    let mut all = Some(v);
+    let mut parts = split.map(|c| v.split(c));
+    std::iter::from_fn(move || match &mut parts {
+        Some(p) => p.next().map(str::trim),
+        None => all.take(),
+    })
+}
+
+/// Parses one record into `row` (with its labels, when required).
 #[allow(clippy::too_many_arguments)]
 fn parse_row(
     record: &csv::StringRecord,
@@ -227,9 +356,10 @@ fn parse_row(
     layout: &Layout,
     options: ReadOptions,
     sep: char,
+    candidates: Option<char>,
     pair_histories: &[usize],
     row: &mut Row,
-) -> Result<Option<f32>> {
+) -> Result<()> {
     if record.len() != map.width {
         return Err(Error::RowLength {
             path: path.to_path_buf(),
@@ -246,35 +376,74 @@ fn parse_row(
         value: value.to_string(),
         reason: reason.to_string(),
     };
-    row.sparse.clear();
+    // A grouped line's candidates: the most values any column holds.
+    let count = |col: usize| candidates.map_or(1, |c| field(col).split(c).count());
+    let label_col = map.label.filter(|_| options.require_label);
+    let n = map
+        .sparse
+        .iter()
+        .chain(&map.dense)
+        .chain(&label_col)
+        .map(|&col| count(col))
+        .max()
+        .unwrap_or(1);
+    let per_candidate = |name: &str, col: usize| -> Result<()> {
+        match count(col) {
+            1 => Ok(()),
+            k if k == n => Ok(()),
+            k => Err(bad(
+                name,
+                field(col),
+                &format!("holds {k} candidates' values, but another column of the line holds {n}: give one value for all, or one per candidate"),
+            )),
+        }
+    };
+    row.candidates = n;
     for (f, &col) in map.sparse.iter().enumerate() {
         let name = &layout.sparse[f].name;
-        let v = field(col);
-        row.sparse.push(parse_id(v).map_err(|r| bad(name, v, r))?);
+        per_candidate(name, col)?;
+        let out = &mut row.sparse[f];
+        out.clear();
+        for v in pieces(field(col), candidates) {
+            out.push(parse_id(v).map_err(|r| bad(name, v, r))?);
+        }
     }
     for (f, &col) in map.dense.iter().enumerate() {
         let (name, dim) = (&layout.dense[f].0, layout.dense[f].1);
-        let v = field(col);
+        per_candidate(name, col)?;
         let out = &mut row.dense[f];
         out.clear();
-        for piece in v.split(sep) {
-            let x: f32 = piece.trim().parse().map_err(|_| bad(name, v, "not a number"))?;
-            if !x.is_finite() {
-                return Err(bad(name, v, "not a finite number"));
+        for v in pieces(field(col), candidates) {
+            let before = out.len();
+            for piece in v.split(sep) {
+                let x: f32 = piece.trim().parse().map_err(|_| bad(name, v, "not a number"))?;
+                if !x.is_finite() {
+                    return Err(bad(name, v, "not a finite number"));
+                }
+                out.push(x);
             }
-            out.push(x);
-        }
-        if out.len() != dim {
-            return Err(bad(
-                name,
-                v,
-                &format!("expected {dim} values separated by {sep:?}, found {}", out.len()),
-            ));
+            if out.len() - before != dim {
+                return Err(bad(
+                    name,
+                    v,
+                    &format!(
+                        "expected {dim} values separated by {sep:?}, found {}",
+                        out.len() - before
+                    ),
+                ));
+            }
         }
     }
     for (f, &col) in map.sequences.iter().enumerate() {
         let slot = &layout.sequences[f];
         let v = field(col);
+        if let Some(c) = candidates.filter(|&c| v.contains(c)) {
+            return Err(bad(
+                &slot.name,
+                v,
+                &format!("a grouped line's history is the group's, one for all its candidates: it cannot hold the candidate separator {c:?}"),
+            ));
+        }
         let raw = &mut row.raw[f];
         raw.clear();
         for piece in v.split(sep) {
@@ -308,17 +477,25 @@ fn parse_row(
             }
         }
     }
-    match (map.label, options.require_label) {
-        (Some(col), true) => {
-            let v = field(col);
+    row.labels.clear();
+    if let Some(col) = label_col {
+        if count(col) != n {
+            per_candidate(&layout.label, col)?;
+            return Err(bad(
+                &layout.label,
+                field(col),
+                &format!("a grouped line needs one label per candidate ({n})"),
+            ));
+        }
+        for v in pieces(field(col), candidates) {
             let y: f32 = v.parse().map_err(|_| bad(&layout.label, v, "label must be 0 or 1"))?;
             if y != 0.0 && y != 1.0 {
                 return Err(bad(&layout.label, v, "label must be 0 or 1"));
             }
-            Ok(Some(y))
+            row.labels.push(y);
         }
-        _ => Ok(None),
     }
+    Ok(())
 }
 
 impl ColumnMap {

@@ -30,12 +30,26 @@ fn id_sources<'a>(
 /// expected. Set `vocab_size` explicitly to go beyond it.
 pub const MAX_INFERRED_TABLE: usize = 1 << 30;
 
-/// The row holding the `i`-th value of a feature's ids.
-fn row_of(offsets: Option<&[u32]>, i: usize) -> usize {
+/// The rows holding the `i`-th value of a feature's ids: one row for a
+/// sparse feature, the rows sharing the history for a sequence's.
+fn rows_of(batch: &Batch, offsets: Option<&[u32]>, i: usize) -> std::ops::Range<usize> {
     match offsets {
-        None => i,
-        Some(o) => o.partition_point(|&start| start as usize <= i) - 1,
+        None => i..i + 1,
+        Some(o) => {
+            let h = o.partition_point(|&start| start as usize <= i) - 1;
+            if batch.is_grouped() {
+                let h = h as u32;
+                batch.groups.partition_point(|&g| g < h)..batch.groups.partition_point(|&g| g <= h)
+            } else {
+                h..h + 1
+            }
+        }
     }
+}
+
+/// The first row holding the `i`-th value of a feature's ids.
+fn row_of(batch: &Batch, offsets: Option<&[u32]>, i: usize) -> usize {
+    rows_of(batch, offsets, i).start
 }
 
 /// Sets each table whose vocabulary size is not given to the largest id seen
@@ -48,7 +62,7 @@ pub fn infer_vocab(layout: &mut Layout, train: &Dataset) -> Result<()> {
     for (t, name, ids, offsets) in id_sources(layout, train) {
         if let Some((i, &m)) = ids.iter().enumerate().max_by_key(|(_, id)| **id) {
             if max[t].is_none_or(|(best, _, _)| m > best) {
-                max[t] = Some((m, name, row_of(offsets, i)));
+                max[t] = Some((m, name, row_of(&train.batch, offsets, i)));
             }
         }
     }
@@ -65,7 +79,7 @@ pub fn infer_vocab(layout: &mut Layout, train: &Dataset) -> Result<()> {
         if size.saturating_mul(table.dim) > MAX_INFERRED_TABLE {
             return Err(Error::Parse {
                 path: train.source.clone(),
-                line: train.lines.get(row).copied().unwrap_or(0),
+                line: train.lines.get(row).copied().map_or(0, u64::from),
                 column,
                 value: id.to_string(),
                 reason: format!(
@@ -92,7 +106,7 @@ pub fn apply_vocab(layout: &Layout, data: &mut Dataset) -> Result<()> {
         if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
             return Err(Error::OutOfVocabulary {
                 path: data.source.clone(),
-                line: data.lines[row_of(offsets, i)],
+                line: u64::from(data.lines[row_of(&data.batch, offsets, i)]),
                 column: name.to_string(),
                 id: u64::from(id),
                 vocab_size: vocab,
@@ -134,25 +148,33 @@ pub fn drop_out_of_vocabulary(layout: &Layout, data: &mut Dataset, limit: f64) -
         }
         let vocab = table.vocab_size.unwrap_or(0);
         for (i, &id) in ids.iter().enumerate().filter(|(_, &id)| id as usize >= vocab) {
-            let row = row_of(offsets, i);
-            bad.entry(row).or_insert_with(|| Error::OutOfVocabulary {
-                path: data.source.clone(),
-                line: data.lines[row],
-                column: name.to_string(),
-                id: u64::from(id),
-                vocab_size: vocab,
-                table: table.name.clone(),
-            });
+            // A shared history's bad id drops every row that shares it.
+            for row in rows_of(&data.batch, offsets, i) {
+                bad.entry(row).or_insert_with(|| Error::OutOfVocabulary {
+                    path: data.source.clone(),
+                    line: u64::from(data.lines[row]),
+                    column: name.to_string(),
+                    id: u64::from(id),
+                    vocab_size: vocab,
+                    table: table.name.clone(),
+                });
+            }
         }
     }
     if !bad.is_empty() {
         let kept: Vec<usize> = (0..data.len()).filter(|r| !bad.contains_key(r)).collect();
         let skipped = &mut data.skipped;
-        let total = data.batch.rows + skipped.count;
-        skipped.count += bad.len();
-        skipped
-            .first
-            .extend(bad.iter().map(|(&r, e)| (data.lines[r], e.to_string())));
+        // Counted in lines: a grouped line's candidates are one line.
+        let mut lines: Vec<u32> = data.lines.clone();
+        lines.dedup();
+        let total = lines.len() + skipped.count;
+        let mut bad_lines: Vec<(u64, String)> = bad
+            .iter()
+            .map(|(&r, e)| (u64::from(data.lines[r]), e.to_string()))
+            .collect();
+        bad_lines.dedup_by_key(|(line, _)| *line);
+        skipped.count += bad_lines.len();
+        skipped.first.extend(bad_lines);
         skipped.first.sort_by_key(|(line, _)| *line);
         skipped.first.truncate(SkippedRows::KEPT);
         skipped.check_limit(&data.source, total, limit)?;
@@ -173,13 +195,30 @@ pub fn drop_out_of_vocabulary(layout: &Layout, data: &mut Dataset, limit: f64) -
 }
 
 /// How often each id of each table occurs in `data` (the n_j of the paper's
-/// mini-batch-aware regularisation). Call after [`apply_vocab`].
+/// mini-batch-aware regularisation), counted per sample: a history that a
+/// group's rows share counts once for each of them. Call after [`apply_vocab`].
 pub fn id_counts(layout: &Layout, data: &Dataset) -> Vec<Vec<u32>> {
     let mut counts: Vec<Vec<u32>> = layout.tables.iter().map(|t| vec![0; t.rows()]).collect();
-    for (t, _, ids, _) in id_sources(layout, data) {
-        for &id in ids {
-            if let Some(c) = counts[t].get_mut(id as usize) {
-                *c += 1;
+    // Rows sharing each stored history.
+    let bounds = data.batch.group_bounds();
+    let shared: Vec<u32> = bounds.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
+    for (t, _, ids, offsets) in id_sources(layout, data) {
+        match offsets {
+            Some(o) if data.batch.is_grouped() => {
+                for (h, w) in o.windows(2).enumerate() {
+                    for &id in &ids[w[0] as usize..w[1] as usize] {
+                        if let Some(c) = counts[t].get_mut(id as usize) {
+                            *c += shared.get(h).copied().unwrap_or(0);
+                        }
+                    }
+                }
+            }
+            _ => {
+                for &id in ids {
+                    if let Some(c) = counts[t].get_mut(id as usize) {
+                        *c += 1;
+                    }
+                }
             }
         }
     }

@@ -21,7 +21,7 @@ use super::auc::auc;
 /// # Panics
 ///
 /// Panics if `users`, `labels` and `scores` do not all have the same length.
-pub fn gauc(users: &[u64], labels: &[f32], scores: &[f32]) -> Option<f64> {
+pub fn gauc(users: &[u32], labels: &[f32], scores: &[f32]) -> Option<f64> {
     assert_eq!(
         users.len(),
         labels.len(),
@@ -61,7 +61,7 @@ mod tests {
     //   user 10: labels [1,0,0],   scores [0.8,0.3,0.9]
     //   user 20: labels [1,0,1,0], scores [0.6,0.2,0.4,0.4]
     //   user 30: labels [0,0],     scores [0.5,0.1]
-    const USERS: [u64; 9] = [20, 10, 30, 20, 10, 20, 30, 10, 20];
+    const USERS: [u32; 9] = [20, 10, 30, 20, 10, 20, 30, 10, 20];
     const LABELS: [f32; 9] = [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
     const SCORES: [f32; 9] = [0.6, 0.8, 0.5, 0.2, 0.3, 0.4, 0.1, 0.9, 0.4];
 

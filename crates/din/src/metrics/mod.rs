@@ -49,7 +49,7 @@ impl Metrics {
     ///
     /// Panics if `labels`, `probs` and (when given) `users` do not all have
     /// the same length.
-    pub fn compute(labels: &[f32], probs: &[f32], users: Option<&[u64]>) -> Metrics {
+    pub fn compute(labels: &[f32], probs: &[f32], users: Option<&[u32]>) -> Metrics {
         assert_eq!(
             labels.len(),
             probs.len(),
@@ -81,7 +81,7 @@ mod tests {
     //   user 10: labels [1,0,0],   scores [0.8,0.3,0.9] -> AUC 1/2, 3 imps
     //   user 20: labels [1,0,1,0], scores [0.6,0.2,0.4,0.4] -> AUC 7/8, 4 imps
     //   user 30: labels [0,0],     scores [0.5,0.1] -> one class, skipped
-    const USERS: [u64; 9] = [20, 10, 30, 20, 10, 20, 30, 10, 20];
+    const USERS: [u32; 9] = [20, 10, 30, 20, 10, 20, 30, 10, 20];
     const LABELS: [f32; 9] = [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
     const PROBS: [f32; 9] = [0.6, 0.8, 0.5, 0.2, 0.3, 0.4, 0.1, 0.9, 0.4];
 

@@ -18,7 +18,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 pub use activation::{Activation, Rowwise};
-pub use attention::{Attention, AttentionCache};
+pub use attention::{Attention, AttentionCache, Histories};
 pub use embedding::{Embedding, SparseGrad};
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpCache};
@@ -137,11 +137,10 @@ impl Din {
     ) -> &'c [f32] {
         let x = &mut cache.x;
         self.gather_inputs(batch, x, &mut cache.q, &mut cache.keys);
-        let offsets = &batch.sequences[self.layout.pairs[0].1].offsets;
-        self.attention.forward_into(
+        self.attention.forward_histories_into(
             &cache.q,
             &cache.keys,
-            offsets,
+            self.histories(batch),
             mode,
             &mut cache.attention,
             &mut cache.pooled,
@@ -151,6 +150,15 @@ impl Din {
             .forward_into(&mut cache.x, batch.rows, mode, rng, &mut cache.dnn); // [B, H]
         self.output.forward(&cache.dnn.output, batch.rows, &mut cache.logits); // [B, 1]
         &cache.logits
+    }
+
+    /// The batch's histories as the attention unit takes them: stored once
+    /// per group of a grouped batch.
+    fn histories<'b>(&self, batch: &'b Batch) -> Histories<'b> {
+        Histories {
+            offsets: &batch.sequences[self.layout.pairs[0].1].offsets,
+            of_sample: batch.is_grouped().then_some(batch.groups.as_slice()),
+        }
     }
 
     /// The DNN input `[B, Din]` without the pooled histories and unpaired
@@ -180,8 +188,9 @@ impl Din {
             }
             col += dim;
         }
-        // Attention: query = concatenated targets, keys = concatenated histories per position.
-        let n = batch.sequences[l.pairs[0].1].offsets[b] as usize;
+        // Attention: query = concatenated targets, keys = concatenated
+        // histories per position (once per group of a grouped batch).
+        let n = batch.sequences[l.pairs[0].1].values.len();
         q.clear();
         q.resize(b * dq, 0.0); // [B, Dq]
         keys.clear();
@@ -218,9 +227,8 @@ impl Din {
         for s in l.unpaired_sequences() {
             let table = &self.embeddings[l.sequences[s].table];
             let dim = table.dim();
-            let seq = &batch.sequences[s];
             for r in 0..b {
-                let ids = seq.row(r);
+                let ids = batch.history(s, r);
                 let out = &mut x[r * width + col..r * width + col + dim];
                 for &id in ids {
                     out.iter_mut().zip(table.row(id)).for_each(|(o, e)| *o += e);
@@ -248,20 +256,27 @@ impl Din {
     pub fn predict_with_weights(&self, batch: &Batch) -> (Vec<f32>, Vec<f32>) {
         let (mut x, mut q, mut keys) = (Vec::new(), Vec::new(), Vec::new());
         self.gather_inputs(batch, &mut x, &mut q, &mut keys);
-        let offsets = &batch.sequences[self.layout.pairs[0].1].offsets;
         // Candidates of one request follow each other with the same history.
         let same_history: Vec<bool> = (0..batch.rows)
             .map(|s| {
                 s > 0
-                    && self.layout.pairs.iter().all(|&(_, h)| {
-                        let seq = &batch.sequences[h];
-                        seq.row(s) == seq.row(s - 1)
-                    })
+                    && (batch.history_row(s) == batch.history_row(s - 1)
+                        || self
+                            .layout
+                            .pairs
+                            .iter()
+                            .all(|&(_, h)| batch.history(h, s) == batch.history(h, s - 1)))
             })
             .collect();
         let (mut pooled, mut weights) = (Vec::new(), Vec::new());
-        self.attention
-            .infer(&q, &keys, offsets, Some(&same_history), &mut pooled, &mut weights);
+        self.attention.infer_histories(
+            &q,
+            &keys,
+            self.histories(batch),
+            Some(&same_history),
+            &mut pooled,
+            &mut weights,
+        );
         self.finish_inputs(batch, &pooled, &mut x);
         let dnn = self.dnn.forward(x, batch.rows, Mode::Infer, None);
         let mut logits = Vec::new();
@@ -294,10 +309,31 @@ impl Din {
             g.dim = e.dim();
         }
         let mut col = 0;
+        let mut run = Vec::new();
         for (f, slot) in l.sparse.iter().enumerate() {
             let dim = self.embeddings[slot.table].dim();
-            for (r, &id) in batch.sparse[f].iter().enumerate() {
-                grads[slot.table].add(id, &dx[r * width + col..r * width + col + dim]);
+            let ids = &batch.sparse[f];
+            let mut r = 0;
+            while r < b {
+                // In a grouped batch, a user feature's rows of one group
+                // (one id) are summed first and added to its row once.
+                let mut end = r + 1;
+                while batch.is_grouped() && end < b && ids[end] == ids[r] && batch.groups[end] == batch.groups[r] {
+                    end += 1;
+                }
+                if end == r + 1 {
+                    grads[slot.table].add(ids[r], &dx[r * width + col..r * width + col + dim]);
+                } else {
+                    run.clear();
+                    run.resize(dim, 0.0f32);
+                    for i in r..end {
+                        run.iter_mut()
+                            .zip(&dx[i * width + col..i * width + col + dim])
+                            .for_each(|(a, g)| *a += g);
+                    }
+                    grads[slot.table].add(ids[r], &run);
+                }
+                r = end;
             }
             col += dim;
         }
@@ -328,10 +364,9 @@ impl Din {
         for s in l.unpaired_sequences() {
             let table = l.sequences[s].table;
             let dim = self.embeddings[table].dim();
-            let seq = &batch.sequences[s];
             let mut g = vec![0.0f32; dim];
             for r in 0..b {
-                let ids = seq.row(r);
+                let ids = batch.history(s, r);
                 if ids.is_empty() {
                     continue;
                 }

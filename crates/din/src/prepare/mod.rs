@@ -84,6 +84,10 @@ pub struct PrepareOptions {
     /// view's candidates; see issue 13's common feature trick). 1, the
     /// paper's, by default.
     pub negatives: usize,
+    /// Write the grouped layout: one line per run of samples with the same
+    /// user side (user, profile, histories, time), the candidates' item,
+    /// category and label joined by `|` (`input.layout = "grouped"`).
+    pub grouped: bool,
 }
 
 impl Default for PrepareOptions {
@@ -102,6 +106,7 @@ impl Default for PrepareOptions {
             valid_per_user: 1,
             user_feature: false,
             negatives: 1,
+            grouped: false,
         }
     }
 }

@@ -10,8 +10,8 @@ use super::{Log, PrepareOptions};
 use crate::checkpoint::{write_atomic, write_atomic_with};
 use crate::data::{ItemColumn, ItemTable};
 use crate::schema::{
-    Config, DataConfig, DenseFeature, DinPair, EarlyStoppingConfig, InputConfig, Keep, ModelConfig, Monitor, Oov,
-    Schema, SequenceFeature, SequenceOrder, SparseFeature, TrainConfig, Truncation,
+    Config, DataConfig, DenseFeature, DinPair, EarlyStoppingConfig, InputConfig, InputLayout, Keep, ModelConfig,
+    Monitor, Oov, Schema, SequenceFeature, SequenceOrder, SparseFeature, TrainConfig, Truncation,
 };
 use crate::{Error, Result};
 
@@ -107,8 +107,14 @@ pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, ou
     for (name, rows) in files {
         write_atomic_with(&out_dir.join(name), |w| {
             writeln!(w, "{}", header.join("\t"))?;
-            for s in rows.iter() {
-                write_row(w, s, options)?;
+            if options.grouped {
+                for group in groups(rows) {
+                    write_group(w, group, options)?;
+                }
+            } else {
+                for s in rows.iter() {
+                    write_row(w, s, options)?;
+                }
             }
             Ok(())
         })?;
@@ -236,6 +242,29 @@ fn join<T: std::fmt::Display>(v: &[T]) -> String {
 }
 
 fn write_row(w: &mut impl Write, s: &Sample, options: &PrepareOptions) -> std::io::Result<()> {
+    write_group(w, std::slice::from_ref(s), options)
+}
+
+/// Runs of consecutive samples with the same user side: everything but
+/// the candidate (item, category) and the label.
+fn groups(rows: &[Sample]) -> impl Iterator<Item = &[Sample]> {
+    let same = |a: &Sample, b: &Sample| {
+        a.user == b.user
+            && a.profile == b.profile
+            && a.hist_items == b.hist_items
+            && a.hist_categories == b.hist_categories
+            && a.hist_times == b.hist_times
+            && a.time == b.time
+            && a.days_since_prev.to_bits() == b.days_since_prev.to_bits()
+    };
+    rows.chunk_by(move |a, b| same(a, b))
+}
+
+/// One line: a sample, or (grouped layout) a run of samples sharing their
+/// user side, whose items, categories and labels are joined by `|`.
+fn write_group(w: &mut impl Write, group: &[Sample], options: &PrepareOptions) -> std::io::Result<()> {
+    let s = &group[0];
+    let candidates = |f: &dyn Fn(&Sample) -> String| group.iter().map(f).collect::<Vec<_>>().join("|");
     write!(w, "{}", s.user)?;
     for p in &s.profile {
         write!(w, "\t{p}")?;
@@ -243,8 +272,8 @@ fn write_row(w: &mut impl Write, s: &Sample, options: &PrepareOptions) -> std::i
     write!(
         w,
         "\t{}\t{}\t{}\t{}",
-        s.item,
-        s.category,
+        candidates(&|s| s.item.to_string()),
+        candidates(&|s| s.category.to_string()),
         join(&s.hist_items),
         join(&s.hist_categories)
     )?;
@@ -255,7 +284,7 @@ fn write_row(w: &mut impl Write, s: &Sample, options: &PrepareOptions) -> std::i
     if options.history_times {
         write!(w, "\t{}", join(&s.hist_times))?;
     }
-    writeln!(w, "\t{}", s.label)
+    writeln!(w, "\t{}", candidates(&|s| s.label.to_string()))
 }
 
 /// The config for the written files: the tutorial's model, vocabulary
@@ -308,6 +337,11 @@ fn config(samples: &Samples, options: &PrepareOptions, with_valid: bool) -> Conf
         },
         input: InputConfig {
             header: true,
+            layout: if options.grouped {
+                InputLayout::Grouped
+            } else {
+                InputLayout::Flat
+            },
             ..InputConfig::default()
         },
         schema: Schema {

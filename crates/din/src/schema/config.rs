@@ -59,6 +59,13 @@ pub struct DataConfig {
     /// be malformed before the run stops anyway.
     #[serde(default = "default_bad_fraction", skip_serializing_if = "is_default_bad_fraction")]
     pub max_bad_rows_fraction: f64,
+    /// Common features (architecture.md, trick 4): store the sequences of
+    /// consecutive rows with the same user side (every sequence, and the
+    /// `schema.user` column when there is one) once, and train on whole
+    /// groups (`din train --group`). Grouped files
+    /// (`input.layout = "grouped"`) are always read so.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub group: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -93,6 +100,42 @@ pub struct InputConfig {
     /// Off by default: a stray quote then cannot swallow delimiters or rows.
     #[serde(default)]
     pub quoting: bool,
+    /// How rows are written: one sample per line, or one group per line.
+    #[serde(default, skip_serializing_if = "is_flat")]
+    pub layout: InputLayout,
+    /// Grouped layout: separator between the candidates' values in one
+    /// field (the label and the candidate side's features).
+    #[serde(
+        default = "default_candidate_separator",
+        skip_serializing_if = "is_default_candidate_separator"
+    )]
+    pub candidate_separator: String,
+}
+
+/// How a data file's lines map to samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputLayout {
+    /// One sample per line.
+    #[default]
+    Flat,
+    /// One group per line (a page view: one user side, several
+    /// candidates). The columns are the flat layout's; the label holds one
+    /// value per candidate, separated by `input.candidate_separator`
+    /// (`1|0|0`), and so does every sparse or dense column that differs
+    /// between the candidates (`112|38|151`); a column with one value is
+    /// every candidate's. Sequences hold one history, the group's.
+    Grouped,
+}
+
+fn is_flat(l: &InputLayout) -> bool {
+    *l == InputLayout::Flat
+}
+fn default_candidate_separator() -> String {
+    "|".into()
+}
+fn is_default_candidate_separator(s: &String) -> bool {
+    *s == default_candidate_separator()
 }
 
 impl Default for InputConfig {
@@ -103,6 +146,8 @@ impl Default for InputConfig {
             columns: Vec::new(),
             sequence_separator: default_sequence_separator(),
             quoting: false,
+            layout: InputLayout::Flat,
+            candidate_separator: default_candidate_separator(),
         }
     }
 }
@@ -692,6 +737,7 @@ impl Default for DataConfig {
             items: None,
             skip_bad_rows: false,
             max_bad_rows_fraction: default_bad_fraction(),
+            group: false,
         }
     }
 }
@@ -719,6 +765,20 @@ impl InputConfig {
     /// The sequence separator as one byte.
     pub fn separator_byte(&self) -> Result<u8> {
         single_byte("input.sequence_separator", &self.sequence_separator)
+    }
+
+    /// The candidate separator as one byte, distinct from the delimiter and
+    /// the sequence separator.
+    pub fn candidate_separator_byte(&self) -> Result<u8> {
+        let c = single_byte("input.candidate_separator", &self.candidate_separator)?;
+        if c == self.delimiter_byte()? || c == self.separator_byte()? {
+            return Err(Error::config(
+                "input.candidate_separator",
+                format!("{:?}", self.candidate_separator),
+                "must differ from input.delimiter and input.sequence_separator",
+            ));
+        }
+        Ok(c)
     }
 }
 

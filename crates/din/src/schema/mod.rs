@@ -10,7 +10,7 @@ mod layout;
 
 pub use config::{
     ActivationKind, AttentionConfig, Config, DataConfig, DenseFeature, DinPair, DnnConfig, EarlyStoppingConfig,
-    InputConfig, Keep, ModelConfig, Monitor, Normalization, OnNonFinite, Oov, OptimizerKind, Pooling,
+    InputConfig, InputLayout, Keep, ModelConfig, Monitor, Normalization, OnNonFinite, Oov, OptimizerKind, Pooling,
     RegularizationConfig, RegularizationKind, Schema, SequenceFeature, SequenceOrder, SparseFeature, TrainConfig,
     Truncation, DEFAULT_EMBEDDING_DIM,
 };

@@ -132,6 +132,7 @@ impl Scorer {
             sequences: vec![Ragged::new(); l.sequences.len()],
             labels: Vec::new(),
             rows: n,
+            groups: Vec::new(),
         };
         let item_of = |i: usize| l.item_features.iter().find(|f| f.feature == i);
         // Ordinary features first: an item feature follows from its item.

@@ -152,8 +152,12 @@ pub struct TrainState {
     pub best_model: Option<Din>,
     /// The optimizer and its moments.
     pub optimizer: Optimizer,
-    /// The epoch's row order.
+    /// The epoch's row order (of groups, for grouped data: batches keep
+    /// them whole).
     pub order: Vec<usize>,
+    /// Batches of the epochs before `epoch` (their number depends on the
+    /// order when groups of different sizes fill them).
+    pub batches_before: u64,
 }
 
 /// What `state.json` holds.
@@ -166,6 +170,10 @@ struct StateFile {
     data: Vec<DataFingerprint>,
     epoch: usize,
     batches_done: usize,
+    /// Absent in checkpoints of before grouped training: then
+    /// `(epoch - 1) * ceil(rows / batch_size)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batches_before: Option<u64>,
     epoch_done: bool,
     finished: bool,
     stopped_early: bool,
@@ -282,6 +290,7 @@ pub(crate) fn write(
         data: data.to_vec(),
         epoch: state.epoch,
         batches_done: state.batches_done,
+        batches_before: Some(state.batches_before),
         epoch_done: state.epoch_done,
         finished: state.finished,
         stopped_early: state.stopped_early,
@@ -501,6 +510,10 @@ pub fn read(path: &Path) -> Result<Resumable> {
         model,
         best_model,
         optimizer,
+        batches_before: file.batches_before.unwrap_or_else(|| {
+            let per_epoch = order.len().div_ceil(file.config.train.batch_size.max(1));
+            (file.epoch.saturating_sub(1) * per_epoch) as u64
+        }),
         order,
     };
     Ok(Resumable {

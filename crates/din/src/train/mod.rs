@@ -199,7 +199,7 @@ pub fn fit_with(
         _ => DataFingerprint::of_config(&data.config)?,
     };
     if let Some(r) = &resume {
-        r.check_data(&fingerprints, data.train.len())?;
+        r.check_data(&fingerprints, data.train.batch.group_count())?;
     } else if let Some(policy) = checkpoints {
         if let Some((earlier, _)) = checkpoints::latest(&policy.dir).ok().flatten() {
             if !earlier.state.finished {
@@ -287,9 +287,37 @@ impl TrainState {
             optimizer: Optimizer::new(tc.optimizer, tc.learning_rate, &model),
             model,
             best_model: None,
-            order: (0..data.train.len()).collect(),
+            // Groups, for grouped data: batches keep them whole.
+            order: (0..data.train.batch.group_count()).collect(),
+            batches_before: 0,
         })
     }
+}
+
+/// Where each batch starts in `order`, then `order.len()`: `batch_size`
+/// rows each, or (grouped data, `groups` holding where each group's rows
+/// start) whole groups, as many as fit in `batch_size` rows; a group larger
+/// than that is a batch of its own.
+fn batch_bounds(order: &[usize], groups: Option<&[usize]>, batch_size: usize) -> Vec<usize> {
+    let Some(g) = groups else {
+        let mut b: Vec<usize> = (0..order.len()).step_by(batch_size.max(1)).collect();
+        b.push(order.len());
+        return b;
+    };
+    let mut bounds = vec![0];
+    let mut filled = 0;
+    for (i, &u) in order.iter().enumerate() {
+        let size = g[u + 1] - g[u];
+        if filled > 0 && filled + size > batch_size {
+            bounds.push(i);
+            filled = 0;
+        }
+        filled += size;
+    }
+    if bounds[bounds.len() - 1] != order.len() {
+        bounds.push(order.len());
+    }
+    bounds
 }
 
 /// A random stream of the run: `stream` of `seed`, at `position`.
@@ -319,7 +347,11 @@ fn run(
     let mut cache = DinCache::default();
     let mut batch = Batch::default();
     let mut emb = EmbeddingGrads::new();
-    let n_batches = data.train.len().div_ceil(tc.batch_size);
+    // Grouped data: each group's rows; batches take whole groups.
+    let groups = data.train.batch.is_grouped().then(|| data.train.batch.group_bounds());
+    let mut rows: Vec<usize> = Vec::with_capacity(tc.batch_size);
+    let mut bounds = batch_bounds(&s.order, groups.as_deref(), tc.batch_size);
+    let mut n_batches = bounds.len() - 1;
     let every = checkpoints.map_or(0, |c| c.0.every);
     let save = |s: &mut TrainState,
                 shuffle: &ChaCha8Rng,
@@ -330,7 +362,7 @@ fn run(
             return Ok(());
         };
         s.rng_positions = [shuffle.get_word_pos(), dropout.get_word_pos()];
-        let done = ((s.epoch - 1) * n_batches + s.batches_done) as u64;
+        let done = s.batches_before + s.batches_done as u64;
         let path = checkpoints::write(policy, &data.config, fingerprints, s, done, &mut |step| {
             observer.on_checkpoint_step(step)
         })?;
@@ -344,12 +376,15 @@ fn run(
                 s.finished = true;
                 break;
             }
+            s.batches_before += s.batches_done as u64;
             s.epoch += 1;
             s.epoch_done = false;
             (s.batches_done, s.loss_sum, s.skipped, s.seconds) = (0, 0.0, 0, 0.0);
             if tc.shuffle {
                 s.order.shuffle(&mut shuffle_rng);
             }
+            bounds = batch_bounds(&s.order, groups.as_deref(), tc.batch_size);
+            n_batches = bounds.len() - 1;
         }
         let epoch = s.epoch;
         let start = Instant::now()
@@ -357,8 +392,15 @@ fn run(
             .unwrap_or_else(Instant::now);
         let first = s.batches_done;
         for i in first..n_batches {
-            let rows = &s.order[i * tc.batch_size..((i + 1) * tc.batch_size).min(s.order.len())];
-            data.train.batch.gather_into(rows, &mut batch);
+            let units = &s.order[bounds[i]..bounds[i + 1]];
+            match &groups {
+                None => data.train.batch.gather_into(units, &mut batch),
+                Some(g) => {
+                    rows.clear();
+                    rows.extend(units.iter().flat_map(|&u| g[u]..g[u + 1]));
+                    data.train.batch.gather_into(&rows, &mut batch);
+                }
+            }
             let model = &mut s.model;
             let logits = model.forward_into(&batch, Mode::Train, Some(&mut dropout_rng), &mut cache);
             let loss = bce_with_logits(logits, &batch.labels, &mut dlogits);
@@ -394,7 +436,7 @@ fn run(
             }
             observer.on_batch(epoch, i + 1, n_batches, s.loss_sum / (i + 1 - s.skipped).max(1) as f64);
             // The epoch's last batch is followed by the epoch-end checkpoint.
-            if every > 0 && ((epoch - 1) * n_batches + i + 1).is_multiple_of(every) && i + 1 < n_batches {
+            if every > 0 && (s.batches_before + i as u64 + 1).is_multiple_of(every as u64) && i + 1 < n_batches {
                 s.seconds = start.elapsed().as_secs_f64();
                 save(&mut s, &shuffle_rng, &dropout_rng, observer)?;
             }
@@ -452,4 +494,31 @@ fn run(
         stopped_early: s.stopped_early,
         model_epoch,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_bounds;
+
+    #[test]
+    fn flat_batches_are_batch_size_rows() {
+        let order: Vec<usize> = (0..10).rev().collect();
+        assert_eq!(batch_bounds(&order, None, 4), vec![0, 4, 8, 10]);
+        assert_eq!(batch_bounds(&[], None, 4), vec![0]);
+    }
+
+    #[test]
+    fn grouped_batches_take_whole_groups_that_fit() {
+        // Groups of 3, 2, 5, 1 and 4 rows.
+        let starts = [0, 3, 5, 10, 11, 15];
+        // In order: 3+2 | 5 | 1+4 (a 6th row would not fit in 5).
+        assert_eq!(batch_bounds(&[0, 1, 2, 3, 4], Some(&starts), 5), vec![0, 2, 3, 5]);
+        // A group larger than the batch is a batch of its own.
+        assert_eq!(batch_bounds(&[3, 2, 0], Some(&starts), 4), vec![0, 1, 2, 3]);
+        // Groups of one row: the flat batches.
+        let ones: Vec<usize> = (0..=10).collect();
+        let order: Vec<usize> = (0..10).collect();
+        assert_eq!(batch_bounds(&order, Some(&ones), 4), batch_bounds(&order, None, 4));
+        assert_eq!(batch_bounds(&[], Some(&ones), 4), vec![0]);
+    }
 }

@@ -76,6 +76,7 @@ pub fn batch() -> Batch {
         ],
         labels: vec![1.0, 0.0, 0.0, 1.0],
         rows: 4,
+        groups: Vec::new(),
     }
 }
 

@@ -17,7 +17,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{softmax_in_place, Attention};
+use super::{softmax_in_place, Attention, Histories};
 use crate::model::linalg::serial;
 use crate::model::mlp::Block;
 use crate::model::{Mode, Rowwise};
@@ -44,8 +44,14 @@ thread_local! {
 pub(super) struct ChunkedState {
     /// First sample of each chunk, then the batch size.
     bounds: Vec<usize>,
-    /// The batch's history offsets, `[B + 1]`.
+    /// Where each sample's (query, behaviour) rows start, then their
+    /// count, `[B + 1]`: the histories' offsets when every sample has its own.
     offsets: Vec<u32>,
+    /// Where each sample's keys start in `keys`, `[B]`.
+    key_at: Vec<u32>,
+    /// Samples share histories (a grouped batch): a training pass computes
+    /// each history's share of the first layer once (see [`Layout::kq`]).
+    grouped: bool,
     /// `Wq + Wd`, `[D, H1]`.
     wq: Vec<f32>,
     /// `[Wk - Wd; Wp]`, `[2D, H1]`: the first layer's weight on `[k, q*k]`.
@@ -72,6 +78,10 @@ pub(super) struct ChunkedState {
 /// It also places each layer's gradients in a chunk's gradient buffer.
 struct Layout {
     d: usize,
+    /// Floats per row of the first block: `[k, q*k]` (`2D`), or only
+    /// `q*k` (`D`) when training on a grouped batch, whose keys' share of
+    /// the first layer is computed once per history, not per row.
+    kq: usize,
     widths: Vec<usize>,
     /// Start of each hidden layer's gradients in a chunk's gradient buffer,
     /// then of the score layer's, then the total length. Layer 0 holds
@@ -81,7 +91,7 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(att: &Attention) -> Self {
+    fn new(att: &Attention, compact: bool) -> Self {
         let d = att.dims().0;
         let widths: Vec<usize> = att.hidden().map(|b| b.linear.output_dim()).collect();
         let mut grad_offsets = vec![0];
@@ -93,6 +103,7 @@ impl Layout {
         grad_offsets.push(grad_offsets[grad_offsets.len() - 1] + width_in + 1);
         Layout {
             d,
+            kq: if compact { d } else { 2 * d },
             widths,
             grad_offsets,
         }
@@ -100,13 +111,13 @@ impl Layout {
 
     /// Floats per behaviour row.
     fn row_width(&self) -> usize {
-        2 * self.d + 2 * self.widths.iter().sum::<usize>() + 1
+        self.kq + 2 * self.widths.iter().sum::<usize>() + 1
     }
 
     /// Offset (in floats, for a chunk of `n` rows) of hidden layer `l`'s
     /// pre-activation; its output follows at `+ n * widths[l]`.
     fn layer(&self, l: usize, n: usize) -> usize {
-        n * (2 * self.d + 2 * self.widths[..l].iter().sum::<usize>())
+        n * (self.kq + 2 * self.widths[..l].iter().sum::<usize>())
     }
 }
 
@@ -119,6 +130,8 @@ struct Shared<'a> {
     wq: &'a [f32],
     wkp: &'a [f32],
     offsets: &'a [u32],
+    /// Where each sample's keys start, `[B]` (see [`ChunkedState::key_at`]).
+    key_at: &'a [u32],
     q: &'a [f32],
     keys: &'a [f32],
     /// Inference only: `same_history[s]` when sample `s` has the same history
@@ -135,15 +148,7 @@ struct Shared<'a> {
 
 impl<'a> Shared<'a> {
     /// A training pass (keeping what the backward pass needs, no shared histories).
-    fn new(
-        att: &'a Attention,
-        layout: &'a Layout,
-        wq: &'a [f32],
-        wkp: &'a [f32],
-        offsets: &'a [u32],
-        q: &'a [f32],
-        keys: &'a [f32],
-    ) -> Self {
+    fn new(att: &'a Attention, layout: &'a Layout, st: &'a ChunkedState, q: &'a [f32], keys: &'a [f32]) -> Self {
         Shared {
             att,
             acts: att
@@ -151,9 +156,10 @@ impl<'a> Shared<'a> {
                 .map(|b| b.activation.rowwise(b.linear.output_dim()))
                 .collect(),
             layout,
-            wq,
-            wkp,
-            offsets,
+            wq: &st.wq,
+            wkp: &st.wkp,
+            offsets: &st.offsets,
+            key_at: &st.key_at,
             q,
             keys,
             same_history: None,
@@ -168,20 +174,42 @@ impl<'a> Shared<'a> {
         (self.offsets[s0] as usize, self.offsets[s1] as usize)
     }
 
-    /// `[k, q*k]` for every behaviour of samples `s0..s1`, `[n, 2D]`.
-    fn fill_kq(&self, s0: usize, s1: usize, kq: &mut [f32]) {
+    /// Where the keys of samples `s0..s1` lie in `keys` (their histories'
+    /// rows; a grouped batch's chunks hold whole groups).
+    fn key_range(&self, s0: usize, s1: usize) -> (usize, usize) {
+        if s1 == s0 {
+            return (0, 0);
+        }
+        let last = s1 - 1;
+        let end = self.key_at[last] + self.offsets[last + 1] - self.offsets[last];
+        (self.key_at[s0] as usize, end as usize)
+    }
+
+    /// Index in `keys` of the key of row `t` of sample `s`.
+    fn key_index(&self, s: usize, t: usize) -> usize {
+        self.key_at[s] as usize + t - self.offsets[s] as usize
+    }
+
+    /// The key of row `t` of sample `s`, `[D]`.
+    fn key(&self, s: usize, t: usize) -> &'a [f32] {
         let d = self.layout.d;
+        let i = self.key_index(s, t);
+        &self.keys[i * d..(i + 1) * d]
+    }
+
+    /// `[k, q*k]` (or only `q*k`, see [`Layout::kq`]) for every behaviour
+    /// of samples `s0..s1`, `[n, kq]`.
+    fn fill_kq(&self, s0: usize, s1: usize, kq: &mut [f32]) {
+        let (d, w) = (self.layout.d, self.layout.kq);
         let base = self.offsets[s0] as usize;
         for s in s0..s1 {
             let qs = &self.q[s * d..(s + 1) * d];
             for t in self.offsets[s] as usize..self.offsets[s + 1] as usize {
-                let k = &self.keys[t * d..(t + 1) * d];
-                let row = &mut kq[(t - base) * 2 * d..(t - base + 1) * 2 * d];
-                row[..d].copy_from_slice(k);
-                row[d..]
-                    .iter_mut()
-                    .zip(qs.iter().zip(k))
-                    .for_each(|(o, (a, b))| *o = a * b);
+                let k = self.key(s, t);
+                let row = &mut kq[(t - base) * w..(t - base + 1) * w];
+                let (kpart, qk) = row.split_at_mut(w - d);
+                kpart.copy_from_slice(&k[..w - d]);
+                qk.iter_mut().zip(qs.iter().zip(k)).for_each(|(o, (a, b))| *o = a * b);
             }
         }
     }
@@ -203,7 +231,7 @@ impl<'a> Shared<'a> {
         let (d, att) = (self.layout.d, self.att);
         let (r0, r1) = self.rows(s0, s1);
         let (n, bc) = (r1 - r0, s1 - s0);
-        let (kq, mut rest) = region.split_at_mut(n * 2 * d);
+        let (kq, mut rest) = region.split_at_mut(n * self.layout.kq);
         self.fill_kq(s0, s1, kq);
         // q·Wq' + b1, once per sample.
         let h1 = self.layout.widths[0];
@@ -213,7 +241,7 @@ impl<'a> Shared<'a> {
         serial::matmul(bc, d, h1, &self.q[s0 * d..s1 * d], self.wq, aq, true); // [bc, H1]
 
         let mut input: &[f32] = kq;
-        let mut width_in = 2 * d;
+        let mut width_in = self.layout.kq;
         for (l, block) in att.hidden().enumerate() {
             let h = block.linear.output_dim();
             let (pre, tail) = std::mem::take(&mut rest).split_at_mut(n * h);
@@ -248,6 +276,27 @@ impl<'a> Shared<'a> {
                     act.add_apply_in_place(&mut pre[(t0 - r0) * h..(t1 - r0) * h], Some(hist), a);
                 }
                 input = pre;
+            } else if l == 0 && self.layout.kq == d {
+                // Training on a grouped batch: k_t·Wk' once per history row,
+                // added to every sample of its group.
+                // pre1_t = (q_b*k_t)·Wp + k_t·Wk' + (q_b·Wq' + b1)
+                let (wk, wp) = self.wkp.split_at(d * h);
+                serial::matmul(n, d, h, input, wp, pre, false); // [n, H1]
+                let (k0, k1_end) = self.key_range(s0, s1);
+                let k1 = &mut k1[..(k1_end - k0) * h];
+                serial::matmul(k1_end - k0, d, h, &self.keys[k0 * d..k1_end * d], wk, k1, false); // [nk, H1]
+                for s in s0..s1 {
+                    let (t0, t1) = self.rows(s, s + 1);
+                    let rows = (t0 - r0) * h..(t1 - r0) * h;
+                    let kl = self.key_at[s] as usize - k0;
+                    pre[rows.clone()]
+                        .iter_mut()
+                        .zip(&k1[kl * h..])
+                        .for_each(|(p, k)| *p += k);
+                    let a = &aq[(s - s0) * h..(s - s0 + 1) * h];
+                    act.add_bias_apply(&mut pre[rows.clone()], a, &mut out[rows]);
+                }
+                input = out;
             } else if l == 0 {
                 // pre1_t = [k_t, q_b*k_t]·[Wk'; Wp] + (q_b·Wq' + b1)
                 serial::matmul(n, 2 * d, h, input, self.wkp, pre, false); // [n, H1]
@@ -288,16 +337,16 @@ impl<'a> Shared<'a> {
             }
             let p = &mut pooled[(s - s0) * d..(s - s0 + 1) * d];
             for (t, &w) in (t0..t1).zip(ws.iter()) {
-                p.iter_mut()
-                    .zip(&self.keys[t * d..(t + 1) * d])
-                    .for_each(|(p, k)| *p += w * k);
+                p.iter_mut().zip(self.key(s, t)).for_each(|(p, k)| *p += w * k);
             }
         }
     }
 
     /// Backward pass of samples `s0..s1` from their `dpooled` (`[bc, D]`):
-    /// writes `dq` (`[bc, D]`) and `dk` (`[n, D]`), adds the weight
-    /// gradients to `grads`. Consumes `region` (it is reused for gradients).
+    /// writes `dq` (`[bc, D]`) and `dk` (`[nk, D]`, the keys of
+    /// [`Shared::key_range`]), adds the weight gradients to `grads`.
+    /// Consumes `region` (it is reused for gradients). A grouped batch's
+    /// history term needs `dk1` of at least `[nk, H1]`.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -310,10 +359,13 @@ impl<'a> Shared<'a> {
         grads: &mut [f32],
         dq: &mut [f32],
         dk: &mut [f32],
+        dk1: &mut [f32],
     ) {
         let (d, att, lay) = (self.layout.d, self.att, self.layout);
         let (r0, r1) = self.rows(s0, s1);
-        let (n, bc) = (r1 - r0, s1 - s0);
+        let n = r1 - r0;
+        let (k0, k_end) = self.key_range(s0, s1);
+        dk.iter_mut().for_each(|v| *v = 0.0);
         let layers = lay.widths.len();
         let score_at = lay.layer(layers, n);
         let (region, dscore) = region.split_at_mut(score_at);
@@ -323,13 +375,14 @@ impl<'a> Shared<'a> {
             let g = &dpooled[(s - s0) * d..(s - s0 + 1) * d];
             let (t0, t1) = self.rows(s, s + 1);
             for t in t0..t1 {
-                let k = &self.keys[t * d..(t + 1) * d];
+                let k = self.key(s, t);
                 dscore[t - r0] = g.iter().zip(k).map(|(a, b)| a * b).sum();
                 let w = weights[t - r0];
-                dk[(t - r0) * d..(t - r0 + 1) * d]
+                let kl = self.key_index(s, t) - k0;
+                dk[kl * d..(kl + 1) * d]
                     .iter_mut()
                     .zip(g)
-                    .for_each(|(o, g)| *o = w * g);
+                    .for_each(|(o, g)| *o += w * g);
             }
             if att.normalization == Normalization::Softmax {
                 let (w, g) = (&weights[t0 - r0..t1 - r0], &mut dscore[t0 - r0..t1 - r0]);
@@ -360,7 +413,7 @@ impl<'a> Shared<'a> {
             let (below, here) = region.split_at_mut(at);
             let (pre, out) = here.split_at_mut(n * h);
             let g = &mut out[..n * h];
-            let width_in = if l == 0 { 2 * d } else { lay.widths[l - 1] };
+            let width_in = if l == 0 { lay.kq } else { lay.widths[l - 1] };
             let input = &mut below[at - n * width_in..]; // previous output, or [k, q*k]
             let o = offsets[l];
             let gl = &mut grads[o..offsets[l + 1]];
@@ -370,20 +423,31 @@ impl<'a> Shared<'a> {
             for row in g.chunks_exact(h) {
                 gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
             }
-            if l == 0 {
+            if l == 0 && lay.kq == d {
+                // Grouped: dk1_j = Σ dpre1_t over the rows of history row j.
+                let nk = k_end - k0;
+                let dk1 = &mut dk1[..nk * h];
+                dk1.iter_mut().for_each(|v| *v = 0.0);
+                for s in s0..s1 {
+                    let (t0, t1) = self.rows(s, s + 1);
+                    let kl = self.key_at[s] as usize - k0;
+                    dk1[kl * h..(kl + t1 - t0) * h]
+                        .iter_mut()
+                        .zip(&g[(t0 - r0) * h..(t1 - r0) * h])
+                        .for_each(|(a, b)| *a += b);
+                }
+                let (gwkp, gwq) = gw.split_at_mut(2 * d * h);
+                let (gwk, gwp) = gwkp.split_at_mut(d * h);
+                let (wk, wp) = self.wkp.split_at(d * h);
+                serial::matmul_at_b(d, n, h, input, g, gwp, true); // dWp
+                serial::matmul_at_b(d, nk, h, &self.keys[k0 * d..k_end * d], dk1, gwk, true); // dWk', once per history row
+                self.per_sample_grads(s0, s1, g, ds, gwq, dq);
+                serial::matmul_a_bt(n, h, d, g, wp, input, false); // d(q*k)
+                serial::matmul_a_bt(nk, h, d, dk1, wk, dk, true); // dk += dk1·Wk'ᵀ
+            } else if l == 0 {
                 let (gwkp, gwq) = gw.split_at_mut(2 * d * h);
                 serial::matmul_at_b(2 * d, n, h, input, g, gwkp, true); // d[Wk'; Wp]
-                                                                        // ds_b = Σ_{t of b} dpre1_t, for the once-per-sample q term.
-                for s in s0..s1 {
-                    let dsb = &mut ds[(s - s0) * h..(s - s0 + 1) * h];
-                    dsb.iter_mut().for_each(|v| *v = 0.0);
-                    let (t0, t1) = self.rows(s, s + 1);
-                    for row in g[(t0 - r0) * h..(t1 - r0) * h].chunks_exact(h) {
-                        dsb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-                    }
-                }
-                serial::matmul_at_b(d, bc, h, &self.q[s0 * d..s1 * d], ds, gwq, true); // dWq'
-                serial::matmul_a_bt(bc, h, d, ds, self.wq, dq, false); // [bc, D]
+                self.per_sample_grads(s0, s1, g, ds, gwq, dq);
                 serial::matmul_a_bt(n, h, 2 * d, g, self.wkp, input, false); // d[k, q*k]
             } else {
                 serial::matmul_at_b(width_in, n, h, input, g, gw, true); // dW_l
@@ -391,22 +455,46 @@ impl<'a> Shared<'a> {
                 // dh_{l-1}
             }
         }
-        // [k, q*k] -> k and q.
-        let dkq = &region[..n * 2 * d];
+        // [k, q*k] (or q*k) -> k and q.
+        let w = lay.kq;
+        let dkq = &region[..n * w];
         for s in s0..s1 {
             let qs = &self.q[s * d..(s + 1) * d];
             let dqs = &mut dq[(s - s0) * d..(s - s0 + 1) * d];
             let (t0, t1) = self.rows(s, s + 1);
             for t in t0..t1 {
-                let row = &dkq[(t - r0) * 2 * d..(t - r0 + 1) * 2 * d];
-                let k = &self.keys[t * d..(t + 1) * d];
-                let dkt = &mut dk[(t - r0) * d..(t - r0 + 1) * d];
+                let row = &dkq[(t - r0) * w..(t - r0 + 1) * w];
+                let (dkpart, dqk) = row.split_at(w - d);
+                let k = self.key(s, t);
+                let kl = self.key_index(s, t) - k0;
+                let dkt = &mut dk[kl * d..(kl + 1) * d];
                 for j in 0..d {
-                    dkt[j] += row[j] + row[d + j] * qs[j];
-                    dqs[j] += row[d + j] * k[j];
+                    if w == 2 * d {
+                        dkt[j] += dkpart[j] + dqk[j] * qs[j];
+                    } else {
+                        dkt[j] += dqk[j] * qs[j];
+                    }
+                    dqs[j] += dqk[j] * k[j];
                 }
             }
         }
+    }
+
+    /// The once-per-sample query term's gradients: `ds_b = Σ_{t of b}
+    /// dpre1_t` (`[bc, H1]`), then `dWq' += qᵀ·ds` and `dq = ds·Wq'ᵀ`.
+    fn per_sample_grads(&self, s0: usize, s1: usize, g: &[f32], ds: &mut [f32], gwq: &mut [f32], dq: &mut [f32]) {
+        let (d, h) = (self.layout.d, self.layout.widths[0]);
+        let (r0, bc) = (self.offsets[s0] as usize, s1 - s0);
+        for s in s0..s1 {
+            let dsb = &mut ds[(s - s0) * h..(s - s0 + 1) * h];
+            dsb.iter_mut().for_each(|v| *v = 0.0);
+            let (t0, t1) = self.rows(s, s + 1);
+            for row in g[(t0 - r0) * h..(t1 - r0) * h].chunks_exact(h) {
+                dsb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+        }
+        serial::matmul_at_b(d, bc, h, &self.q[s0 * d..s1 * d], ds, gwq, true); // dWq'
+        serial::matmul_a_bt(bc, h, d, ds, self.wq, dq, false); // [bc, D]
     }
 }
 
@@ -457,19 +545,13 @@ impl Attention {
     /// Fills `st.shared_k1` / `st.shared_at`: for each run of two or more
     /// consecutive samples with one history (a request's candidates, a page
     /// view's), that history's `k·(Wk - Wd)`, once, in parallel over runs.
-    /// Needs `st.wkp` set.
-    fn shared_history_terms(
-        &self,
-        b: usize,
-        keys: &[f32],
-        offsets: &[u32],
-        same_history: Option<&[bool]>,
-        st: &mut ChunkedState,
-    ) {
+    /// Needs `st.wkp`, `st.offsets` and `st.key_at` set.
+    fn shared_history_terms(&self, b: usize, keys: &[f32], same_history: Option<&[bool]>, st: &mut ChunkedState) {
         let (d, h1) = self.dims();
         st.shared_at.clear();
         st.shared_k1.clear();
         let Some(same) = same_history else { return };
+        let (offsets, key_at) = (&st.offsets, &st.key_at);
         st.shared_at.resize(b, usize::MAX);
         let mut runs: Vec<usize> = Vec::new(); // first sample of each shared run
         let mut total = 0;
@@ -493,7 +575,8 @@ impl Attention {
             runs.iter().map(|&s| (offsets[s + 1] - offsets[s]) as usize * h1),
         );
         runs.par_iter().zip(pieces).for_each(|(&s, out)| {
-            let (t0, t1) = (offsets[s] as usize, offsets[s + 1] as usize);
+            let t0 = key_at[s] as usize;
+            let t1 = t0 + (offsets[s + 1] - offsets[s]) as usize;
             if t1 > t0 {
                 serial::matmul(t1 - t0, d, h1, &keys[t0 * d..t1 * d], wk, out, false);
                 // [len, H1]
@@ -502,15 +585,16 @@ impl Attention {
     }
 
     /// Chunked forward pass (see the module documentation): writes the
-    /// pooled histories `[B, D]` and the attention weights `[N]`. With `keep`,
-    /// `st` keeps what [`Attention::backward_chunked`] needs; without, each
-    /// worker thread computes its chunks in a scratch buffer of its own.
+    /// pooled histories `[B, D]` and the attention weights (`[R]`, one per
+    /// (sample, behaviour) row). With `keep`, `st` keeps what
+    /// [`Attention::backward_chunked`] needs; without, each worker thread
+    /// computes its chunks in a scratch buffer of its own.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_chunked(
         &self,
         q: &[f32],
         keys: &[f32],
-        offsets: &[u32],
+        histories: Histories<'_>,
         keep: bool,
         same_history: Option<&[bool]>,
         st: &mut ChunkedState,
@@ -518,9 +602,13 @@ impl Attention {
         weights: &mut Vec<f32>,
     ) {
         let (d, h1) = self.dims();
+        histories.index(&mut st.offsets, &mut st.key_at);
+        st.grouped = histories.of_sample.is_some();
+        let offsets = &st.offsets;
         let b = offsets.len() - 1;
         let n = offsets[b] as usize;
-        let layout = Layout::new(self);
+        let compact = keep && st.grouped;
+        let layout = Layout::new(self, compact);
         // The split first layer's weights.
         let w = &self.first.linear.weight.value; // [4D, H1]: Wq, Wk, Wd, Wp
         let (wq_, wk_, wd, wp) = (
@@ -534,13 +622,15 @@ impl Attention {
         st.wkp.clear();
         st.wkp.extend(wk_.iter().zip(wd).map(|(a, b)| a - b));
         st.wkp.extend_from_slice(wp);
-        st.offsets.clear();
-        st.offsets.extend_from_slice(offsets);
         let chunk_rows = if keep { CHUNK_ROWS_TRAIN } else { CHUNK_ROWS_INFER };
+        // A grouped training pass keeps each group in one chunk, so that a
+        // chunk sums its histories' gradients whole.
+        let group_end = |s: usize| !compact || histories.of_sample.is_none_or(|g| g[s + 1] != g[s]);
         st.bounds.clear();
         st.bounds.push(0);
         for s in 0..b {
-            if (offsets[s + 1] - offsets[st.bounds[st.bounds.len() - 1]]) as usize >= chunk_rows || s + 1 == b {
+            let big = (offsets[s + 1] - offsets[st.bounds[st.bounds.len() - 1]]) as usize >= chunk_rows;
+            if s + 1 == b || (big && group_end(s)) {
                 st.bounds.push(s + 1);
             }
         }
@@ -552,21 +642,28 @@ impl Attention {
         weights.clear();
         weights.resize(n, 0.0);
         let same_history = if keep { None } else { same_history };
-        self.shared_history_terms(b, keys, offsets, same_history, st);
+        self.shared_history_terms(b, keys, same_history, st);
         let width = layout.row_width();
-        let region = at_least(&mut st.region, if keep { n * width } else { 0 });
-        let per_sample = at_least(&mut st.per_sample, b * h1);
+        let mut region = std::mem::take(&mut st.region);
+        let mut per_sample = std::mem::take(&mut st.per_sample);
         let shared = Shared {
             same_history,
             shared_k1: &st.shared_k1,
             shared_at: &st.shared_at,
             keep,
-            ..Shared::new(self, &layout, &st.wq, &st.wkp, offsets, q, keys)
+            ..Shared::new(self, &layout, st, q, keys)
         };
+        let offsets = &st.offsets;
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
         let rows = |&(s0, s1): &(usize, usize)| (offsets[s1] - offsets[s0]) as usize;
-        let regions = split_pieces(region, chunks.iter().map(|c| if keep { rows(c) * width } else { 0 }));
-        let aqs = split_pieces(per_sample, chunks.iter().map(|&(s0, s1)| (s1 - s0) * h1));
+        let regions = split_pieces(
+            at_least(&mut region, if keep { n * width } else { 0 }),
+            chunks.iter().map(|c| if keep { rows(c) * width } else { 0 }),
+        );
+        let aqs = split_pieces(
+            at_least(&mut per_sample, b * h1),
+            chunks.iter().map(|&(s0, s1)| (s1 - s0) * h1),
+        );
         let weights = split_pieces(weights, chunks.iter().map(rows));
         let pooled = split_pieces(pooled, chunks.iter().map(|&(s0, s1)| (s1 - s0) * d));
         chunks
@@ -576,22 +673,27 @@ impl Attention {
             .zip(weights)
             .zip(pooled)
             .for_each(|(((((s0, s1), region), aq), weights), pooled)| {
-                if keep {
-                    shared.forward(s0, s1, region, &mut [], aq, weights, pooled);
-                } else {
-                    SCRATCH.with(|scratch| {
-                        let mut scratch = scratch.borrow_mut();
+                SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    if keep {
+                        // A grouped pass's history term, [nk, H1].
+                        let (k0, k1) = shared.key_range(s0, s1);
+                        let k1 = at_least(&mut scratch, if compact { (k1 - k0) * h1 } else { 0 });
+                        shared.forward(s0, s1, region, k1, aq, weights, pooled);
+                    } else {
                         let n = (offsets[s1] - offsets[s0]) as usize;
                         let k1 = if shared.same_history.is_some() { n * h1 } else { 0 };
                         let (region, k1) = at_least(&mut scratch, n * width + k1).split_at_mut(n * width);
                         shared.forward(s0, s1, region, k1, aq, weights, pooled);
-                    });
-                }
+                    }
+                });
             });
+        st.region = region;
+        st.per_sample = per_sample;
     }
 
     /// Chunked backward pass after a training [`Attention::forward_chunked`];
-    /// writes `dq` (`[B, D]`) and `dk` (`[N, D]`).
+    /// writes `dq` (`[B, D]`) and `dk` (one row per key).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward_chunked(
         &mut self,
@@ -604,7 +706,7 @@ impl Attention {
         dk: &mut Vec<f32>,
     ) {
         let (d, h1) = self.dims();
-        let layout = Layout::new(self);
+        let layout = Layout::new(self, st.grouped);
         let offsets = &st.offsets;
         let b = offsets.len() - 1;
         let n = offsets[b] as usize;
@@ -612,52 +714,63 @@ impl Attention {
         let grad_offsets = &layout.grad_offsets;
         let grad_len = grad_offsets[grad_offsets.len() - 1];
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
-        st.partial.resize_with(chunks.len().max(1), Vec::new);
-        for p in &mut st.partial {
+        let mut partial = std::mem::take(&mut st.partial);
+        partial.resize_with(chunks.len().max(1), Vec::new);
+        for p in &mut partial {
             p.clear();
             p.resize(grad_len, 0.0);
         }
+        let mut region = std::mem::take(&mut st.region);
+        let mut per_sample = std::mem::take(&mut st.per_sample);
+        let shared = Shared::new(self, &layout, st, q, keys);
+        let key_ranges: Vec<(usize, usize)> = chunks.iter().map(|&(s0, s1)| shared.key_range(s0, s1)).collect();
         dq.clear();
         dq.resize(b * d, 0.0);
         dk.clear();
-        dk.resize(n * d, 0.0);
+        dk.resize(keys.len(), 0.0);
         let rows = |&(s0, s1): &(usize, usize)| (offsets[s1] - offsets[s0]) as usize;
-        let regions = split_pieces(&mut st.region[..n * width], chunks.iter().map(|c| rows(c) * width));
-        let dss = split_pieces(
-            &mut st.per_sample[..b * h1],
-            chunks.iter().map(|&(s0, s1)| (s1 - s0) * h1),
-        );
+        let regions = split_pieces(&mut region[..n * width], chunks.iter().map(|c| rows(c) * width));
+        let dss = split_pieces(&mut per_sample[..b * h1], chunks.iter().map(|&(s0, s1)| (s1 - s0) * h1));
         let dqs = split_pieces(dq, chunks.iter().map(|&(s0, s1)| (s1 - s0) * d));
-        let dks = split_pieces(dk, chunks.iter().map(|c| rows(c) * d));
-        let shared = Shared::new(self, &layout, &st.wq, &st.wkp, offsets, q, keys);
+        // Each chunk's keys follow the previous chunk's (whole groups).
+        let dks = split_pieces(dk, key_ranges.iter().map(|&(k0, k1)| (k1 - k0) * d));
         chunks
             .par_iter()
             .zip(regions)
             .zip(dss)
-            .zip(st.partial.par_iter_mut())
+            .zip(partial.par_iter_mut())
             .zip(dqs)
             .zip(dks)
             .for_each(|(((((&(s0, s1), region), ds), grads), dq), dk)| {
                 let (r0, r1) = shared.rows(s0, s1);
-                shared.backward(
-                    s0,
-                    s1,
-                    region,
-                    ds,
-                    &weights[r0..r1],
-                    &dpooled[s0 * d..s1 * d],
-                    grads,
-                    dq,
-                    dk,
-                );
+                SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    let (k0, k1) = shared.key_range(s0, s1);
+                    let dk1 = at_least(&mut scratch, if st.grouped { (k1 - k0) * h1 } else { 0 });
+                    shared.backward(
+                        s0,
+                        s1,
+                        region,
+                        ds,
+                        &weights[r0..r1],
+                        &dpooled[s0 * d..s1 * d],
+                        grads,
+                        dq,
+                        dk,
+                        dk1,
+                    );
+                });
             });
         // Sum the chunks in order (deterministic), then add to the parameters.
-        let (total, others) = st.partial.split_at_mut(1);
+        let (total, others) = partial.split_at_mut(1);
         let total = &mut total[0];
         for p in others.iter().take(chunks.len().saturating_sub(1)) {
             total.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }
         self.add_chunk_grads(total, grad_offsets);
+        st.partial = partial;
+        st.region = region;
+        st.per_sample = per_sample;
     }
 
     /// Adds gradients laid out as by `Layout::grad_offsets` to the parameters.

@@ -43,6 +43,60 @@ pub struct Attention {
     pub pooling: Pooling,
 }
 
+/// Which keys each sample's query attends over.
+///
+/// Every sample has its own history (`of_sample: None`: sample `s` owns
+/// keys `offsets[s]..offsets[s + 1]`), or samples share them
+/// (architecture.md, trick 4): consecutive samples of one group (a page
+/// view's candidates) attend over one history stored once, whose share of
+/// the first layer a training pass then computes once, and whose key
+/// gradients it sums once.
+#[derive(Debug, Clone, Copy)]
+pub struct Histories<'a> {
+    /// Where each history's keys start, then the number of keys, `[H + 1]`.
+    pub offsets: &'a [u32],
+    /// The history of each sample, `[B]`: non-decreasing, each history's
+    /// samples consecutive. `None`: sample `s` has history `s`.
+    pub of_sample: Option<&'a [u32]>,
+}
+
+impl<'a> Histories<'a> {
+    /// Every sample with a history of its own.
+    pub fn own(offsets: &'a [u32]) -> Self {
+        Histories {
+            offsets,
+            of_sample: None,
+        }
+    }
+
+    /// Number of samples.
+    pub fn samples(&self) -> usize {
+        self.of_sample.map_or(self.offsets.len() - 1, <[u32]>::len)
+    }
+
+    /// Fills `rows` (`[B + 1]`: where each sample's (query, behaviour) rows
+    /// start, then their count) and `key_at` (`[B]`: where each sample's
+    /// keys start in `keys`).
+    fn index(&self, rows: &mut Vec<u32>, key_at: &mut Vec<u32>) {
+        rows.clear();
+        key_at.clear();
+        match self.of_sample {
+            None => {
+                rows.extend_from_slice(self.offsets);
+                key_at.extend_from_slice(&self.offsets[..self.offsets.len() - 1]);
+            }
+            Some(groups) => {
+                rows.push(0);
+                for &g in groups {
+                    let (k0, k1) = (self.offsets[g as usize], self.offsets[g as usize + 1]);
+                    key_at.push(k0);
+                    rows.push(rows[rows.len() - 1] + (k1 - k0));
+                }
+            }
+        }
+    }
+}
+
 /// Which implementation filled an [`AttentionCache`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum Path {
@@ -73,8 +127,13 @@ pub struct AttentionCache {
     pre1: Vec<f32>,
     first_act: ActivationCache,
     rest: MlpCache,
-    /// Attention weights after normalisation, `[N]`.
+    /// Attention weights after normalisation, one per (sample, behaviour)
+    /// row, sample by sample (`[N]`).
     pub weights: Vec<f32>,
+    /// The layer-by-layer path on shared histories: each sample's keys
+    /// copied out (`[N, D]`), and where each sample's keys start in the
+    /// shared ones (`[B]`), to sum their gradients back.
+    expanded: Option<(Vec<f32>, Vec<u32>)>,
 }
 
 impl Attention {
@@ -121,11 +180,25 @@ impl Attention {
         cache: &mut AttentionCache,
         pooled: &mut Vec<f32>,
     ) {
+        self.forward_histories_into(q, keys, Histories::own(offsets), mode, cache, pooled);
+    }
+
+    /// [`Attention::forward_into`] over histories that samples may share:
+    /// `keys` holds each history once (`[K, D]`); `pooled` becomes `[B, D]`.
+    pub fn forward_histories_into(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        histories: Histories<'_>,
+        mode: Mode,
+        cache: &mut AttentionCache,
+        pooled: &mut Vec<f32>,
+    ) {
         if self.chunkable(mode) {
             self.forward_chunked(
                 q,
                 keys,
-                offsets,
+                histories,
                 true,
                 None,
                 &mut cache.chunked,
@@ -135,10 +208,37 @@ impl Attention {
             cache.path = Path::Chunked;
         } else {
             let chunked = std::mem::take(&mut cache.chunked);
-            let (p, c) = self.forward_layered(q, keys, offsets, mode);
+            let (p, c) = self.forward_layered_histories(q, keys, histories, mode);
             *pooled = p;
             *cache = AttentionCache { chunked, ..c };
         }
+    }
+
+    /// The layer-by-layer pass over possibly shared histories: they are
+    /// copied out per sample (this path serves Dice in training and sum
+    /// pooling, and computes every row's first layer whole).
+    fn forward_layered_histories(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        histories: Histories<'_>,
+        mode: Mode,
+    ) -> (Vec<f32>, AttentionCache) {
+        if histories.of_sample.is_none() {
+            return self.forward_layered(q, keys, histories.offsets, mode);
+        }
+        let d = self.dims().0;
+        let (mut rows, mut key_at) = (Vec::new(), Vec::new());
+        histories.index(&mut rows, &mut key_at);
+        let mut expanded = Vec::with_capacity(rows[rows.len() - 1] as usize * d);
+        for s in 0..key_at.len() {
+            let k0 = key_at[s] as usize;
+            let len = (rows[s + 1] - rows[s]) as usize;
+            expanded.extend_from_slice(&keys[k0 * d..(k0 + len) * d]);
+        }
+        let (pooled, mut cache) = self.forward_layered(q, &expanded, &rows, mode);
+        cache.expanded = Some((expanded, key_at));
+        (pooled, cache)
     }
 
     /// Inference only: the pooled histories `[B, D]` and attention weights
@@ -158,11 +258,25 @@ impl Attention {
         pooled: &mut Vec<f32>,
         weights: &mut Vec<f32>,
     ) {
+        self.infer_histories(q, keys, Histories::own(offsets), same_history, pooled, weights);
+    }
+
+    /// [`Attention::infer`] over histories that samples may share (see
+    /// [`Histories`]); `same_history` as there.
+    pub fn infer_histories(
+        &self,
+        q: &[f32],
+        keys: &[f32],
+        histories: Histories<'_>,
+        same_history: Option<&[bool]>,
+        pooled: &mut Vec<f32>,
+        weights: &mut Vec<f32>,
+    ) {
         if self.chunkable(Mode::Infer) {
             let mut st = chunked::ChunkedState::default();
-            self.forward_chunked(q, keys, offsets, false, same_history, &mut st, pooled, weights);
+            self.forward_chunked(q, keys, histories, false, same_history, &mut st, pooled, weights);
         } else {
-            let (p, c) = self.forward_layered(q, keys, offsets, Mode::Infer);
+            let (p, c) = self.forward_layered_histories(q, keys, histories, Mode::Infer);
             *pooled = p;
             *weights = c.weights;
         }
@@ -238,11 +352,14 @@ impl Attention {
             first_act,
             rest,
             weights,
+            expanded: None,
         };
         (pooled, cache)
     }
 
-    /// Accumulates parameter gradients and returns `(dq [B, D], dkeys [N, D])`.
+    /// Accumulates parameter gradients and returns `(dq [B, D], dkeys)`,
+    /// one gradient row per row of `keys` (summed over the samples that
+    /// share it).
     /// The cache's buffers are reused for gradients: it serves one backward pass.
     ///
     /// # Panics
@@ -274,7 +391,29 @@ impl Attention {
                 cache.path = Path::Empty;
                 self.backward_chunked(q, keys, &mut cache.chunked, &cache.weights, dpooled, dq, dk);
             }
-            Path::Layered => (*dq, *dk) = self.backward_layered(q, keys, cache, dpooled),
+            Path::Layered => match cache.expanded.take() {
+                None => (*dq, *dk) = self.backward_layered(q, keys, cache, dpooled),
+                Some((expanded, key_at)) => {
+                    let d = self.dims().0;
+                    let (dqs, dk_rows) = self.backward_layered(q, &expanded, cache, dpooled);
+                    *dq = dqs;
+                    dk.clear();
+                    dk.resize(keys.len(), 0.0);
+                    // Sum each shared key's gradient over its samples.
+                    let mut t = 0;
+                    for (s, &k0) in key_at.iter().enumerate() {
+                        let len = cache.owner[t..].iter().take_while(|&&o| o as usize == s).count();
+                        for i in 0..len {
+                            let (from, to) = ((t + i) * d, (k0 as usize + i) * d);
+                            dk[to..to + d]
+                                .iter_mut()
+                                .zip(&dk_rows[from..from + d])
+                                .for_each(|(a, b)| *a += b);
+                        }
+                        t += len;
+                    }
+                }
+            },
             Path::Empty => panic!("Attention::backward needs the cache of a forward pass, used once"),
         }
     }
@@ -549,6 +688,94 @@ mod tests {
 
     /// The chunked path (several chunks, uneven and empty histories) and the
     /// layer-by-layer path compute the same values and gradients.
+    /// Shared histories (a grouped batch) give the flat batch's pooled
+    /// histories, weights and gradients, each shared key's gradient being
+    /// the sum of its copies', on every path: chunked (row-wise
+    /// activations), layer by layer (Dice in training), and sum pooling.
+    #[test]
+    fn shared_histories_equal_their_copies() {
+        let d = 4;
+        // 40 groups of 1..=7 samples over histories of 0..=30 behaviours:
+        // several training chunks, a chunk holding whole groups.
+        let (mut hist_offsets, mut groups, mut flat_offsets) = (vec![0u32], Vec::new(), vec![0u32]);
+        for g in 0..40u32 {
+            let len = (g * 11) % 31;
+            hist_offsets.push(hist_offsets[hist_offsets.len() - 1] + len);
+            for _ in 0..1 + (g * 5) % 7 {
+                groups.push(g);
+                flat_offsets.push(flat_offsets[flat_offsets.len() - 1] + len);
+            }
+        }
+        let b = groups.len();
+        let keys = rand_vec(hist_offsets[40] as usize * d, 41);
+        let mut flat_keys = Vec::new();
+        for &g in &groups {
+            flat_keys.extend_from_slice(
+                &keys[hist_offsets[g as usize] as usize * d..hist_offsets[g as usize + 1] as usize * d],
+            );
+        }
+        assert!(flat_keys.len() / d > 2 * chunked::CHUNK_ROWS_TRAIN);
+        let q = rand_vec(b * d, 42);
+        let dpooled = rand_vec(b * d, 43);
+        let histories = Histories {
+            offsets: &hist_offsets,
+            of_sample: Some(&groups),
+        };
+        for (activation, normalization, pooling) in [
+            (ActivationKind::Prelu, Normalization::None, Pooling::Attention),
+            (ActivationKind::Sigmoid, Normalization::Softmax, Pooling::Attention),
+            (ActivationKind::Dice, Normalization::None, Pooling::Attention),
+            (ActivationKind::Prelu, Normalization::None, Pooling::Sum),
+        ] {
+            let config = AttentionConfig {
+                pooling,
+                hidden_units: vec![12, 6],
+                activation,
+                normalization,
+            };
+            let mut grouped = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
+            let mut flat = grouped.clone();
+            let name = format!("{activation:?}/{normalization:?}/{pooling:?}");
+            let close = |what: &str, a: &[f32], b: &[f32]| {
+                let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                assert_eq!(a.len(), b.len(), "{name} {what}");
+                for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                    assert!((x - y).abs() <= 1e-5 * scale + 1e-6, "{name} {what}[{i}]: {x} vs {y}");
+                }
+            };
+            let (mut p_g, mut c_g) = (Vec::new(), AttentionCache::default());
+            grouped.forward_histories_into(&q, &keys, histories, Mode::Train, &mut c_g, &mut p_g);
+            let (p_f, mut c_f) = flat.forward(&q, &flat_keys, &flat_offsets, Mode::Train);
+            close("pooled", &p_g, &p_f);
+            close("weights", &c_g.weights, &c_f.weights);
+            let (mut p_inf, mut w_inf) = (Vec::new(), Vec::new());
+            grouped.infer_histories(&q, &keys, histories, None, &mut p_inf, &mut w_inf);
+            let (mut p_finf, mut w_finf) = (Vec::new(), Vec::new());
+            flat.infer(&q, &flat_keys, &flat_offsets, None, &mut p_finf, &mut w_finf);
+            close("inferred pooled", &p_inf, &p_finf);
+            close("inferred weights", &w_inf, &w_finf);
+            let (dq_g, dk_g) = grouped.backward(&q, &keys, &mut c_g, &dpooled);
+            let (dq_f, dk_f) = flat.backward(&q, &flat_keys, &mut c_f, &dpooled);
+            close("dq", &dq_g, &dq_f);
+            let mut dk_sum = vec![0.0f32; keys.len()];
+            for (s, &g) in groups.iter().enumerate() {
+                let (k0, f0) = (hist_offsets[g as usize] as usize, flat_offsets[s] as usize);
+                let len = flat_offsets[s + 1] as usize - f0;
+                for i in 0..len * d {
+                    dk_sum[k0 * d + i] += dk_f[f0 * d + i];
+                }
+            }
+            close("dk", &dk_g, &dk_sum);
+            let mut grads = Vec::new();
+            flat.visit("att", &mut |name, p| grads.push((name, p.grad.clone())));
+            let mut i = 0;
+            grouped.visit("att", &mut |tensor, p| {
+                close(&tensor, &p.grad, &grads[i].1);
+                i += 1;
+            });
+        }
+    }
+
     #[test]
     fn chunked_and_layered_paths_agree() {
         let d = 4;

@@ -1,0 +1,316 @@
+//! Common features (issue 13): samples that share a user side are stored
+//! and computed once per group, and give the flat samples' results.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use din::data::{read_dataset, Batch, Dataset, ReadOptions};
+use din::model::{Din, DinCache, Mode, Module};
+use din::schema::{Config, InputLayout};
+use din::train::{fit, load_training_data, Silent};
+
+/// `|a - b| <= tol * max(|b|, 1e-3)` element-wise, naming the first miss.
+fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * scale, "{what}[{i}]: {x} vs {y} (scale {scale})");
+    }
+}
+
+/// The batch of `common::batch` with its rows repeated as `rows` says, flat
+/// (every row its own copy of its sequences) and grouped (consecutive
+/// copies of one source row share one).
+fn repeated(rows: &[usize]) -> (Batch, Batch) {
+    let base = common::batch();
+    let flat = base.gather(rows);
+    let mut grouped = flat.clone();
+    grouped.groups.clear();
+    let mut kept = Vec::new();
+    for (i, &r) in rows.iter().enumerate() {
+        if i == 0 || rows[i - 1] != r {
+            kept.push(r);
+        }
+        grouped.groups.push(kept.len() as u32 - 1);
+    }
+    for (g, s) in grouped.sequences.iter_mut().zip(&base.sequences) {
+        *g = din::data::Ragged::new();
+        for &r in &kept {
+            g.push(s.row(r));
+        }
+    }
+    (flat, grouped)
+}
+
+#[test]
+fn a_grouped_batch_gives_the_flat_batchs_logits_and_gradients() {
+    // Groups of 3, 1 (empty history), 2 and 4 rows.
+    let rows = [0, 0, 0, 2, 1, 1, 3, 3, 3, 3];
+    let (flat, grouped) = repeated(&rows);
+    assert!(grouped.is_grouped() && grouped.group_count() == 4);
+    assert_eq!(
+        grouped.sequences[0].values.len(),
+        3 + 5 + 2,
+        "each history once (the second is empty)"
+    );
+    for (att, norm, dnn) in [
+        ("prelu", "none", "prelu"),
+        ("dice", "softmax", "dice"),
+        ("sigmoid", "none", "relu"),
+    ] {
+        let config = common::config(att, norm, dnn);
+        let layout = common::layout(&config);
+        let name = format!("{att}/{norm}/{dnn}");
+        let model = Din::new(&layout, &config.model, 3).unwrap();
+        let (mut mf, mut mg) = (model.clone(), model.clone());
+        let (mut cf, mut cg) = (DinCache::default(), DinCache::default());
+        let lf = mf.forward_into(&flat, Mode::Train, None, &mut cf).to_vec();
+        let lg = mg.forward_into(&grouped, Mode::Train, None, &mut cg).to_vec();
+        close(&format!("{name} logits"), &lg, &lf, 1e-5);
+        close(
+            &format!("{name} predict"),
+            &mg.predict(&grouped),
+            &mf.predict(&flat),
+            1e-5,
+        );
+        let dlogits: Vec<f32> = (0..rows.len()).map(|i| 0.3 - 0.1 * i as f32).collect();
+        mf.zero_grad();
+        mg.zero_grad();
+        let ef = mf.backward(&flat, &mut cf, &dlogits);
+        let eg = mg.backward(&grouped, &mut cg, &dlogits);
+        let mut dense = Vec::new();
+        mf.visit("", &mut |n, p| dense.push((n, p.grad.clone())));
+        let mut i = 0;
+        mg.visit("", &mut |n, p| {
+            close(&format!("{name} {n}"), &p.grad, &dense[i].1, 1e-5);
+            i += 1;
+        });
+        for (t, (a, b)) in eg.iter().zip(&ef).enumerate() {
+            let mut ids = a.ids.clone();
+            ids.sort_unstable();
+            let mut want = b.ids.clone();
+            want.sort_unstable();
+            assert_eq!(ids, want, "{name} table {t}: touched rows");
+            for id in ids {
+                close(
+                    &format!("{name} table {t} row {id}"),
+                    a.get(id).unwrap(),
+                    b.get(id).unwrap(),
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+/// The bundled tutorial config, its data path made absolute.
+fn tutorial(edit: impl FnOnce(&mut Config)) -> Config {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut config = Config::from_toml_file(&root.join("configs/movie_sample.toml")).unwrap();
+    edit(&mut config);
+    config
+}
+
+fn weights(model: &Din) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    model.visit("", &mut |n, p| out.push((n, p.value.clone())));
+    out
+}
+
+#[test]
+fn grouped_training_gives_the_flat_model_on_the_same_sample_order() {
+    // The tutorial's sample shows each history with 6 candidates; batches
+    // of 60 rows are 10 whole groups in both runs.
+    let dir = tempfile::tempdir().unwrap();
+    let grouped_path = grouped_file(dir.path());
+    let run = |group: bool, activation: &str| {
+        let config = tutorial(|c| {
+            if group {
+                c.data.train = Some(grouped_path.clone());
+                c.input.layout = InputLayout::Grouped;
+            }
+            c.train.shuffle = false;
+            c.train.batch_size = 60;
+            c.train.epochs = 3;
+            c.train.threads = 1;
+            c.model.attention.activation = serde_json::from_value(serde_json::json!(activation)).unwrap();
+        });
+        let data = load_training_data(&config).unwrap();
+        assert_eq!(data.train.batch.is_grouped(), group);
+        let outcome = fit(&data, &mut Silent).unwrap();
+        (data, outcome)
+    };
+    for activation in ["prelu", "dice"] {
+        let (flat_data, flat) = run(false, activation);
+        let (grouped_data, grouped) = run(true, activation);
+        assert_eq!(grouped_data.train.len(), flat_data.train.len());
+        // 965 rows (floor(0.7 * 1380)): 160 groups of 6 and one of 5.
+        assert!(
+            grouped_data.train.batch.group_count() == 161 && grouped_data.train.len() == 965,
+            "{activation}: {} groups of {} rows",
+            grouped_data.train.batch.group_count(),
+            grouped_data.train.len()
+        );
+        for ((name, g), (_, f)) in weights(&grouped.model).iter().zip(weights(&flat.model)) {
+            close(&format!("{activation} {name}"), g, &f, 1e-4);
+        }
+        for (g, f) in grouped.history.iter().zip(&flat.history) {
+            assert!(
+                (g.train_loss - f.train_loss).abs() < 1e-5,
+                "{activation} epoch {}: {} vs {}",
+                g.epoch,
+                g.train_loss,
+                f.train_loss
+            );
+            let (gv, fv) = (g.validation.as_ref().unwrap(), f.validation.as_ref().unwrap());
+            assert!((gv.logloss - fv.logloss).abs() < 1e-5, "{activation} val logloss");
+        }
+    }
+}
+
+/// The tutorial's rows written one group per line (the grouped layout).
+fn grouped_file(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join("data/movie_sample.txt")).unwrap();
+    let mut out = String::new();
+    let mut group: Vec<Vec<&str>> = Vec::new();
+    let flush = |group: &mut Vec<Vec<&str>>, out: &mut String| {
+        if group.is_empty() {
+            return;
+        }
+        // user_id gender age hist_movie_id hist_len | movie_id movie_type_id label
+        let first = &group[0];
+        let joined = |c: usize| group.iter().map(|r| r[c]).collect::<Vec<_>>().join("|");
+        out.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            first[0],
+            first[1],
+            first[2],
+            first[3],
+            first[4],
+            joined(5),
+            joined(6),
+            joined(7)
+        ));
+        group.clear();
+    };
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        if group.first().is_some_and(|g| g[..5] != fields[..5]) {
+            flush(&mut group, &mut out);
+        }
+        group.push(fields);
+    }
+    flush(&mut group, &mut out);
+    let path = dir.join("grouped.tsv");
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+fn read(config: &Config, path: &Path) -> din::Result<Dataset> {
+    let layout = config.validate().unwrap();
+    read_dataset(path, config, &layout, ReadOptions::strict(true))
+}
+
+#[test]
+fn a_grouped_file_reads_as_its_flat_rows_in_a_fraction_of_the_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let grouped_path = grouped_file(dir.path());
+    let flat_config = tutorial(|_| {});
+    let flat_path = flat_config.data.train.clone().unwrap();
+    let flat = read(&flat_config, &flat_path).unwrap();
+    let grouped_config = tutorial(|c| c.input.layout = InputLayout::Grouped);
+    let grouped = read(&grouped_config, &grouped_path).unwrap();
+    let detected = read(&tutorial(|c| c.data.group = true), &flat_path).unwrap();
+    assert!(!flat.batch.is_grouped());
+    // 230 runs of 6 rows with one user side; 150 runs of one (user, history)
+    // (`cut -f1,4 data/movie_sample.txt | uniq | wc -l`): consecutive runs
+    // that differ only in gender or age share their history.
+    for (what, d, groups) in [("grouped file", &grouped, 230), ("detected groups", &detected, 150)] {
+        assert!(d.batch.is_grouped(), "{what}");
+        assert_eq!(d.len(), flat.len(), "{what}: rows");
+        assert_eq!(d.batch.sparse, flat.batch.sparse, "{what}");
+        assert_eq!(d.batch.dense, flat.batch.dense, "{what}");
+        assert_eq!(d.batch.labels, flat.batch.labels, "{what}");
+        assert_eq!(d.users, flat.users, "{what}");
+        for r in 0..flat.len() {
+            assert_eq!(d.batch.history(0, r), flat.batch.history(0, r), "{what} row {r}");
+        }
+        assert_eq!(d.batch.group_count(), groups, "{what}");
+        assert_eq!(d.batch.sequences[0].rows(), groups, "{what}: each history once");
+    }
+    // Each row is back at its flat row when gathered whole, grouped or not.
+    let all: Vec<usize> = (0..flat.len()).collect();
+    assert_eq!(grouped.batch.gather(&all).groups, grouped.batch.groups);
+    let bytes = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert!(
+        bytes(&flat_path) > 3 * bytes(&grouped_path),
+        "{} vs {} bytes",
+        bytes(&flat_path),
+        bytes(&grouped_path)
+    );
+    // Lines of a grouped file are its groups.
+    assert_eq!(grouped.lines[0..6], [1; 6]);
+    assert_eq!(grouped.lines[6], 2);
+}
+
+#[test]
+fn detected_groups_need_the_same_user_and_every_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rows.tsv");
+    // Rows 1-2 share user and history; row 3 has another user, row 4 another history.
+    std::fs::write(
+        &path,
+        "1\t1\t1\t5,6\t2\t7\t1\t1\n1\t1\t1\t5,6\t2\t8\t1\t0\n2\t1\t1\t5,6\t2\t7\t1\t0\n2\t1\t1\t5\t1\t9\t2\t1\n",
+    )
+    .unwrap();
+    let config = tutorial(|c| c.data.group = true);
+    let d = read(&config, &path).unwrap();
+    assert_eq!(d.batch.groups, vec![0, 0, 1, 2]);
+    assert_eq!(d.batch.history(0, 3), &[5]);
+}
+
+#[test]
+fn malformed_grouped_lines_name_the_line_the_column_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tutorial(|c| c.input.layout = InputLayout::Grouped);
+    let cases = [
+        // three movies, two types
+        (
+            "1\t1\t1\t5,6\t2\t7|8|9\t1|2\t1|0|0\n",
+            "movie_type_id",
+            "holds 2 candidates",
+        ),
+        // two labels for three candidates
+        ("1\t1\t1\t5,6\t2\t7|8|9\t1\t1|0\n", "label", "holds 2 candidates"),
+        // one label for three candidates
+        ("1\t1\t1\t5,6\t2\t7|8|9\t1\t1\n", "label", "one label per candidate (3)"),
+        // a history per candidate
+        (
+            "1\t1\t1\t5,6|7\t2\t7|8\t1\t1|0\n",
+            "hist_movie_id",
+            "cannot hold the candidate separator",
+        ),
+        // a bad id among the candidates
+        (
+            "1\t1\t1\t5,6\t2\t7|x\t1\t1|0\n",
+            "movie_id",
+            "not a non-negative integer",
+        ),
+    ];
+    for (i, (text, column, reason)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.tsv"));
+        std::fs::write(&path, format!("1\t1\t1\t5\t1\t7\t1\t1\n{text}")).unwrap();
+        let e = read(&config, &path).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{}:2", path.display())) && e.contains(column) && e.contains(reason),
+            "case {i}: {e}"
+        );
+    }
+    // The candidate separator must differ from the other separators.
+    let mut bad = config.clone();
+    bad.input.candidate_separator = ",".into();
+    let e = read(&bad, &dir.path().join("bad0.tsv")).unwrap_err().to_string();
+    assert!(e.contains("input.candidate_separator"), "{e}");
+}
