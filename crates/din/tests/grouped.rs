@@ -20,8 +20,9 @@ fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
 }
 
 /// The batch of `common::batch` with its rows repeated as `rows` says, flat
-/// (every row its own copy of its sequences) and grouped (consecutive
-/// copies of one source row share one).
+/// (every row its own copy of everything) and grouped (consecutive copies
+/// of one source row share one copy of their sequences, of the user
+/// feature and of the dense feature; the targets stay per row).
 fn repeated(rows: &[usize]) -> (Batch, Batch) {
     let base = common::batch();
     let flat = base.gather(rows);
@@ -31,15 +32,28 @@ fn repeated(rows: &[usize]) -> (Batch, Batch) {
     for (i, &r) in rows.iter().enumerate() {
         if i == 0 || rows[i - 1] != r {
             kept.push(r);
+            grouped.groups.push(i as u32);
         }
-        grouped.groups.push(kept.len() as u32 - 1);
     }
+    grouped.groups.push(rows.len() as u32);
     for (g, s) in grouped.sequences.iter_mut().zip(&base.sequences) {
         *g = din::data::Ragged::new();
         for &r in &kept {
             g.push(s.row(r));
         }
     }
+    grouped.sparse[0] = kept.iter().map(|&r| base.sparse[0][r]).collect();
+    grouped.dense[0] = kept
+        .iter()
+        .flat_map(|&r| base.dense[0][2 * r..2 * r + 2].to_vec())
+        .collect();
+    grouped.shared_sparse = vec![true, false, false];
+    grouped.shared_dense = vec![true];
+    assert_eq!(
+        grouped.ungrouped(),
+        flat,
+        "the grouped batch holds the flat batch's rows"
+    );
     (flat, grouped)
 }
 
@@ -230,16 +244,19 @@ fn a_grouped_file_reads_as_its_flat_rows_in_a_fraction_of_the_bytes() {
     for (what, d, groups) in [("grouped file", &grouped, 230), ("detected groups", &detected, 150)] {
         assert!(d.batch.is_grouped(), "{what}");
         assert_eq!(d.len(), flat.len(), "{what}: rows");
-        assert_eq!(d.batch.sparse, flat.batch.sparse, "{what}");
-        assert_eq!(d.batch.dense, flat.batch.dense, "{what}");
-        assert_eq!(d.batch.labels, flat.batch.labels, "{what}");
-        assert_eq!(d.users, flat.users, "{what}");
-        for r in 0..flat.len() {
-            assert_eq!(d.batch.history(0, r), flat.batch.history(0, r), "{what} row {r}");
-        }
+        assert_eq!(d.batch.ungrouped(), flat.batch, "{what}");
+        assert_eq!(d.user_ids(), flat.user_ids(), "{what}");
         assert_eq!(d.batch.group_count(), groups, "{what}");
         assert_eq!(d.batch.sequences[0].rows(), groups, "{what}: each history once");
     }
+    // The user side once per group: user, gender, age and hist_len in the
+    // grouped file; the user (part of the key) in detected groups, whose
+    // runs of one user and history can differ in gender or age.
+    assert_eq!(grouped.batch.shared_sparse, [true, true, true, false, false]);
+    assert_eq!(grouped.batch.shared_dense, [true]);
+    assert_eq!(grouped.batch.sparse[0].len(), 230);
+    assert!(detected.batch.shared_sparse[0] && !detected.batch.shared_sparse[3]);
+    assert_eq!(grouped.users.as_ref().map(Vec::len), Some(230), "a user id per group");
     // Each row is back at its flat row when gathered whole, grouped or not.
     let all: Vec<usize> = (0..flat.len()).collect();
     assert_eq!(grouped.batch.gather(&all).groups, grouped.batch.groups);
@@ -267,7 +284,7 @@ fn detected_groups_need_the_same_user_and_every_history() {
     .unwrap();
     let config = tutorial(|c| c.data.group = true);
     let d = read(&config, &path).unwrap();
-    assert_eq!(d.batch.groups, vec![0, 0, 1, 2]);
+    assert_eq!(d.batch.groups, vec![0, 2, 3, 4]);
     assert_eq!(d.batch.history(0, 3), &[5]);
 }
 
@@ -313,4 +330,37 @@ fn malformed_grouped_lines_name_the_line_the_column_and_the_problem() {
     bad.input.candidate_separator = ",".into();
     let e = read(&bad, &dir.path().join("bad0.tsv")).unwrap_err().to_string();
     assert!(e.contains("input.candidate_separator"), "{e}");
+}
+
+#[test]
+fn a_column_shared_so_far_turns_per_row_where_a_group_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grouped.tsv");
+    // Line 1 gives one movie type for both candidates, line 2 one each;
+    // gender is one per line throughout.
+    std::fs::write(&path, "1\t1\t1\t5,6\t2\t7|8\t1\t1|0\n2\t2\t1\t5\t1\t9|10\t1|2\t1|0\n").unwrap();
+    let config = tutorial(|c| c.input.layout = InputLayout::Grouped);
+    let d = read(&config, &path).unwrap();
+    assert_eq!(d.batch.groups, vec![0, 2, 4]);
+    assert_eq!(d.batch.shared_sparse, [true, true, true, false, false]);
+    assert_eq!(d.batch.sparse[1], [1, 2], "gender, once per group");
+    assert_eq!(
+        d.batch.sparse[4],
+        [1, 1, 1, 2],
+        "movie type, once per row from line 2 on"
+    );
+    assert_eq!(d.batch.sparse[3], [7, 8, 9, 10]);
+    assert_eq!(d.lines, [1, 1, 2, 2]);
+    // The same in a flat file with detected groups: gender turns per row
+    // where a run of one user and history changes it.
+    let flat = dir.path().join("flat.tsv");
+    std::fs::write(
+        &flat,
+        "1\t1\t1\t5\t1\t7\t1\t1\n1\t1\t1\t5\t1\t8\t1\t0\n1\t2\t1\t5\t1\t9\t2\t1\n",
+    )
+    .unwrap();
+    let d = read(&tutorial(|c| c.data.group = true), &flat).unwrap();
+    assert_eq!(d.batch.groups, vec![0, 3]);
+    assert_eq!(d.batch.shared_sparse, [true, false, true, false, false]);
+    assert_eq!(d.batch.sparse[1], [1, 1, 2]);
 }

@@ -67,6 +67,8 @@ fn batch() -> Batch {
         labels: vec![0.0; 8],
         rows: 8,
         groups: Vec::new(),
+        shared_sparse: Vec::new(),
+        shared_dense: Vec::new(),
     }
 }
 

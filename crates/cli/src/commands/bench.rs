@@ -508,12 +508,13 @@ fn latency_request(data: &Dataset, layout: &Layout, row: usize) -> Result<Batch>
     if row >= data.len() {
         bail!("--latency-row {row}: the data has {} rows", data.len());
     }
-    let mut one = data.batch.gather(&[row; 200]);
+    // Flat, as a request reaches the server.
+    let mut one = data.batch.gather(&[row; 200]).ungrouped();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let picks: Vec<usize> = (0..200).map(|_| rng.gen_range(0..data.len())).collect();
     for &(t, _) in &layout.pairs {
         for (k, &p) in picks.iter().enumerate() {
-            one.sparse[t][k] = data.batch.sparse[t][p];
+            one.sparse[t][k] = data.batch.sparse_id(t, p);
         }
     }
     Ok(one)

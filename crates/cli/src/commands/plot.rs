@@ -259,7 +259,7 @@ pub fn explain(args: ExplainArgs) -> Result<()> {
             let clicked = data.batch.labels.get(r) == Some(&1.0);
             format!(
                 "{} (p {p:.3}){}",
-                raw(target_table, data.batch.sparse[target][r]),
+                raw(target_table, data.batch.sparse_id(target, r)),
                 if clicked { ", clicked" } else { "" }
             )
         })

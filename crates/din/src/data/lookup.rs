@@ -183,7 +183,7 @@ impl ItemTable {
                         Some((h, hk)) => (batch.history(hk, r), batch.history(h, r)),
                         None => (&[], &[]),
                     };
-                    let target = (batch.sparse[f.key][r], batch.sparse[f.feature][r]);
+                    let target = (batch.sparse_id(f.key, r), batch.sparse_id(f.feature, r));
                     for (k, v) in std::iter::once(target).chain(keys.iter().copied().zip(vals.iter().copied())) {
                         if Some(k) == reserved {
                             continue;

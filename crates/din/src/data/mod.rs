@@ -25,7 +25,9 @@ pub struct Dataset {
     pub lines: Vec<u32>,
     /// All columns used by the model.
     pub batch: Batch,
-    /// Raw user ids for GAUC (when the schema names a user column).
+    /// Dense user ids for GAUC (when the schema names a user column): one
+    /// per row, or one per group of a grouped batch (a group is one
+    /// user's); [`Dataset::user_ids`] gives one per row either way.
     pub users: Option<Vec<u32>>,
     /// Malformed rows skipped while reading (with `skip_bad_rows`).
     pub skipped: SkippedRows,
@@ -56,12 +58,32 @@ impl Dataset {
 
     /// The rows at `rows`, in that order.
     pub fn select(&self, rows: &[usize]) -> Dataset {
+        let mut batch = Batch::default();
+        let kept = self.batch.gather_groups_into(rows, &mut batch);
+        let users = self.users.as_ref().map(|u| {
+            let units = if self.batch.is_grouped() { &kept } else { rows };
+            units.iter().map(|&i| u[i]).collect()
+        });
         Dataset {
             source: self.source.clone(),
             lines: rows.iter().map(|&r| self.lines[r]).collect(),
-            batch: self.batch.gather(rows),
-            users: self.users.as_ref().map(|u| rows.iter().map(|&r| u[r]).collect()),
+            batch,
+            users,
             skipped: SkippedRows::default(),
         }
+    }
+
+    /// Each row's user id for GAUC (when the schema names a user column).
+    pub fn user_ids(&self) -> Option<std::borrow::Cow<'_, [u32]>> {
+        let users = self.users.as_ref()?;
+        Some(if self.batch.is_grouped() {
+            let mut out = Vec::with_capacity(self.len());
+            for (g, &u) in users.iter().enumerate() {
+                out.extend(self.batch.group_rows(g).map(|_| u));
+            }
+            std::borrow::Cow::Owned(out)
+        } else {
+            std::borrow::Cow::Borrowed(users.as_slice())
+        })
     }
 }

@@ -128,7 +128,13 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         labels: Vec::new(),
         rows: 0,
         groups: Vec::new(),
+        shared_sparse: Vec::new(),
+        shared_dense: Vec::new(),
     };
+    // Grouped: the columns stored once per group so far (each starts so,
+    // and holds one value per row from the first group whose rows differ).
+    let mut shared_sparse = vec![group; layout.sparse.len()];
+    let mut shared_dense = vec![group; layout.dense.len()];
     let mut row_count: usize = 0; // rows, or lines of a grouped file
     let mut lines = Vec::new();
     let mut users: Option<Vec<u32>> = map.user.map(|_| Vec::new());
@@ -185,19 +191,18 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         };
         let field = |col: usize| record[col].trim();
         let n = row.candidates;
-        for (f, ids) in row.sparse.iter().enumerate() {
-            batch.sparse[f].extend((0..n).map(|c| ids[if ids.len() == 1 { 0 } else { c }]));
-        }
-        for (f, values) in row.dense.iter().enumerate() {
-            let dim = layout.dense[f].1;
-            for c in 0..n {
-                let at = if values.len() == dim { 0 } else { c * dim };
-                batch.dense[f].extend_from_slice(&values[at..at + dim]);
-            }
-        }
         // Common features: the row joins the previous row's group when its
         // user side is the same (always a new group for a grouped line).
         let user = map.user.map(field);
+        if let (Some(u), Some(c)) = (user, candidates.filter(|&c| user.is_some_and(|u| u.contains(c)))) {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                line,
+                column: layout.user.clone().unwrap_or_default(),
+                value: u.to_string(),
+                reason: format!("the user column is the group's, one value for all its candidates: it cannot hold the candidate separator {c:?}"),
+            });
+        }
         let joins = group
             && !grouped_file
             && row_count > 0
@@ -212,12 +217,48 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
             if let (Some(u), false) = (user, joins) {
                 last_user = Some(u.to_string());
             }
-            let g = if joins {
-                batch.sequences.first().map_or(0, |s| s.rows() - 1)
-            } else {
-                batch.sequences.first().map_or(row_count, Ragged::rows)
-            };
-            batch.groups.extend(std::iter::repeat_n(g as u32, n));
+            if !joins {
+                batch.groups.push(batch.rows as u32);
+            }
+        }
+        let g = batch.groups.len().wrapping_sub(1); // the row's group
+        for (f, ids) in row.sparse.iter().enumerate() {
+            let col = &mut batch.sparse[f];
+            if shared_sparse[f] {
+                match (ids.len(), joins) {
+                    (1, false) => {
+                        col.push(ids[0]);
+                        continue;
+                    }
+                    (1, true) if col[g] == ids[0] => continue,
+                    // The rows of a group differ here: one id per row from now on.
+                    _ => {
+                        expand(col, 1, &batch.groups, batch.rows, lines.capacity());
+                        shared_sparse[f] = false;
+                    }
+                }
+            }
+            col.extend((0..n).map(|c| ids[if ids.len() == 1 { 0 } else { c }]));
+        }
+        for (f, values) in row.dense.iter().enumerate() {
+            let dim = layout.dense[f].1;
+            let col = &mut batch.dense[f];
+            if shared_dense[f] {
+                let same = values.len() == dim;
+                if same && !joins {
+                    col.extend_from_slice(values);
+                    continue;
+                }
+                if same && joins && col[g * dim..(g + 1) * dim] == values[..] {
+                    continue;
+                }
+                expand(col, dim, &batch.groups, batch.rows, lines.capacity());
+                shared_dense[f] = false;
+            }
+            for c in 0..n {
+                let at = if values.len() == dim { 0 } else { c * dim };
+                col.extend_from_slice(&values[at..at + dim]);
+            }
         }
         for (f, slot) in layout.sequences.iter().enumerate() {
             if joins {
@@ -244,7 +285,11 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
             let mut h = crate::checkpoint::Fnv::new();
             h.write(field(col).as_bytes());
             let id = *user_ids.entry(h.value()).or_insert(next);
-            users.extend(std::iter::repeat_n(id, n));
+            match (group, joins) {
+                (false, _) => users.extend(std::iter::repeat_n(id, n)),
+                (true, false) => users.push(id), // the group's
+                (true, true) => {}
+            }
         }
         // Line numbers are 32-bit, like the history offsets.
         let Ok(line32) = u32::try_from(line) else {
@@ -267,6 +312,11 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
     if let Some(limit) = options.skip_bad_rows {
         skipped.check_limit(path, row_count + skipped.count, limit)?;
     }
+    if group {
+        batch.groups.push(batch.rows as u32);
+        batch.shared_sparse = shared_sparse;
+        batch.shared_dense = shared_dense;
+    }
     if batch.rows == 0 {
         return Err(Error::EmptyFile {
             path: path.to_path_buf(),
@@ -279,6 +329,20 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         users,
         skipped,
     })
+}
+
+/// Turns a column holding `dim` values per group into one holding them per
+/// row: group `g` (rows `starts[g]..starts[g + 1]`, the last ending at
+/// `rows`) repeated once per row, with room for `capacity_rows` rows.
+fn expand<T: Copy>(col: &mut Vec<T>, dim: usize, starts: &[u32], rows: usize, capacity_rows: usize) {
+    let mut out = Vec::with_capacity(capacity_rows.max(rows) * dim);
+    for (g, &start) in starts.iter().enumerate() {
+        let end = starts.get(g + 1).map_or(rows, |&e| e as usize);
+        for _ in start as usize..end {
+            out.extend_from_slice(&col[g * dim..(g + 1) * dim]);
+        }
+    }
+    *col = out;
 }
 
 /// Lines read before the columns are sized for the whole file.

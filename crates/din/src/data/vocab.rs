@@ -4,22 +4,36 @@ use super::{Batch, Dataset, SkippedRows};
 use crate::schema::{Layout, Oov};
 use crate::{Error, Result};
 
-/// Every (table, column name, ids, row of each id) source in a dataset.
+/// Which rows the ids of a column belong to.
+#[derive(Clone, Copy)]
+enum Holder<'a> {
+    /// One id per row.
+    Row,
+    /// One id per group (a grouped batch's user side).
+    Group,
+    /// Ragged: each row (or group) holds `offsets[i]..offsets[i + 1]`.
+    Sequence(&'a [u32]),
+}
+
+/// Every (table, column name, ids, holder of each id) source in a dataset.
 fn id_sources<'a>(
     layout: &'a Layout,
     data: &'a Dataset,
-) -> impl Iterator<Item = (usize, &'a str, &'a [u32], Option<&'a [u32]>)> {
-    let sparse = layout
-        .sparse
-        .iter()
-        .enumerate()
-        .map(move |(f, s)| (s.table, s.name.as_str(), data.batch.sparse[f].as_slice(), None));
+) -> impl Iterator<Item = (usize, &'a str, &'a [u32], Holder<'a>)> {
+    let sparse = layout.sparse.iter().enumerate().map(move |(f, s)| {
+        let holder = if data.batch.is_shared_sparse(f) {
+            Holder::Group
+        } else {
+            Holder::Row
+        };
+        (s.table, s.name.as_str(), data.batch.sparse[f].as_slice(), holder)
+    });
     let seqs = layout.sequences.iter().enumerate().map(move |(f, s)| {
         (
             s.table,
             s.name.as_str(),
             data.batch.sequences[f].values.as_slice(),
-            Some(data.batch.sequences[f].offsets.as_slice()),
+            Holder::Sequence(data.batch.sequences[f].offsets.as_slice()),
         )
     });
     sparse.chain(seqs)
@@ -30,26 +44,19 @@ fn id_sources<'a>(
 /// expected. Set `vocab_size` explicitly to go beyond it.
 pub const MAX_INFERRED_TABLE: usize = 1 << 30;
 
-/// The rows holding the `i`-th value of a feature's ids: one row for a
-/// sparse feature, the rows sharing the history for a sequence's.
-fn rows_of(batch: &Batch, offsets: Option<&[u32]>, i: usize) -> std::ops::Range<usize> {
-    match offsets {
-        None => i..i + 1,
-        Some(o) => {
-            let h = o.partition_point(|&start| start as usize <= i) - 1;
-            if batch.is_grouped() {
-                let h = h as u32;
-                batch.groups.partition_point(|&g| g < h)..batch.groups.partition_point(|&g| g <= h)
-            } else {
-                h..h + 1
-            }
-        }
+/// The rows holding the `i`-th value of a feature's ids: one row, or the
+/// rows of the group (or of the group whose history) holds it.
+fn rows_of(batch: &Batch, holder: Holder<'_>, i: usize) -> std::ops::Range<usize> {
+    match holder {
+        Holder::Row => i..i + 1,
+        Holder::Group => batch.group_rows(i),
+        Holder::Sequence(o) => batch.group_rows(o.partition_point(|&start| start as usize <= i) - 1),
     }
 }
 
 /// The first row holding the `i`-th value of a feature's ids.
-fn row_of(batch: &Batch, offsets: Option<&[u32]>, i: usize) -> usize {
-    rows_of(batch, offsets, i).start
+fn row_of(batch: &Batch, holder: Holder<'_>, i: usize) -> usize {
+    rows_of(batch, holder, i).start
 }
 
 /// Sets each table whose vocabulary size is not given to the largest id seen
@@ -183,13 +190,8 @@ pub fn drop_out_of_vocabulary(layout: &Layout, data: &mut Dataset, limit: f64) -
                 path: data.source.clone(),
             });
         }
-        let mut batch = Batch::default();
-        data.batch.gather_into(&kept, &mut batch);
-        data.batch = batch;
-        data.lines = kept.iter().map(|&r| data.lines[r]).collect();
-        if let Some(users) = data.users.as_mut() {
-            *users = kept.iter().map(|&r| users[r]).collect();
-        }
+        let picked = data.select(&kept);
+        (data.batch, data.lines, data.users) = (picked.batch, picked.lines, picked.users);
     }
     apply_vocab(layout, data)
 }
@@ -199,12 +201,12 @@ pub fn drop_out_of_vocabulary(layout: &Layout, data: &mut Dataset, limit: f64) -
 /// group's rows share counts once for each of them. Call after [`apply_vocab`].
 pub fn id_counts(layout: &Layout, data: &Dataset) -> Vec<Vec<u32>> {
     let mut counts: Vec<Vec<u32>> = layout.tables.iter().map(|t| vec![0; t.rows()]).collect();
-    // Rows sharing each stored history.
+    // Rows sharing each stored history or user-side id.
     let bounds = data.batch.group_bounds();
     let shared: Vec<u32> = bounds.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
-    for (t, _, ids, offsets) in id_sources(layout, data) {
-        match offsets {
-            Some(o) if data.batch.is_grouped() => {
+    for (t, _, ids, holder) in id_sources(layout, data) {
+        match holder {
+            Holder::Sequence(o) => {
                 for (h, w) in o.windows(2).enumerate() {
                     for &id in &ids[w[0] as usize..w[1] as usize] {
                         if let Some(c) = counts[t].get_mut(id as usize) {
@@ -213,7 +215,14 @@ pub fn id_counts(layout: &Layout, data: &Dataset) -> Vec<Vec<u32>> {
                     }
                 }
             }
-            _ => {
+            Holder::Group => {
+                for (g, &id) in ids.iter().enumerate() {
+                    if let Some(c) = counts[t].get_mut(id as usize) {
+                        *c += shared.get(g).copied().unwrap_or(0);
+                    }
+                }
+            }
+            Holder::Row => {
                 for &id in ids {
                     if let Some(c) = counts[t].get_mut(id as usize) {
                         *c += 1;

@@ -157,7 +157,7 @@ impl Din {
     fn histories<'b>(&self, batch: &'b Batch) -> Histories<'b> {
         Histories {
             offsets: &batch.sequences[self.layout.pairs[0].1].offsets,
-            of_sample: batch.is_grouped().then_some(batch.groups.as_slice()),
+            starts: batch.is_grouped().then_some(batch.groups.as_slice()),
         }
     }
 
@@ -172,19 +172,20 @@ impl Din {
         x.clear();
         x.resize(b * width, 0.0); // [B, Din]
         let mut col = 0;
-        // Sparse features: one embedding each.
+        // Sparse features: one embedding each (a group's, for the user side
+        // of a grouped batch).
         for (f, slot) in l.sparse.iter().enumerate() {
             let table = &self.embeddings[slot.table];
             let dim = table.dim();
-            for (r, &id) in batch.sparse[f].iter().enumerate() {
+            batch.for_each_sparse(f, |r, id| {
                 x[r * width + col..r * width + col + dim].copy_from_slice(table.row(id));
-            }
+            });
             col += dim;
         }
         // Dense features as they are.
         for (f, (_, dim)) in l.dense.iter().enumerate() {
             for r in 0..b {
-                x[r * width + col..r * width + col + dim].copy_from_slice(&batch.dense[f][r * dim..(r + 1) * dim]);
+                x[r * width + col..r * width + col + dim].copy_from_slice(batch.dense_values(f, r));
             }
             col += dim;
         }
@@ -199,9 +200,9 @@ impl Din {
         for &(t, h) in &l.pairs {
             let table = &self.embeddings[l.sparse[t].table];
             let dim = table.dim();
-            for (r, &id) in batch.sparse[t].iter().enumerate() {
+            batch.for_each_sparse(t, |r, id| {
                 q[r * dq + qcol..r * dq + qcol + dim].copy_from_slice(table.row(id));
-            }
+            });
             let htable = &self.embeddings[l.sequences[h].table];
             for (i, &id) in batch.sequences[h].values.iter().enumerate() {
                 keys[i * dq + qcol..i * dq + qcol + dim].copy_from_slice(htable.row(id));
@@ -309,31 +310,26 @@ impl Din {
             g.dim = e.dim();
         }
         let mut col = 0;
-        let mut run = Vec::new();
+        let mut sum = Vec::new();
         for (f, slot) in l.sparse.iter().enumerate() {
             let dim = self.embeddings[slot.table].dim();
-            let ids = &batch.sparse[f];
-            let mut r = 0;
-            while r < b {
-                // In a grouped batch, a user feature's rows of one group
-                // (one id) are summed first and added to its row once.
-                let mut end = r + 1;
-                while batch.is_grouped() && end < b && ids[end] == ids[r] && batch.groups[end] == batch.groups[r] {
-                    end += 1;
-                }
-                if end == r + 1 {
-                    grads[slot.table].add(ids[r], &dx[r * width + col..r * width + col + dim]);
-                } else {
-                    run.clear();
-                    run.resize(dim, 0.0f32);
-                    for i in r..end {
-                        run.iter_mut()
-                            .zip(&dx[i * width + col..i * width + col + dim])
-                            .for_each(|(a, g)| *a += g);
+            if batch.is_shared_sparse(f) {
+                // A user feature of a grouped batch: its group's rows are
+                // summed first and added to its row once.
+                for (g, &id) in batch.sparse[f].iter().enumerate() {
+                    sum.clear();
+                    sum.resize(dim, 0.0f32);
+                    for r in batch.group_rows(g) {
+                        sum.iter_mut()
+                            .zip(&dx[r * width + col..r * width + col + dim])
+                            .for_each(|(a, d)| *a += d);
                     }
-                    grads[slot.table].add(ids[r], &run);
+                    grads[slot.table].add(id, &sum);
                 }
-                r = end;
+            } else {
+                for (r, &id) in batch.sparse[f].iter().enumerate() {
+                    grads[slot.table].add(id, &dx[r * width + col..r * width + col + dim]);
+                }
             }
             col += dim;
         }
@@ -352,9 +348,10 @@ impl Din {
         for &(t, h) in &l.pairs {
             let table = l.sparse[t].table;
             let dim = self.embeddings[table].dim();
-            for (r, &id) in batch.sparse[t].iter().enumerate() {
-                grads[table].add(id, &dq[r * dq_width + qcol..r * dq_width + qcol + dim]);
-            }
+            let g = &mut grads[table];
+            batch.for_each_sparse(t, |r, id| {
+                g.add(id, &dq[r * dq_width + qcol..r * dq_width + qcol + dim]);
+            });
             let htable = l.sequences[h].table;
             for (i, &id) in batch.sequences[h].values.iter().enumerate() {
                 grads[htable].add(id, &dk[i * dq_width + qcol..i * dq_width + qcol + dim]);

@@ -82,7 +82,7 @@ impl Scorer {
     /// Logloss, AUC and GAUC on labelled rows.
     pub fn evaluate(&self, data: &Dataset, threads: usize) -> Result<Metrics> {
         let probs = self.predict(data, threads)?;
-        Ok(Metrics::compute(&data.batch.labels, &probs, data.users.as_deref()))
+        Ok(Metrics::compute(&data.batch.labels, &probs, data.user_ids().as_deref()))
     }
 }
 
@@ -101,5 +101,5 @@ pub fn predict(model: &Din, data: &Dataset, batch_size: usize) -> Vec<f32> {
 /// Logloss, AUC and GAUC of `model` on `data` (which must have labels).
 pub fn evaluate(model: &Din, data: &Dataset, batch_size: usize) -> Metrics {
     let probs = predict(model, data, batch_size);
-    Metrics::compute(&data.batch.labels, &probs, data.users.as_deref())
+    Metrics::compute(&data.batch.labels, &probs, data.user_ids().as_deref())
 }

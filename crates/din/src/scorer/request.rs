@@ -133,6 +133,8 @@ impl Scorer {
             labels: Vec::new(),
             rows: n,
             groups: Vec::new(),
+            shared_sparse: Vec::new(),
+            shared_dense: Vec::new(),
         };
         let item_of = |i: usize| l.item_features.iter().find(|f| f.feature == i);
         // Ordinary features first: an item feature follows from its item.

@@ -77,6 +77,8 @@ pub fn batch() -> Batch {
         labels: vec![1.0, 0.0, 0.0, 1.0],
         rows: 4,
         groups: Vec::new(),
+        shared_sparse: Vec::new(),
+        shared_dense: Vec::new(),
     }
 }
 

@@ -603,7 +603,7 @@ impl Attention {
     ) {
         let (d, h1) = self.dims();
         histories.index(&mut st.offsets, &mut st.key_at);
-        st.grouped = histories.of_sample.is_some();
+        st.grouped = histories.starts.is_some();
         let offsets = &st.offsets;
         let b = offsets.len() - 1;
         let n = offsets[b] as usize;
@@ -625,12 +625,21 @@ impl Attention {
         let chunk_rows = if keep { CHUNK_ROWS_TRAIN } else { CHUNK_ROWS_INFER };
         // A grouped training pass keeps each group in one chunk, so that a
         // chunk sums its histories' gradients whole.
-        let group_end = |s: usize| !compact || histories.of_sample.is_none_or(|g| g[s + 1] != g[s]);
         st.bounds.clear();
         st.bounds.push(0);
+        let mut next = 1; // the first group start after sample s
         for s in 0..b {
+            let group_end = match (compact, histories.starts) {
+                (true, Some(starts)) => {
+                    while starts[next] as usize <= s {
+                        next += 1;
+                    }
+                    starts[next] as usize == s + 1
+                }
+                _ => true,
+            };
             let big = (offsets[s + 1] - offsets[st.bounds[st.bounds.len() - 1]]) as usize >= chunk_rows;
-            if s + 1 == b || (big && group_end(s)) {
+            if s + 1 == b || (big && group_end) {
                 st.bounds.push(s + 1);
             }
         }

@@ -45,7 +45,7 @@ pub struct Attention {
 
 /// Which keys each sample's query attends over.
 ///
-/// Every sample has its own history (`of_sample: None`: sample `s` owns
+/// Every sample has its own history (`starts: None`: sample `s` owns
 /// keys `offsets[s]..offsets[s + 1]`), or samples share them
 /// (architecture.md, trick 4): consecutive samples of one group (a page
 /// view's candidates) attend over one history stored once, whose share of
@@ -55,23 +55,21 @@ pub struct Attention {
 pub struct Histories<'a> {
     /// Where each history's keys start, then the number of keys, `[H + 1]`.
     pub offsets: &'a [u32],
-    /// The history of each sample, `[B]`: non-decreasing, each history's
-    /// samples consecutive. `None`: sample `s` has history `s`.
-    pub of_sample: Option<&'a [u32]>,
+    /// Where each history's samples start, then the number of samples
+    /// (`[H + 1]`, increasing: each history's samples are consecutive).
+    /// `None`: sample `s` has history `s`.
+    pub starts: Option<&'a [u32]>,
 }
 
 impl<'a> Histories<'a> {
     /// Every sample with a history of its own.
     pub fn own(offsets: &'a [u32]) -> Self {
-        Histories {
-            offsets,
-            of_sample: None,
-        }
+        Histories { offsets, starts: None }
     }
 
     /// Number of samples.
     pub fn samples(&self) -> usize {
-        self.of_sample.map_or(self.offsets.len() - 1, <[u32]>::len)
+        self.starts.map_or(self.offsets.len() - 1, |s| s[s.len() - 1] as usize)
     }
 
     /// Fills `rows` (`[B + 1]`: where each sample's (query, behaviour) rows
@@ -80,17 +78,19 @@ impl<'a> Histories<'a> {
     fn index(&self, rows: &mut Vec<u32>, key_at: &mut Vec<u32>) {
         rows.clear();
         key_at.clear();
-        match self.of_sample {
+        match self.starts {
             None => {
                 rows.extend_from_slice(self.offsets);
                 key_at.extend_from_slice(&self.offsets[..self.offsets.len() - 1]);
             }
-            Some(groups) => {
+            Some(starts) => {
                 rows.push(0);
-                for &g in groups {
-                    let (k0, k1) = (self.offsets[g as usize], self.offsets[g as usize + 1]);
-                    key_at.push(k0);
-                    rows.push(rows[rows.len() - 1] + (k1 - k0));
+                for (h, w) in starts.windows(2).enumerate() {
+                    let (k0, k1) = (self.offsets[h], self.offsets[h + 1]);
+                    for _ in w[0]..w[1] {
+                        key_at.push(k0);
+                        rows.push(rows[rows.len() - 1] + (k1 - k0));
+                    }
                 }
             }
         }
@@ -224,7 +224,7 @@ impl Attention {
         histories: Histories<'_>,
         mode: Mode,
     ) -> (Vec<f32>, AttentionCache) {
-        if histories.of_sample.is_none() {
+        if histories.starts.is_none() {
             return self.forward_layered(q, keys, histories.offsets, mode);
         }
         let d = self.dims().0;
@@ -717,9 +717,14 @@ mod tests {
         assert!(flat_keys.len() / d > 2 * chunked::CHUNK_ROWS_TRAIN);
         let q = rand_vec(b * d, 42);
         let dpooled = rand_vec(b * d, 43);
+        let mut starts: Vec<u32> = (0..groups.len())
+            .filter(|&s| s == 0 || groups[s] != groups[s - 1])
+            .map(|s| s as u32)
+            .collect();
+        starts.push(groups.len() as u32);
         let histories = Histories {
             offsets: &hist_offsets,
-            of_sample: Some(&groups),
+            starts: Some(&starts),
         };
         for (activation, normalization, pooling) in [
             (ActivationKind::Prelu, Normalization::None, Pooling::Attention),
