@@ -7,11 +7,12 @@
 # grouped training shuffles groups and keeps them whole in a batch, so the
 # sample order differs and the metrics may differ within the seed spread.
 #
-#   bash bench/grouped_quality.sh        # SEEDS="1 2 3" NEGATIVES=1
+#   bash bench/grouped_quality.sh        # SEEDS="1 2 3" NEGATIVES=1 LAYOUTS="flat grouped"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-1 2 3}
 NEGATIVES=${NEGATIVES:-1}
+LAYOUTS=${LAYOUTS:-flat grouped}
 ML=${ML:-../shared/data/ml-100k}
 OUT=runs/grouped-quality
 cargo build --release --quiet
@@ -20,9 +21,9 @@ grep -m1 'model name' /proc/cpuinfo || true
 mkdir -p "$OUT"
 $DIN prepare --input "$ML" --format movielens --negatives "$NEGATIVES" --out "$OUT/flat" > /dev/null
 $DIN prepare --input "$ML" --format movielens --negatives "$NEGATIVES" --grouped --out "$OUT/grouped" > /dev/null
-: > "$OUT/metrics.jsonl"
+touch "$OUT/metrics.jsonl"
 for seed in $SEEDS; do
-  for layout in flat grouped; do
+  for layout in $LAYOUTS; do
     $DIN train --config "$OUT/$layout/config.toml" --out "$OUT/$layout/model-$seed" --seed "$seed" \
       --checkpoint-every 0 --json > "$OUT/$layout/history-$seed.json"
     $DIN evaluate --model "$OUT/$layout/model-$seed" --data "$OUT/$layout/test.tsv" --json \
@@ -32,9 +33,14 @@ for seed in $SEEDS; do
 done
 python3 - "$OUT/metrics.jsonl" <<'PY'
 import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+rows = {}
+for l in open(sys.argv[1]):  # the last run of each (layout, seed)
+    x = json.loads(l)
+    rows[(x["layout"], x["seed"])] = x
 for layout in ("flat", "grouped"):
-    r = [x for x in rows if x["layout"] == layout]
+    r = [x for (lay, _), x in sorted(rows.items()) if lay == layout]
+    if not r:
+        continue
     cells = []
     for k in ("gauc", "auc", "logloss"):
         v = [x[k] for x in r]

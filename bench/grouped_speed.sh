@@ -9,11 +9,12 @@
 # prepared with 5 negatives per positive, flat and `--grouped`. `din bench
 # load` counts the products an epoch computes each way.
 #
-#   bash bench/grouped_speed.sh        # USERS=20000 REPS=3
+#   bash bench/grouped_speed.sh        # USERS=20000 REPS=3 (gen), REPS_ML=2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 USERS=${USERS:-20000}
 REPS=${REPS:-3}
+REPS_ML=${REPS_ML:-2}
 ML=${ML:-../shared/data/ml-100k}
 OUT=runs/grouped-speed
 cargo build --release --quiet
@@ -34,7 +35,6 @@ sets+=(gen)
 for set in "${sets[@]}"; do
   for layout in flat grouped; do
     dir="$OUT/$set-$layout"
-    file=$(ls "$dir"/train.tsv "$dir"/samples.tsv 2>/dev/null | head -1)
     for units in "[256,128,64]" "[80,40]"; do
       $DIN bench load --config "$dir/config.toml" --set "model.attention.hidden_units=$units" --json \
         | python3 -c 'import json,sys; r=json.load(sys.stdin); r.update(set=sys.argv[1], layout=sys.argv[2], units=sys.argv[3]); print(json.dumps(r))' "$set" "$layout" "$units" >> "$OUT/load.jsonl"
@@ -43,7 +43,9 @@ for set in "${sets[@]}"; do
 done
 for set in "${sets[@]}"; do
   for units in "[256,128,64]" "[80,40]"; do
-    for rep in $(seq "$REPS"); do
+    reps=$REPS
+    [ "$set" = ml ] && reps=$REPS_ML
+    for rep in $(seq "$reps"); do
       for layout in flat grouped; do
         dir="$OUT/$set-$layout"
         start=$(date +%s.%N)
