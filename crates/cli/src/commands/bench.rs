@@ -138,9 +138,7 @@ fn load(a: &LoadArgs) -> Result<()> {
     // from the config's model shapes.
     infer_vocab(&mut layout, &data)?;
     let model = Din::new(&layout, &config.model, 0)?;
-    let h0 = layout.pairs[0].1;
-    let behaviours: usize = (0..data.len()).map(|r| data.batch.history(h0, r).len()).sum();
-    let keys = data.batch.sequences[h0].values.len();
+    let (behaviours, keys) = pairs_and_keys(&data, &layout);
     let (flat, grouped) = train_flops(&model, &layout, data.len(), behaviours, keys);
     let report = serde_json::json!({
         "file": path,
@@ -167,12 +165,7 @@ fn load(a: &LoadArgs) -> Result<()> {
             data.len() as f64 / seconds.max(1e-9),
             peak.map_or("n/a".to_string(), |m| format!("{m:.1} MiB"))
         );
-        println!(
-            "training products: {:.2} GFLOP per epoch with every row's own history, {:.2} with each stored history's first-layer term once ({:.1}% fewer)",
-            flat / 1e9,
-            grouped / 1e9,
-            100.0 * (1.0 - grouped / flat.max(1e-9))
-        );
+        println!("{}", products_line(flat, grouped, data.batch.group_count()));
     }
     Ok(())
 }
@@ -292,6 +285,24 @@ fn forward_flops(model: &Din, layout: &Layout, samples: usize, behaviours: usize
     per_behaviour * behaviours as f64 + per_sample * samples as f64
 }
 
+/// The (query, behaviour) rows of `data`, each row's history counted once
+/// per row, and the history rows it stores (fewer when grouped).
+fn pairs_and_keys(data: &Dataset, layout: &Layout) -> (usize, usize) {
+    let h0 = layout.pairs[0].1;
+    let pairs = (0..data.len()).map(|r| data.batch.history(h0, r).len()).sum();
+    (pairs, data.batch.sequences[h0].values.len())
+}
+
+/// One line for people: an epoch's training products, flat and grouped.
+fn products_line(flat: f64, grouped: f64, groups: usize) -> String {
+    format!(
+        "training products   {:>10.2} GFLOP per epoch flat, {:.2} in {groups} groups ({:.1}% fewer)",
+        flat / 1e9,
+        grouped / 1e9,
+        100.0 * (1.0 - grouped / flat.max(1e-9))
+    )
+}
+
 /// Multiply-adds x 2 of one training step's products over the data
 /// (forward, and twice its products backward), flat: every sample's own
 /// copy of its history. Grouped, the keys' share of the first attention
@@ -318,11 +329,7 @@ fn measure(a: &RunArgs) -> Result<()> {
     sets.push(format!("train.threads={}", a.threads));
     let config = Config::from_toml_file_with(path, &sets)?;
     let data = load_training_data(&config)?;
-    // (query, behaviour) rows: a grouped file's histories count once per candidate.
-    let h0 = data.layout.pairs[0].1;
-    let behaviours: usize = (0..data.train.len())
-        .map(|r| data.train.batch.history(h0, r).len())
-        .sum();
+    let (behaviours, keys) = pairs_and_keys(&data.train, &data.layout);
     let n = data.train.len();
 
     let policy = a
@@ -342,7 +349,6 @@ fn measure(a: &RunArgs) -> Result<()> {
     let model = outcome.model;
     let pool = thread_pool(a.threads)?;
     let flops_forward = forward_flops(&model, &data.layout, n, behaviours);
-    let keys = data.train.batch.sequences[h0].values.len();
     let (flops_flat, flops_grouped) = train_flops(&model, &data.layout, n, behaviours, keys);
 
     let (infer_sps, latencies, gemm_gflops, candidates_per_second, json_latencies) = pool.install(|| {
@@ -465,11 +471,8 @@ fn measure(a: &RunArgs) -> Result<()> {
         );
         println!("FP32 GEMM peak      {gemm_gflops:>10.1} GFLOP/s (2048^3, best of 5, same GEMM crate and threads)");
         println!(
-            "training products   {:>10.2} GFLOP per epoch flat, {:.2} in {} groups ({:.1}% saved)",
-            flops_flat / 1e9,
-            flops_grouped / 1e9,
-            data.train.batch.group_count(),
-            100.0 * (1.0 - flops_grouped / flops_flat.max(1e-9))
+            "{}",
+            products_line(flops_flat, flops_grouped, data.train.batch.group_count())
         );
         if let Some(rss) = peak_rss_mib() {
             println!("peak RSS            {rss:>10.1} MiB");

@@ -94,18 +94,14 @@ impl Batch {
         }
     }
 
-    /// The group of row `r` (`r` itself when the batch is not grouped).
+    /// The group of row `r` (`r` itself when the batch is not grouped): the
+    /// row of every `sequences[f]` that holds row `r`'s sequence.
     pub fn group_of(&self, r: usize) -> usize {
         if self.is_grouped() {
             self.groups.partition_point(|&start| start as usize <= r) - 1
         } else {
             r
         }
-    }
-
-    /// The row of `sequences[f]` holding row `r`'s sequence.
-    pub fn history_row(&self, r: usize) -> usize {
-        self.group_of(r)
     }
 
     /// The rows of group `g`.
@@ -117,27 +113,9 @@ impl Batch {
         }
     }
 
-    /// Where each group's rows start, then the number of rows (`[G + 1]`).
-    pub fn group_bounds(&self) -> Vec<usize> {
-        if self.is_grouped() {
-            self.groups.iter().map(|&s| s as usize).collect()
-        } else {
-            (0..=self.rows).collect()
-        }
-    }
-
-    /// The group of every row, `[rows]`.
-    pub fn row_groups(&self) -> Vec<u32> {
-        let mut out = Vec::with_capacity(self.rows);
-        for g in 0..self.group_count() {
-            out.extend(self.group_rows(g).map(|_| g as u32));
-        }
-        out
-    }
-
     /// Row `r`'s ids of sequence feature `f`.
     pub fn history(&self, f: usize, r: usize) -> &[u32] {
-        self.sequences[f].row(self.history_row(r))
+        self.sequences[f].row(self.group_of(r))
     }
 
     /// Whether sparse feature `f` holds one id per group.

@@ -119,7 +119,8 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         None
     };
     let group = grouped_file || config.data.group;
-    let mut last_user: Option<String> = None;
+    // The previous group's user (a hash of the raw value, as for `user_ids`).
+    let mut last_user: Option<u64> = None;
 
     let mut batch = Batch {
         sparse: vec![Vec::new(); layout.sparse.len()],
@@ -143,11 +144,11 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
     // string; two users would be merged only on a 64-bit collision.
     let mut user_ids: HashMap<u64, u32> = HashMap::new();
     let mut record = csv::StringRecord::new();
-    let mut ids: Vec<u32> = Vec::with_capacity(64);
     let mut row = Row {
         sparse: vec![Vec::new(); layout.sparse.len()],
         dense: vec![Vec::new(); layout.dense.len()],
         raw: vec![Vec::new(); layout.sequences.len()],
+        kept: vec![Vec::new(); layout.sequences.len()],
         labels: Vec::new(),
         candidates: 1,
     };
@@ -194,32 +195,30 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         // Common features: the row joins the previous row's group when its
         // user side is the same (always a new group for a grouped line).
         let user = map.user.map(field);
-        if let (Some(u), Some(c)) = (user, candidates.filter(|&c| user.is_some_and(|u| u.contains(c)))) {
-            return Err(Error::Parse {
-                path: path.to_path_buf(),
-                line,
-                column: layout.user.clone().unwrap_or_default(),
-                value: u.to_string(),
-                reason: format!("the user column is the group's, one value for all its candidates: it cannot hold the candidate separator {c:?}"),
-            });
+        if let (Some(u), Some(c)) = (user, candidates) {
+            if u.contains(c) {
+                return Err(Error::Parse {
+                    path: path.to_path_buf(),
+                    line,
+                    column: layout.user.clone().unwrap_or_default(),
+                    value: u.to_string(),
+                    reason: format!("the user column is the group's, one value for all its candidates: it cannot hold the candidate separator {c:?}"),
+                });
+            }
         }
+        let user = user.map(|u| {
+            let mut h = crate::checkpoint::Fnv::new();
+            h.write(u.as_bytes());
+            h.value()
+        });
         let joins = group
             && !grouped_file
             && row_count > 0
-            && user == last_user.as_deref()
-            && layout.sequences.iter().enumerate().all(|(f, slot)| {
-                ids.clear();
-                ids.extend(row.raw[f].iter().copied().filter(|&id| id != 0));
-                let s = &batch.sequences[f];
-                truncate(slot, &ids) == s.row(s.rows() - 1)
-            });
-        if group {
-            if let (Some(u), false) = (user, joins) {
-                last_user = Some(u.to_string());
-            }
-            if !joins {
-                batch.groups.push(batch.rows as u32);
-            }
+            && user == last_user
+            && (row.kept.iter().zip(&batch.sequences)).all(|(kept, s)| kept.as_slice() == s.row(s.rows() - 1));
+        if group && !joins {
+            last_user = user;
+            batch.groups.push(batch.rows as u32);
         }
         let g = batch.groups.len().wrapping_sub(1); // the row's group
         for (f, ids) in row.sparse.iter().enumerate() {
@@ -264,9 +263,7 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
             if joins {
                 break;
             }
-            ids.clear();
-            ids.extend(row.raw[f].iter().copied().filter(|&id| id != 0)); // 0 is padding: not stored
-            let kept = truncate(slot, &ids);
+            let kept = &row.kept[f];
             // Offsets are 32-bit: refuse a file whose histories would overflow them.
             if batch.sequences[f].values.len() + kept.len() > u32::MAX as usize {
                 return Err(Error::Parse {
@@ -280,11 +277,9 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
             batch.sequences[f].push(kept);
         }
         batch.labels.extend_from_slice(&row.labels);
-        if let (Some(col), Some(users)) = (map.user, users.as_mut()) {
+        if let (Some(key), Some(users)) = (user, users.as_mut()) {
             let next = user_ids.len() as u32;
-            let mut h = crate::checkpoint::Fnv::new();
-            h.write(field(col).as_bytes());
-            let id = *user_ids.entry(h.value()).or_insert(next);
+            let id = *user_ids.entry(key).or_insert(next);
             match (group, joins) {
                 (false, _) => users.extend(std::iter::repeat_n(id, n)),
                 (true, false) => users.push(id), // the group's
@@ -393,6 +388,8 @@ struct Row {
     /// Per dense feature: `dim` values, or `dim` per candidate.
     dense: Vec<Vec<f32>>,
     raw: Vec<Vec<u32>>,
+    /// Per sequence: the ids kept (padding dropped, truncated to `max_len`).
+    kept: Vec<Vec<u32>>,
     /// One label per candidate (none when not required).
     labels: Vec<f32>,
     /// Samples on the line: 1, or a grouped line's candidates.
@@ -541,6 +538,13 @@ fn parse_row(
             }
         }
     }
+    for ((kept, raw), slot) in row.kept.iter_mut().zip(&row.raw).zip(&layout.sequences) {
+        kept.clear();
+        kept.extend(raw.iter().copied().filter(|&id| id != 0)); // 0 is padding: not stored
+        let range = kept_range(slot, kept.len());
+        kept.truncate(range.end);
+        kept.drain(..range.start);
+    }
     row.labels.clear();
     if let Some(col) = label_col {
         if count(col) != n {
@@ -598,12 +602,6 @@ impl ColumnMap {
 fn parse_id(v: &str) -> std::result::Result<u32, &'static str> {
     let id: u64 = v.parse().map_err(|_| "not a non-negative integer id")?;
     u32::try_from(id).map_err(|_| "id too large (at most 4294967295)")
-}
-
-/// Keeps at most `max_len` ids, at the end that `truncation` names (the
-/// file's `order` says which end is recent).
-fn truncate<'a>(slot: &SequenceSlot, ids: &'a [u32]) -> &'a [u32] {
-    &ids[kept_range(slot, ids.len())]
 }
 
 /// The positions of a history of `len` ids that are kept: at most

@@ -172,9 +172,8 @@ pub fn drop_out_of_vocabulary(layout: &Layout, data: &mut Dataset, limit: f64) -
         let kept: Vec<usize> = (0..data.len()).filter(|r| !bad.contains_key(r)).collect();
         let skipped = &mut data.skipped;
         // Counted in lines: a grouped line's candidates are one line.
-        let mut lines: Vec<u32> = data.lines.clone();
-        lines.dedup();
-        let total = lines.len() + skipped.count;
+        let lines = 1 + data.lines.windows(2).filter(|w| w[0] != w[1]).count();
+        let total = lines + skipped.count;
         let mut bad_lines: Vec<(u64, String)> = bad
             .iter()
             .map(|(&r, e)| (u64::from(data.lines[r]), e.to_string()))
@@ -201,32 +200,23 @@ pub fn drop_out_of_vocabulary(layout: &Layout, data: &mut Dataset, limit: f64) -
 /// group's rows share counts once for each of them. Call after [`apply_vocab`].
 pub fn id_counts(layout: &Layout, data: &Dataset) -> Vec<Vec<u32>> {
     let mut counts: Vec<Vec<u32>> = layout.tables.iter().map(|t| vec![0; t.rows()]).collect();
-    // Rows sharing each stored history or user-side id.
-    let bounds = data.batch.group_bounds();
-    let shared: Vec<u32> = bounds.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
     for (t, _, ids, holder) in id_sources(layout, data) {
+        // Each id counts once per row that holds it.
+        let mut add = |id: u32, rows: usize| {
+            if let Some(c) = counts[t].get_mut(id as usize) {
+                *c += rows as u32;
+            }
+        };
         match holder {
+            Holder::Row => ids.iter().for_each(|&id| add(id, 1)),
+            Holder::Group => ids
+                .iter()
+                .enumerate()
+                .for_each(|(g, &id)| add(id, data.batch.group_rows(g).len())),
             Holder::Sequence(o) => {
                 for (h, w) in o.windows(2).enumerate() {
-                    for &id in &ids[w[0] as usize..w[1] as usize] {
-                        if let Some(c) = counts[t].get_mut(id as usize) {
-                            *c += shared.get(h).copied().unwrap_or(0);
-                        }
-                    }
-                }
-            }
-            Holder::Group => {
-                for (g, &id) in ids.iter().enumerate() {
-                    if let Some(c) = counts[t].get_mut(id as usize) {
-                        *c += shared.get(g).copied().unwrap_or(0);
-                    }
-                }
-            }
-            Holder::Row => {
-                for &id in ids {
-                    if let Some(c) = counts[t].get_mut(id as usize) {
-                        *c += 1;
-                    }
+                    let rows = data.batch.group_rows(h).len();
+                    ids[w[0] as usize..w[1] as usize].iter().for_each(|&id| add(id, rows));
                 }
             }
         }

@@ -261,7 +261,7 @@ impl Din {
         let same_history: Vec<bool> = (0..batch.rows)
             .map(|s| {
                 s > 0
-                    && (batch.history_row(s) == batch.history_row(s - 1)
+                    && (batch.group_of(s) == batch.group_of(s - 1)
                         || self
                             .layout
                             .pairs

@@ -107,14 +107,14 @@ pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, ou
     for (name, rows) in files {
         write_atomic_with(&out_dir.join(name), |w| {
             writeln!(w, "{}", header.join("\t"))?;
-            if options.grouped {
-                for group in groups(rows) {
-                    write_group(w, group, options)?;
-                }
+            // One sample per line, or one run sharing a user side.
+            let lines: Box<dyn Iterator<Item = &[Sample]>> = if options.grouped {
+                Box::new(groups(rows))
             } else {
-                for s in rows.iter() {
-                    write_row(w, s, options)?;
-                }
+                Box::new(rows.chunks(1))
+            };
+            for group in lines {
+                write_group(w, group, options)?;
             }
             Ok(())
         })?;
@@ -239,10 +239,6 @@ fn header(samples: &Samples, options: &PrepareOptions) -> Vec<String> {
 
 fn join<T: std::fmt::Display>(v: &[T]) -> String {
     v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
-}
-
-fn write_row(w: &mut impl Write, s: &Sample, options: &PrepareOptions) -> std::io::Result<()> {
-    write_group(w, std::slice::from_ref(s), options)
 }
 
 /// Runs of consecutive samples with the same user side: everything but

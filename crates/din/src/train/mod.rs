@@ -298,7 +298,7 @@ impl TrainState {
 /// rows each, or (grouped data, `groups` holding where each group's rows
 /// start) whole groups, as many as fit in `batch_size` rows; a group larger
 /// than that is a batch of its own.
-fn batch_bounds(order: &[usize], groups: Option<&[usize]>, batch_size: usize) -> Vec<usize> {
+fn batch_bounds(order: &[usize], groups: Option<&[u32]>, batch_size: usize) -> Vec<usize> {
     let Some(g) = groups else {
         let mut b: Vec<usize> = (0..order.len()).step_by(batch_size.max(1)).collect();
         b.push(order.len());
@@ -307,7 +307,7 @@ fn batch_bounds(order: &[usize], groups: Option<&[usize]>, batch_size: usize) ->
     let mut bounds = vec![0];
     let mut filled = 0;
     for (i, &u) in order.iter().enumerate() {
-        let size = g[u + 1] - g[u];
+        let size = (g[u + 1] - g[u]) as usize;
         if filled > 0 && filled + size > batch_size {
             bounds.push(i);
             filled = 0;
@@ -347,10 +347,14 @@ fn run(
     let mut cache = DinCache::default();
     let mut batch = Batch::default();
     let mut emb = EmbeddingGrads::new();
-    // Grouped data: each group's rows; batches take whole groups.
-    let groups = data.train.batch.is_grouped().then(|| data.train.batch.group_bounds());
+    // Grouped data: where each group's rows start; batches take whole groups.
+    let groups = data
+        .train
+        .batch
+        .is_grouped()
+        .then_some(data.train.batch.groups.as_slice());
     let mut rows: Vec<usize> = Vec::with_capacity(tc.batch_size);
-    let mut bounds = batch_bounds(&s.order, groups.as_deref(), tc.batch_size);
+    let mut bounds = batch_bounds(&s.order, groups, tc.batch_size);
     let mut n_batches = bounds.len() - 1;
     let every = checkpoints.map_or(0, |c| c.0.every);
     let save = |s: &mut TrainState,
@@ -383,7 +387,7 @@ fn run(
             if tc.shuffle {
                 s.order.shuffle(&mut shuffle_rng);
             }
-            bounds = batch_bounds(&s.order, groups.as_deref(), tc.batch_size);
+            bounds = batch_bounds(&s.order, groups, tc.batch_size);
             n_batches = bounds.len() - 1;
         }
         let epoch = s.epoch;
@@ -393,11 +397,11 @@ fn run(
         let first = s.batches_done;
         for i in first..n_batches {
             let units = &s.order[bounds[i]..bounds[i + 1]];
-            match &groups {
+            match groups {
                 None => data.train.batch.gather_into(units, &mut batch),
-                Some(g) => {
+                Some(_) => {
                     rows.clear();
-                    rows.extend(units.iter().flat_map(|&u| g[u]..g[u + 1]));
+                    rows.extend(units.iter().flat_map(|&u| data.train.batch.group_rows(u)));
                     data.train.batch.gather_into(&rows, &mut batch);
                 }
             }
@@ -516,7 +520,7 @@ mod tests {
         // A group larger than the batch is a batch of its own.
         assert_eq!(batch_bounds(&[3, 2, 0], Some(&starts), 4), vec![0, 1, 2, 3]);
         // Groups of one row: the flat batches.
-        let ones: Vec<usize> = (0..=10).collect();
+        let ones: Vec<u32> = (0..=10).collect();
         let order: Vec<usize> = (0..10).collect();
         assert_eq!(batch_bounds(&order, Some(&ones), 4), batch_bounds(&order, None, 4));
         assert_eq!(batch_bounds(&[], Some(&ones), 4), vec![0]);

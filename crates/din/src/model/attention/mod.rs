@@ -67,11 +67,6 @@ impl<'a> Histories<'a> {
         Histories { offsets, starts: None }
     }
 
-    /// Number of samples.
-    pub fn samples(&self) -> usize {
-        self.starts.map_or(self.offsets.len() - 1, |s| s[s.len() - 1] as usize)
-    }
-
     /// Fills `rows` (`[B + 1]`: where each sample's (query, behaviour) rows
     /// start, then their count) and `key_at` (`[B]`: where each sample's
     /// keys start in `keys`).
@@ -131,9 +126,10 @@ pub struct AttentionCache {
     /// row, sample by sample (`[N]`).
     pub weights: Vec<f32>,
     /// The layer-by-layer path on shared histories: each sample's keys
-    /// copied out (`[N, D]`), and where each sample's keys start in the
-    /// shared ones (`[B]`), to sum their gradients back.
-    expanded: Option<(Vec<f32>, Vec<u32>)>,
+    /// copied out (`[N, D]`), where each sample's rows start in them
+    /// (`[B + 1]`) and where its keys start in the shared ones (`[B]`), to
+    /// sum their gradients back.
+    expanded: Option<(Vec<f32>, Vec<u32>, Vec<u32>)>,
 }
 
 impl Attention {
@@ -237,7 +233,7 @@ impl Attention {
             expanded.extend_from_slice(&keys[k0 * d..(k0 + len) * d]);
         }
         let (pooled, mut cache) = self.forward_layered(q, &expanded, &rows, mode);
-        cache.expanded = Some((expanded, key_at));
+        cache.expanded = Some((expanded, rows, key_at));
         (pooled, cache)
     }
 
@@ -393,24 +389,20 @@ impl Attention {
             }
             Path::Layered => match cache.expanded.take() {
                 None => (*dq, *dk) = self.backward_layered(q, keys, cache, dpooled),
-                Some((expanded, key_at)) => {
+                Some((expanded, rows, key_at)) => {
                     let d = self.dims().0;
                     let (dqs, dk_rows) = self.backward_layered(q, &expanded, cache, dpooled);
                     *dq = dqs;
                     dk.clear();
                     dk.resize(keys.len(), 0.0);
                     // Sum each shared key's gradient over its samples.
-                    let mut t = 0;
                     for (s, &k0) in key_at.iter().enumerate() {
-                        let len = cache.owner[t..].iter().take_while(|&&o| o as usize == s).count();
-                        for i in 0..len {
-                            let (from, to) = ((t + i) * d, (k0 as usize + i) * d);
-                            dk[to..to + d]
-                                .iter_mut()
-                                .zip(&dk_rows[from..from + d])
-                                .for_each(|(a, b)| *a += b);
-                        }
-                        t += len;
+                        let (t0, t1) = (rows[s] as usize * d, rows[s + 1] as usize * d);
+                        let to = k0 as usize * d;
+                        dk[to..to + t1 - t0]
+                            .iter_mut()
+                            .zip(&dk_rows[t0..t1])
+                            .for_each(|(a, b)| *a += b);
                     }
                 }
             },
