@@ -43,8 +43,27 @@ enum Command {
     Explain(commands::plot::ExplainArgs),
 }
 
+/// Rust ignores SIGPIPE, so a `println!` into a closed pipe (`din predict
+/// ... | head`) panics with "Broken pipe". A command-line tool should stop
+/// quietly instead, as `cat` does: restore the default action. Not for the
+/// server, whose socket writes must see EPIPE as an error, not die of it.
+#[cfg(unix)]
+fn die_quietly_on_closed_pipe() {
+    // SAFETY: called once at start-up, before any thread exists; setting a
+    // signal's disposition to its default has no other precondition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn die_quietly_on_closed_pipe() {}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        die_quietly_on_closed_pipe();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

@@ -205,6 +205,52 @@ fn usage_errors_exit_with_code_2() {
     assert!(stderr(&out).contains("--model"), "{}", stderr(&out));
 }
 
+/// `din train | head -1`: once the reader is gone the next line has nowhere
+/// to go; the command stops as `cat` would (killed by SIGPIPE), without the
+/// panic message Rust's ignored SIGPIPE gives `println!`.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_stops_the_command_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let tmp = TempDir::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_din"))
+        .args(args![
+            "train",
+            "--config",
+            bundled_config(),
+            "--out",
+            tmp.path().join("m"),
+            "--epochs",
+            "2",
+            "--threads",
+            "1"
+        ])
+        .current_dir(tmp.path())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run the din binary");
+    drop(child.stdout.take()); // the reader leaves before the first line
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc_sigpipe()),
+        "status {:?}, stderr: {err}",
+        out.status
+    );
+}
+
+/// SIGPIPE's number on Linux and the BSDs (POSIX leaves it to the system,
+/// every Unix Rust supports uses 13).
+#[cfg(unix)]
+fn libc_sigpipe() -> i32 {
+    13
+}
+
 // ---------------------------------------------------------------- training
 
 #[test]
