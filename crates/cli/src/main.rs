@@ -37,6 +37,8 @@ enum Command {
     Bench(commands::bench::Args),
     /// Serve a saved model over HTTP (scores in raw ids, hot reload, metrics).
     Serve(commands::serve::Args),
+    /// Write a saved model's inference graph as ONNX (for ONNX Runtime, Triton, ...).
+    Export(commands::export::Args),
     /// Draw a model's training curves (history.json) as SVG.
     Plot(commands::plot::PlotArgs),
     /// Draw the attention weights of one sample's history against its candidates as SVG.
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
         Command::Prepare(args) => commands::prepare::run(args),
         Command::Bench(args) => commands::bench::run(args),
         Command::Serve(args) => commands::serve::run(args),
+        Command::Export(args) => commands::export::run(args),
         Command::Plot(args) => commands::plot::plot(args),
         Command::Explain(args) => commands::plot::explain(args),
     };

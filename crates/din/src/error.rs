@@ -151,6 +151,9 @@ pub enum Error {
     /// Training cannot proceed (e.g. the loss became NaN).
     #[error("training: {0}")]
     Training(String),
+    /// A model cannot be exported in the format asked for.
+    #[error("export: {0}")]
+    Export(String),
 }
 
 impl Error {

@@ -20,12 +20,14 @@
 //!   written atomically.
 //! * [`scorer`]: inference: a loaded model that predicts, evaluates and
 //!   scores requests in raw ids (what `din serve` runs).
+//! * [`export`]: the inference graph as ONNX.
 //! * [`threads`]: the worker pool.
 #![deny(missing_docs)]
 
 pub mod checkpoint;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod metrics;
 pub mod model;
 pub mod prepare;

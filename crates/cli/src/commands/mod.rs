@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod evaluate;
+pub mod export;
 pub mod plot;
 pub mod predict;
 pub mod prepare;

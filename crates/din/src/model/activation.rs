@@ -55,6 +55,12 @@ pub struct Rowwise<'a> {
 }
 
 impl Rowwise<'_> {
+    /// Dice's moving mean and `1 / sqrt(moving var + eps)` per channel, as
+    /// inference uses them (empty for the other activations).
+    pub fn dice_statistics(&self) -> (&[f32], &[f32]) {
+        (&self.mean, &self.inv_std)
+    }
+
     /// Runs `f(x, y, j)` for every element, row by row, where `j` is the channel.
     /// Kept generic and inlined so that each activation's loop is vectorised.
     #[inline(always)]
