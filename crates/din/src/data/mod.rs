@@ -5,6 +5,7 @@
 //! or inference step works on a [`Batch`], gathered from a dataset by row index.
 
 mod batch;
+mod columnar;
 mod lookup;
 mod reader;
 mod vocab;

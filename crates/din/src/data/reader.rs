@@ -7,7 +7,7 @@ use std::io::BufReader;
 use std::path::Path;
 
 use super::{Batch, Dataset, Ragged};
-use crate::schema::{Config, InputLayout, Layout, SequenceOrder, SequenceSlot, Truncation};
+use crate::schema::{Config, InputFormat, InputLayout, Layout, SequenceOrder, SequenceSlot, Truncation};
 use crate::{Error, Result};
 
 /// How strictly to read.
@@ -85,7 +85,18 @@ struct ColumnMap {
 /// wrong number of columns, a non-numeric id or value, a label other than 0
 /// or 1, a history whose paired columns differ in length, or a file without
 /// data rows.
+///
+/// Parquet and Arrow IPC files (`input.format`, or the file's extension)
+/// are read by [`super::columnar`] into the same rows.
 pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: ReadOptions) -> Result<Dataset> {
+    match config.input.format.of(path) {
+        InputFormat::Parquet | InputFormat::Arrow => super::columnar::read(path, config, layout, options),
+        InputFormat::Delimited | InputFormat::Auto => read_delimited(path, config, layout, options),
+    }
+}
+
+/// [`read_dataset`] for delimited text.
+fn read_delimited(path: &Path, config: &Config, layout: &Layout, options: ReadOptions) -> Result<Dataset> {
     let input = &config.input;
     let file = File::open(path).map_err(|e| Error::io(path, "cannot open data file", e))?;
     let file_bytes = file.metadata().map_or(0, |m| m.len());
@@ -119,40 +130,9 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         None
     };
     let group = grouped_file || config.data.group;
-    // The previous group's user (a hash of the raw value, as for `user_ids`).
-    let mut last_user: Option<u64> = None;
-
-    let mut batch = Batch {
-        sparse: vec![Vec::new(); layout.sparse.len()],
-        dense: vec![Vec::new(); layout.dense.len()],
-        sequences: vec![Ragged::new(); layout.sequences.len()],
-        labels: Vec::new(),
-        rows: 0,
-        groups: Vec::new(),
-        shared_sparse: Vec::new(),
-        shared_dense: Vec::new(),
-    };
-    // Grouped: the columns stored once per group so far (each starts so,
-    // and holds one value per row from the first group whose rows differ).
-    let mut shared_sparse = vec![group; layout.sparse.len()];
-    let mut shared_dense = vec![group; layout.dense.len()];
-    let mut row_count: usize = 0; // rows, or lines of a grouped file
-    let mut lines = Vec::new();
-    let mut users: Option<Vec<u32>> = map.user.map(|_| Vec::new());
-    // Dense user ids for GAUC, keyed by a 64-bit hash of the raw value
-    // rather than the value itself: the map holds 12 bytes a user, not a
-    // string; two users would be merged only on a 64-bit collision.
-    let mut user_ids: HashMap<u64, u32> = HashMap::new();
+    let mut rows = Builder::new(path, layout, group, grouped_file, map.user.is_some());
     let mut record = csv::StringRecord::new();
-    let mut row = Row {
-        sparse: vec![Vec::new(); layout.sparse.len()],
-        dense: vec![Vec::new(); layout.dense.len()],
-        raw: vec![Vec::new(); layout.sequences.len()],
-        kept: vec![Vec::new(); layout.sequences.len()],
-        labels: Vec::new(),
-        candidates: 1,
-    };
-    let mut skipped = SkippedRows::default();
+    let mut row = Row::new(layout);
     let pair_histories: Vec<usize> = layout.pairs.iter().map(|&(_, h)| h).collect();
 
     loop {
@@ -182,18 +162,12 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         match parsed {
             Ok(()) => {}
             Err(e @ (Error::RowLength { .. } | Error::Parse { .. })) if options.skip_bad_rows.is_some() => {
-                skipped.count += 1;
-                if skipped.first.len() < SkippedRows::KEPT {
-                    skipped.first.push((line, e.to_string()));
-                }
+                rows.skip(line, &e);
                 continue;
             }
             Err(e) => return Err(e),
         };
         let field = |col: usize| record[col].trim();
-        let n = row.candidates;
-        // Common features: the row joins the previous row's group when its
-        // user side is the same (always a new group for a grouped line).
         let user = map.user.map(field);
         if let (Some(u), Some(c)) = (user, candidates) {
             if u.contains(c) {
@@ -206,24 +180,114 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
                 });
             }
         }
-        let user = user.map(|u| {
-            let mut h = crate::checkpoint::Fnv::new();
-            h.write(u.as_bytes());
-            h.value()
-        });
-        let joins = group
-            && !grouped_file
-            && row_count > 0
-            && user == last_user
+        rows.push(&row, user.map(user_key), line)?;
+        if rows.pushed() == RESERVE_AFTER {
+            let read = record.position().map_or(0, |p| p.byte());
+            rows.reserve_for_file(file_bytes, read);
+        }
+    }
+    rows.finish(options)
+}
+
+/// A 64-bit hash of a raw user value: GAUC's users and the groups' are
+/// told apart by it (the same for every file format).
+pub(super) fn user_key(raw: &str) -> u64 {
+    let mut h = crate::checkpoint::Fnv::new();
+    h.write(raw.as_bytes());
+    h.value()
+}
+
+/// Parsed rows joining a [`Dataset`], whatever the file format: groups
+/// detected (`data.group`, a grouped file), user ids numbered, line (or
+/// row) numbers kept, malformed rows counted.
+pub(super) struct Builder<'a> {
+    path: &'a Path,
+    layout: &'a Layout,
+    /// Whether rows form groups (a grouped file, or `data.group`).
+    group: bool,
+    /// Whether each pushed row is a group of its own (a grouped line).
+    grouped_file: bool,
+    /// The previous group's user.
+    last_user: Option<u64>,
+    batch: Batch,
+    /// Grouped: the columns stored once per group so far (each starts so,
+    /// and holds one value per row from the first group whose rows differ).
+    shared_sparse: Vec<bool>,
+    shared_dense: Vec<bool>,
+    /// Rows pushed (lines of a grouped file).
+    row_count: usize,
+    lines: Vec<u32>,
+    users: Option<Vec<u32>>,
+    /// Dense user ids for GAUC, keyed by a 64-bit hash of the raw value
+    /// rather than the value itself: the map holds 12 bytes a user, not a
+    /// string; two users would be merged only on a 64-bit collision.
+    user_ids: HashMap<u64, u32>,
+    skipped: SkippedRows,
+}
+
+impl<'a> Builder<'a> {
+    /// An empty dataset for `layout`'s columns; `with_users`: number users
+    /// for GAUC.
+    pub(super) fn new(path: &'a Path, layout: &'a Layout, group: bool, grouped_file: bool, with_users: bool) -> Self {
+        Builder {
+            path,
+            layout,
+            group,
+            grouped_file,
+            last_user: None,
+            batch: Batch {
+                sparse: vec![Vec::new(); layout.sparse.len()],
+                dense: vec![Vec::new(); layout.dense.len()],
+                sequences: vec![Ragged::new(); layout.sequences.len()],
+                labels: Vec::new(),
+                rows: 0,
+                groups: Vec::new(),
+                shared_sparse: Vec::new(),
+                shared_dense: Vec::new(),
+            },
+            shared_sparse: vec![group; layout.sparse.len()],
+            shared_dense: vec![group; layout.dense.len()],
+            row_count: 0,
+            lines: Vec::new(),
+            users: with_users.then(Vec::new),
+            user_ids: HashMap::new(),
+            skipped: SkippedRows::default(),
+        }
+    }
+
+    /// Rows (or grouped lines) pushed so far.
+    pub(super) fn pushed(&self) -> usize {
+        self.row_count
+    }
+
+    /// Counts a malformed row skipped (`skip_bad_rows`), keeping the first errors.
+    pub(super) fn skip(&mut self, line: u64, e: &Error) {
+        self.skipped.count += 1;
+        if self.skipped.first.len() < SkippedRows::KEPT {
+            self.skipped.first.push((line, e.to_string()));
+        }
+    }
+
+    /// Adds a parsed row (`user`: the [`user_key`] of its user column).
+    pub(super) fn push(&mut self, row: &Row, user: Option<u64>, line: u64) -> Result<()> {
+        let (layout, path) = (self.layout, self.path);
+        let batch = &mut self.batch;
+        let n = row.candidates;
+        // Common features: the row joins the previous row's group when its
+        // user side is the same (always a new group for a grouped line).
+        let joins = self.group
+            && !self.grouped_file
+            && self.row_count > 0
+            && user == self.last_user
             && (row.kept.iter().zip(&batch.sequences)).all(|(kept, s)| kept.as_slice() == s.row(s.rows() - 1));
-        if group && !joins {
-            last_user = user;
+        if self.group && !joins {
+            self.last_user = user;
             batch.groups.push(batch.rows as u32);
         }
         let g = batch.groups.len().wrapping_sub(1); // the row's group
         for (f, ids) in row.sparse.iter().enumerate() {
             let col = &mut batch.sparse[f];
-            if shared_sparse[f] {
+            if self.shared_sparse[f] {
                 match (ids.len(), joins) {
                     (1, false) => {
                         col.push(ids[0]);
@@ -232,8 +296,8 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
                     (1, true) if col[g] == ids[0] => continue,
                     // The rows of a group differ here: one id per row from now on.
                     _ => {
-                        expand(col, 1, &batch.groups, batch.rows, lines.capacity());
-                        shared_sparse[f] = false;
+                        expand(col, 1, &batch.groups, batch.rows, self.lines.capacity());
+                        self.shared_sparse[f] = false;
                     }
                 }
             }
@@ -242,7 +306,7 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
         for (f, values) in row.dense.iter().enumerate() {
             let dim = layout.dense[f].1;
             let col = &mut batch.dense[f];
-            if shared_dense[f] {
+            if self.shared_dense[f] {
                 let same = values.len() == dim;
                 if same && !joins {
                     col.extend_from_slice(values);
@@ -251,8 +315,8 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
                 if same && joins && col[g * dim..(g + 1) * dim] == values[..] {
                     continue;
                 }
-                expand(col, dim, &batch.groups, batch.rows, lines.capacity());
-                shared_dense[f] = false;
+                expand(col, dim, &batch.groups, batch.rows, self.lines.capacity());
+                self.shared_dense[f] = false;
             }
             for c in 0..n {
                 let at = if values.len() == dim { 0 } else { c * dim };
@@ -270,17 +334,17 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
                     path: path.to_path_buf(),
                     line,
                     column: slot.name.clone(),
-                    value: field(map.sequences[f]).to_string(),
+                    value: format!("{} more ids", kept.len()),
                     reason: "the file holds more than 4294967295 history ids in this column; split it".into(),
                 });
             }
             batch.sequences[f].push(kept);
         }
         batch.labels.extend_from_slice(&row.labels);
-        if let (Some(key), Some(users)) = (user, users.as_mut()) {
-            let next = user_ids.len() as u32;
-            let id = *user_ids.entry(key).or_insert(next);
-            match (group, joins) {
+        if let (Some(key), Some(users)) = (user, self.users.as_mut()) {
+            let next = self.user_ids.len() as u32;
+            let id = *self.user_ids.entry(key).or_insert(next);
+            match (self.group, joins) {
                 (false, _) => users.extend(std::iter::repeat_n(id, n)),
                 (true, false) => users.push(id), // the group's
                 (true, true) => {}
@@ -296,34 +360,59 @@ pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: Read
                 reason: "the file has more than 4294967295 lines; split it".into(),
             });
         };
-        lines.extend(std::iter::repeat_n(line32, n));
+        self.lines.extend(std::iter::repeat_n(line32, n));
         batch.rows += n;
-        row_count += 1;
-        if row_count == RESERVE_AFTER {
-            let read = record.position().map_or(0, |p| p.byte());
-            reserve_for_file(&mut batch, &mut lines, users.as_mut(), file_bytes, read);
+        self.row_count += 1;
+        Ok(())
+    }
+
+    /// Sizes the columns for `rows` more rows (a columnar file's count is
+    /// known up front).
+    pub(super) fn reserve_rows(&mut self, rows: usize) {
+        let b = &mut self.batch;
+        b.sparse.iter_mut().for_each(|c| c.reserve(rows));
+        for (c, (_, dim)) in b.dense.iter_mut().zip(&self.layout.dense) {
+            c.reserve(rows * dim);
+        }
+        b.sequences.iter_mut().for_each(|s| s.offsets.reserve(rows));
+        b.labels.reserve(rows);
+        self.lines.reserve(rows);
+        if let Some(u) = self.users.as_mut() {
+            u.reserve(rows);
         }
     }
-    if let Some(limit) = options.skip_bad_rows {
-        skipped.check_limit(path, row_count + skipped.count, limit)?;
+
+    /// Sizes the columns for the whole file from its first `read` bytes.
+    pub(super) fn reserve_for_file(&mut self, file_bytes: u64, read: u64) {
+        reserve_for_file(&mut self.batch, &mut self.lines, self.users.as_mut(), file_bytes, read);
     }
-    if group {
-        batch.groups.push(batch.rows as u32);
-        batch.shared_sparse = shared_sparse;
-        batch.shared_dense = shared_dense;
+
+    /// The dataset, or an error for a file without rows or with more
+    /// malformed rows than `options` allow.
+    pub(super) fn finish(self, options: ReadOptions) -> Result<Dataset> {
+        let (path, mut batch) = (self.path, self.batch);
+        if let Some(limit) = options.skip_bad_rows {
+            self.skipped
+                .check_limit(path, self.row_count + self.skipped.count, limit)?;
+        }
+        if self.group {
+            batch.groups.push(batch.rows as u32);
+            batch.shared_sparse = self.shared_sparse;
+            batch.shared_dense = self.shared_dense;
+        }
+        if batch.rows == 0 {
+            return Err(Error::EmptyFile {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(Dataset {
+            source: path.to_path_buf(),
+            lines: self.lines,
+            batch,
+            users: self.users,
+            skipped: self.skipped,
+        })
     }
-    if batch.rows == 0 {
-        return Err(Error::EmptyFile {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(Dataset {
-        source: path.to_path_buf(),
-        lines,
-        batch,
-        users,
-        skipped,
-    })
 }
 
 /// Turns a column holding `dim` values per group into one holding them per
@@ -382,18 +471,75 @@ fn reserve_for_file(
 
 /// One line's parsed columns, before they join the batch: one value per
 /// column, or (a grouped line) one per candidate.
-struct Row {
+pub(super) struct Row {
     /// Per sparse feature: one id, or one per candidate.
-    sparse: Vec<Vec<u32>>,
+    pub(super) sparse: Vec<Vec<u32>>,
     /// Per dense feature: `dim` values, or `dim` per candidate.
-    dense: Vec<Vec<f32>>,
-    raw: Vec<Vec<u32>>,
+    pub(super) dense: Vec<Vec<f32>>,
+    /// Per sequence: the ids as written, padding (0) included.
+    pub(super) raw: Vec<Vec<u32>>,
     /// Per sequence: the ids kept (padding dropped, truncated to `max_len`).
     kept: Vec<Vec<u32>>,
     /// One label per candidate (none when not required).
-    labels: Vec<f32>,
+    pub(super) labels: Vec<f32>,
     /// Samples on the line: 1, or a grouped line's candidates.
-    candidates: usize,
+    pub(super) candidates: usize,
+}
+
+impl Row {
+    /// An empty row for `layout`'s columns.
+    pub(super) fn new(layout: &Layout) -> Row {
+        Row {
+            sparse: vec![Vec::new(); layout.sparse.len()],
+            dense: vec![Vec::new(); layout.dense.len()],
+            raw: vec![Vec::new(); layout.sequences.len()],
+            kept: vec![Vec::new(); layout.sequences.len()],
+            labels: Vec::new(),
+            candidates: 1,
+        }
+    }
+
+    /// Checks that the histories of the attention unit (`pair_histories`)
+    /// are aligned per position (same length, padding at the same
+    /// positions: before padding is dropped and before truncation), then
+    /// keeps each sequence's real ids, truncated to its `max_len`.
+    /// `bad(h, reason)` is the error for sequence `h`.
+    pub(super) fn keep_histories(
+        &mut self,
+        layout: &Layout,
+        pair_histories: &[usize],
+        bad: impl Fn(usize, &str) -> Error,
+    ) -> Result<()> {
+        if let Some(&first) = pair_histories.first() {
+            for &h in &pair_histories[1..] {
+                let (a, b) = (&self.raw[first], &self.raw[h]);
+                let (na, nb) = (&layout.sequences[first].name, &layout.sequences[h].name);
+                if a.len() != b.len() {
+                    let reason = format!(
+                        "histories `{na}` and `{nb}` are aligned per position but have {} and {} ids",
+                        a.len(),
+                        b.len()
+                    );
+                    return Err(bad(h, &reason));
+                }
+                if let Some(p) = a.iter().zip(b).position(|(x, y)| (*x == 0) != (*y == 0)) {
+                    let reason = format!(
+                        "histories `{na}` and `{nb}` are aligned per position but only one has padding (0) at position {}",
+                        p + 1
+                    );
+                    return Err(bad(h, &reason));
+                }
+            }
+        }
+        for ((kept, raw), slot) in self.kept.iter_mut().zip(&self.raw).zip(&layout.sequences) {
+            kept.clear();
+            kept.extend(raw.iter().copied().filter(|&id| id != 0)); // 0 is padding: not stored
+            let range = kept_range(slot, kept.len());
+            kept.truncate(range.end);
+            kept.drain(..range.start);
+        }
+        Ok(())
+    }
 }
 
 /// The values of a field: the whole field, or (a grouped line, `split`
@@ -514,37 +660,9 @@ fn parse_row(
             }
         }
     }
-    // Histories of one attention unit are aligned per position: same
-    // length and padding at the same positions, checked before padding
-    // is dropped and before truncation.
-    if let Some(&first) = pair_histories.first() {
-        for &h in &pair_histories[1..] {
-            let (a, b) = (&row.raw[first], &row.raw[h]);
-            let (na, nb) = (&layout.sequences[first].name, &layout.sequences[h].name);
-            if a.len() != b.len() {
-                let reason = format!(
-                    "histories `{na}` and `{nb}` are aligned per position but have {} and {} ids",
-                    a.len(),
-                    b.len()
-                );
-                return Err(bad(nb, field(map.sequences[h]), &reason));
-            }
-            if let Some(p) = a.iter().zip(b).position(|(x, y)| (*x == 0) != (*y == 0)) {
-                let reason = format!(
-                    "histories `{na}` and `{nb}` are aligned per position but only one has padding (0) at position {}",
-                    p + 1
-                );
-                return Err(bad(nb, field(map.sequences[h]), &reason));
-            }
-        }
-    }
-    for ((kept, raw), slot) in row.kept.iter_mut().zip(&row.raw).zip(&layout.sequences) {
-        kept.clear();
-        kept.extend(raw.iter().copied().filter(|&id| id != 0)); // 0 is padding: not stored
-        let range = kept_range(slot, kept.len());
-        kept.truncate(range.end);
-        kept.drain(..range.start);
-    }
+    row.keep_histories(layout, pair_histories, |h, reason| {
+        bad(&layout.sequences[h].name, field(map.sequences[h]), reason)
+    })?;
     row.labels.clear();
     if let Some(col) = label_col {
         if count(col) != n {

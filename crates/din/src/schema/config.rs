@@ -110,6 +110,50 @@ pub struct InputConfig {
         skip_serializing_if = "is_default_candidate_separator"
     )]
     pub candidate_separator: String,
+    /// The file format: `auto` (by the file's extension: `.parquet` or
+    /// `.pq` is Parquet, `.arrow`, `.arrows`, `.ipc` or `.feather` is Arrow
+    /// IPC, anything else delimited text), or one of them by name.
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub format: InputFormat,
+}
+
+/// A data file's format (see [`InputConfig::format`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputFormat {
+    /// By the file's extension.
+    #[default]
+    Auto,
+    /// Delimited text (the tutorial's TSV).
+    Delimited,
+    /// Parquet: one column per feature, histories as list columns or
+    /// delimited strings.
+    Parquet,
+    /// Arrow IPC (file or stream format), columns as for Parquet.
+    Arrow,
+}
+
+impl InputFormat {
+    /// The format of `path`: this one, or for `Auto` the one its extension names.
+    pub fn of(self, path: &std::path::Path) -> InputFormat {
+        if self != InputFormat::Auto {
+            return self;
+        }
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        match ext.as_str() {
+            "parquet" | "pq" => InputFormat::Parquet,
+            "arrow" | "arrows" | "ipc" | "feather" => InputFormat::Arrow,
+            _ => InputFormat::Delimited,
+        }
+    }
+}
+
+fn is_auto(f: &InputFormat) -> bool {
+    *f == InputFormat::Auto
 }
 
 /// How a data file's lines map to samples.
@@ -148,6 +192,7 @@ impl Default for InputConfig {
             quoting: false,
             layout: InputLayout::Flat,
             candidate_separator: default_candidate_separator(),
+            format: InputFormat::Auto,
         }
     }
 }

@@ -10,8 +10,8 @@ mod layout;
 
 pub use config::{
     ActivationKind, AttentionConfig, Config, DataConfig, DenseFeature, DinPair, DnnConfig, EarlyStoppingConfig,
-    InputConfig, InputLayout, Keep, ModelConfig, Monitor, Normalization, OnNonFinite, Oov, OptimizerKind, Pooling,
-    RegularizationConfig, RegularizationKind, Schema, SequenceFeature, SequenceOrder, SparseFeature, TrainConfig,
-    Truncation, DEFAULT_EMBEDDING_DIM,
+    InputConfig, InputFormat, InputLayout, Keep, ModelConfig, Monitor, Normalization, OnNonFinite, Oov, OptimizerKind,
+    Pooling, RegularizationConfig, RegularizationKind, Schema, SequenceFeature, SequenceOrder, SparseFeature,
+    TrainConfig, Truncation, DEFAULT_EMBEDDING_DIM,
 };
 pub use layout::{ItemFeature, Layout, SequenceSlot, SparseSlot, Table};

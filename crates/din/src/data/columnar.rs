@@ -1,0 +1,566 @@
+//! Parquet and Arrow IPC input: one column per feature, read record batch
+//! by record batch into the rows the delimited reader makes.
+//!
+//! Column types, by the feature that reads them:
+//! * sparse ids and the label: any integer column, or a string column of
+//!   integers (a float column too, when every value is integral); the
+//!   label is 0 or 1 (a boolean column is fine);
+//! * dense values: a number column (dimension 1), or a list of `dim`
+//!   numbers, or a string of `dim` numbers joined by
+//!   `input.sequence_separator`;
+//! * histories: a list column of integers (`list<int64>`, `large_list`,
+//!   `fixed_size_list`), or a string of ids joined by
+//!   `input.sequence_separator`; 0 is padding, a null list is an empty
+//!   history;
+//! * the user (for GAUC and groups): any integer or string column.
+//!
+//! A null id, label or value is an error naming the file, the row (1-based
+//! over the file), the column and the problem; with `skip_bad_rows` such a
+//! row is skipped as a malformed text line is. A missing column or a type
+//! that cannot hold the feature is an error for the whole file.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{
+    Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
+};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::{ArrowError, DataType};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+
+use super::reader::{user_key, Builder, Row};
+use super::{Dataset, ReadOptions};
+use crate::schema::{Config, InputFormat, InputLayout, Layout};
+use crate::{Error, Result};
+
+/// Rows per record batch asked of the Parquet reader.
+const BATCH_ROWS: usize = 8192;
+
+/// Reads a Parquet or Arrow IPC file (see the module docs).
+pub(super) fn read(path: &Path, config: &Config, layout: &Layout, options: ReadOptions) -> Result<Dataset> {
+    if config.input.layout == InputLayout::Grouped {
+        return Err(Error::config(
+            "input.layout",
+            "grouped",
+            format!(
+                "grouped lines are a delimited-text layout; {} is columnar: one sample per row, with data.group = true to store a user's consecutive rows once",
+                path.display()
+            ),
+        ));
+    }
+    let mut file = File::open(path).map_err(|e| Error::io(path, "cannot open data file", e))?;
+    let names = wanted_columns(layout, options);
+    let sep = config.input.separator_byte()? as char;
+    let group = config.data.group;
+    // GAUC's users, when the file has the user column.
+    let new_rows = |columns: &[String]| {
+        let with_users = layout.user.as_ref().is_some_and(|u| columns.contains(u));
+        Builder::new(path, layout, group, false, with_users)
+    };
+    let mut reader = ColumnReader::new(path, layout, options, sep);
+    let arrow = |e: ArrowError| Error::Csv {
+        path: path.to_path_buf(),
+        line: 0,
+        message: format!("cannot read the Arrow data: {e}"),
+    };
+    match config.input.format.of(path) {
+        InputFormat::Parquet => {
+            let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(path, e))?;
+            let schema = builder.schema().clone();
+            let columns: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+            let roots = roots(path, &columns, &names)?;
+            let mut rows = new_rows(&columns);
+            rows.reserve_rows(usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0));
+            let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+            let batches = builder
+                .with_projection(mask)
+                .with_batch_size(BATCH_ROWS)
+                .build()
+                .map_err(|e| parquet_error(path, e))?;
+            for batch in batches {
+                reader.add(&batch.map_err(arrow)?, &mut rows)?;
+            }
+            rows.finish(options)
+        }
+        _ => {
+            // The file format starts with "ARROW1"; the stream format does not.
+            let mut magic = [0u8; 6];
+            let is_file = file.read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
+            file.seek(SeekFrom::Start(0))
+                .map_err(|e| Error::io(path, "cannot read data file", e))?;
+            let file = BufReader::new(file);
+            if is_file {
+                let r = arrow_ipc::reader::FileReader::try_new(file, None).map_err(arrow)?;
+                let columns: Vec<String> = r.schema().fields().iter().map(|f| f.name().clone()).collect();
+                roots(path, &columns, &names)?;
+                let mut rows = new_rows(&columns);
+                for batch in r {
+                    reader.add(&batch.map_err(arrow)?, &mut rows)?;
+                }
+                rows.finish(options)
+            } else {
+                let r = arrow_ipc::reader::StreamReader::try_new(file, None).map_err(arrow)?;
+                let columns: Vec<String> = r.schema().fields().iter().map(|f| f.name().clone()).collect();
+                roots(path, &columns, &names)?;
+                let mut rows = new_rows(&columns);
+                for batch in r {
+                    reader.add(&batch.map_err(arrow)?, &mut rows)?;
+                }
+                rows.finish(options)
+            }
+        }
+    }
+}
+
+fn parquet_error(path: &Path, e: parquet::errors::ParquetError) -> Error {
+    Error::Csv {
+        path: path.to_path_buf(),
+        line: 0,
+        message: format!("cannot read the Parquet file: {e}"),
+    }
+}
+
+/// The columns the schema reads (the label and the user only when present
+/// and needed, as for delimited files).
+fn wanted_columns(layout: &Layout, options: ReadOptions) -> Vec<(String, bool)> {
+    let mut names: Vec<(String, bool)> = layout.sparse.iter().map(|s| (s.name.clone(), true)).collect();
+    names.extend(layout.dense.iter().map(|d| (d.0.clone(), true)));
+    names.extend(layout.sequences.iter().map(|s| (s.name.clone(), true)));
+    names.push((layout.label.clone(), options.require_label));
+    if let Some(u) = &layout.user {
+        names.push((u.clone(), options.require_label));
+    }
+    names
+}
+
+/// The indices of the wanted columns that `columns` has; a required one
+/// that is missing is an error.
+fn roots(path: &Path, columns: &[String], names: &[(String, bool)]) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for (name, required) in names {
+        match columns.iter().position(|c| c == name) {
+            Some(i) => out.push(i),
+            None if *required => {
+                return Err(Error::MissingColumn {
+                    path: path.to_path_buf(),
+                    column: name.clone(),
+                    header: columns.join(","),
+                })
+            }
+            None => {}
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// One value as read: a number, a null, or text that is not a number.
+#[derive(Debug, Clone, PartialEq)]
+enum Cell {
+    Num(f64),
+    Null,
+    Text(String),
+}
+
+/// A column of one record batch: one cell per row, or a list of cells per
+/// row (`None`: a null list).
+enum Column {
+    Scalars(Vec<Cell>),
+    Lists(Vec<Option<Vec<Cell>>>),
+}
+
+/// Reads the record batches of one file into a [`Builder`].
+struct ColumnReader<'a> {
+    path: &'a Path,
+    layout: &'a Layout,
+    options: ReadOptions,
+    sep: char,
+    row: Row,
+    pair_histories: Vec<usize>,
+    /// Rows read before this record batch.
+    offset: u64,
+}
+
+impl<'a> ColumnReader<'a> {
+    fn new(path: &'a Path, layout: &'a Layout, options: ReadOptions, sep: char) -> Self {
+        ColumnReader {
+            path,
+            layout,
+            options,
+            sep,
+            row: Row::new(layout),
+            pair_histories: layout.pairs.iter().map(|&(_, h)| h).collect(),
+            offset: 0,
+        }
+    }
+
+    /// The column `name` of `batch` as cells; `split`: whether a string
+    /// column holds several values joined by the separator. A type that
+    /// cannot hold numbers is an error naming the column and the type.
+    fn column(&self, batch: &RecordBatch, name: &str, split: bool) -> Result<Option<Column>> {
+        let Some(a) = batch.column_by_name(name) else {
+            return Ok(None);
+        };
+        let bad_type = |dt: &DataType| Error::Parse {
+            path: self.path.to_path_buf(),
+            line: self.offset + 1,
+            column: name.to_string(),
+            value: format!("{dt}"),
+            reason: "this column type cannot hold din's values (want integers, floats, strings, or a list of them)"
+                .into(),
+        };
+        if let Some(cells) = scalars(a.as_ref()) {
+            if split && matches!(a.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+                let lists = cells
+                    .into_iter()
+                    .map(|c| match c {
+                        Cell::Null => None,
+                        Cell::Num(x) => Some(vec![Cell::Num(x)]),
+                        Cell::Text(t) => Some(
+                            t.split(self.sep)
+                                .map(str::trim)
+                                .filter(|p| !p.is_empty())
+                                .map(|p| p.parse::<f64>().map_or_else(|_| Cell::Text(p.to_string()), Cell::Num))
+                                .collect(),
+                        ),
+                    })
+                    .collect();
+                return Ok(Some(Column::Lists(lists)));
+            }
+            return Ok(Some(Column::Scalars(cells)));
+        }
+        let (values, offsets): (&dyn Array, Vec<usize>) = match a.data_type() {
+            DataType::List(_) => {
+                let l = a.as_list::<i32>();
+                (
+                    l.values().as_ref(),
+                    l.value_offsets().iter().map(|&o| o as usize).collect(),
+                )
+            }
+            DataType::LargeList(_) => {
+                let l = a.as_list::<i64>();
+                (
+                    l.values().as_ref(),
+                    l.value_offsets().iter().map(|&o| o as usize).collect(),
+                )
+            }
+            DataType::FixedSizeList(_, n) => {
+                let l = a.as_fixed_size_list();
+                let n = *n as usize;
+                (
+                    l.values().as_ref(),
+                    (0..=a.len()).map(|i| (a.offset() + i) * n).collect(),
+                )
+            }
+            dt => return Err(bad_type(dt)),
+        };
+        let Some(cells) = scalars(values) else {
+            return Err(bad_type(a.data_type()));
+        };
+        let lists = (0..a.len())
+            .map(|i| (!a.is_null(i)).then(|| cells[offsets[i]..offsets[i + 1]].to_vec()))
+            .collect();
+        Ok(Some(Column::Lists(lists)))
+    }
+
+    /// Adds every row of `batch`.
+    fn add(&mut self, batch: &RecordBatch, rows: &mut Builder<'_>) -> Result<()> {
+        let l = self.layout;
+        let need = |c: Option<Column>, name: &str| {
+            c.ok_or_else(|| Error::MissingColumn {
+                path: self.path.to_path_buf(),
+                column: name.to_string(),
+                header: batch
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            })
+        };
+        let mut sparse = Vec::with_capacity(l.sparse.len());
+        for s in &l.sparse {
+            sparse.push(need(self.column(batch, &s.name, false)?, &s.name)?);
+        }
+        let mut dense = Vec::with_capacity(l.dense.len());
+        for (name, dim) in &l.dense {
+            dense.push(need(self.column(batch, name, *dim > 1)?, name)?);
+        }
+        let mut sequences = Vec::with_capacity(l.sequences.len());
+        for s in &l.sequences {
+            sequences.push(need(self.column(batch, &s.name, true)?, &s.name)?);
+        }
+        let label = if self.options.require_label {
+            Some(need(self.column(batch, &l.label, false)?, &l.label)?)
+        } else {
+            None
+        };
+        let users = match &l.user {
+            Some(u) => batch
+                .column_by_name(u)
+                .map(|a| user_keys(a.as_ref()))
+                .transpose()
+                .map_err(|dt| Error::Parse {
+                    path: self.path.to_path_buf(),
+                    line: self.offset + 1,
+                    column: u.clone(),
+                    value: dt,
+                    reason: "a user column must hold integers or strings".into(),
+                })?,
+            None => None,
+        };
+        for r in 0..batch.num_rows() {
+            let line = self.offset + r as u64 + 1;
+            match self.parse(r, line, &sparse, &dense, &sequences, label.as_ref()) {
+                Ok(()) => {}
+                Err(e @ Error::Parse { .. }) if self.options.skip_bad_rows.is_some() => {
+                    rows.skip(line, &e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let user = match (&users, &l.user) {
+                (Some(u), Some(name)) => match u[r] {
+                    Some(key) => Some(key),
+                    None => {
+                        let e = Error::Parse {
+                            path: self.path.to_path_buf(),
+                            line,
+                            column: name.clone(),
+                            value: "null".into(),
+                            reason: "a null user (GAUC and groups need every row's user)".into(),
+                        };
+                        if self.options.skip_bad_rows.is_none() {
+                            return Err(e);
+                        }
+                        rows.skip(line, &e);
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            rows.push(&self.row, user, line)?;
+        }
+        self.offset += batch.num_rows() as u64;
+        Ok(())
+    }
+
+    /// Parses row `r` of the batch's columns into `self.row`.
+    fn parse(
+        &mut self,
+        r: usize,
+        line: u64,
+        sparse: &[Column],
+        dense: &[Column],
+        sequences: &[Column],
+        label: Option<&Column>,
+    ) -> Result<()> {
+        let (l, path) = (self.layout, self.path);
+        let bad = |column: &str, value: &Cell, reason: &str| Error::Parse {
+            path: path.to_path_buf(),
+            line,
+            column: column.to_string(),
+            value: match value {
+                Cell::Num(x) => x.to_string(),
+                Cell::Null => "null".into(),
+                Cell::Text(t) => t.clone(),
+            },
+            reason: reason.to_string(),
+        };
+        let row = &mut self.row;
+        row.candidates = 1;
+        for (f, c) in sparse.iter().enumerate() {
+            let name = &l.sparse[f].name;
+            let Column::Scalars(cells) = c else {
+                return Err(bad(
+                    name,
+                    &Cell::Text("a list".into()),
+                    "a sparse feature holds one id per row, not a list",
+                ));
+            };
+            let id = as_id(&cells[r]).map_err(|reason| bad(name, &cells[r], reason))?;
+            row.sparse[f].clear();
+            row.sparse[f].push(id);
+        }
+        for (f, c) in dense.iter().enumerate() {
+            let (name, dim) = (&l.dense[f].0, l.dense[f].1);
+            let out = &mut row.dense[f];
+            out.clear();
+            let cells: &[Cell] = match c {
+                Column::Scalars(cells) => std::slice::from_ref(&cells[r]),
+                Column::Lists(lists) => match &lists[r] {
+                    Some(v) => v,
+                    None => return Err(bad(name, &Cell::Null, "a dense value may not be null")),
+                },
+            };
+            for cell in cells {
+                let x = match cell {
+                    Cell::Num(x) if x.is_finite() => *x as f32,
+                    Cell::Num(_) => return Err(bad(name, cell, "not a finite number")),
+                    Cell::Null => return Err(bad(name, cell, "a dense value may not be null")),
+                    Cell::Text(_) => return Err(bad(name, cell, "not a number")),
+                };
+                out.push(x);
+            }
+            if out.len() != dim {
+                let reason = format!("expected {dim} values, found {}", out.len());
+                return Err(bad(name, &Cell::Num(out.len() as f64), &reason));
+            }
+        }
+        for (f, c) in sequences.iter().enumerate() {
+            let name = &l.sequences[f].name;
+            let Column::Lists(lists) = c else {
+                return Err(bad(
+                    name,
+                    &Cell::Text("a scalar column".into()),
+                    "a history is a list column or a string of ids joined by input.sequence_separator",
+                ));
+            };
+            let raw = &mut row.raw[f];
+            raw.clear();
+            for cell in lists[r].iter().flatten() {
+                raw.push(as_id(cell).map_err(|reason| bad(name, cell, reason))?);
+            }
+        }
+        row.keep_histories(l, &self.pair_histories, |h, reason| {
+            bad(
+                &l.sequences[h].name,
+                &Cell::Text(format!("{} ids", row_len(sequences, h, r))),
+                reason,
+            )
+        })?;
+        let row = &mut self.row;
+        row.labels.clear();
+        if let Some(c) = label {
+            let Column::Scalars(cells) = c else {
+                return Err(bad(
+                    &l.label,
+                    &Cell::Text("a list".into()),
+                    "the label holds one value per row",
+                ));
+            };
+            match &cells[r] {
+                Cell::Num(y) if *y == 0.0 || *y == 1.0 => row.labels.push(*y as f32),
+                cell => return Err(bad(&l.label, cell, "label must be 0 or 1")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The number of ids of row `r` of sequence column `h`.
+fn row_len(sequences: &[Column], h: usize, r: usize) -> usize {
+    match &sequences[h] {
+        Column::Lists(lists) => lists[r].as_ref().map_or(0, Vec::len),
+        Column::Scalars(_) => 1,
+    }
+}
+
+/// An id: a non-negative integer that fits in 32 bits.
+fn as_id(cell: &Cell) -> std::result::Result<u32, &'static str> {
+    match cell {
+        Cell::Num(x) if *x >= 0.0 && x.fract() == 0.0 && *x <= f64::from(u32::MAX) => Ok(*x as u32),
+        Cell::Num(x) if *x > f64::from(u32::MAX) && x.fract() == 0.0 => Err("id too large (at most 4294967295)"),
+        Cell::Num(_) | Cell::Text(_) => Err("not a non-negative integer id"),
+        Cell::Null => Err("a null id (a history's padding is 0; a missing value needs an id of its own)"),
+    }
+}
+
+/// The values of a column of numbers, booleans or strings (strings parsed
+/// as numbers where they are numbers); `None` for any other type.
+fn scalars(a: &dyn Array) -> Option<Vec<Cell>> {
+    fn prim<T: arrow_array::ArrowPrimitiveType>(a: &dyn Array, f: impl Fn(T::Native) -> f64) -> Vec<Cell> {
+        let p = a.as_primitive::<T>();
+        (0..p.len())
+            .map(|i| {
+                if p.is_null(i) {
+                    Cell::Null
+                } else {
+                    Cell::Num(f(p.value(i)))
+                }
+            })
+            .collect()
+    }
+    let text = |s: Option<&str>| match s {
+        None => Cell::Null,
+        Some(t) => t
+            .trim()
+            .parse::<f64>()
+            .map_or_else(|_| Cell::Text(t.to_string()), Cell::Num),
+    };
+    Some(match a.data_type() {
+        DataType::Int8 => prim::<Int8Type>(a, f64::from),
+        DataType::Int16 => prim::<Int16Type>(a, f64::from),
+        DataType::Int32 => prim::<Int32Type>(a, f64::from),
+        DataType::Int64 => prim::<Int64Type>(a, |v| v as f64),
+        DataType::UInt8 => prim::<UInt8Type>(a, f64::from),
+        DataType::UInt16 => prim::<UInt16Type>(a, f64::from),
+        DataType::UInt32 => prim::<UInt32Type>(a, f64::from),
+        DataType::UInt64 => prim::<UInt64Type>(a, |v| v as f64),
+        DataType::Float32 => prim::<Float32Type>(a, f64::from),
+        DataType::Float64 => prim::<Float64Type>(a, |v| v),
+        DataType::Boolean => {
+            let b = a.as_boolean();
+            (0..b.len())
+                .map(|i| {
+                    if b.is_null(i) {
+                        Cell::Null
+                    } else {
+                        Cell::Num(f64::from(u8::from(b.value(i))))
+                    }
+                })
+                .collect()
+        }
+        DataType::Utf8 => a.as_string::<i32>().iter().map(text).collect(),
+        DataType::LargeUtf8 => a.as_string::<i64>().iter().map(text).collect(),
+        DataType::Utf8View => a.as_string_view().iter().map(text).collect(),
+        _ => return None,
+    })
+}
+
+/// The [`user_key`] of each row's user (`None` for a null), hashing the
+/// value as text so that a Parquet file and a delimited one with the same
+/// users give the same GAUC groups; `Err(type)` for a column of another type.
+fn user_keys(a: &dyn Array) -> std::result::Result<Vec<Option<u64>>, String> {
+    fn ints<T: arrow_array::ArrowPrimitiveType>(a: &dyn Array) -> Vec<Option<u64>>
+    where
+        T::Native: std::fmt::Display,
+    {
+        a.as_primitive::<T>()
+            .iter()
+            .map(|v| v.map(|v| user_key(&v.to_string())))
+            .collect()
+    }
+    Ok(match a.data_type() {
+        DataType::Int8 => ints::<Int8Type>(a),
+        DataType::Int16 => ints::<Int16Type>(a),
+        DataType::Int32 => ints::<Int32Type>(a),
+        DataType::Int64 => ints::<Int64Type>(a),
+        DataType::UInt8 => ints::<UInt8Type>(a),
+        DataType::UInt16 => ints::<UInt16Type>(a),
+        DataType::UInt32 => ints::<UInt32Type>(a),
+        DataType::UInt64 => ints::<UInt64Type>(a),
+        DataType::Utf8 => a
+            .as_string::<i32>()
+            .iter()
+            .map(|v| v.map(|s| user_key(s.trim())))
+            .collect(),
+        DataType::LargeUtf8 => a
+            .as_string::<i64>()
+            .iter()
+            .map(|v| v.map(|s| user_key(s.trim())))
+            .collect(),
+        DataType::Utf8View => a
+            .as_string_view()
+            .iter()
+            .map(|v| v.map(|s| user_key(s.trim())))
+            .collect(),
+        dt => return Err(format!("{dt}")),
+    })
+}
