@@ -160,6 +160,23 @@ fn parquet_and_arrow_files_give_the_delimited_files_rows() {
             );
         }
     }
+    // A fixed_size_list history (every row of the sample is padded to 50), in Arrow IPC.
+    let fixed = {
+        let b = record_batch(&s, false);
+        let values = Int64Array::from(s.hist.iter().flatten().copied().collect::<Vec<_>>());
+        let item = Arc::new(Field::new("item", DataType::Int64, false));
+        let list = arrow_array::FixedSizeListArray::try_new(item, 50, Arc::new(values), None).unwrap();
+        with_array(&b, "hist_movie_id", Arc::new(list))
+    };
+    for stream in [false, true] {
+        let p = tmp.path().join(format!("fixed-{stream}.arrow"));
+        write_arrow(&p, &fixed, stream);
+        same_rows(
+            &read(&p, &config).unwrap(),
+            &want,
+            &format!("arrow (stream {stream}), fixed_size_list history"),
+        );
+    }
     // The format may be named instead of guessed from the extension.
     let p = tmp.path().join("samples.bin");
     write_parquet(&p, &record_batch(&s, false), 1000);
@@ -191,7 +208,11 @@ fn a_parquet_file_trains_the_delimited_files_model_bitwise() {
 
 /// The tutorial's columns with column `name` replaced by `array`.
 fn with_column(name: &str, array: ArrayRef) -> RecordBatch {
-    let b = record_batch(&sample(), false);
+    with_array(&record_batch(&sample(), false), name, array)
+}
+
+/// `b` with column `name` replaced by `array`.
+fn with_array(b: &RecordBatch, name: &str, array: ArrayRef) -> RecordBatch {
     let schema = b.schema();
     let i = schema.index_of(name).unwrap();
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();

@@ -251,11 +251,8 @@ impl<'a> ColumnReader<'a> {
             }
             DataType::FixedSizeList(_, n) => {
                 let l = a.as_fixed_size_list();
-                let n = *n as usize;
-                (
-                    l.values().as_ref(),
-                    (0..=a.len()).map(|i| (a.offset() + i) * n).collect(),
-                )
+                let (n, start) = (*n as usize, l.value_offset_at(0));
+                (l.values().as_ref(), (0..=a.len()).map(|i| start + i * n).collect())
             }
             dt => return Err(bad_type(dt)),
         };
