@@ -87,7 +87,7 @@ struct ColumnMap {
 /// data rows.
 ///
 /// Parquet and Arrow IPC files (`input.format`, or the file's extension)
-/// are read by [`super::columnar`] into the same rows.
+/// are read by the columnar reader into the same rows (see the README).
 pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: ReadOptions) -> Result<Dataset> {
     match config.input.format.of(path) {
         InputFormat::Parquet | InputFormat::Arrow => super::columnar::read(path, config, layout, options),
