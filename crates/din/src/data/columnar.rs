@@ -57,34 +57,41 @@ pub(super) fn read(path: &Path, config: &Config, layout: &Layout, options: ReadO
     let sep = config.input.separator_byte()? as char;
     let group = config.data.group;
     // GAUC's users, when the file has the user column.
-    let new_rows = |columns: &[String]| {
-        let with_users = layout.user.as_ref().is_some_and(|u| columns.contains(u));
-        Builder::new(path, layout, group, false, with_users)
-    };
     let mut reader = ColumnReader::new(path, layout, options, sep);
     let arrow = |e: ArrowError| Error::Csv {
         path: path.to_path_buf(),
         line: 0,
         message: format!("cannot read the Arrow data: {e}"),
     };
+    // Every record batch into one dataset: GAUC's users when the file has
+    // the user column, columns sized for `rows` rows when known.
+    let mut read_all =
+        |columns: &[String],
+         rows: usize,
+         batches: &mut dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>>| {
+            let with_users = layout.user.as_ref().is_some_and(|u| columns.contains(u));
+            let mut out = Builder::new(path, layout, group, false, with_users);
+            out.reserve_rows(rows);
+            for batch in batches {
+                reader.add(&batch.map_err(arrow)?, &mut out)?;
+            }
+            out.finish(options)
+        };
+    let names_of =
+        |schema: &arrow_schema::Schema| -> Vec<String> { schema.fields().iter().map(|f| f.name().clone()).collect() };
     match config.input.format.of(path) {
         InputFormat::Parquet => {
             let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(path, e))?;
-            let schema = builder.schema().clone();
-            let columns: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+            let columns = names_of(builder.schema());
             let roots = roots(path, &columns, &names)?;
-            let mut rows = new_rows(&columns);
-            rows.reserve_rows(usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0));
+            let rows = usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
             let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-            let batches = builder
+            let mut batches = builder
                 .with_projection(mask)
                 .with_batch_size(BATCH_ROWS)
                 .build()
                 .map_err(|e| parquet_error(path, e))?;
-            for batch in batches {
-                reader.add(&batch.map_err(arrow)?, &mut rows)?;
-            }
-            rows.finish(options)
+            read_all(&columns, rows, &mut batches)
         }
         _ => {
             // The file format starts with "ARROW1"; the stream format does not.
@@ -93,25 +100,15 @@ pub(super) fn read(path: &Path, config: &Config, layout: &Layout, options: ReadO
             file.seek(SeekFrom::Start(0))
                 .map_err(|e| Error::io(path, "cannot read data file", e))?;
             let file = BufReader::new(file);
-            if is_file {
+            let (columns, mut batches): (Vec<String>, Box<dyn Iterator<Item = _>>) = if is_file {
                 let r = arrow_ipc::reader::FileReader::try_new(file, None).map_err(arrow)?;
-                let columns: Vec<String> = r.schema().fields().iter().map(|f| f.name().clone()).collect();
-                roots(path, &columns, &names)?;
-                let mut rows = new_rows(&columns);
-                for batch in r {
-                    reader.add(&batch.map_err(arrow)?, &mut rows)?;
-                }
-                rows.finish(options)
+                (names_of(&r.schema()), Box::new(r))
             } else {
                 let r = arrow_ipc::reader::StreamReader::try_new(file, None).map_err(arrow)?;
-                let columns: Vec<String> = r.schema().fields().iter().map(|f| f.name().clone()).collect();
-                roots(path, &columns, &names)?;
-                let mut rows = new_rows(&columns);
-                for batch in r {
-                    reader.add(&batch.map_err(arrow)?, &mut rows)?;
-                }
-                rows.finish(options)
-            }
+                (names_of(&r.schema()), Box::new(r))
+            };
+            roots(path, &columns, &names)?;
+            read_all(&columns, 0, &mut batches)
         }
     }
 }
@@ -529,9 +526,17 @@ fn user_keys(a: &dyn Array) -> std::result::Result<Vec<Option<u64>>, String> {
     where
         T::Native: std::fmt::Display,
     {
+        use std::fmt::Write;
+        let mut text = String::new(); // one buffer for the whole column
         a.as_primitive::<T>()
             .iter()
-            .map(|v| v.map(|v| user_key(&v.to_string())))
+            .map(|v| {
+                v.map(|v| {
+                    text.clear();
+                    let _ = write!(text, "{v}");
+                    user_key(&text)
+                })
+            })
             .collect()
     }
     Ok(match a.data_type() {
