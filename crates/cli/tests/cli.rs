@@ -457,6 +457,108 @@ fn saved_model_predicts_reproducibly_and_evaluates_like_training() {
     assert!(text.contains(&format!("rows {VALIDATION_ROWS}")), "{text}");
 }
 
+/// `din train --set data.window_rows=N` streams the training file (issue
+/// 14); `din predict` and `din evaluate --window-rows N` stream theirs and
+/// give the held commands' scores and metrics.
+#[test]
+fn streamed_training_prediction_and_evaluation_from_the_command_line() {
+    let tmp = TempDir::new().unwrap();
+    let lines = sample_lines();
+    let head = write_lines(tmp.path(), "head.txt", &lines[..SAMPLE_ROWS - VALIDATION_ROWS]);
+    let tail = write_lines(tmp.path(), "tail.txt", &lines[SAMPLE_ROWS - VALIDATION_ROWS..]);
+    let model = tmp.path().join("model");
+    let out = train(
+        tmp.path(),
+        &model,
+        &[
+            "--data",
+            head.to_str().unwrap(),
+            "--validation",
+            tail.to_str().unwrap(),
+            "--set",
+            "data.window_rows=200",
+            "--epochs",
+            "2",
+        ],
+    );
+    assert_ok(&out);
+    assert!(
+        stdout(&out).contains("training on 965 rows streamed in 5 windows of about 200 rows"),
+        "{}",
+        stdout(&out)
+    );
+    let config = read_json(&model.join("config.json"));
+    assert_eq!(config["config"]["data"]["window_rows"], 200, "{config}");
+    let evaluate = |extra: &[&str]| {
+        let mut args = args!["evaluate", "--model", model, "--data", tail, "--json"];
+        args.extend(extra.iter().map(OsString::from));
+        let out = din(tmp.path(), args);
+        assert_ok(&out);
+        metric_triple(&serde_json::from_str(&stdout(&out)).unwrap())
+    };
+    let expected = evaluate(&[]);
+
+    let scores = |extra: &[&str], name: &str| -> Vec<f64> {
+        let path = tmp.path().join(name);
+        let mut args = args!["predict", "--model", model, "--data", tail, "--out", path];
+        args.extend(extra.iter().map(OsString::from));
+        let out = din(tmp.path(), args);
+        assert_ok(&out);
+        assert!(stderr(&out).contains("wrote 415 scores"), "{}", stderr(&out));
+        fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect()
+    };
+    let held = scores(&[], "held.txt");
+    for window in ["1", "100", "1000"] {
+        let streamed = scores(&["--window-rows", window], &format!("streamed-{window}.txt"));
+        assert_eq!(streamed.len(), held.len());
+        let worst = streamed
+            .iter()
+            .zip(&held)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst <= 1e-6, "--window-rows {window}: {worst}");
+        let out = din(
+            tmp.path(),
+            args![
+                "evaluate",
+                "--model",
+                model,
+                "--data",
+                tail,
+                "--window-rows",
+                window,
+                "--json"
+            ],
+        );
+        assert_ok(&out);
+        let m = metric_triple(&serde_json::from_str(&stdout(&out)).unwrap());
+        assert!(
+            (m.0 - expected.0).abs() < 1e-6 && (m.1 - expected.1).abs() < 1e-9,
+            "{m:?} {expected:?}"
+        );
+    }
+    let out = din(
+        tmp.path(),
+        args![
+            "predict",
+            "--model",
+            model,
+            "--data",
+            tail,
+            "--out",
+            tmp.path().join("x"),
+            "--window-rows",
+            "0"
+        ],
+    );
+    assert_error(&out, &["--window-rows", "at least 1"]);
+    assert!(!tmp.path().join("x").exists(), "no output for a refused command");
+}
+
 // ---------------------------------------------------------------- bad inputs
 
 /// `din train --config <bundled> --data FILE --epochs 1 --out DIR --threads 1`.

@@ -329,6 +329,10 @@ fn measure(a: &RunArgs) -> Result<()> {
     sets.push(format!("train.threads={}", a.threads));
     let config = Config::from_toml_file_with(path, &sets)?;
     let data = load_training_data(&config)?;
+    anyhow::ensure!(
+        data.stream.is_none(),
+        "din bench run measures on the training rows held in memory: leave data.window_rows out"
+    );
     let (behaviours, keys) = pairs_and_keys(&data.train, &data.layout);
     let n = data.train.len();
 

@@ -26,6 +26,11 @@ pub struct Args {
     /// candidates per line.
     #[arg(long, value_enum)]
     layout: Option<super::LayoutArg>,
+    /// Read --data in windows of about this many rows, holding one at a
+    /// time (only each row's label, score and user are kept), for a file
+    /// larger than memory (default: read it whole).
+    #[arg(long)]
+    window_rows: Option<usize>,
     /// Print the metrics as JSON.
     #[arg(long)]
     json: bool,
@@ -38,14 +43,19 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(layout) = args.layout {
         scorer.config.input.layout = layout.into();
     }
-    let data = match &args.data {
-        Some(path) => scorer.read(path, true)?,
-        None => load_training_data(&scorer.config)?
-            .validation
-            .context("no --data given and the model's config has no validation data")?,
-    };
     let threads = args.threads.unwrap_or(scorer.config.train.threads);
-    let metrics = scorer.evaluate(&data, threads)?;
+    let window = args.window_rows;
+    anyhow::ensure!(window != Some(0), "--window-rows must be at least 1");
+    let metrics = match (&args.data, window) {
+        (Some(path), Some(window)) => scorer.evaluate_windows(path, window, threads)?,
+        (Some(path), None) => scorer.evaluate(&scorer.read(path, true)?, threads)?,
+        (None, _) => {
+            let data = load_training_data(&scorer.config)?
+                .validation
+                .context("no --data given and the model's config has no validation data")?;
+            scorer.evaluate(&data, threads)?
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&metrics)?);
     } else {

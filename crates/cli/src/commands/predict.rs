@@ -4,7 +4,9 @@ use std::fmt::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use din::checkpoint::write_atomic;
+use std::io::Write as _;
+
+use din::checkpoint::{write_atomic, write_atomic_with};
 use din::scorer::Scorer;
 
 /// Score a file with a saved model.
@@ -27,6 +29,10 @@ pub struct Args {
     /// candidates per line.
     #[arg(long, value_enum)]
     layout: Option<super::LayoutArg>,
+    /// Read the file in windows of about this many rows, holding one at a
+    /// time, for a file larger than memory (default: read it whole).
+    #[arg(long)]
+    window_rows: Option<usize>,
 }
 
 /// Runs `din predict`.
@@ -36,14 +42,45 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(layout) = args.layout {
         scorer.config.input.layout = layout.into();
     }
-    let data = scorer.read(&args.data, false)?;
-    let probs = scorer.predict(&data, args.threads.unwrap_or(scorer.config.train.threads))?;
-    let mut text = String::with_capacity(probs.len() * 12);
-    for p in &probs {
-        // `{}` prints the shortest decimal that parses back to the same f32.
-        writeln!(text, "{p}")?;
-    }
-    write_atomic(&args.out, text.as_bytes())?;
-    eprintln!("wrote {} scores to {}", probs.len(), args.out.display());
+    let threads = args.threads.unwrap_or(scorer.config.train.threads);
+    let n = match args.window_rows {
+        None => {
+            let data = scorer.read(&args.data, false)?;
+            let probs = scorer.predict(&data, threads)?;
+            let mut text = String::with_capacity(probs.len() * 12);
+            for p in &probs {
+                // `{}` prints the shortest decimal that parses back to the same f32.
+                writeln!(text, "{p}")?;
+            }
+            write_atomic(&args.out, text.as_bytes())?;
+            probs.len()
+        }
+        Some(window) => {
+            anyhow::ensure!(window > 0, "--window-rows must be at least 1");
+            // Each window's scores go straight to the (atomically replaced) output.
+            let mut n = 0;
+            let mut failed = None;
+            write_atomic_with(&args.out, |out| {
+                let scored = scorer.predict_windows(&args.data, false, window, threads, &mut |_, probs| {
+                    for p in probs {
+                        writeln!(out, "{p}").map_err(|e| din::Error::io(&args.out, "cannot write the scores", e))?;
+                    }
+                    n += probs.len();
+                    Ok(())
+                });
+                scored.map_err(|e| {
+                    failed = Some(e);
+                    std::io::Error::other("scoring failed")
+                })
+            })
+            .map_err(|e| {
+                failed
+                    .take()
+                    .map_or_else(|| anyhow::Error::from(e), anyhow::Error::from)
+            })?;
+            n
+        }
+    };
+    eprintln!("wrote {n} scores to {}", args.out.display());
     Ok(())
 }

@@ -333,12 +333,19 @@ pub fn run(args: Args) -> Result<()> {
     if !args.json {
         let val = data.validation.as_ref().map_or(0, |v| v.len());
         println!(
-            "training on {} rows, validating on {val} rows ({source})",
-            data.train.len(),
+            "training on {} rows{}, validating on {val} rows ({source})",
+            data.train_rows(),
+            data.stream.as_ref().map_or(String::new(), |s| format!(
+                " streamed in {} windows of about {} rows",
+                s.windows, s.window_rows
+            )),
         );
         if let Some(r) = &resume {
             let s = &r.state;
-            let n = data.train.len().div_ceil(data.config.train.batch_size);
+            let n = data
+                .stream
+                .as_ref()
+                .map_or(data.train.len().div_ceil(data.config.train.batch_size), |s| s.batches);
             let epochs = data.config.train.epochs;
             match (s.finished, s.epoch_done) {
                 (true, _) => println!(
@@ -352,14 +359,17 @@ pub fn run(args: Args) -> Result<()> {
                 ),
             }
         }
-        for set in std::iter::once(&data.train).chain(data.validation.as_ref()) {
-            let s = &set.skipped;
+        let streamed = data.stream.as_ref().map(|s| (&s.path, &s.skipped));
+        let held = std::iter::once(&data.train)
+            .chain(data.validation.as_ref())
+            .map(|d| (&d.source, &d.skipped));
+        for (source, s) in streamed.into_iter().chain(held) {
             if s.count > 0 {
                 let lines: Vec<String> = s.first.iter().map(|(l, _)| l.to_string()).collect();
                 println!(
                     "skipped {} malformed rows of {} (lines {}{}); the first: {}",
                     s.count,
-                    set.source.display(),
+                    source.display(),
                     lines.join(", "),
                     if s.count > s.first.len() { ", ..." } else { "" },
                     s.first.first().map_or("", |(_, e)| e.as_str())

@@ -32,16 +32,24 @@ use arrow_schema::{ArrowError, DataType};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
-use super::reader::{user_key, Builder, Row};
-use super::{Dataset, ReadOptions};
+use super::reader::{user_key, Builder, Row, Sink};
+use super::{ReadOptions, SkippedRows};
 use crate::schema::{Config, InputFormat, InputLayout, Layout};
 use crate::{Error, Result};
 
 /// Rows per record batch asked of the Parquet reader.
 const BATCH_ROWS: usize = 8192;
 
-/// Reads a Parquet or Arrow IPC file (see the module docs).
-pub(super) fn read(path: &Path, config: &Config, layout: &Layout, options: ReadOptions) -> Result<Dataset> {
+/// Reads a Parquet or Arrow IPC file (see the module docs) into `sink`, in
+/// windows of about `window` rows (`None`: the whole file at once).
+pub(super) fn read(
+    path: &Path,
+    config: &Config,
+    layout: &Layout,
+    options: ReadOptions,
+    window: Option<usize>,
+    sink: &mut Sink<'_>,
+) -> Result<Option<SkippedRows>> {
     if config.input.layout == InputLayout::Grouped {
         return Err(Error::config(
             "input.layout",
@@ -63,19 +71,25 @@ pub(super) fn read(path: &Path, config: &Config, layout: &Layout, options: ReadO
         line: 0,
         message: format!("cannot read the Arrow data: {e}"),
     };
-    // Every record batch into one dataset: GAUC's users when the file has
-    // the user column, columns sized for `rows` rows when known.
+    // Every record batch into the windows: GAUC's users when the file has
+    // the user column; a whole file's columns sized for `rows` rows when known.
     let mut read_all =
         |columns: &[String],
          rows: usize,
          batches: &mut dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>>| {
             let with_users = layout.user.as_ref().is_some_and(|u| columns.contains(u));
             let mut out = Builder::new(path, layout, group, false, with_users);
-            out.reserve_rows(rows);
+            out.window = window;
+            if window.is_none() {
+                out.reserve_rows(rows);
+            }
             for batch in batches {
                 reader.add(&batch.map_err(arrow)?, &mut out)?;
+                if !out.drain(sink)? {
+                    return Ok(None);
+                }
             }
-            out.finish(options)
+            out.finish(options, sink)
         };
     let names_of =
         |schema: &arrow_schema::Schema| -> Vec<String> { schema.fields().iter().map(|f| f.name().clone()).collect() };

@@ -12,8 +12,10 @@ mod vocab;
 
 pub use batch::{Batch, Ragged};
 pub use lookup::{ItemColumn, ItemTable, Vocabulary};
-pub use reader::{kept_range, read_dataset, ReadOptions, SkippedRows};
-pub use vocab::{apply_vocab, drop_out_of_vocabulary, id_counts, infer_vocab, MAX_INFERRED_TABLE};
+pub use reader::{kept_range, read_dataset, stream_dataset, ReadOptions, Sink, SkippedRows};
+pub use vocab::{
+    add_id_counts, apply_vocab, drop_out_of_vocabulary, id_counts, infer_vocab, LargestIds, MAX_INFERRED_TABLE,
+};
 
 use std::path::PathBuf;
 

@@ -1,7 +1,7 @@
 //! The delimited reader: the tutorial's headerless TSV (columns named in the
 //! config) and general files with a header row.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
@@ -89,14 +89,67 @@ struct ColumnMap {
 /// Parquet and Arrow IPC files (`input.format`, or the file's extension)
 /// are read by the columnar reader into the same rows (see the README).
 pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: ReadOptions) -> Result<Dataset> {
+    let mut whole = None;
+    let skipped = read_into(path, config, layout, options, None, &mut |d| {
+        whole = Some(d);
+        Ok(true)
+    })?;
+    let mut data = whole.ok_or_else(|| Error::EmptyFile {
+        path: path.to_path_buf(),
+    })?;
+    data.skipped = skipped.unwrap_or_default();
+    Ok(data)
+}
+
+/// Where [`stream_dataset`] hands each window of rows: `Ok(false)` stops
+/// the reading there.
+pub type Sink<'s> = dyn FnMut(Dataset) -> Result<bool> + 's;
+
+/// Reads a data file as [`read_dataset`] does, but in windows of about
+/// `window_rows` rows handed to `sink` in file order instead of one
+/// dataset: a window ends at the first row boundary at or after
+/// `window_rows` rows that does not split a group, so memory is bounded by
+/// a window (and, for Parquet, a record batch) whatever the file's size.
+///
+/// Returns the malformed rows skipped over the whole file (checked against
+/// `skip_bad_rows`' limit at the end), or `None` when `sink` stopped the
+/// reading. The windows' own [`Dataset::skipped`] are empty. GAUC's user
+/// ids are numbered over the whole file. A file without rows is an error.
+pub fn stream_dataset(
+    path: &Path,
+    config: &Config,
+    layout: &Layout,
+    options: ReadOptions,
+    window_rows: usize,
+    sink: &mut Sink<'_>,
+) -> Result<Option<SkippedRows>> {
+    read_into(path, config, layout, options, Some(window_rows.max(1)), sink)
+}
+
+/// Reads `path` in windows (`None`: one window, the whole file) into `sink`.
+fn read_into(
+    path: &Path,
+    config: &Config,
+    layout: &Layout,
+    options: ReadOptions,
+    window: Option<usize>,
+    sink: &mut Sink<'_>,
+) -> Result<Option<SkippedRows>> {
     match config.input.format.of(path) {
-        InputFormat::Parquet | InputFormat::Arrow => super::columnar::read(path, config, layout, options),
-        InputFormat::Delimited | InputFormat::Auto => read_delimited(path, config, layout, options),
+        InputFormat::Parquet | InputFormat::Arrow => super::columnar::read(path, config, layout, options, window, sink),
+        InputFormat::Delimited | InputFormat::Auto => read_delimited(path, config, layout, options, window, sink),
     }
 }
 
-/// [`read_dataset`] for delimited text.
-fn read_delimited(path: &Path, config: &Config, layout: &Layout, options: ReadOptions) -> Result<Dataset> {
+/// [`read_into`] for delimited text.
+fn read_delimited(
+    path: &Path,
+    config: &Config,
+    layout: &Layout,
+    options: ReadOptions,
+    window: Option<usize>,
+    sink: &mut Sink<'_>,
+) -> Result<Option<SkippedRows>> {
     let input = &config.input;
     let file = File::open(path).map_err(|e| Error::io(path, "cannot open data file", e))?;
     let file_bytes = file.metadata().map_or(0, |m| m.len());
@@ -131,6 +184,7 @@ fn read_delimited(path: &Path, config: &Config, layout: &Layout, options: ReadOp
     };
     let group = grouped_file || config.data.group;
     let mut rows = Builder::new(path, layout, group, grouped_file, map.user.is_some());
+    rows.window = window;
     let mut record = csv::StringRecord::new();
     let mut row = Row::new(layout);
     let pair_histories: Vec<usize> = layout.pairs.iter().map(|&(_, h)| h).collect();
@@ -181,12 +235,15 @@ fn read_delimited(path: &Path, config: &Config, layout: &Layout, options: ReadOp
             }
         }
         rows.push(&row, user.map(user_key), line)?;
-        if rows.pushed() == RESERVE_AFTER {
+        if !rows.drain(sink)? {
+            return Ok(None);
+        }
+        if rows.pushed() == RESERVE_AFTER && window.is_none() {
             let read = record.position().map_or(0, |p| p.byte());
             rows.reserve_for_file(file_bytes, read);
         }
     }
-    rows.finish(options)
+    rows.finish(options, sink)
 }
 
 /// A 64-bit hash of a raw user value: GAUC's users and the groups' are
@@ -223,6 +280,12 @@ pub(super) struct Builder<'a> {
     /// string; two users would be merged only on a 64-bit collision.
     user_ids: HashMap<u64, u32>,
     skipped: SkippedRows,
+    /// Streaming: hand the rows on in windows of about this many.
+    pub(super) window: Option<usize>,
+    /// Windows complete and not yet handed on.
+    ready: VecDeque<Dataset>,
+    /// Rows in the windows handed on or ready.
+    flushed_rows: usize,
 }
 
 impl<'a> Builder<'a> {
@@ -235,16 +298,7 @@ impl<'a> Builder<'a> {
             group,
             grouped_file,
             last_user: None,
-            batch: Batch {
-                sparse: vec![Vec::new(); layout.sparse.len()],
-                dense: vec![Vec::new(); layout.dense.len()],
-                sequences: vec![Ragged::new(); layout.sequences.len()],
-                labels: Vec::new(),
-                rows: 0,
-                groups: Vec::new(),
-                shared_sparse: Vec::new(),
-                shared_dense: Vec::new(),
-            },
+            batch: empty_batch(layout),
             shared_sparse: vec![group; layout.sparse.len()],
             shared_dense: vec![group; layout.dense.len()],
             row_count: 0,
@@ -252,7 +306,68 @@ impl<'a> Builder<'a> {
             users: with_users.then(Vec::new),
             user_ids: HashMap::new(),
             skipped: SkippedRows::default(),
+            window: None,
+            ready: VecDeque::new(),
+            flushed_rows: 0,
         }
+    }
+
+    /// Ends the window in progress: its rows become a ready dataset and the
+    /// columns start empty again (GAUC's user numbering goes on).
+    fn flush(&mut self) {
+        if self.batch.rows == 0 {
+            return;
+        }
+        let mut batch = std::mem::replace(&mut self.batch, empty_batch(self.layout));
+        // Streaming: the next window is likely the size of this one. Sized
+        // so, its columns do not grow by doubling (which can leave twice a
+        // window allocated at the peak).
+        let more = |n: usize| if self.window.is_some() { n + n / 16 } else { 0 };
+        let next = &mut self.batch;
+        for (c, p) in next.sparse.iter_mut().zip(&batch.sparse) {
+            c.reserve(more(p.len()));
+        }
+        for (c, p) in next.dense.iter_mut().zip(&batch.dense) {
+            c.reserve(more(p.len()));
+        }
+        for (c, p) in next.sequences.iter_mut().zip(&batch.sequences) {
+            c.values.reserve(more(p.values.len()));
+            c.offsets.reserve(more(p.offsets.len()));
+        }
+        next.labels.reserve(more(batch.labels.len()));
+        next.groups.reserve(more(batch.groups.len()));
+        let lines_capacity = more(self.lines.len());
+        let lines = std::mem::replace(&mut self.lines, Vec::with_capacity(lines_capacity));
+        let users = match self.users.as_mut() {
+            Some(u) => {
+                let capacity = more(u.len());
+                Some(std::mem::replace(u, Vec::with_capacity(capacity)))
+            }
+            None => None,
+        };
+        if self.group {
+            batch.groups.push(batch.rows as u32);
+            batch.shared_sparse = std::mem::replace(&mut self.shared_sparse, vec![true; self.layout.sparse.len()]);
+            batch.shared_dense = std::mem::replace(&mut self.shared_dense, vec![true; self.layout.dense.len()]);
+        }
+        self.flushed_rows += batch.rows;
+        self.ready.push_back(Dataset {
+            source: self.path.to_path_buf(),
+            lines,
+            batch,
+            users,
+            skipped: SkippedRows::default(),
+        });
+    }
+
+    /// Hands the ready windows to `sink`; `false` when it stopped the reading.
+    pub(super) fn drain(&mut self, sink: &mut Sink<'_>) -> Result<bool> {
+        while let Some(window) = self.ready.pop_front() {
+            if !sink(window)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Rows (or grouped lines) pushed so far.
@@ -271,15 +386,19 @@ impl<'a> Builder<'a> {
     /// Adds a parsed row (`user`: the [`user_key`] of its user column).
     pub(super) fn push(&mut self, row: &Row, user: Option<u64>, line: u64) -> Result<()> {
         let (layout, path) = (self.layout, self.path);
-        let batch = &mut self.batch;
         let n = row.candidates;
         // Common features: the row joins the previous row's group when its
         // user side is the same (always a new group for a grouped line).
         let joins = self.group
             && !self.grouped_file
-            && self.row_count > 0
+            && self.batch.rows > 0
             && user == self.last_user
-            && (row.kept.iter().zip(&batch.sequences)).all(|(kept, s)| kept.as_slice() == s.row(s.rows() - 1));
+            && (row.kept.iter().zip(&self.batch.sequences)).all(|(kept, s)| kept.as_slice() == s.row(s.rows() - 1));
+        // Streaming: a full window ends before a row that starts a group.
+        if !joins && self.window.is_some_and(|w| self.batch.rows >= w) {
+            self.flush();
+        }
+        let batch = &mut self.batch;
         if self.group && !joins {
             self.last_user = user;
             batch.groups.push(batch.rows as u32);
@@ -387,31 +506,35 @@ impl<'a> Builder<'a> {
         reserve_for_file(&mut self.batch, &mut self.lines, self.users.as_mut(), file_bytes, read);
     }
 
-    /// The dataset, or an error for a file without rows or with more
-    /// malformed rows than `options` allow.
-    pub(super) fn finish(self, options: ReadOptions) -> Result<Dataset> {
-        let (path, mut batch) = (self.path, self.batch);
+    /// Hands the last window to `sink` and returns the rows skipped; an
+    /// error for a file without rows or with more malformed rows than
+    /// `options` allow.
+    pub(super) fn finish(mut self, options: ReadOptions, sink: &mut Sink<'_>) -> Result<Option<SkippedRows>> {
         if let Some(limit) = options.skip_bad_rows {
-            self.skipped
-                .check_limit(path, self.row_count + self.skipped.count, limit)?;
+            let rows = self.row_count;
+            self.skipped.check_limit(self.path, rows + self.skipped.count, limit)?;
         }
-        if self.group {
-            batch.groups.push(batch.rows as u32);
-            batch.shared_sparse = self.shared_sparse;
-            batch.shared_dense = self.shared_dense;
-        }
-        if batch.rows == 0 {
+        self.flush();
+        if self.flushed_rows == 0 {
             return Err(Error::EmptyFile {
-                path: path.to_path_buf(),
+                path: self.path.to_path_buf(),
             });
         }
-        Ok(Dataset {
-            source: path.to_path_buf(),
-            lines: self.lines,
-            batch,
-            users: self.users,
-            skipped: self.skipped,
-        })
+        Ok(self.drain(sink)?.then_some(self.skipped))
+    }
+}
+
+/// Empty columns for `layout`.
+fn empty_batch(layout: &Layout) -> Batch {
+    Batch {
+        sparse: vec![Vec::new(); layout.sparse.len()],
+        dense: vec![Vec::new(); layout.dense.len()],
+        sequences: vec![Ragged::new(); layout.sequences.len()],
+        labels: Vec::new(),
+        rows: 0,
+        groups: Vec::new(),
+        shared_sparse: Vec::new(),
+        shared_dense: Vec::new(),
     }
 }
 

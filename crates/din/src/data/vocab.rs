@@ -64,40 +64,68 @@ fn row_of(batch: &Batch, holder: Holder<'_>, i: usize) -> usize {
 /// would exceed [`MAX_INFERRED_TABLE`] floats is an error naming where its
 /// largest id is.
 pub fn infer_vocab(layout: &mut Layout, train: &Dataset) -> Result<()> {
-    // (largest id, column, row) per table
-    let mut max: Vec<Option<(u32, &str, usize)>> = vec![None; layout.tables.len()];
-    for (t, name, ids, offsets) in id_sources(layout, train) {
-        if let Some((i, &m)) = ids.iter().enumerate().max_by_key(|(_, id)| **id) {
-            if max[t].is_none_or(|(best, _, _)| m > best) {
-                max[t] = Some((m, name, row_of(&train.batch, offsets, i)));
+    let mut largest = LargestIds::new(layout);
+    largest.add(layout, train);
+    largest.infer(layout, &train.source)
+}
+
+/// The largest id of each table over the datasets added, and where it is:
+/// [`infer_vocab`] over a file read in windows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LargestIds {
+    /// Per table: (largest id, column, line).
+    max: Vec<Option<(u32, String, u64)>>,
+}
+
+impl LargestIds {
+    /// None seen yet, for `layout`'s tables.
+    pub fn new(layout: &Layout) -> LargestIds {
+        LargestIds {
+            max: vec![None; layout.tables.len()],
+        }
+    }
+
+    /// Takes in the ids of `data` (an earlier dataset's id is kept on a tie).
+    pub fn add(&mut self, layout: &Layout, data: &Dataset) {
+        for (t, name, ids, holder) in id_sources(layout, data) {
+            if let Some((i, &m)) = ids.iter().enumerate().max_by_key(|(_, id)| **id) {
+                if self.max[t].as_ref().is_none_or(|(best, _, _)| m > *best) {
+                    let line = data
+                        .lines
+                        .get(row_of(&data.batch, holder, i))
+                        .copied()
+                        .map_or(0, u64::from);
+                    self.max[t] = Some((m, name.to_string(), line));
+                }
             }
         }
     }
-    let max: Vec<_> = max
-        .into_iter()
-        .map(|m| m.map(|(id, name, row)| (id, name.to_string(), row)))
-        .collect();
-    for (t, table) in layout.tables.iter_mut().enumerate() {
-        if table.vocab_size.is_some() {
-            continue;
+
+    /// Sets each table whose vocabulary size is not given to its largest id
+    /// plus one (see [`infer_vocab`]; `path`: the file, for the error).
+    pub fn infer(self, layout: &mut Layout, path: &std::path::Path) -> Result<()> {
+        for (table, max) in layout.tables.iter_mut().zip(self.max) {
+            if table.vocab_size.is_some() {
+                continue;
+            }
+            let (id, column, line) = max.unwrap_or((0, table.name.clone(), 0));
+            let size = id as usize + 1;
+            if size.saturating_mul(table.dim) > MAX_INFERRED_TABLE {
+                return Err(Error::Parse {
+                    path: path.to_path_buf(),
+                    line,
+                    column,
+                    value: id.to_string(),
+                    reason: format!(
+                        "this id would make embedding table `{}` {} x {} floats; ids must be dense (map raw ids with `din prepare`) or set vocab_size explicitly",
+                        table.name, size, table.dim
+                    ),
+                });
+            }
+            table.vocab_size = Some(size);
         }
-        let (id, column, row) = max[t].clone().unwrap_or((0, table.name.clone(), 0));
-        let size = id as usize + 1;
-        if size.saturating_mul(table.dim) > MAX_INFERRED_TABLE {
-            return Err(Error::Parse {
-                path: train.source.clone(),
-                line: train.lines.get(row).copied().map_or(0, u64::from),
-                column,
-                value: id.to_string(),
-                reason: format!(
-                    "this id would make embedding table `{}` {} x {} floats; ids must be dense (map raw ids with `din prepare`) or set vocab_size explicitly",
-                    table.name, size, table.dim
-                ),
-            });
-        }
-        table.vocab_size = Some(size);
+        Ok(())
     }
-    Ok(())
 }
 
 /// Checks every id against its table: an id at or above the vocabulary size
@@ -200,12 +228,21 @@ pub fn drop_out_of_vocabulary(layout: &Layout, data: &mut Dataset, limit: f64) -
 /// group's rows share counts once for each of them. Call after [`apply_vocab`].
 pub fn id_counts(layout: &Layout, data: &Dataset) -> Vec<Vec<u32>> {
     let mut counts: Vec<Vec<u32>> = layout.tables.iter().map(|t| vec![0; t.rows()]).collect();
+    add_id_counts(layout, data, &mut counts);
+    counts
+}
+
+/// Adds the [`id_counts`] of `data` to `counts` (one vector per table,
+/// grown to hold the largest id seen; sum a file's windows so).
+pub fn add_id_counts(layout: &Layout, data: &Dataset, counts: &mut [Vec<u32>]) {
     for (t, _, ids, holder) in id_sources(layout, data) {
         // Each id counts once per row that holds it.
         let mut add = |id: u32, rows: usize| {
-            if let Some(c) = counts[t].get_mut(id as usize) {
-                *c += rows as u32;
+            let c = &mut counts[t];
+            if c.len() <= id as usize {
+                c.resize(id as usize + 1, 0);
             }
+            c[id as usize] = c[id as usize].saturating_add(rows as u32);
         };
         match holder {
             Holder::Row => ids.iter().for_each(|&id| add(id, 1)),
@@ -221,5 +258,4 @@ pub fn id_counts(layout: &Layout, data: &Dataset) -> Vec<Vec<u32>> {
             }
         }
     }
-    counts
 }

@@ -66,6 +66,14 @@ pub struct DataConfig {
     /// (`input.layout = "grouped"`) are always read so.
     #[serde(default, skip_serializing_if = "is_false")]
     pub group: bool,
+    /// Stream the training file instead of holding it in memory: read it
+    /// in windows of about this many rows (whole row groups of a Parquet
+    /// file, whole groups of grouped data), shuffle the rows within each
+    /// window, and hold at most two windows at a time. Without it every
+    /// row is held and the whole file is shuffled. The validation file is
+    /// still read whole; `validation_split` needs the whole file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_rows: Option<usize>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -783,6 +791,7 @@ impl Default for DataConfig {
             skip_bad_rows: false,
             max_bad_rows_fraction: default_bad_fraction(),
             group: false,
+            window_rows: None,
         }
     }
 }

@@ -411,6 +411,20 @@ impl Config {
                     "give either data.validation or data.validation_split, not both",
                 ));
             }
+            if d.window_rows.is_some() {
+                return Err(Error::config(
+                    "data.validation_split",
+                    f,
+                    "splits the whole training file, which data.window_rows streams instead of holding; give a separate data.validation file",
+                ));
+            }
+        }
+        if d.window_rows == Some(0) {
+            return Err(Error::config(
+                "data.window_rows",
+                0,
+                "must be at least 1 (or left out to hold the whole file)",
+            ));
         }
         Ok(())
     }

@@ -153,8 +153,14 @@ pub struct TrainState {
     /// The optimizer and its moments.
     pub optimizer: Optimizer,
     /// The epoch's row order (of groups, for grouped data: batches keep
-    /// them whole).
+    /// them whole); streaming (`data.window_rows`), the window's.
     pub order: Vec<usize>,
+    /// Streaming: the window in progress (0-based, in file order); 0 when
+    /// the file is held whole.
+    pub window: usize,
+    /// Batches of the window in progress done (`batches_done` when the
+    /// file is held whole).
+    pub window_batches_done: usize,
     /// Batches of the epochs before `epoch` (their number depends on the
     /// order when groups of different sizes fill them).
     pub batches_before: u64,
@@ -174,6 +180,9 @@ struct StateFile {
     /// `(epoch - 1) * ceil(rows / batch_size)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     batches_before: Option<u64>,
+    /// Streaming only: the window in progress and its batches done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    window: Option<[usize; 2]>,
     epoch_done: bool,
     finished: bool,
     stopped_early: bool,
@@ -206,8 +215,10 @@ pub struct Resumable {
 impl Resumable {
     /// Refuses to continue on data other than the run's: files that
     /// changed since it started (`now`: their fingerprints as read for this
-    /// run, in `config` order), or a row count its row order does not fit.
-    pub(crate) fn check_data(&self, now: &[DataFingerprint], rows: usize) -> Result<()> {
+    /// run, in `config` order), or a row count its row order does not fit
+    /// (`rows`: the training rows, or groups, held; `None` when streamed,
+    /// checked against the window instead).
+    pub(crate) fn check_data(&self, now: &[DataFingerprint], rows: Option<usize>) -> Result<()> {
         for (was, now) in self.data.iter().zip(now) {
             if now != was {
                 return Err(Error::Checkpoint {
@@ -224,7 +235,7 @@ impl Resumable {
             }
         }
         let n = self.state.order.len();
-        if n != rows {
+        if let Some(rows) = rows.filter(|&r| r != n) {
             return Err(Error::Checkpoint {
                 path: self.path.join(STATE_TENSORS),
                 reason: format!("its row order has {n} rows, the training data {rows}"),
@@ -245,6 +256,7 @@ fn folder_name(batches: u64) -> String {
 pub(crate) fn write(
     policy: &Checkpoints,
     config: &Config,
+    streamed: bool,
     data: &[DataFingerprint],
     state: &TrainState,
     batches_total: u64,
@@ -291,6 +303,7 @@ pub(crate) fn write(
         epoch: state.epoch,
         batches_done: state.batches_done,
         batches_before: Some(state.batches_before),
+        window: streamed.then_some([state.window, state.window_batches_done]),
         epoch_done: state.epoch_done,
         finished: state.finished,
         stopped_early: state.stopped_early,
@@ -515,6 +528,8 @@ pub fn read(path: &Path) -> Result<Resumable> {
             (file.epoch.saturating_sub(1) * per_epoch) as u64
         }),
         order,
+        window: file.window.map_or(0, |w| w[0]),
+        window_batches_done: file.window.map_or(file.batches_done, |w| w[1]),
     };
     Ok(Resumable {
         config: file.config,

@@ -8,7 +8,7 @@ pub mod optim;
 pub mod regularization;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
@@ -24,8 +24,8 @@ pub use regularization::regularize;
 use crate::checkpoint::Assets;
 pub use crate::checkpoint::EpochReport;
 use crate::data::{
-    apply_vocab, drop_out_of_vocabulary, id_counts, infer_vocab, read_dataset, Batch, Dataset, ItemTable, ReadOptions,
-    SkippedRows, Vocabulary,
+    add_id_counts, apply_vocab, drop_out_of_vocabulary, id_counts, infer_vocab, read_dataset, stream_dataset, Batch,
+    Dataset, ItemTable, LargestIds, ReadOptions, SkippedRows, Vocabulary,
 };
 use crate::model::{Din, DinCache, EmbeddingGrads, Mode, Module};
 use crate::schema::{Config, EarlyStoppingConfig, Keep, Layout, Monitor, OnNonFinite};
@@ -40,13 +40,46 @@ pub struct TrainingData {
     pub config: Config,
     /// The resolved schema (every vocabulary size known).
     pub layout: Layout,
-    /// Training rows.
+    /// Training rows: all of them, or none when the file is streamed
+    /// (`data.window_rows`, then see `stream`).
     pub train: Dataset,
+    /// The training file read in windows, under `data.window_rows`.
+    pub stream: Option<StreamedTrain>,
     /// Validation rows (a separate file or the tail of the training file).
     pub validation: Option<Dataset>,
     /// The vocabulary (`data.vocab`) and the item table derived from the
     /// training and validation rows, to be saved with the model.
     pub assets: Assets,
+}
+
+/// A training file streamed in windows (`data.window_rows`) instead of held:
+/// what a first pass over it found. Each epoch reads it again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamedTrain {
+    /// The file.
+    pub path: PathBuf,
+    /// Rows per window (each window ends at a group boundary at or after it).
+    pub window_rows: usize,
+    /// Training rows in the file (malformed and out-of-vocabulary rows
+    /// skipped under `data.skip_bad_rows` not counted).
+    pub rows: usize,
+    /// Windows the file is read in.
+    pub windows: usize,
+    /// Batches of an epoch: exact for flat data; for grouped data, those
+    /// of the file order (a shuffle can pack groups differently).
+    pub batches: usize,
+    /// How often each id occurs in the file (the mini-batch-aware
+    /// regulariser's counts).
+    pub counts: Vec<Vec<u32>>,
+    /// The rows skipped (`data.skip_bad_rows`).
+    pub skipped: SkippedRows,
+}
+
+impl TrainingData {
+    /// Training rows, held or streamed.
+    pub fn train_rows(&self) -> usize {
+        self.stream.as_ref().map_or(self.train.len(), |s| s.rows)
+    }
 }
 
 /// Reads `config.data`: the training file, then the validation file or the
@@ -67,10 +100,10 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
             "must be between 0 and 1",
         ));
     }
-    let options = ReadOptions {
-        require_label: true,
-        skip_bad_rows: config.data.skip_bad_rows.then_some(config.data.max_bad_rows_fraction),
-    };
+    let options = training_read_options(config);
+    if let Some(window) = config.data.window_rows {
+        return load_streamed(config, layout, &train_path, window, options);
+    }
     let mut train = read_dataset(&train_path, config, &layout, options)?;
     let mut validation = match (&config.data.validation, config.data.validation_split) {
         (Some(path), _) => Some(read_dataset(path, config, &layout, options)?),
@@ -118,6 +151,186 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
         config,
         layout,
         train,
+        stream: None,
+        validation,
+        assets: Assets { vocab, items },
+    })
+}
+
+/// Checks a window read from `path` against the vocabulary: out-of-range
+/// ids are an error, or (`skip_bad_rows`) their rows are dropped and
+/// counted in `window.skipped` (the file-wide limit is checked by the
+/// caller). `false` when no row is left.
+fn check_window(layout: &Layout, window: &mut Dataset, options: ReadOptions) -> Result<bool> {
+    match options.skip_bad_rows {
+        None => apply_vocab(layout, window).map(|()| true),
+        Some(_) => match drop_out_of_vocabulary(layout, window, 1.0) {
+            Ok(()) => Ok(true),
+            Err(Error::EmptyFile { .. }) => Ok(false),
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// Adds `more` skipped rows to `all`, keeping the first by line.
+fn merge_skipped(all: &mut SkippedRows, more: &SkippedRows) {
+    all.count += more.count;
+    all.first.extend(more.first.iter().cloned());
+    all.first.sort_by_key(|(line, _)| *line);
+    all.first.truncate(SkippedRows::KEPT);
+}
+
+/// The item table of a streamed training file, derived window by window
+/// (each checked against the table so far), then from the validation rows.
+struct StreamedItems {
+    /// The table so far, and the file its values came from.
+    table: Option<(ItemTable, PathBuf)>,
+    path: PathBuf,
+}
+
+impl StreamedItems {
+    /// Starting from `data.items` (`known`), if given, for the training file `path`.
+    fn new(known: Option<&Path>, path: &Path, layout: &Layout) -> Result<StreamedItems> {
+        let table = match known {
+            Some(p) => Some((ItemTable::read(p, layout)?, p.to_path_buf())),
+            None => None,
+        };
+        Ok(StreamedItems {
+            table,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Takes in a window's rows (a conflict with an earlier one is an error).
+    fn add(&mut self, layout: &Layout, window: &Dataset) -> Result<()> {
+        let derived = match self.table.take() {
+            Some((known, from)) => ItemTable::derive_from(layout, &[window], Some((known, &from)))?,
+            None => ItemTable::derive_from(layout, &[window], None)?,
+        };
+        self.table = Some((derived, self.path.clone()));
+        Ok(())
+    }
+
+    /// The table, completed from `sets` (the validation rows).
+    fn finish(self, layout: &Layout, sets: &[&Dataset]) -> Result<ItemTable> {
+        match self.table {
+            Some((known, from)) => ItemTable::derive_from(layout, sets, Some((known, &from))),
+            None => ItemTable::derive_from(layout, sets, None),
+        }
+    }
+}
+
+/// [`load_training_data`] under `data.window_rows`: a first pass over the
+/// training file infers the vocabulary sizes, checks every id, counts rows,
+/// skipped rows and ids, and derives the item table (in a second pass when
+/// an item's table size is inferred); nothing of the file is kept but those.
+fn load_streamed(
+    config: &Config,
+    mut layout: Layout,
+    path: &Path,
+    window_rows: usize,
+    options: ReadOptions,
+) -> Result<TrainingData> {
+    // The tables whose size is given are checked in the first pass; the
+    // others take their size from it (no id of theirs can be outside).
+    let mut given = layout.clone();
+    for t in given.tables.iter_mut().filter(|t| t.vocab_size.is_none()) {
+        t.vocab_size = Some(u32::MAX as usize + 1);
+        t.oov = crate::schema::Oov::Error;
+    }
+    let mut largest = LargestIds::new(&layout);
+    let mut counts: Vec<Vec<u32>> = vec![Vec::new(); layout.tables.len()];
+    // The item table, derived window by window: in the first pass when
+    // every item's table size is given, else in a second.
+    let mut items = match layout.item_features.is_empty() {
+        true => None,
+        false => Some(StreamedItems::new(config.data.items.as_deref(), path, &layout)?),
+    };
+    let items_in_first_pass =
+        (layout.item_features.iter()).all(|f| layout.tables[layout.sparse[f.key].table].vocab_size.is_some());
+    let (mut rows, mut windows, mut batches) = (0, 0, 0);
+    let mut skipped = SkippedRows::default();
+    let batch_size = config.train.batch_size;
+    let read = stream_dataset(path, config, &layout, options, window_rows, &mut |mut w| {
+        if check_window(&given, &mut w, options)? {
+            if let Some(table) = items.as_mut().filter(|_| items_in_first_pass) {
+                table.add(&given, &w)?;
+            }
+            largest.add(&layout, &w);
+            add_id_counts(&given, &w, &mut counts);
+            let groups = w.batch.is_grouped().then_some(w.batch.groups.as_slice());
+            let order: Vec<usize> = (0..w.batch.group_count()).collect();
+            batches += batch_bounds(&order, groups, batch_size).len() - 1;
+            rows += w.len();
+            windows += 1;
+        }
+        merge_skipped(&mut skipped, &w.skipped);
+        Ok(true)
+    })?;
+    merge_skipped(&mut skipped, &read.unwrap_or_default());
+    if let Some(limit) = options.skip_bad_rows {
+        skipped.check_limit(path, rows + skipped.count, limit)?;
+    }
+    if rows == 0 {
+        return Err(Error::EmptyFile {
+            path: path.to_path_buf(),
+        });
+    }
+    largest.infer(&mut layout, path)?;
+    for (c, t) in counts.iter_mut().zip(&layout.tables) {
+        c.resize(t.rows(), 0);
+    }
+    let mut validation = match &config.data.validation {
+        Some(p) => Some(read_dataset(p, config, &layout, options)?),
+        None => None,
+    };
+    if let Some(v) = validation.as_mut() {
+        match options.skip_bad_rows {
+            Some(limit) => drop_out_of_vocabulary(&layout, v, limit)?,
+            None => apply_vocab(&layout, v)?,
+        }
+    }
+    let vocab = match &config.data.vocab {
+        Some(p) => Some(Vocabulary::read(p)?.restricted_to(&layout)),
+        None => None,
+    };
+    let items = match items {
+        None => None,
+        Some(mut table) => {
+            if !items_in_first_pass {
+                stream_dataset(path, config, &layout, options, window_rows, &mut |mut w| {
+                    if check_window(&layout, &mut w, options)? {
+                        table.add(&layout, &w)?;
+                    }
+                    Ok(true)
+                })?;
+            }
+            let sets: Vec<&Dataset> = validation.iter().collect();
+            Some(table.finish(&layout, &sets)?)
+        }
+    };
+    let mut config = config.clone();
+    config.freeze_vocab(&layout);
+    let train = Dataset {
+        source: path.to_path_buf(),
+        lines: Vec::new(),
+        batch: Batch::default(),
+        users: None,
+        skipped: SkippedRows::default(),
+    };
+    Ok(TrainingData {
+        config,
+        layout,
+        train,
+        stream: Some(StreamedTrain {
+            path: path.to_path_buf(),
+            window_rows,
+            rows,
+            windows,
+            batches,
+            counts,
+            skipped,
+        }),
         validation,
         assets: Assets { vocab, items },
     })
@@ -199,7 +412,10 @@ pub fn fit_with(
         _ => DataFingerprint::of_config(&data.config)?,
     };
     if let Some(r) = &resume {
-        r.check_data(&fingerprints, data.train.batch.group_count())?;
+        r.check_data(
+            &fingerprints,
+            data.stream.is_none().then(|| data.train.batch.group_count()),
+        )?;
     } else if let Some(policy) = checkpoints {
         if let Some((earlier, _)) = checkpoints::latest(&policy.dir).ok().flatten() {
             if !earlier.state.finished {
@@ -227,10 +443,15 @@ pub fn fit_with(
 
 /// The malformed rows skipped in each data file (with `data.skip_bad_rows`).
 fn skipped_rows(data: &TrainingData) -> BTreeMap<String, SkippedRows> {
-    std::iter::once(&data.train)
+    let streamed = data.stream.as_ref().map(|s| (&s.path, &s.skipped));
+    let held = std::iter::once(&data.train)
         .chain(data.validation.as_ref())
-        .filter(|d| d.skipped.count > 0)
-        .map(|d| (d.source.display().to_string(), d.skipped.clone()))
+        .map(|d| (&d.source, &d.skipped));
+    streamed
+        .into_iter()
+        .chain(held)
+        .filter(|(_, s)| s.count > 0)
+        .map(|(p, s)| (p.display().to_string(), s.clone()))
         .collect()
 }
 
@@ -287,9 +508,12 @@ impl TrainState {
             optimizer: Optimizer::new(tc.optimizer, tc.learning_rate, &model),
             model,
             best_model: None,
-            // Groups, for grouped data: batches keep them whole.
+            // Groups, for grouped data: batches keep them whole (a streamed
+            // file's windows each start their own order).
             order: (0..data.train.batch.group_count()).collect(),
             batches_before: 0,
+            window: 0,
+            window_batches_done: 0,
         })
     }
 }
@@ -328,6 +552,206 @@ fn stream(seed: u64, stream: u64, position: u128) -> ChaCha8Rng {
     rng
 }
 
+/// The random streams of a run: shuffling and dropout, both from the one seed.
+struct Streams {
+    shuffle: ChaCha8Rng,
+    dropout: ChaCha8Rng,
+}
+
+/// What the training loop works with: its inputs, and the buffers reused
+/// from step to step (no allocation in the steady state).
+struct Loop<'a> {
+    data: &'a TrainingData,
+    checkpoints: Option<(&'a Checkpoints, &'a [DataFingerprint])>,
+    /// The regulariser's id counts.
+    counts: &'a [Vec<u32>],
+    dlogits: Vec<f32>,
+    cache: DinCache,
+    batch: Batch,
+    emb: EmbeddingGrads,
+    rows: Vec<usize>,
+    rng: Streams,
+}
+
+impl Loop<'_> {
+    /// Writes a checkpoint of `s`, when the run writes them.
+    fn save(&self, s: &mut TrainState, observer: &mut (dyn Observer + Send)) -> Result<()> {
+        let Some((policy, fingerprints)) = self.checkpoints else {
+            return Ok(());
+        };
+        s.rng_positions = [self.rng.shuffle.get_word_pos(), self.rng.dropout.get_word_pos()];
+        let done = s.batches_before + s.batches_done as u64;
+        let streamed = self.data.stream.is_some();
+        let path = checkpoints::write(
+            policy,
+            &self.data.config,
+            streamed,
+            fingerprints,
+            s,
+            done,
+            &mut |step| observer.on_checkpoint_step(step),
+        )?;
+        observer.on_checkpoint(&path);
+        Ok(())
+    }
+
+    /// Runs the batches of `window` (the training rows held, or one window
+    /// of a streamed file) in `s.order` from `s.window_batches_done` on.
+    /// `total`: the epoch's batches (for progress); `last`: whether the
+    /// window ends the epoch (known when the rows are held).
+    fn window(
+        &mut self,
+        s: &mut TrainState,
+        window: &Dataset,
+        total: usize,
+        last: bool,
+        start: Instant,
+        observer: &mut (dyn Observer + Send),
+    ) -> Result<()> {
+        let data = self.data;
+        let tc = &data.config.train;
+        let every = self.checkpoints.map_or(0, |c| c.0.every);
+        // Grouped data: where each group's rows start; batches take whole groups.
+        let groups = window.batch.is_grouped().then_some(window.batch.groups.as_slice());
+        let bounds = batch_bounds(&s.order, groups, tc.batch_size);
+        let n = bounds.len() - 1;
+        let epoch = s.epoch;
+        for i in s.window_batches_done..n {
+            let units = &s.order[bounds[i]..bounds[i + 1]];
+            match groups {
+                None => window.batch.gather_into(units, &mut self.batch),
+                Some(_) => {
+                    self.rows.clear();
+                    self.rows.extend(units.iter().flat_map(|&u| window.batch.group_rows(u)));
+                    window.batch.gather_into(&self.rows, &mut self.batch);
+                }
+            }
+            let (batch, cache, emb) = (&self.batch, &mut self.cache, &mut self.emb);
+            let model = &mut s.model;
+            let logits = model.forward_into(batch, Mode::Train, Some(&mut self.rng.dropout), cache);
+            let loss = bce_with_logits(logits, &batch.labels, &mut self.dlogits);
+            let mut fault = (!loss.is_finite()).then(|| format!("the loss is {loss} (the output logits)"));
+            s.window_batches_done = i + 1;
+            s.batches_done += 1;
+            let done = s.batches_done;
+            if fault.is_none() {
+                model.zero_grad();
+                model.backward_into(batch, cache, &self.dlogits, emb);
+                regularize(&tc.regularization, model, emb, self.counts);
+                observer.on_gradients(epoch, done, model, emb);
+                fault = non_finite_gradient(model, emb, &data.layout);
+            }
+            match fault {
+                None => {
+                    s.optimizer.step(model, emb);
+                    model.update_statistics(cache);
+                    s.loss_sum += loss;
+                }
+                Some(what) => {
+                    let place = format!("epoch {epoch}, batch {done} of {}", total.max(done));
+                    match tc.on_non_finite {
+                        OnNonFinite::Stop => {
+                            return Err(Error::Training(format!(
+                                "{what} at {place}; lower train.learning_rate, check the data, or set train.on_non_finite = \"skip_batch\" (the model directory keeps the last good epoch, the checkpoints folder the last good checkpoint)"
+                            )))
+                        }
+                        OnNonFinite::SkipBatch => {
+                            observer.on_skipped_batch(epoch, done, &what);
+                            s.skipped += 1;
+                        }
+                    }
+                }
+            }
+            observer.on_batch(
+                epoch,
+                done,
+                total.max(done),
+                s.loss_sum / (done - s.skipped).max(1) as f64,
+            );
+            // The epoch's last batch is followed by the epoch-end checkpoint
+            // (which, streaming, replaces one written here).
+            if every > 0 && (s.batches_before + done as u64).is_multiple_of(every as u64) && !(last && i + 1 == n) {
+                s.seconds = start.elapsed().as_secs_f64();
+                self.save(s, observer)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One epoch of a streamed training file from `s.window` on: a reader
+    /// thread reads the next window while one trains, each window's rows
+    /// shuffled on their own.
+    fn streamed_epoch(
+        &mut self,
+        s: &mut TrainState,
+        stream: &StreamedTrain,
+        start: Instant,
+        observer: &mut (dyn Observer + Send),
+    ) -> Result<()> {
+        let data = self.data;
+        let options = training_read_options(&data.config);
+        std::thread::scope(|scope| -> Result<()> {
+            // A rendezvous: the reader builds the next window while this one
+            // trains, and hands it over when asked (two windows at most).
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Dataset>>(0);
+            scope.spawn(move || {
+                let read = stream_dataset(
+                    &stream.path,
+                    &data.config,
+                    &data.layout,
+                    options,
+                    stream.window_rows,
+                    &mut |w| Ok(tx.send(Ok(w)).is_ok()),
+                );
+                if let Err(e) = read {
+                    let _ = tx.send(Err(e));
+                }
+            });
+            let mut index = 0;
+            for window in rx {
+                let mut window = window?;
+                if !check_window(&data.layout, &mut window, options)? {
+                    continue;
+                }
+                if index < s.window {
+                    index += 1; // done before the checkpoint resumed from
+                    continue;
+                }
+                let units = window.batch.group_count();
+                if s.window_batches_done == 0 {
+                    s.order.clear();
+                    s.order.extend(0..units);
+                    if data.config.train.shuffle {
+                        s.order.shuffle(&mut self.rng.shuffle);
+                    }
+                } else if s.order.len() != units {
+                    return Err(Error::Checkpoint {
+                        path: stream.path.clone(),
+                        reason: format!(
+                            "window {} holds {units} rows (or groups), the checkpoint's order {}: the file or data.window_rows is not the run's",
+                            index + 1,
+                            s.order.len()
+                        ),
+                    });
+                }
+                self.window(s, &window, stream.batches, false, start, observer)?;
+                index += 1;
+                s.window = index;
+                s.window_batches_done = 0;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// How the training and validation files are read.
+fn training_read_options(config: &Config) -> ReadOptions {
+    ReadOptions {
+        require_label: true,
+        skip_bad_rows: config.data.skip_bad_rows.then_some(config.data.max_bad_rows_fraction),
+    }
+}
+
 /// The training loop from `s` on, writing checkpoints when given a policy
 /// (with the data fingerprints to record).
 fn run(
@@ -337,42 +761,35 @@ fn run(
     observer: &mut (dyn Observer + Send),
 ) -> Result<TrainOutcome> {
     let tc = &data.config.train;
-    let counts = id_counts(&data.layout, &data.train);
-    // Separate streams for shuffling and dropout, both from the one seed.
-    let mut shuffle_rng = stream(tc.seed, 1, s.rng_positions[0]);
-    let mut dropout_rng = stream(tc.seed, 2, s.rng_positions[1]);
+    let held_counts;
+    let counts = match &data.stream {
+        Some(stream) => stream.counts.as_slice(),
+        None => {
+            held_counts = id_counts(&data.layout, &data.train);
+            held_counts.as_slice()
+        }
+    };
     let keep_best = tc.keep == Keep::Best || tc.early_stopping.as_ref().is_some_and(|c| c.restore_best);
-    let mut dlogits = Vec::new();
-    // Buffers reused from step to step: no allocation in the steady state.
-    let mut cache = DinCache::default();
-    let mut batch = Batch::default();
-    let mut emb = EmbeddingGrads::new();
-    // Grouped data: where each group's rows start; batches take whole groups.
-    let groups = data
+    let mut lp = Loop {
+        data,
+        checkpoints,
+        counts,
+        dlogits: Vec::new(),
+        cache: DinCache::default(),
+        batch: Batch::default(),
+        emb: EmbeddingGrads::new(),
+        rows: Vec::with_capacity(tc.batch_size),
+        // Separate streams for shuffling and dropout, both from the one seed.
+        rng: Streams {
+            shuffle: stream(tc.seed, 1, s.rng_positions[0]),
+            dropout: stream(tc.seed, 2, s.rng_positions[1]),
+        },
+    };
+    let held_groups = data
         .train
         .batch
         .is_grouped()
         .then_some(data.train.batch.groups.as_slice());
-    let mut rows: Vec<usize> = Vec::with_capacity(tc.batch_size);
-    let mut bounds = batch_bounds(&s.order, groups, tc.batch_size);
-    let mut n_batches = bounds.len() - 1;
-    let every = checkpoints.map_or(0, |c| c.0.every);
-    let save = |s: &mut TrainState,
-                shuffle: &ChaCha8Rng,
-                dropout: &ChaCha8Rng,
-                observer: &mut (dyn Observer + Send)|
-     -> Result<()> {
-        let Some((policy, fingerprints)) = checkpoints else {
-            return Ok(());
-        };
-        s.rng_positions = [shuffle.get_word_pos(), dropout.get_word_pos()];
-        let done = s.batches_before + s.batches_done as u64;
-        let path = checkpoints::write(policy, &data.config, fingerprints, s, done, &mut |step| {
-            observer.on_checkpoint_step(step)
-        })?;
-        observer.on_checkpoint(&path);
-        Ok(())
-    };
 
     while !s.finished {
         if s.epoch_done {
@@ -384,67 +801,23 @@ fn run(
             s.epoch += 1;
             s.epoch_done = false;
             (s.batches_done, s.loss_sum, s.skipped, s.seconds) = (0, 0.0, 0, 0.0);
-            if tc.shuffle {
-                s.order.shuffle(&mut shuffle_rng);
+            (s.window, s.window_batches_done) = (0, 0);
+            if tc.shuffle && data.stream.is_none() {
+                s.order.shuffle(&mut lp.rng.shuffle);
             }
-            bounds = batch_bounds(&s.order, groups, tc.batch_size);
-            n_batches = bounds.len() - 1;
         }
         let epoch = s.epoch;
         let start = Instant::now()
             .checked_sub(Duration::from_secs_f64(s.seconds))
             .unwrap_or_else(Instant::now);
-        let first = s.batches_done;
-        for i in first..n_batches {
-            let units = &s.order[bounds[i]..bounds[i + 1]];
-            match groups {
-                None => data.train.batch.gather_into(units, &mut batch),
-                Some(_) => {
-                    rows.clear();
-                    rows.extend(units.iter().flat_map(|&u| data.train.batch.group_rows(u)));
-                    data.train.batch.gather_into(&rows, &mut batch);
-                }
-            }
-            let model = &mut s.model;
-            let logits = model.forward_into(&batch, Mode::Train, Some(&mut dropout_rng), &mut cache);
-            let loss = bce_with_logits(logits, &batch.labels, &mut dlogits);
-            let mut fault = (!loss.is_finite()).then(|| format!("the loss is {loss} (the output logits)"));
-            if fault.is_none() {
-                model.zero_grad();
-                model.backward_into(&batch, &mut cache, &dlogits, &mut emb);
-                regularize(&tc.regularization, model, &mut emb, &counts);
-                observer.on_gradients(epoch, i + 1, model, &mut emb);
-                fault = non_finite_gradient(model, &emb, &data.layout);
-            }
-            s.batches_done = i + 1;
-            match fault {
-                None => {
-                    s.optimizer.step(model, &emb);
-                    model.update_statistics(&cache);
-                    s.loss_sum += loss;
-                }
-                Some(what) => {
-                    let place = format!("epoch {epoch}, batch {} of {n_batches}", i + 1);
-                    match tc.on_non_finite {
-                        OnNonFinite::Stop => {
-                            return Err(Error::Training(format!(
-                                "{what} at {place}; lower train.learning_rate, check the data, or set train.on_non_finite = \"skip_batch\" (the model directory keeps the last good epoch, the checkpoints folder the last good checkpoint)"
-                            )))
-                        }
-                        OnNonFinite::SkipBatch => {
-                            observer.on_skipped_batch(epoch, i + 1, &what);
-                            s.skipped += 1;
-                        }
-                    }
-                }
-            }
-            observer.on_batch(epoch, i + 1, n_batches, s.loss_sum / (i + 1 - s.skipped).max(1) as f64);
-            // The epoch's last batch is followed by the epoch-end checkpoint.
-            if every > 0 && (s.batches_before + i as u64 + 1).is_multiple_of(every as u64) && i + 1 < n_batches {
-                s.seconds = start.elapsed().as_secs_f64();
-                save(&mut s, &shuffle_rng, &dropout_rng, observer)?;
+        match &data.stream {
+            Some(stream) => lp.streamed_epoch(&mut s, stream, start, observer)?,
+            None => {
+                let total = batch_bounds(&s.order, held_groups, tc.batch_size).len() - 1;
+                lp.window(&mut s, &data.train, total, true, start, observer)?;
             }
         }
+        let n_batches = s.batches_done;
         if s.skipped > 0 && s.skipped == n_batches {
             return Err(Error::Training(format!(
                 "every batch of epoch {epoch} had a loss or gradient that is not finite; nothing was learned"
@@ -460,7 +833,7 @@ fn run(
             train_loss: s.loss_sum / (n_batches - s.skipped).max(1) as f64,
             validation,
             seconds: start.elapsed().as_secs_f64(),
-            samples_per_second: data.train.len() as f64 / train_seconds.max(1e-9),
+            samples_per_second: data.train_rows() as f64 / train_seconds.max(1e-9),
             skipped_batches: s.skipped,
             // Reported once, with the first epoch.
             skipped_rows: if epoch == 1 {
@@ -484,7 +857,7 @@ fn run(
             s.stopped_early = true;
         }
         s.finished = s.stopped_early || epoch == tc.epochs;
-        save(&mut s, &shuffle_rng, &dropout_rng, observer)?;
+        lp.save(&mut s, observer)?;
     }
     let best_epoch = s.tracker.as_ref().and_then(|e| e.best()).map(|b| b.0);
     let model_epoch = match (&s.best_model, best_epoch) {
