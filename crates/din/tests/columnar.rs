@@ -279,6 +279,23 @@ fn bad_columns_and_values_are_named() {
         error_of(&with_column("hist_movie_id", hist(4, true)), None),
         "ok: 1380 rows, 0 skipped"
     );
+    // A negative id, and one past 32 bits, in a history of integers.
+    let bad_hist = |v: i64| -> ArrayRef {
+        Arc::new(ListArray::from_iter_primitive::<Int64Type, _, _>(
+            (0..n).map(|i| Some(if i == 6 { vec![Some(4), Some(v)] } else { vec![Some(5)] })),
+        ))
+    };
+    let e = error_of(&with_column("hist_movie_id", bad_hist(-7)), None);
+    assert!(
+        e.contains(":7:") && e.contains("hist_movie_id") && e.contains("-7"),
+        "{e}"
+    );
+    let e = error_of(&with_column("hist_movie_id", bad_hist(1 << 33)), None);
+    assert!(e.contains(":7:") && e.contains("too large"), "{e}");
+    assert_eq!(
+        error_of(&with_column("hist_movie_id", bad_hist(3)), None),
+        "ok: 1380 rows, 0 skipped"
+    );
     // Labels: null, 2, a boolean column.
     let e = error_of(
         &with_column("label", ids(&|i| if i == 0 { None } else { Some(0) })),

@@ -178,11 +178,36 @@ enum Cell {
     Text(String),
 }
 
-/// A column of one record batch: one cell per row, or a list of cells per
-/// row (`None`: a null list).
+/// A column of one record batch: one cell per row, or a list of values per
+/// row, stored flat: row `r`'s are `values[offsets[r]..offsets[r + 1]]`
+/// (`valid[r]` false: a null list, when `valid` is not empty).
 enum Column {
     Scalars(Vec<Cell>),
-    Lists(Vec<Option<Vec<Cell>>>),
+    Lists {
+        values: Values,
+        offsets: Vec<usize>,
+        valid: Vec<bool>,
+    },
+}
+
+/// The values of a list column: cells, or (a column of integers, none null
+/// or outside 0..=u32::MAX, the usual history) the ids themselves, read
+/// without a cell per value.
+enum Values {
+    Cells(Vec<Cell>),
+    Ids(Vec<u32>),
+}
+
+impl Column {
+    /// Row `r`'s list: its values, or `None` for a null list (or a scalar column).
+    fn list(&self, r: usize) -> Option<(&Values, std::ops::Range<usize>)> {
+        match self {
+            Column::Scalars(_) => None,
+            Column::Lists { values, offsets, valid } => {
+                (valid.is_empty() || valid[r]).then(|| (values, offsets[r]..offsets[r + 1]))
+            }
+        }
+    }
 }
 
 /// Reads the record batches of one file into a [`Builder`].
@@ -227,21 +252,26 @@ impl<'a> ColumnReader<'a> {
         };
         if let Some(cells) = scalars(a.as_ref()) {
             if split && matches!(a.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
-                let lists = cells
-                    .into_iter()
-                    .map(|c| match c {
-                        Cell::Null => None,
-                        Cell::Num(x) => Some(vec![Cell::Num(x)]),
-                        Cell::Text(t) => Some(
+                let (mut values, mut offsets, mut valid) = (Vec::new(), vec![0], Vec::with_capacity(cells.len()));
+                for c in cells {
+                    valid.push(c != Cell::Null);
+                    match c {
+                        Cell::Null => {}
+                        Cell::Num(x) => values.push(Cell::Num(x)),
+                        Cell::Text(t) => values.extend(
                             t.split(self.sep)
                                 .map(str::trim)
                                 .filter(|p| !p.is_empty())
-                                .map(|p| p.parse::<f64>().map_or_else(|_| Cell::Text(p.to_string()), Cell::Num))
-                                .collect(),
+                                .map(|p| p.parse::<f64>().map_or_else(|_| Cell::Text(p.to_string()), Cell::Num)),
                         ),
-                    })
-                    .collect();
-                return Ok(Some(Column::Lists(lists)));
+                    }
+                    offsets.push(values.len());
+                }
+                return Ok(Some(Column::Lists {
+                    values: Values::Cells(values),
+                    offsets,
+                    valid,
+                }));
             }
             return Ok(Some(Column::Scalars(cells)));
         }
@@ -267,13 +297,20 @@ impl<'a> ColumnReader<'a> {
             }
             dt => return Err(bad_type(dt)),
         };
-        let Some(cells) = scalars(values) else {
-            return Err(bad_type(a.data_type()));
+        // Offsets relative to the child values used (a sliced list starts
+        // past the child's first value).
+        let (first, last) = (offsets[0], offsets[offsets.len() - 1]);
+        let child = values.slice(first, last - first);
+        let values = match ids(child.as_ref()) {
+            Some(ids) => Values::Ids(ids),
+            None => Values::Cells(scalars(child.as_ref()).ok_or_else(|| bad_type(a.data_type()))?),
         };
-        let lists = (0..a.len())
-            .map(|i| (!a.is_null(i)).then(|| cells[offsets[i]..offsets[i + 1]].to_vec()))
-            .collect();
-        Ok(Some(Column::Lists(lists)))
+        let valid = match a.null_count() {
+            0 => Vec::new(),
+            _ => (0..a.len()).map(|i| !a.is_null(i)).collect(),
+        };
+        let offsets = offsets.iter().map(|&o| o - first).collect();
+        Ok(Some(Column::Lists { values, offsets, valid }))
     }
 
     /// Adds every row of `batch`.
@@ -400,12 +437,15 @@ impl<'a> ColumnReader<'a> {
             let (name, dim) = (&l.dense[f].0, l.dense[f].1);
             let out = &mut row.dense[f];
             out.clear();
-            let cells: &[Cell] = match c {
-                Column::Scalars(cells) => std::slice::from_ref(&cells[r]),
-                Column::Lists(lists) => match &lists[r] {
-                    Some(v) => v,
-                    None => return Err(bad(name, &Cell::Null, "a dense value may not be null")),
-                },
+            let cells: &[Cell] = match (c, c.list(r)) {
+                (Column::Scalars(cells), _) => std::slice::from_ref(&cells[r]),
+                (_, Some((Values::Cells(cells), range))) => &cells[range],
+                (_, Some((Values::Ids(ids), range))) => {
+                    // Integers of at most 32 bits: exact in f64, rounded once to f32.
+                    out.extend(ids[range].iter().map(|&v| f64::from(v) as f32));
+                    &[]
+                }
+                (_, None) => return Err(bad(name, &Cell::Null, "a dense value may not be null")),
             };
             for cell in cells {
                 let x = match cell {
@@ -423,17 +463,23 @@ impl<'a> ColumnReader<'a> {
         }
         for (f, c) in sequences.iter().enumerate() {
             let name = &l.sequences[f].name;
-            let Column::Lists(lists) = c else {
+            if let Column::Scalars(_) = c {
                 return Err(bad(
                     name,
                     &Cell::Text("a scalar column".into()),
                     "a history is a list column or a string of ids joined by input.sequence_separator",
                 ));
-            };
+            }
             let raw = &mut row.raw[f];
             raw.clear();
-            for cell in lists[r].iter().flatten() {
-                raw.push(as_id(cell).map_err(|reason| bad(name, cell, reason))?);
+            match c.list(r) {
+                None => {} // a null list: an empty history
+                Some((Values::Ids(ids), range)) => raw.extend_from_slice(&ids[range]),
+                Some((Values::Cells(cells), range)) => {
+                    for cell in &cells[range] {
+                        raw.push(as_id(cell).map_err(|reason| bad(name, cell, reason))?);
+                    }
+                }
             }
         }
         row.keep_histories(l, &self.pair_histories, |h, reason| {
@@ -465,7 +511,7 @@ impl<'a> ColumnReader<'a> {
 /// The number of ids of row `r` of sequence column `h`.
 fn row_len(sequences: &[Column], h: usize, r: usize) -> usize {
     match &sequences[h] {
-        Column::Lists(lists) => lists[r].as_ref().map_or(0, Vec::len),
+        c @ Column::Lists { .. } => c.list(r).map_or(0, |(_, range)| range.len()),
         Column::Scalars(_) => 1,
     }
 }
@@ -477,6 +523,33 @@ fn as_id(cell: &Cell) -> std::result::Result<u32, &'static str> {
         Cell::Num(x) if *x > f64::from(u32::MAX) && x.fract() == 0.0 => Err("id too large (at most 4294967295)"),
         Cell::Num(_) | Cell::Text(_) => Err("not a non-negative integer id"),
         Cell::Null => Err("a null id (a history's padding is 0; a missing value needs an id of its own)"),
+    }
+}
+
+/// The values of an integer column as ids, when every one is one (not null,
+/// in 0..=u32::MAX); `None` otherwise (then read as cells, which name the
+/// bad value).
+fn ids(a: &dyn Array) -> Option<Vec<u32>> {
+    fn convert<T: arrow_array::ArrowPrimitiveType>(a: &dyn Array) -> Option<Vec<u32>>
+    where
+        T::Native: TryInto<u32>,
+    {
+        let p = a.as_primitive::<T>();
+        p.values().iter().map(|&v| v.try_into().ok()).collect()
+    }
+    if a.null_count() > 0 {
+        return None;
+    }
+    match a.data_type() {
+        DataType::Int8 => convert::<Int8Type>(a),
+        DataType::Int16 => convert::<Int16Type>(a),
+        DataType::Int32 => convert::<Int32Type>(a),
+        DataType::Int64 => convert::<Int64Type>(a),
+        DataType::UInt8 => convert::<UInt8Type>(a),
+        DataType::UInt16 => convert::<UInt16Type>(a),
+        DataType::UInt32 => convert::<UInt32Type>(a),
+        DataType::UInt64 => convert::<UInt64Type>(a),
+        _ => None,
     }
 }
 
