@@ -1109,6 +1109,77 @@ fn prepare_names_every_missing_column_with_its_flag() {
     assert!(stdout(&out).contains("3 categories"), "{}", stdout(&out));
 }
 
+/// `din prepare --output-format parquet` writes Parquet samples and a config
+/// that names them; the printed next steps train and evaluate on them.
+#[test]
+fn prepare_writes_parquet_that_trains_and_evaluates() {
+    let tmp = TempDir::new().unwrap();
+    let log = tmp.path().join("log.csv");
+    let mut text = String::from("user_id,item_id,timestamp,category_id\n");
+    for u in 0..12 {
+        for e in 0..6 {
+            text.push_str(&format!(
+                "u{u},i{},{},c{}\n",
+                (u * 5 + e) % 17,
+                100 + e,
+                (u * 5 + e) % 17 % 4
+            ));
+        }
+    }
+    fs::write(&log, &text).unwrap();
+    let out = din(
+        tmp.path(),
+        args![
+            "prepare",
+            "--input",
+            log,
+            "--format",
+            "log",
+            "--out",
+            "p",
+            "--output-format",
+            "parquet",
+            "--json"
+        ],
+    );
+    assert_ok(&out);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(
+        report["validation"].as_str().unwrap().ends_with("valid.parquet"),
+        "{report}"
+    );
+    let p = tmp.path().join("p");
+    for f in ["train.parquet", "valid.parquet", "test.parquet"] {
+        assert!(fs::read(p.join(f)).unwrap().starts_with(b"PAR1"), "{f}");
+    }
+    let config = fs::read_to_string(p.join("config.toml")).unwrap();
+    assert!(config.contains("train = \"train.parquet\""), "{config}");
+    let out = din(
+        tmp.path(),
+        args![
+            "train",
+            "--config",
+            p.join("config.toml"),
+            "--out",
+            "m",
+            "--epochs",
+            "1"
+        ],
+    );
+    assert_ok(&out);
+    let out = din(
+        tmp.path(),
+        args!["evaluate", "--model", "m", "--data", p.join("test.parquet"), "--json"],
+    );
+    assert_ok(&out);
+    let metrics: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (metrics["n"].as_u64(), metrics["positives"].as_u64()),
+        (Some(24), Some(12)),
+        "{metrics}"
+    );
+}
+
 /// `../shared/data`, beside the repository in CI; `None` (and a `skipped`
 /// line) on a fresh clone.
 fn shared_data() -> Option<PathBuf> {

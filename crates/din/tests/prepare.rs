@@ -6,9 +6,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::shared;
-use din::prepare::{build_samples, prepare, read_log, read_movielens, Log, LogSpec, PrepareOptions, Protocol, Samples};
+use din::model::Module;
+use din::prepare::{
+    build_samples, prepare, read_log, read_movielens, Log, LogSpec, PrepareOptions, Protocol, SampleFormat, Samples,
+};
 use din::schema::{Config, Keep, Monitor};
-use din::train::load_training_data;
+use din::train::{fit, load_training_data, Silent};
 
 fn log_spec(path: PathBuf) -> LogSpec {
     LogSpec {
@@ -39,6 +42,17 @@ fn text_log(dir: &Path, text: &str) -> Log {
     let p = dir.join("log.csv");
     std::fs::write(&p, text).expect("write");
     read_log(&LogSpec::csv(p, "user", "item", "cate", "ts"), false).expect("reads")
+}
+
+/// 4 users with 6 behaviours each, 3 categories, written in `dir` and read.
+fn four_users(dir: &Path) -> Log {
+    let mut text = String::from("user,item,cate,ts\n");
+    for u in 0..4 {
+        for k in 0..6 {
+            text.push_str(&format!("u{u},i{},c{},{}\n", u * 6 + k, k % 3, 100 + 10 * k));
+        }
+    }
+    text_log(dir, &text)
 }
 
 /// The defaults without a validation split: train and test only, as the
@@ -837,13 +851,7 @@ fn several_negatives_per_positive_share_its_history() {
 #[test]
 fn grouped_files_hold_the_flat_files_samples_one_line_per_group() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut text = String::from("user,item,cate,ts\n");
-    for u in 0..4 {
-        for k in 0..6 {
-            text.push_str(&format!("u{u},i{},c{},{}\n", u * 6 + k, k % 3, 100 + 10 * k));
-        }
-    }
-    let log = text_log(dir.path(), &text);
+    let log = four_users(dir.path());
     let (flat_dir, grouped_dir) = (dir.path().join("flat"), dir.path().join("grouped"));
     let options = PrepareOptions {
         negatives: 3,
@@ -884,5 +892,215 @@ fn grouped_files_hold_the_flat_files_samples_one_line_per_group() {
     assert_eq!(
         lines(&flat_dir.join("train.tsv")) - 1,
         4 * (lines(&grouped_dir.join("train.tsv")) - 1)
+    );
+}
+
+/// A MovieLens-100K-format folder (u.data, u.item, u.user) of `users`
+/// users rating 14 of 40 movies each, made up deterministically.
+fn tiny_movielens(dir: &Path, users: u32) {
+    let flags = |g: u32| {
+        (0..19)
+            .map(|i| if i == g { "1" } else { "0" })
+            .collect::<Vec<_>>()
+            .join("|")
+    };
+    let items: String = (1..=40)
+        .map(|i| format!("{i}|M{i} (1995)|01-Jan-1995||url|{}\n", flags(i % 7)))
+        .collect();
+    std::fs::write(dir.join("u.item"), items).expect("write");
+    let people: String = (1..=users)
+        .map(|u| {
+            format!(
+                "{u}|{}|{}|job{}|00000\n",
+                18 + u % 40,
+                ["M", "F"][u as usize % 2],
+                u % 5
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("u.user"), people).expect("write");
+    let mut ratings = String::new();
+    for u in 1..=users {
+        for k in 0..14 {
+            let item = (u * 7 + k * 3) % 40 + 1;
+            let rating = (u + k * k) % 5 + 1;
+            ratings.push_str(&format!("{u}\t{item}\t{rating}\t{}\n", 1000 + 60 * k + u));
+        }
+    }
+    std::fs::write(dir.join("u.data"), ratings).expect("write");
+}
+
+/// Weights after `epochs` of the config at `path`, in parameter order.
+fn trained_weights(path: &Path, epochs: usize) -> Vec<(String, Vec<f32>)> {
+    let mut config = Config::from_toml_file(path).expect("config");
+    config.train.epochs = epochs;
+    config.train.threads = 1;
+    config.train.checkpoint_every = 0;
+    let data = load_training_data(&config).expect("loads");
+    let out = fit(&data, &mut Silent).expect("trains");
+    let mut w = Vec::new();
+    out.model.visit("", &mut |name, p| w.push((name, p.value.clone())));
+    w
+}
+
+#[test]
+fn parquet_output_holds_the_text_files_samples_and_trains_the_same_model_bitwise() {
+    let dir = tempfile::tempdir().expect("tmp");
+    tiny_movielens(dir.path(), 30);
+    let log = read_movielens(dir.path(), false).expect("reads");
+    let options = PrepareOptions {
+        protocol: Protocol::Rating { threshold: 4.0 },
+        test_per_user: 3,
+        valid_per_user: 2,
+        user_feature: true,
+        days_since_prev: true,
+        history_times: true,
+        ..PrepareOptions::default()
+    };
+    let (tsv, pq) = (dir.path().join("tsv"), dir.path().join("pq"));
+    let text = prepare(&log, &options, &tsv).expect("tsv");
+    let parquet = prepare(
+        &log,
+        &PrepareOptions {
+            format: SampleFormat::Parquet,
+            ..options.clone()
+        },
+        &pq,
+    )
+    .expect("parquet");
+    assert_eq!(parquet.validation, pq.join("valid.parquet"));
+    assert!(
+        parquet.evaluate_command.ends_with("test.parquet"),
+        "{}",
+        parquet.evaluate_command
+    );
+    assert_eq!(
+        (parquet.train_samples, parquet.valid_samples, parquet.test_samples),
+        (text.train_samples, text.valid_samples, text.test_samples)
+    );
+    for split in ["train", "valid", "test"] {
+        let bytes = std::fs::read(pq.join(format!("{split}.parquet"))).expect("written");
+        assert!(
+            bytes.starts_with(b"PAR1") && bytes.ends_with(b"PAR1"),
+            "{split}: a Parquet file"
+        );
+        assert!(!pq.join(format!("{split}.tsv")).exists());
+    }
+    let config = Config::from_toml_file(&pq.join("config.toml")).expect("config");
+    assert_eq!(config.data.train.as_deref(), Some(pq.join("train.parquet").as_path()));
+    // The profile columns (age, gender, occupation) and every other column
+    // read back as the text file's.
+    let (a, b) = (
+        load_training_data(&Config::from_toml_file(&tsv.join("config.toml")).unwrap()).unwrap(),
+        load_training_data(&config).unwrap(),
+    );
+    assert_eq!(a.train.batch, b.train.batch, "the same training columns");
+    assert_eq!(a.train.users, b.train.users, "the same GAUC users");
+    assert_eq!(
+        a.validation.as_ref().unwrap().batch,
+        b.validation.as_ref().unwrap().batch
+    );
+    assert!(a.train.len() > 200, "{}", a.train.len());
+    assert!(
+        trained_weights(&tsv.join("config.toml"), 2) == trained_weights(&pq.join("config.toml"), 2),
+        "the same weights, bit for bit"
+    );
+}
+
+#[test]
+fn grouped_parquet_output_is_one_sample_per_row_grouped_on_reading() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = four_users(dir.path());
+    let options = PrepareOptions {
+        negatives: 3,
+        grouped: true,
+        ..PrepareOptions::default()
+    };
+    let (tsv, pq) = (dir.path().join("tsv"), dir.path().join("pq"));
+    prepare(&log, &options, &tsv).expect("grouped text");
+    prepare(
+        &log,
+        &PrepareOptions {
+            format: SampleFormat::Parquet,
+            ..options
+        },
+        &pq,
+    )
+    .expect("grouped parquet");
+    let config = Config::from_toml_file(&pq.join("config.toml")).unwrap();
+    assert_eq!(config.input.layout, din::schema::InputLayout::Flat);
+    assert!(config.data.group, "grouped on reading");
+    let (g, p) = (
+        load_training_data(&Config::from_toml_file(&tsv.join("config.toml")).unwrap()).unwrap(),
+        load_training_data(&config).unwrap(),
+    );
+    assert!(p.train.batch.is_grouped());
+    assert_eq!(p.train.batch, g.train.batch, "the grouped text file's batch");
+    assert_eq!(p.train.batch.group_count() * 4, p.train.len());
+}
+
+#[test]
+fn parquet_output_of_many_rows_is_written_in_row_groups_and_an_empty_split_has_the_columns() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let dir = tempfile::tempdir().expect("tmp");
+    // 70,000 users with 3 behaviours each: more training samples than a row group.
+    let mut text = String::from("user,item,cate,ts\n");
+    for u in 0..70_000 {
+        for k in 0..3 {
+            text.push_str(&format!("u{u},i{},c{},{}\n", (u + k) % 500, k, 10 + k));
+        }
+    }
+    let log = text_log(dir.path(), &text);
+    let out = dir.path().join("pq");
+    let report = prepare(
+        &log,
+        &PrepareOptions {
+            format: SampleFormat::Parquet,
+            ..no_valid()
+        },
+        &out,
+    )
+    .expect("prepares");
+    let n = report.train_samples;
+    assert!(n > 65_536, "{n}");
+    let reader = SerializedFileReader::new(std::fs::File::open(out.join("train.parquet")).unwrap()).unwrap();
+    let groups: Vec<i64> = reader.metadata().row_groups().iter().map(|g| g.num_rows()).collect();
+    let mut want = vec![65_536; n / 65_536];
+    want.push((n % 65_536) as i64);
+    assert_eq!(groups, want, "row groups of 65,536 rows");
+    // Everything held out as test: an empty training file.
+    let all_test = dir.path().join("all_test");
+    let report = prepare(
+        &log,
+        &PrepareOptions {
+            format: SampleFormat::Parquet,
+            test_per_user: 10,
+            ..no_valid()
+        },
+        &all_test,
+    )
+    .expect("prepares");
+    assert_eq!(report.train_samples, 0);
+    let reader = SerializedFileReader::new(std::fs::File::open(all_test.join("train.parquet")).unwrap()).unwrap();
+    assert_eq!(reader.metadata().file_metadata().num_rows(), 0);
+    let columns: Vec<String> = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .columns()
+        .iter()
+        .map(|c| c.path().parts()[0].clone())
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "user_id",
+            "item_id",
+            "cate_id",
+            "hist_item_id",
+            "hist_cate_id",
+            "time",
+            "label"
+        ]
     );
 }

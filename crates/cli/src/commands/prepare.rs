@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use din::prepare::{prepare, read_log, read_movielens, LogSpec, PrepareOptions, Protocol};
+use din::prepare::{prepare, read_log, read_movielens, LogSpec, PrepareOptions, Protocol, SampleFormat};
 
 /// Input formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -16,6 +16,15 @@ enum Format {
     Taobao,
     /// Any delimited log; name the columns with --user-col etc.
     Log,
+}
+
+/// Sample file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OutputFormat {
+    /// Tab-separated text with a header: train.tsv, valid.tsv, test.tsv.
+    Tsv,
+    /// Parquet (int64 ids, list<int64> histories, row groups of 65,536 rows): train.parquet, ...
+    Parquet,
 }
 
 /// Sample protocols.
@@ -36,9 +45,12 @@ pub struct Args {
     /// Input format.
     #[arg(long, value_enum)]
     format: Format,
-    /// Output folder: train.tsv, test.tsv, config.toml, vocab.json.
+    /// Output folder: train.tsv, valid.tsv, test.tsv (or .parquet), config.toml, vocab.json, items.json.
     #[arg(long)]
     out: PathBuf,
+    /// Format of the sample files.
+    #[arg(long, value_enum, default_value = "tsv")]
+    output_format: OutputFormat,
     /// How samples are made.
     #[arg(long, value_enum, default_value = "next-item")]
     protocol: ProtocolArg,
@@ -92,7 +104,9 @@ pub struct Args {
     negatives: usize,
     /// Write one line per group of samples that share a user side (a
     /// positive and its negatives): the grouped layout, with the
-    /// candidates' values joined by `|` (input.layout = "grouped").
+    /// candidates' values joined by `|` (input.layout = "grouped"). With
+    /// --output-format parquet: one sample per row, and the config sets
+    /// data.group = true, which stores each group's user side once.
     #[arg(long)]
     grouped: bool,
     /// Embedding width in the generated config.
@@ -221,6 +235,10 @@ pub fn run(args: Args) -> Result<()> {
         user_feature: args.user_feature || (args.protocol == ProtocolArg::Rating && !args.no_user_feature),
         negatives: args.negatives,
         grouped: args.grouped,
+        format: match args.output_format {
+            OutputFormat::Tsv => SampleFormat::Tsv,
+            OutputFormat::Parquet => SampleFormat::Parquet,
+        },
     };
     if let Some(g) = options.session_gap_days {
         if !(g.is_finite() && g > 0.0) {

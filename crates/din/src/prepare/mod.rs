@@ -24,7 +24,8 @@ mod writer;
 pub use events::{read_log, read_movielens, Event, Log, LogSpec};
 pub use samples::{build_samples, Sample, Samples, Vocab};
 pub use writer::{
-    prepare, write_prepared, PrepareReport, CONFIG_FILE, ITEMS_FILE, TEST_FILE, TRAIN_FILE, VALID_FILE, VOCAB_FILE,
+    prepare, write_prepared, PrepareReport, CONFIG_FILE, ITEMS_FILE, PARQUET_ROW_GROUP, TEST_FILE, TRAIN_FILE,
+    VALID_FILE, VOCAB_FILE,
 };
 
 /// How samples are made from behaviours.
@@ -37,6 +38,31 @@ pub enum Protocol {
         /// Lowest positive value (4 for MovieLens, as in the paper).
         threshold: f32,
     },
+}
+
+/// How [`prepare`] writes the sample files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SampleFormat {
+    /// Tab-separated text with a header (`train.tsv`, ...), histories as
+    /// comma-separated ids.
+    #[default]
+    Tsv,
+    /// Parquet (`train.parquet`, ...): an int64 column per id, `list<int64>`
+    /// histories, an int8 label, snappy-compressed row groups of
+    /// [`PARQUET_ROW_GROUP`] rows, so that streamed training
+    /// (`data.window_rows`) reads them row group by row group.
+    Parquet,
+}
+
+impl SampleFormat {
+    /// The file of a split in this format: `train`, `valid` or `test` with
+    /// this format's extension.
+    pub fn file(self, split: &str) -> String {
+        match self {
+            SampleFormat::Tsv => format!("{split}.tsv"),
+            SampleFormat::Parquet => format!("{split}.parquet"),
+        }
+    }
 }
 
 /// Options of [`prepare`].
@@ -88,6 +114,10 @@ pub struct PrepareOptions {
     /// user side (user, profile, histories, time), the candidates' item,
     /// category and label joined by `|` (`input.layout = "grouped"`).
     pub grouped: bool,
+    /// The sample files' format. Parquet has one sample per row: with
+    /// `grouped`, the config sets `data.group = true` instead, which stores
+    /// a run of rows sharing a user side once, as the grouped text layout does.
+    pub format: SampleFormat,
 }
 
 impl Default for PrepareOptions {
@@ -107,6 +137,7 @@ impl Default for PrepareOptions {
             user_feature: false,
             negatives: 1,
             grouped: false,
+            format: SampleFormat::Tsv,
         }
     }
 }

@@ -1,12 +1,21 @@
 //! Writes prepared samples in the core reader's format, with a config and a vocabulary.
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{Int64Builder, ListBuilder};
+use arrow_array::{ArrayRef, Float32Array, Int64Array, Int8Array, RecordBatch};
+use arrow_schema::{DataType, Field};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
 
 use serde::Serialize;
 
 use super::samples::{build_samples, Sample, Samples};
-use super::{Log, PrepareOptions};
+use super::{Log, PrepareOptions, SampleFormat};
 use crate::checkpoint::{write_atomic, write_atomic_with};
 use crate::data::{ItemColumn, ItemTable};
 use crate::schema::{
@@ -29,6 +38,8 @@ pub const VALID_FILE: &str = "valid.tsv";
 pub const TEST_FILE: &str = "test.tsv";
 /// Generated config.
 pub const CONFIG_FILE: &str = "config.toml";
+/// Rows per row group of a Parquet sample file (see [`SampleFormat::Parquet`]).
+pub const PARQUET_ROW_GROUP: usize = 65_536;
 /// Raw values of the dense ids.
 pub const VOCAB_FILE: &str = "vocab.json";
 /// Every item's category (the model directory's item table format).
@@ -97,27 +108,37 @@ pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, ou
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, "cannot create output folder", e))?;
     let header = header(samples, options);
     let with_valid = !samples.valid.is_empty();
-    let mut files = vec![(TRAIN_FILE, &samples.train), (TEST_FILE, &samples.test)];
+    let format = options.format;
+    let mut files = vec![
+        (format.file("train"), &samples.train),
+        (format.file("test"), &samples.test),
+    ];
     if with_valid {
-        files.push((VALID_FILE, &samples.valid));
+        files.push((format.file("valid"), &samples.valid));
     } else {
         // A validation file from an earlier run would not match these samples.
-        remove_stale(&out_dir.join(VALID_FILE))?;
+        remove_stale(&out_dir.join(format.file("valid")))?;
     }
     for (name, rows) in files {
-        write_atomic_with(&out_dir.join(name), |w| {
-            writeln!(w, "{}", header.join("\t"))?;
-            // One sample per line, or one run sharing a user side.
-            let lines: Box<dyn Iterator<Item = &[Sample]>> = if options.grouped {
-                Box::new(groups(rows))
-            } else {
-                Box::new(rows.chunks(1))
-            };
-            for group in lines {
-                write_group(w, group, options)?;
-            }
-            Ok(())
-        })?;
+        let path = out_dir.join(name);
+        match format {
+            SampleFormat::Tsv => write_atomic_with(&path, |w| {
+                writeln!(w, "{}", header.join("\t"))?;
+                // One sample per line, or one run sharing a user side.
+                let lines: Box<dyn Iterator<Item = &[Sample]>> = if options.grouped {
+                    Box::new(groups(rows))
+                } else {
+                    Box::new(rows.chunks(1))
+                };
+                for group in lines {
+                    write_group(w, group, options)?;
+                }
+                Ok(())
+            })?,
+            SampleFormat::Parquet => write_atomic_with(&path, |w| {
+                write_parquet(w, &header, samples.profile_fields.len(), rows, options)
+            })?,
+        }
     }
     let vocab = serde_json::to_vec(&samples.vocab.fields).map_err(|e| Error::Checkpoint {
         path: out_dir.join(VOCAB_FILE),
@@ -188,7 +209,7 @@ pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, ou
             [at(0.1), at(0.25), at(0.5), at(0.75), at(0.9), at(1.0)]
         },
         empty_histories: all.filter(|s| s.hist_items.is_empty()).count(),
-        validation: out_dir.join(if with_valid { VALID_FILE } else { TEST_FILE }),
+        validation: out_dir.join(format.file(if with_valid { "valid" } else { "test" })),
         user_feature: options.user_feature,
         train_command: format!(
             "din train --config {} --out {}",
@@ -198,7 +219,7 @@ pub fn write_prepared(log: &Log, samples: &Samples, options: &PrepareOptions, ou
         evaluate_command: format!(
             "din evaluate --model {} --data {}",
             shell_word(&model_dir),
-            shell_word(&out_dir.join(TEST_FILE))
+            shell_word(&out_dir.join(format.file("test")))
         ),
         config: config_path,
     })
@@ -283,10 +304,87 @@ fn write_group(w: &mut impl Write, group: &[Sample], options: &PrepareOptions) -
     writeln!(w, "\t{}", candidates(&|s| s.label.to_string()))
 }
 
+/// A Parquet sample file: the columns of the text header, in its order
+/// (int64 ids and times, `list<int64>` histories, a float32
+/// `days_since_prev`, an int8 label), one sample per row, row groups of
+/// [`PARQUET_ROW_GROUP`] rows built and written one at a time.
+fn write_parquet(
+    w: &mut BufWriter<File>,
+    header: &[String],
+    profiles: usize,
+    rows: &[Sample],
+    options: &PrepareOptions,
+) -> std::io::Result<()> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(PARQUET_ROW_GROUP))
+        .set_created_by(format!("din {}", env!("CARGO_PKG_VERSION")))
+        .build();
+    let mut chunks = rows.chunks(PARQUET_ROW_GROUP);
+    // An empty split still gets a file with the columns (and no row group).
+    let first = record_batch(header, profiles, chunks.next().unwrap_or(&[]), options)?;
+    let mut writer = ArrowWriter::try_new(w, first.schema(), Some(props)).map_err(std::io::Error::other)?;
+    for batch in std::iter::once(Ok(first)).chain(chunks.map(|c| record_batch(header, profiles, c, options))) {
+        let batch = batch?;
+        if batch.num_rows() > 0 {
+            writer.write(&batch).map_err(std::io::Error::other)?;
+            // One row group per chunk, however the writer counts bytes.
+            writer.flush().map_err(std::io::Error::other)?;
+        }
+    }
+    writer.close().map_err(std::io::Error::other)?;
+    Ok(())
+}
+
+/// The Parquet columns of `chunk`, named by `header`.
+fn record_batch(
+    header: &[String],
+    profiles: usize,
+    chunk: &[Sample],
+    options: &PrepareOptions,
+) -> std::io::Result<RecordBatch> {
+    let ints = |f: &dyn Fn(&Sample) -> i64| -> ArrayRef { Arc::new(Int64Array::from_iter_values(chunk.iter().map(f))) };
+    let lists = |f: &dyn Fn(&Sample, &mut Int64Builder)| -> ArrayRef {
+        let mut b = ListBuilder::new(Int64Builder::new()).with_field(Field::new("item", DataType::Int64, false));
+        for s in chunk {
+            f(s, b.values());
+            b.append(true);
+        }
+        Arc::new(b.finish())
+    };
+    let mut columns: Vec<ArrayRef> = vec![ints(&|s| s.user.into())];
+    for p in 0..profiles {
+        columns.push(ints(&|s| s.profile[p].into()));
+    }
+    columns.push(ints(&|s| s.item.into()));
+    columns.push(ints(&|s| s.category.into()));
+    columns.push(lists(&|s, b| {
+        b.extend(s.hist_items.iter().map(|&v| Some(i64::from(v))))
+    }));
+    columns.push(lists(&|s, b| {
+        b.extend(s.hist_categories.iter().map(|&v| Some(i64::from(v))))
+    }));
+    if options.days_since_prev {
+        columns.push(Arc::new(Float32Array::from_iter_values(
+            chunk.iter().map(|s| s.days_since_prev),
+        )));
+    }
+    columns.push(ints(&|s| s.time));
+    if options.history_times {
+        columns.push(lists(&|s, b| b.append_slice(&s.hist_times)));
+    }
+    columns.push(Arc::new(Int8Array::from_iter_values(
+        chunk.iter().map(|s| s.label as i8),
+    )));
+    debug_assert_eq!(columns.len(), header.len());
+    RecordBatch::try_from_iter(header.iter().cloned().zip(columns)).map_err(std::io::Error::other)
+}
+
 /// The config for the written files: the tutorial's model, vocabulary
 /// sizes frozen; with a validation file, early stopping on it and the best
 /// epoch kept, else the test file as validation and the last epoch kept.
 fn config(samples: &Samples, options: &PrepareOptions, with_valid: bool) -> Config {
+    let grouped_rows = options.grouped && options.format == SampleFormat::Parquet;
     let size = |field: &str| samples.vocab.fields.get(field).map_or(1, |v| v.len() + 1);
     let sparse = |name: &str| SparseFeature {
         name: name.to_string(),
@@ -324,16 +422,23 @@ fn config(samples: &Samples, options: &PrepareOptions, with_valid: bool) -> Conf
     };
     Config {
         data: DataConfig {
-            train: Some(PathBuf::from(TRAIN_FILE)),
-            validation: Some(PathBuf::from(if with_valid { VALID_FILE } else { TEST_FILE })),
+            train: Some(PathBuf::from(options.format.file("train"))),
+            validation: Some(PathBuf::from(options.format.file(if with_valid {
+                "valid"
+            } else {
+                "test"
+            }))),
             validation_split: None,
             vocab: Some(PathBuf::from(VOCAB_FILE)),
             items: Some(PathBuf::from(ITEMS_FILE)),
+            // Parquet holds one sample per row; runs sharing a user side are
+            // found when read and stored once, as grouped lines are.
+            group: grouped_rows,
             ..DataConfig::default()
         },
         input: InputConfig {
             header: true,
-            layout: if options.grouped {
+            layout: if options.grouped && !grouped_rows {
                 InputLayout::Grouped
             } else {
                 InputLayout::Flat
