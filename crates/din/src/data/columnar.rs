@@ -75,13 +75,14 @@ pub(super) fn read(
     // the user column; a whole file's columns sized for `rows` rows when known.
     let mut read_all =
         |columns: &[String],
-         rows: usize,
+         (rows, history_values): (usize, Vec<usize>),
          batches: &mut dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>>| {
             let with_users = layout.user.as_ref().is_some_and(|u| columns.contains(u));
             let mut out = Builder::new(path, layout, group, false, with_users);
             out.window = window;
             if window.is_none() {
-                out.reserve_rows(rows);
+                // Grouped rows store a group's history once: fewer values.
+                out.reserve_rows(rows, if group { &[] } else { &history_values });
             }
             for batch in batches {
                 reader.add(&batch.map_err(arrow)?, &mut out)?;
@@ -99,13 +100,17 @@ pub(super) fn read(
             let columns = names_of(builder.schema());
             let roots = roots(path, &columns, &names)?;
             let rows = usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
+            let sizes = (
+                rows,
+                history_values(layout, builder.parquet_schema(), builder.metadata()),
+            );
             let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
             let mut batches = builder
                 .with_projection(mask)
                 .with_batch_size(BATCH_ROWS)
                 .build()
                 .map_err(|e| parquet_error(path, e))?;
-            read_all(&columns, rows, &mut batches)
+            read_all(&columns, sizes, &mut batches)
         }
         _ => {
             // The file format starts with "ARROW1"; the stream format does not.
@@ -122,9 +127,31 @@ pub(super) fn read(
                 (names_of(&r.schema()), Box::new(r))
             };
             roots(path, &columns, &names)?;
-            read_all(&columns, 0, &mut batches)
+            read_all(&columns, (0, Vec::new()), &mut batches)
         }
     }
+}
+
+/// Per history, the values its Parquet column holds over the file (an
+/// upper bound on the ids read: a leaf count, which counts an empty list
+/// once, before truncation and padding are dropped); 0 for a history
+/// without a column.
+fn history_values(
+    layout: &Layout,
+    schema: &parquet::schema::types::SchemaDescriptor,
+    metadata: &parquet::file::metadata::ParquetMetaData,
+) -> Vec<usize> {
+    layout
+        .sequences
+        .iter()
+        .map(|s| {
+            (0..schema.num_columns())
+                .filter(|&c| schema.column(c).path().parts().first() == Some(&s.name))
+                .flat_map(|c| metadata.row_groups().iter().map(move |g| g.column(c).num_values()))
+                .map(|n| usize::try_from(n).unwrap_or(0))
+                .sum()
+        })
+        .collect()
 }
 
 fn parquet_error(path: &Path, e: parquet::errors::ParquetError) -> Error {

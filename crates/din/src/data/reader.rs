@@ -486,9 +486,14 @@ impl<'a> Builder<'a> {
     }
 
     /// Sizes the columns for `rows` more rows (a columnar file's count is
-    /// known up front).
-    pub(super) fn reserve_rows(&mut self, rows: usize) {
+    /// known up front), and each history's values for at most
+    /// `history_values[h]` more ids (a Parquet file's leaf value counts): a
+    /// column that grew by doubling would hold up to twice its values.
+    pub(super) fn reserve_rows(&mut self, rows: usize, history_values: &[usize]) {
         let b = &mut self.batch;
+        for (s, &n) in b.sequences.iter_mut().zip(history_values) {
+            s.values.reserve(n);
+        }
         b.sparse.iter_mut().for_each(|c| c.reserve(rows));
         for (c, (_, dim)) in b.dense.iter_mut().zip(&self.layout.dense) {
             c.reserve(rows * dim);
