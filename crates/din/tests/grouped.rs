@@ -146,7 +146,14 @@ fn grouped_training_gives_the_flat_model_on_the_same_sample_order() {
             }
             c.train.shuffle = false;
             c.train.batch_size = 60;
-            c.train.epochs = 3;
+            // One epoch (17 Adam steps): the two runs agree to rounding
+            // (8.6e-7 of each tensor's scale, measured on AVX-512). Over
+            // more epochs Adam, which scales each step by the gradient's
+            // own size, turns the rounding of near-zero gradients (the
+            // flat and grouped GEMMs differ in shape, so in blocking) into
+            // whole steps: 2e-2 after 3 epochs there, not a difference of
+            // the two computations.
+            c.train.epochs = 1;
             c.train.threads = 1;
             c.model.attention.activation = serde_json::from_value(serde_json::json!(activation)).unwrap();
         });
