@@ -120,10 +120,74 @@ fn pictures_of_training_and_attention() {
         lines[..group].iter().filter(|l| l[7] == "1").count()
     );
 
-    let e = err(&din(cwd, ["plot", "--model", "m", "--out", "curves.png"]));
-    assert!(e.contains("curves.png") && e.contains(".svg"), "{e}");
+    // The same pictures as PNG, their text drawn with the bundled font.
+    ok(&din(cwd, ["plot", "--model", "m", "--out", "curves.png"]));
+    let curves = Bitmap::read(&cwd.join("curves.png"));
+    assert_eq!((curves.width, curves.height), (1000, 420));
+    assert!(
+        curves.count(0..40, |p| p[0] < 100 && p[1] < 100 && p[2] < 100) > 50,
+        "the captions' text"
+    );
+    assert!(
+        curves.count(40..420, |p| p != [255, 255, 255]) > 2000,
+        "axes and curves"
+    );
+    ok(&explain("0", "attention.png"));
+    let heat = Bitmap::read(&cwd.join("attention.png"));
+    let n = history.len() as u32;
+    assert_eq!(
+        (heat.width, heat.height),
+        ((160 + 36 * n).clamp(480, 2400), 140 + 34 * group as u32)
+    );
+    // The cells: red for positive weights, blue for negative (never grey).
+    let tinted = heat.count(0..heat.height, |p| p[0] != p[2]);
+    assert!(
+        tinted > 500,
+        "{tinted} tinted pixels: at least the largest weight's cell"
+    );
+    assert!(
+        heat.count(0..30, |p| p[0] < 100 && p[1] < 100 && p[2] < 100) > 50,
+        "the title's text"
+    );
+    let e = err(&din(cwd, ["plot", "--model", "m", "--out", "curves.jpg"]));
+    assert!(e.contains("curves.jpg") && e.contains(".svg or .png"), "{e}");
     let e = err(&explain("999999", "a.svg"));
     assert!(e.contains("--row 999999") && e.contains("1380 data rows"), "{e}");
     let e = err(&din(cwd, ["plot", "--model", "nothing", "--out", "x.svg"]));
     assert!(e.contains("nothing"), "{e}");
+}
+
+/// A decoded 8-bit RGB PNG.
+struct Bitmap {
+    width: u32,
+    height: u32,
+    rgb: Vec<u8>,
+}
+
+impl Bitmap {
+    fn read(path: &Path) -> Bitmap {
+        let decoder = png::Decoder::new(std::fs::File::open(path).expect("png"));
+        let mut reader = decoder.read_info().expect("a PNG");
+        let mut rgb = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut rgb).expect("a frame");
+        assert_eq!(
+            (info.color_type, info.bit_depth),
+            (png::ColorType::Rgb, png::BitDepth::Eight)
+        );
+        rgb.truncate(info.buffer_size());
+        Bitmap {
+            width: info.width,
+            height: info.height,
+            rgb,
+        }
+    }
+
+    /// Pixels of the rows `rows` for which `f` holds.
+    fn count(&self, rows: std::ops::Range<u32>, f: impl Fn([u8; 3]) -> bool) -> usize {
+        let row = self.width as usize * 3;
+        self.rgb[rows.start as usize * row..rows.end as usize * row]
+            .chunks_exact(3)
+            .filter(|p| f([p[0], p[1], p[2]]))
+            .count()
+    }
 }

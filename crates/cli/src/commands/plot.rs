@@ -1,6 +1,6 @@
 //! `din plot` (training curves from `history.json`) and `din explain` (the
 //! attention weights of one sample's history against its candidates, the
-//! DIN paper's Fig. 5), drawn as SVG with plotters.
+//! DIN paper's Fig. 5), drawn as SVG or PNG with plotters.
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +19,7 @@ pub struct PlotArgs {
     /// Model directory written by `din train`.
     #[arg(long)]
     model: PathBuf,
-    /// The picture to write (`.svg`).
+    /// The picture to write: `.svg` or `.png`.
     #[arg(long)]
     out: PathBuf,
 }
@@ -41,39 +41,91 @@ pub struct ExplainArgs {
     /// Most candidates drawn.
     #[arg(long, default_value_t = 8)]
     candidates: usize,
-    /// The picture to write (`.svg`).
+    /// The picture to write: `.svg` or `.png`.
     #[arg(long)]
     out: PathBuf,
 }
 
-/// Checks that `out` names an SVG file. Only SVG: a bitmap needs a font
-/// file to rasterise text, which a machine may not have; SVG text is drawn
-/// by the viewer (convert with e.g. `rsvg-convert -o x.png x.svg`).
-fn svg_path(out: &Path) -> Result<()> {
-    match out.extension().and_then(|e| e.to_str()) {
-        Some(e) if e.eq_ignore_ascii_case("svg") => Ok(()),
-        _ => bail!(
-            "--out {}: din draws SVG; name the file .svg (and convert it, e.g. `rsvg-convert -o x.png x.svg`, for a bitmap)",
-            out.display()
-        ),
+/// The picture formats `--out` may name, by extension.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    /// Text drawn by the viewer.
+    Svg,
+    /// An RGB bitmap, text rasterised with the bundled font.
+    Png,
+}
+
+/// The format `out` names.
+fn format_of(out: &Path) -> Result<Format> {
+    match out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("svg") => Ok(Format::Svg),
+        Some("png") => Ok(Format::Png),
+        _ => bail!("--out {}: name the picture .svg or .png", out.display()),
     }
 }
 
-/// Draws into a string and writes it atomically.
-fn draw_svg(
-    out: &Path,
-    size: (u32, u32),
-    draw: impl FnOnce(&DrawingArea<SVGBackend, plotters::coord::Shift>) -> Result<()>,
-) -> Result<()> {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
-        root.fill(&WHITE).map_err(drawing)?;
-        draw(&root)?;
-        root.present().map_err(drawing)?;
-    }
-    write_atomic(out, svg.as_bytes())?;
-    Ok(())
+/// Registers the bundled font (DejaVu Sans cut down to Latin-1, 40 KB; see
+/// `assets/DejaVuSans-LICENSE.txt`) as plotters' "sans-serif": text is
+/// measured with it in both formats and rasterised with it into a PNG, so
+/// that no picture depends on the fonts a machine happens to have.
+fn register_font() -> Result<()> {
+    static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans-subset.ttf");
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow::anyhow!("the bundled font cannot be read"))
+}
+
+/// An RGB buffer of `size` pixels as a PNG file's bytes.
+fn png_bytes(rgb: &[u8], (width, height): (u32, u32)) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut bytes, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().context("encoding the PNG")?;
+    writer.write_image_data(rgb).context("encoding the PNG")?;
+    writer.finish().context("encoding the PNG")?;
+    Ok(bytes)
+}
+
+/// Draws `$body` (a block that draws on `$root` and ends in `Ok(())`) on a
+/// white picture of `$size` pixels in the format `$out` names, and writes
+/// it atomically. A macro because plotters' SVG and bitmap backends are
+/// distinct types, and a closure cannot be generic over them: the body is
+/// compiled once per backend.
+macro_rules! render {
+    ($out:expr, $size:expr, |$root:ident| $body:block) => {{
+        let (out, size): (&Path, (u32, u32)) = ($out, $size);
+        register_font()?;
+        let bytes = match format_of(out)? {
+            Format::Svg => {
+                let mut svg = String::new();
+                {
+                    let area = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+                    let $root = &area;
+                    $root.fill(&WHITE).map_err(drawing)?;
+                    (|| -> Result<()> { $body })()?;
+                    $root.present().map_err(drawing)?;
+                }
+                svg.into_bytes()
+            }
+            Format::Png => {
+                let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
+                {
+                    let area = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
+                    let $root = &area;
+                    $root.fill(&WHITE).map_err(drawing)?;
+                    (|| -> Result<()> { $body })()?;
+                    $root.present().map_err(drawing)?;
+                }
+                png_bytes(&rgb, size)?
+            }
+        };
+        write_atomic(out, &bytes)?;
+    }};
 }
 
 /// A plotters error as anyhow's.
@@ -83,7 +135,7 @@ fn drawing<E: std::fmt::Display>(e: E) -> anyhow::Error {
 
 /// Runs `din plot`.
 pub fn plot(args: PlotArgs) -> Result<()> {
-    svg_path(&args.out)?;
+    format_of(&args.out)?;
     let scorer =
         Scorer::load(&args.model).with_context(|| format!("loading the model from {}", args.model.display()))?;
     let path = args.model.join(HISTORY_FILE);
@@ -132,7 +184,7 @@ pub fn plot(args: PlotArgs) -> Result<()> {
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned();
-    draw_svg(&args.out, (1000, 420), |root| {
+    render!(&args.out, (1000, 420), |root| {
         let panels = root.split_evenly((1, 2));
         for (panel, (title, series)) in panels.iter().zip([("loss", &losses), ("ranking", &ranks)]) {
             let values: Vec<f64> = series
@@ -192,7 +244,7 @@ pub fn plot(args: PlotArgs) -> Result<()> {
                 .map_err(drawing)?;
         }
         Ok(())
-    })?;
+    });
     println!(
         "drew {} epochs of {} to {} (saved epoch {saved})",
         history.len(),
@@ -204,7 +256,7 @@ pub fn plot(args: PlotArgs) -> Result<()> {
 
 /// Runs `din explain`.
 pub fn explain(args: ExplainArgs) -> Result<()> {
-    svg_path(&args.out)?;
+    format_of(&args.out)?;
     let scorer =
         Scorer::load(&args.model).with_context(|| format!("loading the model from {}", args.model.display()))?;
     // With the labels when the file has them, to mark the clicked candidate.
@@ -273,7 +325,7 @@ pub fn explain(args: ExplainArgs) -> Result<()> {
         data.lines[args.row],
         layout.sequences[hist].name
     );
-    draw_svg(&args.out, (width, height), |root| {
+    render!(&args.out, (width, height), |root| {
         let k = rows.len();
         let mut chart = ChartBuilder::on(root)
             .caption(&title, ("sans-serif", 18))
@@ -337,7 +389,7 @@ pub fn explain(args: ExplainArgs) -> Result<()> {
             }))
             .map_err(drawing)?;
         Ok(())
-    })?;
+    });
     println!(
         "drew the attention of {} candidates over {n} behaviours to {}",
         rows.len(),
