@@ -126,15 +126,9 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
     };
     infer_vocab(&mut layout, &train)?;
     for set in std::iter::once(&mut train).chain(validation.as_mut()) {
-        match options.skip_bad_rows {
-            Some(limit) => drop_out_of_vocabulary(&layout, set, limit)?,
-            None => apply_vocab(&layout, set)?,
-        }
+        check_vocab(&layout, set, options)?;
     }
-    let vocab = match &config.data.vocab {
-        Some(path) => Some(Vocabulary::read(path)?.restricted_to(&layout)),
-        None => None,
-    };
+    let vocab = read_vocab(config, &layout)?;
     let items = if layout.item_features.is_empty() {
         None
     } else {
@@ -155,6 +149,25 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
         validation,
         assets: Assets { vocab, items },
     })
+}
+
+/// Checks every id of `set` against the vocabulary sizes: an error, or
+/// (`skip_bad_rows`) the rows dropped, within the file's limit.
+fn check_vocab(layout: &Layout, set: &mut Dataset, options: ReadOptions) -> Result<()> {
+    match options.skip_bad_rows {
+        Some(limit) => drop_out_of_vocabulary(layout, set, limit),
+        None => apply_vocab(layout, set),
+    }
+}
+
+/// `data.vocab`, restricted to the tables of `layout`, when given.
+fn read_vocab(config: &Config, layout: &Layout) -> Result<Option<Vocabulary>> {
+    config
+        .data
+        .vocab
+        .as_ref()
+        .map(|p| Vocabulary::read(p).map(|v| v.restricted_to(layout)))
+        .transpose()
 }
 
 /// Checks a window read from `path` against the vocabulary: out-of-range
@@ -203,20 +216,20 @@ impl StreamedItems {
 
     /// Takes in a window's rows (a conflict with an earlier one is an error).
     fn add(&mut self, layout: &Layout, window: &Dataset) -> Result<()> {
-        let derived = match self.table.take() {
-            Some((known, from)) => ItemTable::derive_from(layout, &[window], Some((known, &from)))?,
-            None => ItemTable::derive_from(layout, &[window], None)?,
-        };
+        let derived = Self::derive(self.table.take(), layout, &[window])?;
         self.table = Some((derived, self.path.clone()));
         Ok(())
     }
 
     /// The table, completed from `sets` (the validation rows).
     fn finish(self, layout: &Layout, sets: &[&Dataset]) -> Result<ItemTable> {
-        match self.table {
-            Some((known, from)) => ItemTable::derive_from(layout, sets, Some((known, &from))),
-            None => ItemTable::derive_from(layout, sets, None),
-        }
+        Self::derive(self.table, layout, sets)
+    }
+
+    /// `table` (if any) extended by the rows of `sets`.
+    fn derive(table: Option<(ItemTable, PathBuf)>, layout: &Layout, sets: &[&Dataset]) -> Result<ItemTable> {
+        let (known, from) = table.unzip();
+        ItemTable::derive_from(layout, sets, known.zip(from.as_deref()))
     }
 }
 
@@ -285,15 +298,9 @@ fn load_streamed(
         None => None,
     };
     if let Some(v) = validation.as_mut() {
-        match options.skip_bad_rows {
-            Some(limit) => drop_out_of_vocabulary(&layout, v, limit)?,
-            None => apply_vocab(&layout, v)?,
-        }
+        check_vocab(&layout, v, options)?;
     }
-    let vocab = match &config.data.vocab {
-        Some(p) => Some(Vocabulary::read(p)?.restricted_to(&layout)),
-        None => None,
-    };
+    let vocab = read_vocab(config, &layout)?;
     let items = match items {
         None => None,
         Some(mut table) => {
@@ -597,14 +604,13 @@ impl Loop<'_> {
 
     /// Runs the batches of `window` (the training rows held, or one window
     /// of a streamed file) in `s.order` from `s.window_batches_done` on.
-    /// `total`: the epoch's batches (for progress); `last`: whether the
-    /// window ends the epoch (known when the rows are held).
+    /// `epoch_batches`: a streamed epoch's batches (for progress); `None`
+    /// when the window is the whole epoch.
     fn window(
         &mut self,
         s: &mut TrainState,
         window: &Dataset,
-        total: usize,
-        last: bool,
+        epoch_batches: Option<usize>,
         start: Instant,
         observer: &mut (dyn Observer + Send),
     ) -> Result<()> {
@@ -615,6 +621,7 @@ impl Loop<'_> {
         let groups = window.batch.is_grouped().then_some(window.batch.groups.as_slice());
         let bounds = batch_bounds(&s.order, groups, tc.batch_size);
         let n = bounds.len() - 1;
+        let (total, last) = (epoch_batches.unwrap_or(n), epoch_batches.is_none());
         let epoch = s.epoch;
         for i in s.window_batches_done..n {
             let units = &s.order[bounds[i]..bounds[i + 1]];
@@ -734,7 +741,7 @@ impl Loop<'_> {
                         ),
                     });
                 }
-                self.window(s, &window, stream.batches, false, start, observer)?;
+                self.window(s, &window, Some(stream.batches), start, observer)?;
                 index += 1;
                 s.window = index;
                 s.window_batches_done = 0;
@@ -785,11 +792,6 @@ fn run(
             dropout: stream(tc.seed, 2, s.rng_positions[1]),
         },
     };
-    let held_groups = data
-        .train
-        .batch
-        .is_grouped()
-        .then_some(data.train.batch.groups.as_slice());
 
     while !s.finished {
         if s.epoch_done {
@@ -812,10 +814,7 @@ fn run(
             .unwrap_or_else(Instant::now);
         match &data.stream {
             Some(stream) => lp.streamed_epoch(&mut s, stream, start, observer)?,
-            None => {
-                let total = batch_bounds(&s.order, held_groups, tc.batch_size).len() - 1;
-                lp.window(&mut s, &data.train, total, true, start, observer)?;
-            }
+            None => lp.window(&mut s, &data.train, None, start, observer)?,
         }
         let n_batches = s.batches_done;
         if s.skipped > 0 && s.skipped == n_batches {
