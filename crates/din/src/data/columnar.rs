@@ -41,13 +41,17 @@ use crate::{Error, Result};
 const BATCH_ROWS: usize = 8192;
 
 /// Reads a Parquet or Arrow IPC file (see the module docs) into `sink`, in
-/// windows of about `window` rows (`None`: the whole file at once).
+/// windows of about `window` rows (`None`: the whole file at once); only
+/// rows `range` (0-based) when given: the record batches before it are
+/// skipped unread (Parquet: the row groups before it are not decoded), and
+/// the reading stops after it.
 pub(super) fn read(
     path: &Path,
     config: &Config,
     layout: &Layout,
     options: ReadOptions,
     window: Option<usize>,
+    range: Option<std::ops::Range<u64>>,
     sink: &mut Sink<'_>,
 ) -> Result<Option<SkippedRows>> {
     if config.input.layout == InputLayout::Grouped {
@@ -60,32 +64,45 @@ pub(super) fn read(
             ),
         ));
     }
-    let mut file = File::open(path).map_err(|e| Error::io(path, "cannot open data file", e))?;
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot open data file", e))?;
     let names = wanted_columns(layout, options);
     let sep = config.input.separator_byte()? as char;
     let group = config.data.group;
     // GAUC's users, when the file has the user column.
     let mut reader = ColumnReader::new(path, layout, options, sep);
-    let arrow = |e: ArrowError| Error::Csv {
-        path: path.to_path_buf(),
-        line: 0,
-        message: format!("cannot read the Arrow data: {e}"),
-    };
+    let arrow = |e: ArrowError| arrow_error(path, e);
     // Every record batch into the windows: GAUC's users when the file has
     // the user column; a whole file's columns sized for `rows` rows when known.
     let mut read_all =
         |columns: &[String],
          (rows, history_values): (usize, Vec<usize>),
+         first_row: u64,
          batches: &mut dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>>| {
+            reader.offset = first_row;
             let with_users = layout.user.as_ref().is_some_and(|u| columns.contains(u));
             let mut out = Builder::new(path, layout, group, false, with_users);
             out.window = window;
-            if window.is_none() {
+            if window.is_none() && range.is_none() {
                 // Grouped rows store a group's history once: fewer values.
                 out.reserve_rows(rows, if group { &[] } else { &history_values });
             }
+            let (start, end) = range.as_ref().map_or((0, u64::MAX), |r| (r.start, r.end));
             for batch in batches {
-                reader.add(&batch.map_err(arrow)?, &mut out)?;
+                let batch = batch.map_err(arrow)?;
+                // The part of this record batch inside the range.
+                let first = reader.offset;
+                let (lo, hi) = (start.max(first), end.min(first + batch.num_rows() as u64));
+                if lo >= hi {
+                    reader.offset += batch.num_rows() as u64;
+                    if first >= end {
+                        break;
+                    }
+                    continue;
+                }
+                let part = batch.slice((lo - first) as usize, (hi - lo) as usize);
+                reader.offset = lo;
+                reader.add(&part, &mut out)?;
+                reader.offset = first + batch.num_rows() as u64;
                 if !out.drain(sink)? {
                     return Ok(None);
                 }
@@ -105,31 +122,83 @@ pub(super) fn read(
                 history_values(layout, builder.parquet_schema(), builder.metadata()),
             );
             let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+            // Row groups wholly before or after the range are not decoded;
+            // the reader's row numbers start after those skipped.
+            let (mut kept_groups, mut first_row) = (Vec::new(), 0u64);
+            let mut at = 0u64;
+            for (i, g) in builder.metadata().row_groups().iter().enumerate() {
+                let n = u64::try_from(g.num_rows()).unwrap_or(0);
+                let inside = range.as_ref().is_none_or(|r| at < r.end && at + n > r.start);
+                if inside {
+                    kept_groups.push(i);
+                } else if kept_groups.is_empty() {
+                    first_row += n;
+                }
+                at += n;
+            }
             let mut batches = builder
+                .with_row_groups(kept_groups)
                 .with_projection(mask)
                 .with_batch_size(BATCH_ROWS)
                 .build()
                 .map_err(|e| parquet_error(path, e))?;
-            read_all(&columns, sizes, &mut batches)
+            read_all(&columns, sizes, first_row, &mut batches)
         }
         _ => {
-            // The file format starts with "ARROW1"; the stream format does not.
-            let mut magic = [0u8; 6];
-            let is_file = file.read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
-            file.seek(SeekFrom::Start(0))
-                .map_err(|e| Error::io(path, "cannot read data file", e))?;
-            let file = BufReader::new(file);
-            let (columns, mut batches): (Vec<String>, Box<dyn Iterator<Item = _>>) = if is_file {
-                let r = arrow_ipc::reader::FileReader::try_new(file, None).map_err(arrow)?;
-                (names_of(&r.schema()), Box::new(r))
-            } else {
-                let r = arrow_ipc::reader::StreamReader::try_new(file, None).map_err(arrow)?;
-                (names_of(&r.schema()), Box::new(r))
-            };
+            let (schema, mut batches) = ipc_batches(path, file)?;
+            let columns = names_of(&schema);
             roots(path, &columns, &names)?;
-            read_all(&columns, (0, Vec::new()), &mut batches)
+            read_all(&columns, (0, Vec::new()), 0, &mut batches)
         }
     }
+}
+
+/// An Arrow error reading `path`.
+fn arrow_error(path: &Path, e: ArrowError) -> Error {
+    Error::Csv {
+        path: path.to_path_buf(),
+        line: 0,
+        message: format!("cannot read the Arrow data: {e}"),
+    }
+}
+
+/// The record batches of an Arrow IPC file, file or stream format
+/// (told apart by the file format's leading "ARROW1"), and their schema.
+#[allow(clippy::type_complexity)]
+fn ipc_batches(
+    path: &Path,
+    mut file: File,
+) -> Result<(
+    arrow_schema::SchemaRef,
+    Box<dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>>>,
+)> {
+    let arrow = |e: ArrowError| arrow_error(path, e);
+    let mut magic = [0u8; 6];
+    let is_file = file.read_exact(&mut magic).is_ok() && &magic == b"ARROW1";
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(path, "cannot read data file", e))?;
+    let file = BufReader::new(file);
+    Ok(if is_file {
+        let r = arrow_ipc::reader::FileReader::try_new(file, None).map_err(arrow)?;
+        (r.schema(), Box::new(r))
+    } else {
+        let r = arrow_ipc::reader::StreamReader::try_new(file, None).map_err(arrow)?;
+        (r.schema(), Box::new(r))
+    })
+}
+
+/// The rows of a Parquet file (from its metadata) or an Arrow IPC file.
+pub(super) fn count_rows(path: &Path, config: &Config) -> Result<u64> {
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot open data file", e))?;
+    if config.input.format.of(path) == InputFormat::Parquet {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(path, e))?;
+        return Ok(u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0));
+    }
+    let mut rows = 0u64;
+    for batch in ipc_batches(path, file)?.1 {
+        rows += batch.map_err(|e| arrow_error(path, e))?.num_rows() as u64;
+    }
+    Ok(rows)
 }
 
 /// Per history, the values its Parquet column holds over the file (an

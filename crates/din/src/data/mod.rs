@@ -12,7 +12,7 @@ mod vocab;
 
 pub use batch::{Batch, Ragged};
 pub use lookup::{ItemColumn, ItemTable, Vocabulary};
-pub use reader::{kept_range, read_dataset, stream_dataset, ReadOptions, Sink, SkippedRows};
+pub use reader::{count_rows, kept_range, read_dataset, read_rows, stream_dataset, ReadOptions, Sink, SkippedRows};
 pub use vocab::{
     add_id_counts, apply_vocab, drop_out_of_vocabulary, id_counts, infer_vocab, LargestIds, MAX_INFERRED_TABLE,
 };

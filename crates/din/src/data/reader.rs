@@ -89,8 +89,54 @@ struct ColumnMap {
 /// Parquet and Arrow IPC files (`input.format`, or the file's extension)
 /// are read by the columnar reader into the same rows (see the README).
 pub fn read_dataset(path: &Path, config: &Config, layout: &Layout, options: ReadOptions) -> Result<Dataset> {
+    read_part(path, config, layout, options, None)
+}
+
+/// Reads records `rows` of a data file (0-based, in file order; a
+/// delimited file's header and blank lines are not records) as
+/// [`read_dataset`] reads the whole file: one rank's shard of the training
+/// file in distributed training. The records before `rows` are split into
+/// fields (a delimited file) or skipped by record batch (Parquet, Arrow)
+/// but not parsed; reading stops after the last. Line numbers in errors and
+/// in [`Dataset::lines`] are the file's.
+pub fn read_rows(
+    path: &Path,
+    config: &Config,
+    layout: &Layout,
+    options: ReadOptions,
+    rows: std::ops::Range<u64>,
+) -> Result<Dataset> {
+    read_part(path, config, layout, options, Some(rows))
+}
+
+/// Counts the records of a data file that [`read_rows`] numbers: a
+/// delimited file's non-blank lines after the header, a Parquet file's rows
+/// (from its metadata), an Arrow file's rows. Nothing is parsed.
+pub fn count_rows(path: &Path, config: &Config) -> Result<u64> {
+    match config.input.format.of(path) {
+        InputFormat::Parquet | InputFormat::Arrow => super::columnar::count_rows(path, config),
+        InputFormat::Delimited | InputFormat::Auto => {
+            let mut reader = delimited_reader(path, config)?;
+            let mut record = csv::StringRecord::new();
+            let mut count = 0u64;
+            while reader.read_record(&mut record).map_err(|e| csv_error(path, e))? {
+                count += u64::from(!is_blank(&record));
+            }
+            Ok(count)
+        }
+    }
+}
+
+/// [`read_dataset`] of records `rows` only, when given.
+fn read_part(
+    path: &Path,
+    config: &Config,
+    layout: &Layout,
+    options: ReadOptions,
+    rows: Option<std::ops::Range<u64>>,
+) -> Result<Dataset> {
     let mut whole = None;
-    let skipped = read_into(path, config, layout, options, None, &mut |d| {
+    let skipped = read_into(path, config, layout, options, None, rows, &mut |d| {
         whole = Some(d);
         Ok(true)
     })?;
@@ -123,22 +169,43 @@ pub fn stream_dataset(
     window_rows: usize,
     sink: &mut Sink<'_>,
 ) -> Result<Option<SkippedRows>> {
-    read_into(path, config, layout, options, Some(window_rows.max(1)), sink)
+    read_into(path, config, layout, options, Some(window_rows.max(1)), None, sink)
 }
 
-/// Reads `path` in windows (`None`: one window, the whole file) into `sink`.
+/// Reads `path` (records `rows` only, when given) in windows (`None`: one
+/// window, the whole file) into `sink`.
 fn read_into(
     path: &Path,
     config: &Config,
     layout: &Layout,
     options: ReadOptions,
     window: Option<usize>,
+    rows: Option<std::ops::Range<u64>>,
     sink: &mut Sink<'_>,
 ) -> Result<Option<SkippedRows>> {
     match config.input.format.of(path) {
-        InputFormat::Parquet | InputFormat::Arrow => super::columnar::read(path, config, layout, options, window, sink),
-        InputFormat::Delimited | InputFormat::Auto => read_delimited(path, config, layout, options, window, sink),
+        InputFormat::Parquet | InputFormat::Arrow => {
+            super::columnar::read(path, config, layout, options, window, rows, sink)
+        }
+        InputFormat::Delimited | InputFormat::Auto => read_delimited(path, config, layout, options, window, rows, sink),
     }
+}
+
+/// The csv reader of a delimited file, as `config.input` describes it.
+fn delimited_reader(path: &Path, config: &Config) -> Result<csv::Reader<BufReader<File>>> {
+    let input = &config.input;
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot open data file", e))?;
+    Ok(csv::ReaderBuilder::new()
+        .delimiter(input.delimiter_byte()?)
+        .has_headers(input.header)
+        .flexible(true)
+        .quoting(input.quoting)
+        .from_reader(BufReader::new(file)))
+}
+
+/// Whether a record is a blank line (skipped, and not counted as a record).
+fn is_blank(record: &csv::StringRecord) -> bool {
+    record.len() == 1 && record[0].trim().is_empty()
 }
 
 /// [`read_into`] for delimited text.
@@ -148,17 +215,12 @@ fn read_delimited(
     layout: &Layout,
     options: ReadOptions,
     window: Option<usize>,
+    range: Option<std::ops::Range<u64>>,
     sink: &mut Sink<'_>,
 ) -> Result<Option<SkippedRows>> {
     let input = &config.input;
-    let file = File::open(path).map_err(|e| Error::io(path, "cannot open data file", e))?;
-    let file_bytes = file.metadata().map_or(0, |m| m.len());
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(input.delimiter_byte()?)
-        .has_headers(input.header)
-        .flexible(true)
-        .quoting(input.quoting)
-        .from_reader(BufReader::new(file));
+    let file_bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+    let mut reader = delimited_reader(path, config)?;
     let columns: Vec<String> = if input.header {
         let header = reader.headers().map_err(|e| csv_error(path, e))?;
         header.iter().map(|h| h.trim().to_string()).collect()
@@ -188,6 +250,10 @@ fn read_delimited(
     let mut record = csv::StringRecord::new();
     let mut row = Row::new(layout);
     let pair_histories: Vec<usize> = layout.pairs.iter().map(|&(_, h)| h).collect();
+    // A part of the file is not sized from the whole file's bytes.
+    let whole = range.is_none();
+    let range = range.unwrap_or(0..u64::MAX);
+    let mut index = 0u64;
 
     loop {
         match reader.read_record(&mut record) {
@@ -196,8 +262,15 @@ fn read_delimited(
             Err(e) => return Err(csv_error(path, e)),
         }
         let line = record.position().map_or(0, |p| p.line());
-        if record.len() == 1 && record[0].trim().is_empty() {
+        if is_blank(&record) {
             continue; // a blank line
+        }
+        index += 1;
+        if index <= range.start {
+            continue; // before the records asked for
+        }
+        if index > range.end {
+            break;
         }
         // The row is parsed whole into `row` first, so that a malformed row
         // can be skipped without leaving a column half-filled.
@@ -238,7 +311,7 @@ fn read_delimited(
         if !rows.drain(sink)? {
             return Ok(None);
         }
-        if rows.pushed() == RESERVE_AFTER && window.is_none() {
+        if rows.pushed() == RESERVE_AFTER && window.is_none() && whole {
             let read = record.position().map_or(0, |p| p.byte());
             rows.reserve_for_file(file_bytes, read);
         }

@@ -101,6 +101,22 @@ impl LargestIds {
         }
     }
 
+    /// The largest id of each table so far (`None`: no id seen).
+    pub fn largest(&self) -> Vec<Option<u32>> {
+        self.max.iter().map(|m| m.as_ref().map(|(id, _, _)| *id)).collect()
+    }
+
+    /// Takes in another reader's largest ids (one per table, e.g. another
+    /// rank's shard of the file), found in `column` of `where_`, line
+    /// unknown.
+    pub fn merge(&mut self, largest: &[Option<u32>], where_: &str) {
+        for (mine, &theirs) in self.max.iter_mut().zip(largest) {
+            if let Some(id) = theirs.filter(|&id| mine.as_ref().is_none_or(|(best, _, _)| id > *best)) {
+                *mine = Some((id, where_.to_string(), 0));
+            }
+        }
+    }
+
     /// Sets each table whose vocabulary size is not given to its largest id
     /// plus one (see [`infer_vocab`]; `path`: the file, for the error).
     pub fn infer(self, layout: &mut Layout, path: &std::path::Path) -> Result<()> {
