@@ -151,6 +151,10 @@ pub enum Error {
     /// Training cannot proceed (e.g. the loss became NaN).
     #[error("training: {0}")]
     Training(String),
+    /// Distributed training: a setting it does not support, a collective
+    /// that failed, or another rank that stopped.
+    #[error("distributed training: {0}")]
+    Distributed(String),
     /// A model cannot be exported in the format asked for.
     #[error("export: {0}")]
     Export(String),

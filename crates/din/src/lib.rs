@@ -16,6 +16,8 @@
 //!   explicit forward and backward over one GEMM crate.
 //! * [`train`]: loss, optimizers, regularisation and the training loop.
 //! * [`metrics`]: logloss, AUC, GAUC and RelaImpr.
+//! * [`distributed`]: data-parallel training over several processes with
+//!   sharded embedding tables, over a small collective-communication trait.
 //! * [`checkpoint`]: the model directory (`config.json` + `model.safetensors`),
 //!   written atomically.
 //! * [`scorer`]: inference: a loaded model that predicts, evaluates and
@@ -26,6 +28,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod distributed;
 pub mod error;
 pub mod export;
 pub mod metrics;

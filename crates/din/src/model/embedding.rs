@@ -20,19 +20,52 @@ impl Embedding {
     /// out-of-vocabulary row) start at zero. `name` is for the error when the
     /// table cannot be allocated.
     pub fn new(name: &str, rows: usize, dim: usize, zero_from: usize, rng: &mut impl Rng) -> Result<Self> {
-        let len = rows.checked_mul(dim).filter(|n| n.checked_mul(4).is_some());
+        Self::new_shard(name, rows, dim, zero_from, rng, 0, 1)
+    }
+
+    /// The shard of [`Embedding::new`]'s table that rank `rank` of `ranks`
+    /// owns in distributed training: rows `rank`, `rank + ranks`, ... of
+    /// the whole table, as local rows 0, 1, ... (row `id` is local row
+    /// `id / ranks` of rank `id % ranks`). `rng` draws the whole table's
+    /// values, so each row starts as it would in the whole table and `rng`
+    /// ends where [`Embedding::new`] leaves it.
+    pub fn new_shard(
+        name: &str,
+        rows: usize,
+        dim: usize,
+        zero_from: usize,
+        rng: &mut impl Rng,
+        rank: usize,
+        ranks: usize,
+    ) -> Result<Self> {
+        let owned = rows.saturating_sub(rank).div_ceil(ranks.max(1));
+        let len = owned.checked_mul(dim).filter(|n| n.checked_mul(4).is_some());
         let mut w: Vec<f32> = Vec::new();
-        if len.is_none_or(|n| w.try_reserve_exact(n).is_err()) {
+        if rows.checked_mul(dim).is_none() || len.is_none_or(|n| w.try_reserve_exact(n).is_err()) {
             return Err(Error::config(
                 format!("embedding table `{name}`"),
                 format!("{rows} x {dim}"),
                 "cannot be allocated; lower its vocab_size or embedding_dim",
             ));
         }
-        w.extend((0..rows * dim).map(|_| rng.gen_range(-EMBEDDING_INIT..EMBEDDING_INIT)));
-        w[zero_from.min(rows) * dim..].iter_mut().for_each(|v| *v = 0.0);
+        if ranks <= 1 {
+            w.extend((0..rows * dim).map(|_| rng.gen_range(-EMBEDDING_INIT..EMBEDDING_INIT)));
+        } else {
+            for row in 0..rows {
+                let keep = row % ranks == rank;
+                for _ in 0..dim {
+                    let v = rng.gen_range(-EMBEDDING_INIT..EMBEDDING_INIT);
+                    if keep {
+                        w.push(v);
+                    }
+                }
+            }
+        }
+        // Rows from `zero_from` on, in local rows: the first owned row at or after it.
+        let first_zero = zero_from.min(rows).saturating_sub(rank).div_ceil(ranks.max(1));
+        w[first_zero * dim..].iter_mut().for_each(|v| *v = 0.0);
         Ok(Embedding {
-            weight: Param::new(w, vec![rows, dim], Role::Embedding),
+            weight: Param::new(w, vec![owned, dim], Role::Embedding),
         })
     }
 

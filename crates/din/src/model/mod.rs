@@ -92,11 +92,22 @@ impl Din {
     /// A freshly initialised model. Every table's vocabulary size must be
     /// known; a table too large to allocate is an error.
     pub fn new(layout: &Layout, config: &ModelConfig, seed: u64) -> Result<Din> {
+        Self::new_shard(layout, config, seed, 0, 1)
+    }
+
+    /// The model rank `rank` of `ranks` holds in distributed training: the
+    /// dense layers as [`Din::new`] makes them, and of each embedding table
+    /// only the rows it owns ([`Embedding::new_shard`]), each with the
+    /// values it has in [`Din::new`]'s model.
+    pub fn new_shard(layout: &Layout, config: &ModelConfig, seed: u64, rank: usize, ranks: usize) -> Result<Din> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let embeddings = layout
             .tables
             .iter()
-            .map(|t| Embedding::new(&t.name, t.rows(), t.dim, t.vocab_size.unwrap_or(0), &mut rng))
+            .map(|t| {
+                let zero_from = t.vocab_size.unwrap_or(0);
+                Embedding::new_shard(&t.name, t.rows(), t.dim, zero_from, &mut rng, rank, ranks)
+            })
             .collect::<Result<_>>()?;
         check_layer_sizes(layout, config)?;
         let attention = Attention::new(layout.query_dim(), &config.attention, &mut rng);

@@ -4,8 +4,15 @@
 /// stably as `max(z, 0) - z*y + ln(1 + exp(-|z|))`. Writes the gradient of the
 /// mean with respect to each logit, `(sigmoid(z) - y) / B`, into `dlogits`.
 pub fn bce_with_logits(logits: &[f32], labels: &[f32], dlogits: &mut Vec<f32>) -> f64 {
+    bce_with_logits_over(logits, labels, logits.len(), dlogits)
+}
+
+/// [`bce_with_logits`] of a part of a batch of `n` samples (one rank's
+/// rows in distributed training): the sum of the part's losses divided by
+/// `n`, and the gradient of the whole batch's mean, `(sigmoid(z) - y) / n`.
+/// The parts' values add up to the whole batch's.
+pub fn bce_with_logits_over(logits: &[f32], labels: &[f32], n: usize, dlogits: &mut Vec<f32>) -> f64 {
     assert_eq!(logits.len(), labels.len(), "one label per logit");
-    let n = logits.len();
     dlogits.clear();
     let mut total = 0.0f64;
     for (&z, &y) in logits.iter().zip(labels) {

@@ -153,7 +153,7 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
 
 /// Checks every id of `set` against the vocabulary sizes: an error, or
 /// (`skip_bad_rows`) the rows dropped, within the file's limit.
-fn check_vocab(layout: &Layout, set: &mut Dataset, options: ReadOptions) -> Result<()> {
+pub(crate) fn check_vocab(layout: &Layout, set: &mut Dataset, options: ReadOptions) -> Result<()> {
     match options.skip_bad_rows {
         Some(limit) => drop_out_of_vocabulary(layout, set, limit),
         None => apply_vocab(layout, set),
@@ -161,7 +161,7 @@ fn check_vocab(layout: &Layout, set: &mut Dataset, options: ReadOptions) -> Resu
 }
 
 /// `data.vocab`, restricted to the tables of `layout`, when given.
-fn read_vocab(config: &Config, layout: &Layout) -> Result<Option<Vocabulary>> {
+pub(crate) fn read_vocab(config: &Config, layout: &Layout) -> Result<Option<Vocabulary>> {
     config
         .data
         .vocab
@@ -464,7 +464,7 @@ fn skipped_rows(data: &TrainingData) -> BTreeMap<String, SkippedRows> {
 
 /// The first gradient that is not finite, named: a dense tensor, or an
 /// embedding table's row.
-fn non_finite_gradient(model: &Din, emb: &EmbeddingGrads, layout: &Layout) -> Option<String> {
+pub(crate) fn non_finite_gradient(model: &Din, emb: &EmbeddingGrads, layout: &Layout) -> Option<String> {
     let mut found = None;
     model.visit("", &mut |name, p| {
         if found.is_none() {
@@ -529,7 +529,7 @@ impl TrainState {
 /// rows each, or (grouped data, `groups` holding where each group's rows
 /// start) whole groups, as many as fit in `batch_size` rows; a group larger
 /// than that is a batch of its own.
-fn batch_bounds(order: &[usize], groups: Option<&[u32]>, batch_size: usize) -> Vec<usize> {
+pub(crate) fn batch_bounds(order: &[usize], groups: Option<&[u32]>, batch_size: usize) -> Vec<usize> {
     let Some(g) = groups else {
         let mut b: Vec<usize> = (0..order.len()).step_by(batch_size.max(1)).collect();
         b.push(order.len());
@@ -552,7 +552,7 @@ fn batch_bounds(order: &[usize], groups: Option<&[u32]>, batch_size: usize) -> V
 }
 
 /// A random stream of the run: `stream` of `seed`, at `position`.
-fn stream(seed: u64, stream: u64, position: u128) -> ChaCha8Rng {
+pub(crate) fn stream(seed: u64, stream: u64, position: u128) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(stream);
     rng.set_word_pos(position);
@@ -752,7 +752,7 @@ impl Loop<'_> {
 }
 
 /// How the training and validation files are read.
-fn training_read_options(config: &Config) -> ReadOptions {
+pub(crate) fn training_read_options(config: &Config) -> ReadOptions {
     ReadOptions {
         require_label: true,
         skip_bad_rows: config.data.skip_bad_rows.then_some(config.data.max_bad_rows_fraction),

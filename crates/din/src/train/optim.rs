@@ -209,7 +209,7 @@ fn update_rows(kind: OptimizerKind, lr: f32, table: &mut [f32], g: &SparseGrad, 
 /// Touched embedding values from which the update is split over threads.
 const PARALLEL_ROW_UPDATE: usize = 1 << 15;
 
-fn trained_densely(role: Role) -> bool {
+pub(crate) fn trained_densely(role: Role) -> bool {
     matches!(role, Role::Weight | Role::Bias | Role::Alpha)
 }
 
