@@ -4,6 +4,8 @@
 //! the error chain once (exit code 2 on any error).
 
 mod commands;
+#[cfg(feature = "mpi")]
+mod mpi_comm;
 
 use std::process::ExitCode;
 

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod distributed;
 pub mod evaluate;
 pub mod export;
 pub mod plot;

@@ -6,7 +6,10 @@ use anyhow::{bail, Context, Result};
 use din::checkpoint::{self, Assets};
 use din::model::Din;
 use din::schema::{Config, Keep, Monitor};
-use din::train::{checkpoints, fit_with, load_training_data, Checkpoints, EpochReport, Observer, Resumable};
+use din::train::{
+    checkpoints, fit_with, load_training_data, Checkpoints, EpochReport, Observer, Resumable, TrainOutcome,
+    TrainingData,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::format_metrics;
@@ -79,9 +82,17 @@ pub struct Args {
         "learning_rate", "seed", "threads", "keep", "skip_bad_rows", "group", "set", "checkpoint_every",
     ])]
     resume: Option<PathBuf>,
+    /// Data-parallel training over MPI: run as `mpirun -np N din train
+    /// --distributed ...` (a din built with `--features mpi`). Each rank
+    /// reads its part of the training file and owns every N-th embedding
+    /// row; rank 0 writes the model directory. Not with Dice, grouped or
+    /// streamed data or skipped bad rows; no checkpoints are written.
+    /// Without the `mpi` feature it trains as one rank.
+    #[arg(long, conflicts_with_all = ["resume", "checkpoint_every"])]
+    distributed: bool,
     /// Print the history as JSON on stdout instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
 }
 
 /// `--keep`.
@@ -152,7 +163,7 @@ fn apply_overrides(config: &mut Config, args: &Args) {
 /// `paused at ...` on stderr and sleeps: the kill-and-resume tests SIGKILL
 /// it there.
 #[derive(Debug, Clone, PartialEq)]
-enum Pause {
+pub(super) enum Pause {
     Batch(usize),
     Checkpoint(usize, String),
     Epoch(usize),
@@ -184,7 +195,7 @@ impl Pause {
 }
 
 /// Shows progress and saves the model after every epoch.
-struct Progress {
+pub(super) struct Progress {
     bar: Option<ProgressBar>,
     out: PathBuf,
     config: Config,
@@ -301,9 +312,31 @@ fn find_checkpoint(dir: &Path) -> Result<(Resumable, PathBuf)> {
 /// The checkpoints folder's suffix after the model directory's name.
 const CHECKPOINTS_SUFFIX: &str = ".checkpoints";
 
+/// The config (file, `--set` and flags), the model directory, and where
+/// the config came from.
+pub(super) fn config_and_out(args: &Args) -> Result<(Config, PathBuf, String)> {
+    let config_path = match &args.config {
+        Some(p) => p.clone(),
+        None => bundled_config()?,
+    };
+    let mut config = Config::from_toml_file_with(&config_path, &args.set)?;
+    apply_overrides(&mut config, args);
+    let out = args.out.clone().unwrap_or_else(|| {
+        let stem = config_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        PathBuf::from("runs").join(stem)
+    });
+    Ok((config, out, config_path.display().to_string()))
+}
+
 /// Runs `din train`.
 pub fn run(args: Args) -> Result<()> {
     let pause = Pause::from_env()?;
+    if args.distributed {
+        return super::distributed::run(&args, pause);
+    }
     let (data, out, resume, source) = match &args.resume {
         Some(dir) => {
             let (found, out) = find_checkpoint(dir)?;
@@ -312,21 +345,8 @@ pub fn run(args: Args) -> Result<()> {
             (data, out, Some(found), source)
         }
         None => {
-            let config_path = match &args.config {
-                Some(p) => p.clone(),
-                None => bundled_config()?,
-            };
-            let mut config = Config::from_toml_file_with(&config_path, &args.set)?;
-            apply_overrides(&mut config, &args);
-            let data = load_training_data(&config)?;
-            let out = args.out.clone().unwrap_or_else(|| {
-                let stem = config_path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "model".into());
-                PathBuf::from("runs").join(stem)
-            });
-            (data, out, None, config_path.display().to_string())
+            let (config, out, source) = config_and_out(&args)?;
+            (load_training_data(&config)?, out, None, source)
         }
     };
     let policy = Checkpoints::from_config(Checkpoints::dir_for(&out), &data.config.train);
@@ -377,28 +397,57 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
     }
-    let mut progress = Progress {
-        bar: None,
-        out: out.clone(),
-        config: data.config.clone(),
-        assets: data.assets.clone(),
-        history: resume.as_ref().map(|r| r.state.history.clone()).unwrap_or_default(),
-        epochs: data.config.train.epochs,
-        json: args.json,
-        pause,
-        checkpoints_written: 0,
-    };
+    let history = resume.as_ref().map(|r| r.state.history.clone()).unwrap_or_default();
+    let mut progress = Progress::new(&out, &data, history, args.json, pause);
     let outcome = fit_with(&data, policy.as_ref(), resume, &mut progress)?;
-    checkpoint::save_with_assets(&out, &data.config, &outcome.model, &data.assets, Some(&outcome.history))
+    finish(&args, &data, &out, &outcome, None)
+}
+
+impl Progress {
+    /// Progress of training on `data` into the model directory `out`.
+    pub(super) fn new(
+        out: &Path,
+        data: &TrainingData,
+        history: Vec<EpochReport>,
+        json: bool,
+        pause: Option<Pause>,
+    ) -> Progress {
+        Progress {
+            bar: None,
+            out: out.to_path_buf(),
+            config: data.config.clone(),
+            assets: data.assets.clone(),
+            history,
+            epochs: data.config.train.epochs,
+            json,
+            pause,
+            checkpoints_written: 0,
+        }
+    }
+}
+
+/// Saves the trained model and prints how the run went (with `extra`'s
+/// fields in the JSON document).
+pub(super) fn finish(
+    args: &Args,
+    data: &TrainingData,
+    out: &Path,
+    outcome: &TrainOutcome,
+    extra: Option<(&str, serde_json::Value)>,
+) -> Result<()> {
+    checkpoint::save_with_assets(out, &data.config, &outcome.model, &data.assets, Some(&outcome.history))
         .with_context(|| format!("saving the model to {}", out.display()))?;
     if args.json {
-        let doc = serde_json::json!({
+        let mut doc = serde_json::json!({
             "model_dir": out,
             "history": outcome.history,
             "best_epoch": outcome.best_epoch,
             "stopped_early": outcome.stopped_early,
             "model_epoch": outcome.model_epoch,
         });
+        if let (Some((key, value)), Some(map)) = (extra, doc.as_object_mut()) {
+            map.insert(key.to_string(), value);
+        }
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         let tc = &data.config.train;

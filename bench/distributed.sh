@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Distributed training (issue 15, docs/distributed.md): bytes each rank
+# sends per step (ids, embedding rows, row gradients, dense gradients) and
+# the time of the same steps spent in communication and in computation,
+# with 1, 2 and 4 ranks on this machine (oversubscribed: more ranks than
+# cores is fine for the byte counts, which are exact; the times are of a
+# loaded 2-core machine and say more about the split than the speed).
+# Then the memory of each rank with a large item vocabulary, 1, 2 and 4
+# ranks (peak RSS per rank).
+#
+# Usage: bench/distributed.sh [OUT]     (default runs/bench-distributed)
+# Needs OpenMPI (apt-get install libopenmpi-dev openmpi-bin libclang-dev).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/bench-distributed}
+USERS=${USERS:-5000}          # x 6 candidates = 30,000 rows, 118 steps of 256
+BIG_ITEMS=${BIG_ITEMS:-8000000}
+mkdir -p "$OUT"
+cargo build --release -p din-cli --features mpi
+DIN=$PWD/target/release/din
+MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none)
+
+# 1. Traffic and time: `din bench gen` data (the tutorial's model: embedding
+# dim 8, attention (256,128,64), DNN (200,80), PReLU; batch 256; 100,000
+# items, 1,000 categories, histories of 1..50), one epoch, one thread a rank.
+data=$OUT/data
+[ -f "$data/samples.tsv" ] || "$DIN" bench gen --out "$data" --users "$USERS" --items 100000 --categories 1000 --max-len 50 --candidates 6
+for n in 1 2 4; do
+  echo "== $n ranks: ${MPIRUN[*]} -np $n din train --distributed --config $data/config.toml --threads 1 --epochs 1 --json"
+  "${MPIRUN[@]}" -np "$n" "$DIN" train --distributed --config "$data/config.toml" --out "$OUT/model-$n" \
+    --threads 1 --epochs 1 --json >"$OUT/ranks$n.json"
+done
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+print("| ranks | rank | steps | ids B/step | rows B/step | row grads B/step | dense B/step | comm s (rows, grads, dense) | compute s | comm share |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for n in (1, 2, 4):
+    doc = json.load(open(f"{out}/ranks{n}.json"))
+    for r, t in enumerate(doc["traffic"]):
+        s = max(t["steps"], 1)
+        comm = t["rows_seconds"] + t["row_gradient_seconds"] + t["dense_seconds"]
+        total = comm + t["compute_seconds"]
+        print(f"| {n} | {r} | {t['steps']} | {t['id_bytes']/s:,.0f} | {t['row_bytes']/s:,.0f} | {t['row_gradient_bytes']/s:,.0f} "
+              f"| {t['dense_bytes']/s:,.0f} | {comm:.2f} ({t['rows_seconds']:.2f}, {t['row_gradient_seconds']:.2f}, {t['dense_seconds']:.2f}) "
+              f"| {t['compute_seconds']:.2f} | {comm/max(total,1e-9):.0%} |")
+    h = doc["history"][0]
+    print(f"|  | all | train_loss {h['train_loss']:.5f} | {h['samples_per_second']:,.0f} samples/s | | | | | | |")
+PY
+
+# 2. Memory: the same model with an item vocabulary of BIG_ITEMS (a table
+# of BIG_ITEMS x 8 floats, and Adam's two moments of it), peak RSS of each
+# rank (VmHWM), 1, 2 and 4 ranks, one epoch of a small file.
+big=$OUT/big
+[ -f "$big/samples.tsv" ] || "$DIN" bench gen --out "$big" --users 500 --items "$BIG_ITEMS" --categories 1000 --max-len 50 --candidates 6
+for n in 1 2 4; do
+  echo "== memory, $n ranks, item table $BIG_ITEMS x 8"
+  # /usr/bin/time -v reports each rank's maximum resident set size.
+  "${MPIRUN[@]}" -np "$n" /usr/bin/time -f "rank peak RSS %M KiB" "$DIN" train --distributed \
+    --config "$big/config.toml" --out "$OUT/big-model-$n" --threads 1 --epochs 1 --json 2>&1 >/dev/null |
+    grep "peak RSS" | sort
+done
