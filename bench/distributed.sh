@@ -16,8 +16,11 @@ OUT=${1:-runs/bench-distributed}
 USERS=${USERS:-5000}          # x 6 candidates = 30,000 rows, 118 steps of 256
 BIG_ITEMS=${BIG_ITEMS:-8000000}
 mkdir -p "$OUT"
-cargo build --release -p din-cli --features mpi
-DIN=$PWD/target/release/din
+# DIN=path/to/din uses that binary (built with --features mpi) instead.
+if [ -z "${DIN:-}" ]; then
+  cargo build --release -p din-cli --features mpi
+  DIN=$PWD/target/release/din
+fi
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none)
 
 # 1. Traffic and time: `din bench gen` data (the tutorial's model: embedding

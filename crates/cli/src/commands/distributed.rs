@@ -9,7 +9,7 @@ use super::train::{config_and_out, finish, Args, Pause, Progress};
 
 /// Runs `din train --distributed` on every rank of the MPI job.
 #[cfg(feature = "mpi")]
-pub fn run(args: &Args, pause: Option<Pause>) -> Result<()> {
+pub(super) fn run(args: &Args, pause: Option<Pause>) -> Result<()> {
     use anyhow::Context;
     // Funneled: only this thread calls MPI; rayon's workers compute.
     let (universe, _) =
@@ -25,7 +25,7 @@ pub fn run(args: &Args, pause: Option<Pause>) -> Result<()> {
 
 /// Without the `mpi` feature: one rank, in this process.
 #[cfg(not(feature = "mpi"))]
-pub fn run(args: &Args, pause: Option<Pause>) -> Result<()> {
+pub(super) fn run(args: &Args, pause: Option<Pause>) -> Result<()> {
     if !args.json {
         eprintln!(
             "note: this din was built without the `mpi` feature: training as one rank (build with `cargo build --release -p din-cli --features mpi` and run under mpirun for more)"
