@@ -353,3 +353,32 @@ fn grouped_lines_are_refused_and_data_group_finds_groups_in_parquet() {
     assert!(want.batch.is_grouped());
     same_rows(&read(&p, &config).unwrap(), &want, "grouped on reading");
 }
+
+#[test]
+fn row_ranges_of_text_parquet_and_arrow_files_are_the_whole_files_rows() {
+    // Distributed training's shards: records 0..460, 460..920, 920..1380
+    // (Parquet row groups of 300: ranges inside and across groups; the
+    // Arrow stream's record batches of 500 and 880), each the rows the
+    // whole file holds there, with the file's line or row numbers.
+    use din::data::{count_rows, read_rows};
+    let tmp = TempDir::new().unwrap();
+    let tsv = root().join("data/movie_sample.txt");
+    let config = tutorial(&tsv);
+    let layout = config.validate().unwrap();
+    let batch = record_batch(&sample(), false);
+    let (pq, arrow) = (tmp.path().join("s.parquet"), tmp.path().join("s.arrows"));
+    write_parquet(&pq, &batch, 300);
+    write_arrow(&arrow, &batch, true);
+    for path in [tsv.clone(), pq, arrow] {
+        let whole = read(&path, &config).unwrap();
+        assert_eq!(count_rows(&path, &config).unwrap(), 1380, "{}", path.display());
+        for (lo, hi) in [(0u64, 460u64), (460, 920), (920, 1380), (299, 301), (1379, 1380)] {
+            let part = read_rows(&path, &config, &layout, ReadOptions::strict(true), lo..hi).unwrap();
+            let rows: Vec<usize> = (lo as usize..hi as usize).collect();
+            let want = whole.select(&rows);
+            let what = format!("{} rows {lo}..{hi}", path.display());
+            assert_eq!(part.batch, want.batch, "{what}");
+            assert_eq!(part.lines, want.lines, "{what}: line numbers");
+        }
+    }
+}
