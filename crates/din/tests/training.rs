@@ -99,6 +99,7 @@ fn mini_batch_aware_regularisation_scales_by_inverse_frequency() {
     let cfg = RegularizationConfig {
         kind: RegularizationKind::MiniBatchAware,
         lambda: 0.5,
+        dnn_lambda: None,
     };
     let before = model.clone();
     let penalty = regularize(&cfg, &mut model, &mut emb, &counts);
@@ -117,6 +118,7 @@ fn mini_batch_aware_regularisation_scales_by_inverse_frequency() {
     let cfg = RegularizationConfig {
         kind: RegularizationKind::L2,
         lambda: 0.5,
+        dnn_lambda: None,
     };
     model.zero_grad();
     regularize(&cfg, &mut model, &mut emb, &counts);
@@ -125,6 +127,44 @@ fn mini_batch_aware_regularisation_scales_by_inverse_frequency() {
         w.grad.iter().zip(&w.value).all(|(g, v)| (g - v).abs() < 1e-6),
         "grad = 2 * 0.5 * w"
     );
+
+    // dnn_lambda: the MLP weights take their own strength (DeepCTR's
+    // l2_reg_dnn), the embedding rows keep lambda's.
+    for (kind, lambda) in [(RegularizationKind::L2, 0.5), (RegularizationKind::MiniBatchAware, 0.5)] {
+        let cfg = RegularizationConfig {
+            kind,
+            lambda,
+            dnn_lambda: Some(0.25),
+        };
+        model.zero_grad();
+        let mut emb: Vec<SparseGrad> = model.embeddings.iter().map(|e| SparseGrad::new(e.dim())).collect();
+        emb[item].add(5, &[0.0; 4]);
+        let penalty = regularize(&cfg, &mut model, &mut emb, &counts);
+        let w = &model.output.weight;
+        assert!(
+            w.grad.iter().zip(&w.value).all(|(g, v)| (g - 0.5 * v).abs() < 1e-6),
+            "{kind:?}: grad = 2 * 0.25 * w"
+        );
+        let w5 = model.embeddings[item].row(5);
+        // counts[item][5] = 1: the same scale under both kinds.
+        assert!((emb[item].get(5).expect("row 5")[0] - 2.0 * 0.5 * w5[0]).abs() < 1e-7);
+        let mut weights = 0.0;
+        model.visit("", &mut |_, p| {
+            if p.role == din::model::Role::Weight {
+                weights += p.value.iter().map(|v| f64::from(0.25 * v * v)).sum::<f64>();
+            }
+        });
+        let want = weights + 0.5 * sq(w5);
+        assert!(
+            (penalty - want).abs() < 1e-6 * want.max(1.0),
+            "{kind:?}: {penalty} vs {want}"
+        );
+    }
+    // A negative dnn_lambda is refused, naming the field.
+    let mut config = bundled();
+    config.train.regularization.dnn_lambda = Some(-1.0);
+    let err = config.validate().expect_err("negative").to_string();
+    assert!(err.contains("train.regularization.dnn_lambda"), "{err}");
 }
 
 #[test]
@@ -137,6 +177,7 @@ fn regularised_training_runs_with_every_optimizer() {
         config.train.regularization = RegularizationConfig {
             kind: toml::Value::String(reg.into()).try_into().expect("kind"),
             lambda: 0.01,
+            dnn_lambda: None,
         };
         let data = load_training_data(&config).expect("data");
         let out = fit(&data, &mut Silent).expect(opt);

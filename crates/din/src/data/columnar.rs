@@ -33,7 +33,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
 use super::reader::{user_key, Builder, Row, Sink};
-use super::{ReadOptions, SkippedRows};
+use super::{Dataset, ReadOptions, SkippedRows};
 use crate::schema::{Config, InputFormat, InputLayout, Layout};
 use crate::{Error, Result};
 
@@ -66,48 +66,17 @@ pub(super) fn read(
     }
     let file = File::open(path).map_err(|e| Error::io(path, "cannot open data file", e))?;
     let names = wanted_columns(layout, options);
-    let sep = config.input.separator_byte()? as char;
-    let group = config.data.group;
-    // GAUC's users, when the file has the user column.
-    let mut reader = ColumnReader::new(path, layout, options, sep);
-    let arrow = |e: ArrowError| arrow_error(path, e);
-    // Every record batch into the windows: GAUC's users when the file has
-    // the user column; a whole file's columns sized for `rows` rows when known.
     let mut read_all =
         |columns: &[String],
-         (rows, history_values): (usize, Vec<usize>),
+         sizes: (usize, Vec<usize>),
          first_row: u64,
          batches: &mut dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>>| {
-            reader.offset = first_row;
-            let with_users = layout.user.as_ref().is_some_and(|u| columns.contains(u));
-            let mut out = Builder::new(path, layout, group, false, with_users);
-            out.window = window;
-            if window.is_none() && range.is_none() {
-                // Grouped rows store a group's history once: fewer values.
-                out.reserve_rows(rows, if group { &[] } else { &history_values });
-            }
-            let (start, end) = range.as_ref().map_or((0, u64::MAX), |r| (r.start, r.end));
-            for batch in batches {
-                let batch = batch.map_err(arrow)?;
-                // The part of this record batch inside the range.
-                let first = reader.offset;
-                let (lo, hi) = (start.max(first), end.min(first + batch.num_rows() as u64));
-                if lo >= hi {
-                    reader.offset += batch.num_rows() as u64;
-                    if first >= end {
-                        break;
-                    }
-                    continue;
-                }
-                let part = batch.slice((lo - first) as usize, (hi - lo) as usize);
-                reader.offset = lo;
-                reader.add(&part, &mut out)?;
-                reader.offset = first + batch.num_rows() as u64;
-                if !out.drain(sink)? {
-                    return Ok(None);
-                }
-            }
-            out.finish(options, sink)
+            let rows = Rows {
+                window,
+                range: range.clone(),
+                first_row,
+            };
+            read_batches(path, config, layout, options, rows, columns, sizes, batches, sink)
         };
     let names_of =
         |schema: &arrow_schema::Schema| -> Vec<String> { schema.fields().iter().map(|f| f.name().clone()).collect() };
@@ -199,6 +168,114 @@ pub(super) fn count_rows(path: &Path, config: &Config) -> Result<u64> {
         rows += batch.map_err(|e| arrow_error(path, e))?.num_rows() as u64;
     }
     Ok(rows)
+}
+
+/// Reads record batches that are already in memory (an application's
+/// arrays, e.g. those the Python module is given) into a [`Dataset`], as
+/// the record batches of a Parquet or Arrow file named `source` would be
+/// read: the columns the schema reads (by name; others are ignored), with
+/// the types and checks of the module docs. Errors name `source`, the row
+/// (1-based over all the batches), the column and the value. Ids are not
+/// checked against the tables here ([`apply_vocab`](super::apply_vocab)
+/// does that, as after [`read_dataset`](super::read_dataset)).
+pub fn read_record_batches(
+    source: &Path,
+    config: &Config,
+    layout: &Layout,
+    options: ReadOptions,
+    batches: &[RecordBatch],
+) -> Result<Dataset> {
+    let columns: Vec<String> = batches.first().map_or_else(Vec::new, |b| {
+        b.schema().fields().iter().map(|f| f.name().clone()).collect()
+    });
+    roots(source, &columns, &wanted_columns(layout, options))?;
+    let rows = batches.iter().map(RecordBatch::num_rows).sum();
+    let mut whole = None;
+    let skipped = read_batches(
+        source,
+        config,
+        layout,
+        options,
+        Rows {
+            window: None,
+            range: None,
+            first_row: 0,
+        },
+        &columns,
+        (rows, Vec::new()),
+        &mut batches.iter().cloned().map(Ok),
+        &mut |d| {
+            whole = Some(d);
+            Ok(true)
+        },
+    )?;
+    let mut data = whole.ok_or_else(|| Error::EmptyFile {
+        path: source.to_path_buf(),
+    })?;
+    data.skipped = skipped.unwrap_or_default();
+    Ok(data)
+}
+
+/// Which rows [`read_batches`] reads, and how it hands them on.
+struct Rows {
+    /// Windows of about this many rows (`None`: one).
+    window: Option<usize>,
+    /// Only these rows (0-based over the file), when given.
+    range: Option<std::ops::Range<u64>>,
+    /// The file's row number of the first batch's first row (row groups
+    /// skipped unread before it).
+    first_row: u64,
+}
+
+/// Every record batch of `path` (named `columns`) into `sink`, as `rows`
+/// says; with GAUC's users when the batches have the user column, and a
+/// whole file's columns sized up front for `sizes` (rows, values per
+/// history) when known.
+#[allow(clippy::too_many_arguments)]
+fn read_batches(
+    path: &Path,
+    config: &Config,
+    layout: &Layout,
+    options: ReadOptions,
+    rows: Rows,
+    columns: &[String],
+    (count, history_values): (usize, Vec<usize>),
+    batches: &mut dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>>,
+    sink: &mut Sink<'_>,
+) -> Result<Option<SkippedRows>> {
+    let sep = config.input.separator_byte()? as char;
+    let group = config.data.group;
+    let mut reader = ColumnReader::new(path, layout, options, sep);
+    reader.offset = rows.first_row;
+    let with_users = layout.user.as_ref().is_some_and(|u| columns.contains(u));
+    let mut out = Builder::new(path, layout, group, false, with_users);
+    out.window = rows.window;
+    if rows.window.is_none() && rows.range.is_none() {
+        // Grouped rows store a group's history once: fewer values.
+        out.reserve_rows(count, if group { &[] } else { &history_values });
+    }
+    let (start, end) = rows.range.as_ref().map_or((0, u64::MAX), |r| (r.start, r.end));
+    for batch in batches {
+        let batch = batch.map_err(|e| arrow_error(path, e))?;
+        // The part of this record batch inside the range.
+        let first = reader.offset;
+        let (lo, hi) = (start.max(first), end.min(first + batch.num_rows() as u64));
+        if lo >= hi {
+            reader.offset += batch.num_rows() as u64;
+            if first >= end {
+                break;
+            }
+            continue;
+        }
+        let part = batch.slice((lo - first) as usize, (hi - lo) as usize);
+        reader.offset = lo;
+        reader.add(&part, &mut out)?;
+        reader.offset = first + batch.num_rows() as u64;
+        if !out.drain(sink)? {
+            return Ok(None);
+        }
+    }
+    out.finish(options, sink)
 }
 
 /// Per history, the values its Parquet column holds over the file (an

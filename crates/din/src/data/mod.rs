@@ -11,6 +11,7 @@ mod reader;
 mod vocab;
 
 pub use batch::{Batch, Ragged};
+pub use columnar::read_record_batches;
 pub use lookup::{ItemColumn, ItemTable, Vocabulary};
 pub use reader::{count_rows, kept_range, read_dataset, read_rows, stream_dataset, ReadOptions, Sink, SkippedRows};
 pub use vocab::{

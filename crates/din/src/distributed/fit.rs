@@ -220,6 +220,11 @@ pub fn fit_distributed(
             best_epoch,
             stopped_early,
             model_epoch,
+            interrupted: false,
+            // The optimizer's moments stay sharded over the ranks.
+            optimizer: None,
+            rng_positions: [0, 0],
+            order: Vec::new(),
         }
     });
     Ok(DistributedOutcome {

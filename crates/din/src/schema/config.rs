@@ -521,6 +521,23 @@ pub struct RegularizationConfig {
     /// Strength.
     #[serde(default, serialize_with = "short_f32")]
     pub lambda: f32,
+    /// Strength of L2 on the MLP weight matrices when it differs from the
+    /// embeddings' (`lambda`), as DeepCTR's `l2_reg_dnn` next to its
+    /// `l2_reg_embedding`. Absent: `lambda` under `l2`, none under
+    /// `mini_batch_aware`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "short_f32_option"
+    )]
+    pub dnn_lambda: Option<f32>,
+}
+
+fn short_f32_option<S: serde::Serializer>(x: &Option<f32>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match x {
+        Some(x) => short_f32(x, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// Metric watched by early stopping.

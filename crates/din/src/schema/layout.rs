@@ -471,13 +471,15 @@ impl Config {
                 return Err(Error::config(name, v, "must be at least 1"));
             }
         }
-        let l = t.regularization.lambda;
-        if !(l.is_finite() && l >= 0.0) {
-            return Err(Error::config(
-                "train.regularization.lambda",
-                l,
-                "must be a non-negative number",
-            ));
+        let r = &t.regularization;
+        for (name, l) in [("lambda", Some(r.lambda)), ("dnn_lambda", r.dnn_lambda)] {
+            if let Some(l) = l.filter(|l| !(l.is_finite() && *l >= 0.0)) {
+                return Err(Error::config(
+                    format!("train.regularization.{name}"),
+                    l,
+                    "must be a non-negative number",
+                ));
+            }
         }
         if let Some(es) = &t.early_stopping {
             if es.patience == 0 {

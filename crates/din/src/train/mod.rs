@@ -87,7 +87,7 @@ impl TrainingData {
 /// rows and checks every id against them; reads `data.vocab` and records the
 /// item features (`item_feature_of`) of every row.
 pub fn load_training_data(config: &Config) -> Result<TrainingData> {
-    let mut layout = config.validate()?;
+    let layout = config.validate()?;
     let train_path = config
         .data
         .train
@@ -104,9 +104,36 @@ pub fn load_training_data(config: &Config) -> Result<TrainingData> {
     if let Some(window) = config.data.window_rows {
         return load_streamed(config, layout, &train_path, window, options);
     }
-    let mut train = read_dataset(&train_path, config, &layout, options)?;
-    let mut validation = match (&config.data.validation, config.data.validation_split) {
-        (Some(path), _) => Some(read_dataset(path, config, &layout, options)?),
+    let train = read_dataset(&train_path, config, &layout, options)?;
+    let validation = match &config.data.validation {
+        Some(path) => Some(read_dataset(path, config, &layout, options)?),
+        None => None,
+    };
+    held(config, layout, train, validation, options)
+}
+
+/// [`load_training_data`] for rows already in memory (an application's
+/// arrays, read with [`read_record_batches`](crate::data::read_record_batches),
+/// as the Python module does) instead of `config.data`'s files: the same
+/// validation split (`data.validation_split`, when `validation` is `None`),
+/// vocabulary inference and checks, vocabulary and item table.
+pub fn training_data_from(config: &Config, train: Dataset, validation: Option<Dataset>) -> Result<TrainingData> {
+    let layout = config.validate()?;
+    held(config, layout, train, validation, training_read_options(config))
+}
+
+/// The held (not streamed) training rows and the validation rows (`None`:
+/// the tail split by `data.validation_split`, if any), checked against the
+/// vocabulary sizes (inferred from the training rows where not given).
+fn held(
+    config: &Config,
+    mut layout: Layout,
+    mut train: Dataset,
+    validation: Option<Dataset>,
+    options: ReadOptions,
+) -> Result<TrainingData> {
+    let mut validation = match (validation, config.data.validation_split) {
+        (Some(v), _) => Some(v),
         (None, Some(fraction)) => {
             let (head, tail) = train.split_tail(fraction);
             train = head;
@@ -369,6 +396,17 @@ pub trait Observer {
     }
     /// After a checkpoint has been written, with its folder.
     fn on_checkpoint(&mut self, _path: &Path) {}
+    /// After each training batch's forward pass: the rows of the batch
+    /// (indices into the training rows, or into the window of a streamed
+    /// file), their labels and the logits the model gave them while
+    /// training (e.g. for the epoch's training AUC).
+    fn on_outputs(&mut self, _epoch: usize, _rows: &[usize], _labels: &[f32], _logits: &[f32]) {}
+    /// Asked after each batch: `false` stops training there, after the
+    /// batch's step, and [`fit`] returns the weights as they are with
+    /// [`TrainOutcome::interrupted`] set (e.g. on ctrl-c).
+    fn keep_going(&mut self) -> bool {
+        true
+    }
 }
 
 /// An observer that ignores everything.
@@ -389,6 +427,62 @@ pub struct TrainOutcome {
     pub stopped_early: bool,
     /// The epoch whose weights `model` holds.
     pub model_epoch: usize,
+    /// Whether the observer stopped training between batches
+    /// ([`Observer::keep_going`]); then `model` holds the weights after the
+    /// last batch run, and `history` the epochs completed before it.
+    pub interrupted: bool,
+    /// The optimizer and its moments at the end: with `model`, what a
+    /// further call to [`fit_continuing`] goes on from (`None` where no one
+    /// process holds them all: distributed training's are sharded).
+    pub optimizer: Option<Optimizer>,
+    /// Where the shuffle and dropout random streams ended.
+    pub rng_positions: [u128; 2],
+    /// The last epoch's row order (each epoch shuffles the one before).
+    pub order: Vec<usize>,
+}
+
+/// Where [`fit_continuing`] starts: the weights, optimizer state and random
+/// streams of an earlier run (a second `fit` in Keras' sense).
+#[derive(Debug, Clone)]
+pub struct Start {
+    /// The weights to train on from (built for the data's layout).
+    pub model: Din,
+    /// The optimizer and its moments.
+    pub optimizer: Optimizer,
+    /// Word positions of the shuffle and dropout random streams (`[0, 0]`
+    /// for a run's first `fit`).
+    pub rng_positions: [u128; 2],
+    /// The row (or group) order the next epoch shuffles; when it does not
+    /// fit the data (empty, for a first `fit`), the file order.
+    pub order: Vec<usize>,
+}
+
+impl Start {
+    /// A new run's start, as [`fit`] makes it: the model initialised from
+    /// `train.seed`, the optimizer empty, the random streams at their start.
+    pub fn new(data: &TrainingData) -> Result<Start> {
+        let tc = &data.config.train;
+        let model = Din::new(&data.layout, &data.config.model, tc.seed)?;
+        Ok(Start {
+            optimizer: Optimizer::new(tc.optimizer, tc.learning_rate, &model),
+            model,
+            rng_positions: [0, 0],
+            order: Vec::new(),
+        })
+    }
+}
+
+/// Trains on `data` from `start` (without checkpoints) for
+/// `train.epochs` more epochs, numbered from 1. With [`Start::new`] this is
+/// [`fit`]; with the model, optimizer and random streams of an earlier
+/// [`TrainOutcome`] it goes on where that run ended.
+pub fn fit_continuing(data: &TrainingData, start: Start, observer: &mut (dyn Observer + Send)) -> Result<TrainOutcome> {
+    if start.model.layout != data.layout {
+        return Err(Error::Training(
+            "the model to continue from was built for another schema or other vocabulary sizes than the data".into(),
+        ));
+    }
+    thread_pool(data.config.train.threads)?.install(|| run(TrainState::new(data, start), data, None, observer))
 }
 
 /// Trains a model from scratch on `data` with `data.config.train`, without
@@ -442,7 +536,7 @@ pub fn fit_with(
     thread_pool(tc.threads)?.install(|| {
         let state = match resume {
             Some(r) => r.state,
-            None => TrainState::start(data)?,
+            None => TrainState::new(data, Start::new(data)?),
         };
         run(state, data, checkpoints.map(|c| (c, fingerprints.as_slice())), observer)
     })
@@ -488,11 +582,10 @@ pub(crate) fn non_finite_gradient(model: &Din, emb: &EmbeddingGrads, layout: &La
 }
 
 impl TrainState {
-    /// A new run's state: the model initialised from `train.seed`, the
-    /// optimizer empty, the rows in file order.
-    fn start(data: &TrainingData) -> Result<TrainState> {
+    /// A new run's state from `start`, before its first epoch, the rows in
+    /// file order.
+    fn new(data: &TrainingData, start: Start) -> TrainState {
         let tc = &data.config.train;
-        let model = Din::new(&data.layout, &data.config.model, tc.seed)?;
         // The best epoch is tracked whenever there is validation data; early
         // stopping only adds the patience.
         let monitor = tc.early_stopping.clone().unwrap_or(EarlyStoppingConfig {
@@ -500,7 +593,7 @@ impl TrainState {
             patience: usize::MAX,
             restore_best: false,
         });
-        Ok(TrainState {
+        TrainState {
             epoch: 0,
             batches_done: 0,
             epoch_done: true,
@@ -509,19 +602,22 @@ impl TrainState {
             loss_sum: 0.0,
             skipped: 0,
             seconds: 0.0,
-            rng_positions: [0, 0],
+            rng_positions: start.rng_positions,
             tracker: data.validation.as_ref().map(|_| EarlyStopping::new(monitor)),
             history: Vec::new(),
-            optimizer: Optimizer::new(tc.optimizer, tc.learning_rate, &model),
-            model,
+            optimizer: start.optimizer,
+            model: start.model,
             best_model: None,
             // Groups, for grouped data: batches keep them whole (a streamed
             // file's windows each start their own order).
-            order: (0..data.train.batch.group_count()).collect(),
+            order: match start.order.len() == data.train.batch.group_count() {
+                true => start.order,
+                false => (0..data.train.batch.group_count()).collect(),
+            },
             batches_before: 0,
             window: 0,
             window_batches_done: 0,
-        })
+        }
     }
 }
 
@@ -605,7 +701,8 @@ impl Loop<'_> {
     /// Runs the batches of `window` (the training rows held, or one window
     /// of a streamed file) in `s.order` from `s.window_batches_done` on.
     /// `epoch_batches`: a streamed epoch's batches (for progress); `None`
-    /// when the window is the whole epoch.
+    /// when the window is the whole epoch. `false` when the observer
+    /// stopped training ([`Observer::keep_going`]).
     fn window(
         &mut self,
         s: &mut TrainState,
@@ -613,7 +710,7 @@ impl Loop<'_> {
         epoch_batches: Option<usize>,
         start: Instant,
         observer: &mut (dyn Observer + Send),
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let data = self.data;
         let tc = &data.config.train;
         let every = self.checkpoints.map_or(0, |c| c.0.every);
@@ -625,17 +722,22 @@ impl Loop<'_> {
         let epoch = s.epoch;
         for i in s.window_batches_done..n {
             let units = &s.order[bounds[i]..bounds[i + 1]];
-            match groups {
-                None => window.batch.gather_into(units, &mut self.batch),
+            let rows = match groups {
+                None => {
+                    window.batch.gather_into(units, &mut self.batch);
+                    units
+                }
                 Some(_) => {
                     self.rows.clear();
                     self.rows.extend(units.iter().flat_map(|&u| window.batch.group_rows(u)));
                     window.batch.gather_into(&self.rows, &mut self.batch);
+                    &self.rows
                 }
-            }
+            };
             let (batch, cache, emb) = (&self.batch, &mut self.cache, &mut self.emb);
             let model = &mut s.model;
             let logits = model.forward_into(batch, Mode::Train, Some(&mut self.rng.dropout), cache);
+            observer.on_outputs(epoch, rows, &batch.labels, logits);
             let loss = bce_with_logits(logits, &batch.labels, &mut self.dlogits);
             let mut fault = (!loss.is_finite()).then(|| format!("the loss is {loss} (the output logits)"));
             s.window_batches_done = i + 1;
@@ -681,23 +783,26 @@ impl Loop<'_> {
                 s.seconds = start.elapsed().as_secs_f64();
                 self.save(s, observer)?;
             }
+            if !observer.keep_going() {
+                return Ok(false);
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// One epoch of a streamed training file from `s.window` on: a reader
     /// thread reads the next window while one trains, each window's rows
-    /// shuffled on their own.
+    /// shuffled on their own. `false` when the observer stopped training.
     fn streamed_epoch(
         &mut self,
         s: &mut TrainState,
         stream: &StreamedTrain,
         start: Instant,
         observer: &mut (dyn Observer + Send),
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let data = self.data;
         let options = training_read_options(&data.config);
-        std::thread::scope(|scope| -> Result<()> {
+        std::thread::scope(|scope| -> Result<bool> {
             // A rendezvous: the reader builds the next window while this one
             // trains, and hands it over when asked (two windows at most).
             let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Dataset>>(0);
@@ -741,12 +846,14 @@ impl Loop<'_> {
                         ),
                     });
                 }
-                self.window(s, &window, Some(stream.batches), start, observer)?;
+                if !self.window(s, &window, Some(stream.batches), start, observer)? {
+                    return Ok(false);
+                }
                 index += 1;
                 s.window = index;
                 s.window_batches_done = 0;
             }
-            Ok(())
+            Ok(true)
         })
     }
 }
@@ -812,9 +919,22 @@ fn run(
         let start = Instant::now()
             .checked_sub(Duration::from_secs_f64(s.seconds))
             .unwrap_or_else(Instant::now);
-        match &data.stream {
+        let went_on = match &data.stream {
             Some(stream) => lp.streamed_epoch(&mut s, stream, start, observer)?,
             None => lp.window(&mut s, &data.train, None, start, observer)?,
+        };
+        if !went_on {
+            return Ok(TrainOutcome {
+                model_epoch: s.history.len(),
+                history: s.history,
+                best_epoch: s.tracker.as_ref().and_then(|e| e.best()).map(|b| b.0),
+                stopped_early: false,
+                interrupted: true,
+                rng_positions: [lp.rng.shuffle.get_word_pos(), lp.rng.dropout.get_word_pos()],
+                optimizer: Some(s.optimizer),
+                model: s.model,
+                order: s.order,
+            });
         }
         let n_batches = s.batches_done;
         if s.skipped > 0 && s.skipped == n_batches {
@@ -869,6 +989,10 @@ fn run(
         best_epoch,
         stopped_early: s.stopped_early,
         model_epoch,
+        interrupted: false,
+        optimizer: Some(s.optimizer),
+        rng_positions: [lp.rng.shuffle.get_word_pos(), lp.rng.dropout.get_word_pos()],
+        order: s.order,
     })
 }
 

@@ -6,12 +6,13 @@ use crate::schema::{RegularizationConfig, RegularizationKind};
 /// Adds the regulariser's gradient to the model's dense gradients and to
 /// `emb` (rows touched by the batch), and returns the penalty's value.
 ///
-/// * `L2`: `λ Σ ||W||²` over MLP weight matrices plus `λ Σ_j ||w_j||²` over
-///   the embedding rows of the batch.
+/// * `L2`: `λ_dnn Σ ||W||²` over MLP weight matrices plus `λ Σ_j ||w_j||²`
+///   over the embedding rows of the batch (`λ_dnn` = `dnn_lambda`, else `λ`).
 /// * `MiniBatchAware` (DIN paper, eq. 4): `Σ_j λ / n_j ||w_j||²` over the
 ///   embedding rows j of the batch, `n_j` = the id's count in the training
-///   data (`counts[table][id]`, at least 1). Only rows in the batch are
-///   touched, so the cost is proportional to the batch, not the vocabulary.
+///   data (`counts[table][id]`, at least 1), plus `λ_dnn Σ ||W||²` when
+///   `dnn_lambda` is set. Only rows in the batch are touched, so the cost is
+///   proportional to the batch, not the vocabulary.
 pub fn regularize(
     config: &RegularizationConfig,
     model: &mut Din,
@@ -19,19 +20,24 @@ pub fn regularize(
     counts: &[Vec<u32>],
 ) -> f64 {
     let lambda = config.lambda;
-    if config.kind == RegularizationKind::None || lambda == 0.0 {
-        return 0.0;
-    }
+    let dnn_lambda = match config.kind {
+        RegularizationKind::None => return 0.0,
+        RegularizationKind::L2 => config.dnn_lambda.unwrap_or(lambda),
+        RegularizationKind::MiniBatchAware => config.dnn_lambda.unwrap_or(0.0),
+    };
     let mut penalty = 0.0f64;
-    if config.kind == RegularizationKind::L2 {
+    if dnn_lambda != 0.0 {
         model.visit_mut("", &mut |_, p| {
             if p.role == Role::Weight {
                 for (g, w) in p.grad.iter_mut().zip(&p.value) {
-                    *g += 2.0 * lambda * w;
-                    penalty += f64::from(lambda * w * w);
+                    *g += 2.0 * dnn_lambda * w;
+                    penalty += f64::from(dnn_lambda * w * w);
                 }
             }
         });
+    }
+    if lambda == 0.0 {
+        return penalty;
     }
     for (t, (table, g)) in model.embeddings.iter().zip(emb.iter_mut()).enumerate() {
         let d = g.dim;
