@@ -240,3 +240,39 @@ fn an_observer_sees_each_row_once_an_epoch_and_can_stop_between_batches() {
     );
     assert_eq!(out.optimizer.expect("fit's optimizer").steps() as usize, stop_at);
 }
+
+/// Asks to stop once it has seen the end of epoch `at`.
+struct StopAtEpochEnd {
+    at: usize,
+    ended: usize,
+    asked_in_epoch: bool,
+}
+
+impl Observer for StopAtEpochEnd {
+    fn on_epoch(&mut self, report: &din::train::EpochReport, _model: &Din) -> din::Result<()> {
+        self.ended = report.epoch;
+        Ok(())
+    }
+    fn on_batch(&mut self, epoch: usize, _done: usize, _total: usize, _loss: f64) {
+        self.asked_in_epoch |= epoch > self.at;
+    }
+    fn keep_going(&mut self) -> bool {
+        self.ended < self.at
+    }
+}
+
+#[test]
+fn asked_to_stop_at_an_epoch_end_the_run_ends_there_whole() {
+    let data = from_arrays(&bundled(4));
+    let mut stop = StopAtEpochEnd {
+        at: 2,
+        ended: 0,
+        asked_in_epoch: false,
+    };
+    let out = fit(&data, &mut stop).expect("fit");
+    assert!(!out.interrupted, "a normal end, not an interruption");
+    assert_eq!(out.history.len(), 2);
+    assert!(!stop.asked_in_epoch, "no batch of epoch 3 ran");
+    let two = fit(&from_arrays(&bundled(2)), &mut Silent).expect("two epochs");
+    assert_same(&out.model, &two.model, "stopped after epoch 2 of 4, and 2 of 2");
+}

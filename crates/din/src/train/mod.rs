@@ -401,9 +401,11 @@ pub trait Observer {
     /// file), their labels and the logits the model gave them while
     /// training (e.g. for the epoch's training AUC).
     fn on_outputs(&mut self, _epoch: usize, _rows: &[usize], _labels: &[f32], _logits: &[f32]) {}
-    /// Asked after each batch: `false` stops training there, after the
-    /// batch's step, and [`fit`] returns the weights as they are with
-    /// [`TrainOutcome::interrupted`] set (e.g. on ctrl-c).
+    /// Asked after each batch and after each epoch's [`Observer::on_epoch`]:
+    /// `false` stops training there. After a batch (e.g. on ctrl-c), [`fit`]
+    /// returns the weights as they are, with [`TrainOutcome::interrupted`]
+    /// set; after an epoch, the run ends as if that epoch were its last
+    /// (Keras' `model.stop_training`).
     fn keep_going(&mut self) -> bool {
         true
     }
@@ -975,7 +977,7 @@ fn run(
         if stop && epoch < tc.epochs {
             s.stopped_early = true;
         }
-        s.finished = s.stopped_early || epoch == tc.epochs;
+        s.finished = s.stopped_early || epoch == tc.epochs || !observer.keep_going();
         lp.save(&mut s, observer)?;
     }
     let best_epoch = s.tracker.as_ref().and_then(|e| e.best()).map(|b| b.0);
