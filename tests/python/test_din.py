@@ -566,3 +566,25 @@ def test_load_model_refuses_a_missing_or_damaged_directory(tmp_path):
     (tmp_path / "m/model.safetensors").write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="model.safetensors"):
         din.load_model(tmp_path / "m")
+
+
+def test_summary_parameters_and_module_names(tmp_path, capsys):
+    model, x, y = _fitted()
+    lines = []
+    model.summary(print_fn=lines.append)
+    text = "\n".join(lines)
+    assert "embeddings.movie_id.weight" in text and "(209, 8)" in text and "attention.layers.0.weight" in text
+    total = sum(int(np.prod(s)) for _, s in model._core.parameters())
+    assert f"Total params: {total:,}" in text
+    assert model.count_params() == total
+    model.summary()
+    assert "Total params" in capsys.readouterr().out
+    assert repr(model) == "<din.DIN 7 features, attends movie_id<-hist_movie_id>"
+    import din.inputs
+    assert din.inputs.SparseFeat is din.SparseFeat and din.feature_column.get_feature_names is din.get_feature_names
+    assert din.get_num_threads() == 0 and isinstance(din.__version__, str)
+    model.save(tmp_path / "m")
+    uncompiled = din.load_model(tmp_path / "m", compile=False)
+    with pytest.raises(RuntimeError, match="compile the model first"):
+        uncompiled.fit(x, y, verbose=0)
+    assert np.array_equal(uncompiled.predict(x), model.predict(x))
