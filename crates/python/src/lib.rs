@@ -1,6 +1,6 @@
 //! `din._din`: the compiled core of the Python package `din`.
 //!
-//! One class, [`Core`]: a model with its configuration, built from the
+//! One class, `Core`: a model with its configuration, built from the
 //! config the Python layer writes out of DeepCTR-style feature columns (or
 //! loaded from a model directory), that trains, predicts, evaluates and
 //! saves through the `din` library — the same code `din train` runs, so the
