@@ -326,7 +326,7 @@ impl Core {
     /// Takes the weights, optimizer and random streams a `fit` ended with.
     fn keep(&mut self, outcome: TrainOutcome, config: &Config, assets: Assets) {
         self.optimizer_of = Some((config.train.optimizer, config.train.learning_rate));
-        self.optimizer = Some(outcome.optimizer);
+        self.optimizer = outcome.optimizer;
         self.rng_positions = outcome.rng_positions;
         self.order = outcome.order;
         self.model = outcome.model;
