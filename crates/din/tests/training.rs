@@ -7,7 +7,7 @@ use std::path::Path;
 
 use din::model::SparseGrad;
 use din::model::{Din, Module};
-use din::schema::{Config, EarlyStoppingConfig, Monitor, RegularizationConfig, RegularizationKind};
+use din::schema::{ActivationKind, Config, EarlyStoppingConfig, Monitor, RegularizationConfig, RegularizationKind};
 use din::train::{fit, load_training_data, regularize, Silent};
 
 fn bundled() -> Config {
@@ -356,20 +356,28 @@ fn model_dims(layout: &din::schema::Layout) -> Vec<usize> {
     layout.tables.iter().map(|t| t.dim).collect()
 }
 
+/// PReLU, and Dice (whose batch statistics the chunked attention reduces
+/// over its chunks between passes) with its moving averages.
 #[test]
 fn training_gives_the_same_model_for_any_thread_count() {
     let mut config = bundled();
     config.train.epochs = 1;
     config.train.batch_size = 256; // several attention chunks per batch
     config.model.attention.hidden_units = vec![64, 32]; // large enough for gemm's parallel path
-    let mut models = Vec::new();
-    for threads in [1, 2, 2, 3] {
-        config.train.threads = threads;
-        let data = load_training_data(&config).expect("data");
-        models.push(weights(&fit(&data, &mut Silent).expect("fit").model));
-    }
-    for m in &models[1..] {
-        assert!(m == &models[0], "the weights depend on the thread count");
+    for activation in [ActivationKind::Prelu, ActivationKind::Dice] {
+        config.model.attention.activation = activation;
+        let mut models = Vec::new();
+        for threads in [1, 2, 3] {
+            config.train.threads = threads;
+            let data = load_training_data(&config).expect("data");
+            models.push(weights(&fit(&data, &mut Silent).expect("fit").model));
+        }
+        for m in &models[1..] {
+            assert!(
+                m == &models[0],
+                "{activation:?}: the weights depend on the thread count"
+            );
+        }
     }
 }
 

@@ -54,6 +54,37 @@ pub struct Rowwise<'a> {
     inv_std: Vec<f32>,
 }
 
+/// Defines a method of [`Rowwise`] that runs `body` (an `#[inline(always)]`
+/// method with the same arguments) in the widest build the CPU has (see
+/// [`Build`]): the element-wise loops run on data already in L1/L2, where
+/// vector width pays.
+macro_rules! multiversion {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident(&self $(, $arg:ident: $ty:ty)*) => $body:ident;) => {
+        $(#[$doc])*
+        $vis fn $name(&self $(, $arg: $ty)*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                unsafe fn avx512(this: &Rowwise<'_> $(, $arg: $ty)*) {
+                    this.$body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2(this: &Rowwise<'_> $(, $arg: $ty)*) {
+                    this.$body($($arg),*)
+                }
+                match widest_build() {
+                    // SAFETY: the CPU has every feature `avx512` is compiled for.
+                    Build::Avx512 => return unsafe { avx512(self $(, $arg)*) },
+                    // SAFETY: the CPU has every feature `avx2` is compiled for.
+                    Build::Avx2 => return unsafe { avx2(self $(, $arg)*) },
+                    Build::Baseline => {}
+                }
+            }
+            self.$body($($arg),*)
+        }
+    };
+}
+
 impl Rowwise<'_> {
     /// Dice's moving mean and `1 / sqrt(moving var + eps)` per channel, as
     /// inference uses them (empty for the other activations).
@@ -77,7 +108,7 @@ impl Rowwise<'_> {
     #[inline(always)]
     pub fn apply(&self, x: &[f32], y: &mut [f32]) {
         debug_assert_eq!(x.len(), y.len());
-        let (alpha, mean, inv_std) = (self.alpha, &self.mean[..], &self.inv_std[..]);
+        let alpha = self.alpha;
         match self.kind {
             // Branch-free forms: signs are unpredictable, and a mispredicted
             // branch per element costs more than the arithmetic.
@@ -85,37 +116,52 @@ impl Rowwise<'_> {
             ActivationKind::Sigmoid => self.rows(x, y, |y, x, _| *y = sigmoid(x)),
             // x if x > 0, else a·x (exactly).
             ActivationKind::Prelu => self.rows(x, y, |y, x, j| *y = x.max(0.0) + alpha[j] * x.min(0.0)),
-            ActivationKind::Dice => self.rows(x, y, |y, x, j| {
-                let p = sigmoid((x - mean[j]) * inv_std[j]);
-                *y = x * (alpha[j] + (1.0 - alpha[j]) * p); // p·x + (1-p)·α·x
-            }),
+            ActivationKind::Dice => {
+                let c = self.channels;
+                for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    yr.copy_from_slice(xr);
+                    self.dice_in_place(yr);
+                }
+            }
         }
     }
 
-    /// `x = act(x + extra + bias)` in place, row by row: `bias` is
-    /// `[channels]`, `extra` (optional) is as long as `x`. The inference
-    /// form, which keeps no pre-activation: one read and one write per value.
-    pub fn add_apply_in_place(&self, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: the CPU has every feature `add_apply_in_place_avx512` is compiled for.
-            return unsafe { self.add_apply_in_place_avx512(x, extra, bias) };
+    /// Dice over one row, in place: `x = x·(α + (1-α)·sigmoid((x - mean)·inv_std))`
+    /// per channel. In blocks of [`LANES`] channels, then the channels left:
+    /// a fixed-length loop becomes whole vector operations, where the plain
+    /// loop over a row was unrolled four vectors deep and left up to 31
+    /// channels of every row (16 of 80) to a scalar tail, `exp` and all.
+    #[inline(always)]
+    fn dice_in_place(&self, x: &mut [f32]) {
+        let (xb, xt) = x.as_chunks_mut::<LANES>();
+        let (ab, at) = self.alpha.as_chunks::<LANES>();
+        let (mb, mt) = self.mean.as_chunks::<LANES>();
+        let (sb, st) = self.inv_std.as_chunks::<LANES>();
+        for (((x, a), m), s) in xb.iter_mut().zip(ab).zip(mb).zip(sb) {
+            // Computed in a local array: LLVM vectorises it without asking
+            // whether the output overlaps the parameters.
+            let mut y = [0.0; LANES];
+            for i in 0..LANES {
+                y[i] = dice(x[i], a[i], m[i], s[i]);
+            }
+            *x = y;
         }
-        self.add_apply_in_place_body(x, extra, bias)
+        for (((x, &a), &m), &s) in xt.iter_mut().zip(at).zip(mt).zip(st) {
+            *x = dice(*x, a, m, s);
+        }
     }
 
-    /// [`Rowwise::add_apply_in_place`] compiled for AVX-512: 16 lanes
-    /// instead of SSE's 4 for a loop that runs on data in L1/L2.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-    unsafe fn add_apply_in_place_avx512(&self, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) {
-        self.add_apply_in_place_body(x, extra, bias)
+    multiversion! {
+        /// `x = act(x + extra + bias)` in place, row by row: `bias` is
+        /// `[channels]`, `extra` (optional) is as long as `x`. The inference
+        /// form, which keeps no pre-activation: one read and one write per value.
+        pub fn add_apply_in_place(&self, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) => add_apply_in_place_body;
     }
 
     #[inline(always)]
     fn add_apply_in_place_body(&self, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) {
         let c = self.channels;
-        let (alpha, mean, inv_std) = (self.alpha, &self.mean[..], &self.inv_std[..]);
+        let alpha = self.alpha;
         for (r, xr) in x.chunks_exact_mut(c).enumerate() {
             match extra {
                 Some(e) => xr
@@ -132,17 +178,86 @@ impl Rowwise<'_> {
                     .iter_mut()
                     .zip(alpha)
                     .for_each(|(x, a)| *x = x.max(0.0) + a * x.min(0.0)),
-                // Zipped, not indexed: a bounds check per element would keep
-                // the loop scalar.
-                ActivationKind::Dice => xr
-                    .iter_mut()
-                    .zip(mean)
-                    .zip(inv_std)
-                    .zip(alpha)
-                    .for_each(|(((x, m), s), a)| {
-                        let p = sigmoid((*x - m) * s);
-                        *x *= a + (1.0 - a) * p;
-                    }),
+                ActivationKind::Dice => self.dice_in_place(xr),
+            }
+        }
+    }
+
+    multiversion! {
+        /// [`Rowwise::apply`] in the widest build the CPU has.
+        pub fn apply_rows(&self, x: &[f32], y: &mut [f32]) => apply;
+    }
+
+    multiversion! {
+        /// Dice with a batch's own moments ([`Activation::rowwise_with_moments`]),
+        /// first half of the backward pass over some of the batch's rows. `g`
+        /// holds `dy` on entry and, on return, the gradient that the moments
+        /// held fixed would give; the slope gradient is added to `dalpha`.
+        /// `sums` (`[2, channels]`) gets `Σ gz` and `Σ gz·z` per channel over
+        /// these rows (added row by row), where `z = (x - mean)·inv_std` and
+        /// `gz = dy·(1-α)·x·p(1-p)` is the gradient reaching `z`: the mean and
+        /// the variance depend on every row, so
+        /// [`Rowwise::dice_backward_finish`] needs the whole batch's.
+        pub fn dice_backward_partial(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32], sums: &mut [f32]) => dice_backward_partial_body;
+    }
+
+    multiversion! {
+        /// Second half of [`Rowwise::dice_backward_partial`], once the batch's
+        /// means of `gz` and `gz·z` (`[channels]` each) are known:
+        /// `g -= inv_std·(mean_gz + z·mean_gzz)`, the part of `dx` that flows
+        /// through the batch mean and variance.
+        pub fn dice_backward_finish(&self, x: &[f32], g: &mut [f32], mean_gz: &[f32], mean_gzz: &[f32]) => dice_backward_finish_body;
+    }
+
+    #[inline(always)]
+    fn dice_backward_partial_body(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32], sums: &mut [f32]) {
+        let c = self.channels;
+        let (sum_gz, sum_gzz) = sums.split_at_mut(c);
+        // In blocks of LANES channels, as `dice_in_place`.
+        let (ab, at) = self.alpha.as_chunks::<LANES>();
+        let (mb, mt) = self.mean.as_chunks::<LANES>();
+        let (sb, st) = self.inv_std.as_chunks::<LANES>();
+        let (dab, dat) = dalpha.as_chunks_mut::<LANES>();
+        let (gzb, gzt) = sum_gz.as_chunks_mut::<LANES>();
+        let (gzzb, gzzt) = sum_gzz.as_chunks_mut::<LANES>();
+        for (gr, xr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            let (gb, gt) = gr.as_chunks_mut::<LANES>();
+            let (xb, xt) = xr.as_chunks::<LANES>();
+            let params = ab.iter().zip(mb).zip(sb);
+            let sums = dab.iter_mut().zip(gzb.iter_mut()).zip(gzzb.iter_mut());
+            for (((g, x), ((a, m), s)), ((da, sg), sgz)) in gb.iter_mut().zip(xb).zip(params).zip(sums) {
+                // In local arrays, as in `dice_in_place`.
+                let (mut gv, mut dav, mut sgv, mut sgzv) = (*g, *da, *sg, *sgz);
+                for i in 0..LANES {
+                    dice_backward_lane(
+                        &mut gv[i],
+                        x[i],
+                        a[i],
+                        m[i],
+                        s[i],
+                        &mut dav[i],
+                        &mut sgv[i],
+                        &mut sgzv[i],
+                    );
+                }
+                (*g, *da, *sg, *sgz) = (gv, dav, sgv, sgzv);
+            }
+            let params = at.iter().zip(mt).zip(st);
+            let sums = dat.iter_mut().zip(gzt.iter_mut()).zip(gzzt.iter_mut());
+            for (((g, &x), ((&a, &m), &s)), ((da, sg), sgz)) in gt.iter_mut().zip(xt).zip(params).zip(sums) {
+                dice_backward_lane(g, x, a, m, s, da, sg, sgz);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn dice_backward_finish_body(&self, x: &[f32], g: &mut [f32], mean_gz: &[f32], mean_gzz: &[f32]) {
+        let c = self.channels;
+        for (gr, xr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            let params = self.mean.iter().zip(&self.inv_std).zip(mean_gz.iter().zip(mean_gzz));
+            for ((g, &x), ((&m, &s), (&mg, &mgz))) in gr.iter_mut().zip(xr).zip(params) {
+                let z = (x - m) * s;
+                *g -= s * (mg + z * mgz);
             }
         }
     }
@@ -160,22 +275,10 @@ impl Rowwise<'_> {
         }
     }
 
-    /// The backward pass of [`Rowwise::apply`], in place: `g` holds `dy` on
-    /// entry and `dx` on return; the slope gradient is added to `dalpha`.
-    pub fn backward(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: the CPU has every feature `backward_avx512` is compiled for.
-            return unsafe { self.backward_avx512(x, g, dalpha) };
-        }
-        self.backward_body(x, g, dalpha)
-    }
-
-    /// [`Rowwise::backward`] compiled for AVX-512.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-    unsafe fn backward_avx512(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32]) {
-        self.backward_body(x, g, dalpha)
+    multiversion! {
+        /// The backward pass of [`Rowwise::apply`], in place: `g` holds `dy` on
+        /// entry and `dx` on return; the slope gradient is added to `dalpha`.
+        pub fn backward(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32]) => backward_body;
     }
 
     #[inline(always)]
@@ -214,12 +317,70 @@ impl Rowwise<'_> {
     }
 }
 
-/// Whether this CPU runs the AVX-512 builds of the element-wise loops (the
-/// standard library caches the detection).
+/// The builds of the element-wise loops: the baseline x86-64 (SSE2, 4
+/// lanes), AVX2 with FMA (8 lanes) and AVX-512 (16 lanes), chosen at run
+/// time. The arithmetic is the same in each (no contraction into fused
+/// multiply-adds, reductions in the same order), so every build gives the
+/// same bits.
 #[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Build {
+    Baseline,
+    Avx2,
+    Avx512,
+}
+
+/// The widest build this CPU runs (detected once).
+#[cfg(target_arch = "x86_64")]
+fn widest_build() -> Build {
     use std::arch::is_x86_feature_detected as has;
-    has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") && has!("avx2") && has!("fma")
+    static BUILD: std::sync::OnceLock<Build> = std::sync::OnceLock::new();
+    *BUILD.get_or_init(|| {
+        if has!("avx512f") && has!("avx512vl") && has!("avx512bw") && has!("avx512dq") && has!("avx2") && has!("fma") {
+            Build::Avx512
+        } else if has!("avx2") && has!("fma") {
+            Build::Avx2
+        } else {
+            Build::Baseline
+        }
+    })
+}
+
+/// Channels per block of Dice's loops (see [`Rowwise::dice_in_place`]):
+/// one AVX2 vector.
+const LANES: usize = 8;
+
+/// Dice: `x·(α + (1-α)·p)` with `p = sigmoid((x - mean)·inv_std)`, that is
+/// `p·x + (1-p)·α·x`.
+#[inline(always)]
+fn dice(x: f32, alpha: f32, mean: f32, inv_std: f32) -> f32 {
+    let p = sigmoid((x - mean) * inv_std);
+    x * (alpha + (1.0 - alpha) * p)
+}
+
+/// One element of [`Rowwise::dice_backward_partial`]: `g` from `dy` to the
+/// gradient with the moments held fixed; `da`, `sum_gz`, `sum_gzz` added to.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn dice_backward_lane(
+    g: &mut f32,
+    x: f32,
+    alpha: f32,
+    mean: f32,
+    inv_std: f32,
+    da: &mut f32,
+    sum_gz: &mut f32,
+    sum_gzz: &mut f32,
+) {
+    let dy = *g;
+    let z = (x - mean) * inv_std;
+    let p = sigmoid(z);
+    *da += dy * x * (1.0 - p);
+    let gz = dy * (1.0 - alpha) * x * p * (1.0 - p);
+    *sum_gz += gz;
+    *sum_gzz += gz * z;
+    // y = x(α + (1-α)p(z)): dy·∂y/∂x with the moments fixed.
+    *g = dy * (alpha + (1.0 - alpha) * p) + inv_std * gz;
 }
 
 #[inline(always)]
@@ -247,14 +408,19 @@ fn exp(x: f32) -> f32 {
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // n is in [-126, 127]: 2^n is a normal float.
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n is in [-126, 127]: 2^n is a normal float. t's bits are those of
+    // 1.5·2^23 plus n, so 2^n's exponent field (n + 127) is read from them
+    // with integer arithmetic: `n as i32` is a saturating conversion,
+    // which the SSE2 build did one lane at a time (a third of Dice
+    // inference's cycles there).
+    p * f32::from_bits(t.to_bits().wrapping_add(127u32.wrapping_sub(ROUND.to_bits())) << 23)
 }
 
 impl Activation {
@@ -306,6 +472,19 @@ impl Activation {
         }
     }
 
+    /// The row-wise form of this activation with the given per-channel
+    /// mean and biased variance (`[channels]` each) in place of Dice's
+    /// moving averages: Dice in training once its batch's moments are known.
+    pub fn rowwise_with_moments(&self, mean: &[f32], var: &[f32]) -> Rowwise<'_> {
+        Rowwise {
+            kind: self.kind,
+            channels: mean.len(),
+            alpha: self.alpha.as_ref().map_or(&[][..], |a| &a.value[..]),
+            mean: mean.to_vec(),
+            inv_std: var.iter().map(|v| 1.0 / (v + DICE_EPS).sqrt()).collect(),
+        }
+    }
+
     /// `y = act(x)` over `[rows, channels]`. Dice uses batch statistics in
     /// [`Mode::Train`] and the moving averages in [`Mode::Infer`].
     pub fn forward(&self, x: &[f32], rows: usize, mode: Mode, y: &mut Vec<f32>) -> ActivationCache {
@@ -323,9 +502,9 @@ impl Activation {
         // Dice in training: normalise by the batch's own moments.
         cache.batch_stats = true;
         cache.rows = rows;
-        let (mean, var) = column_moments(x, rows, c);
-        cache.mean = mean;
-        cache.batch_var = var;
+        let mut moments = Moments::default();
+        moments.set(x, c);
+        (cache.mean, cache.batch_var) = moments.mean_var();
         cache.inv_std = cache.batch_var.iter().map(|v| 1.0 / (v + DICE_EPS).sqrt()).collect();
         cache.p = vec![0.0; x.len()];
         let alpha = &self.alpha_values();
@@ -396,13 +575,20 @@ impl Activation {
     /// A one-row batch has zero variance and says nothing about the spread,
     /// so it leaves the averages alone.
     pub fn update_statistics(&mut self, cache: &ActivationCache) {
-        if !cache.batch_stats || cache.rows < 2 {
+        if cache.batch_stats {
+            self.fold_statistics(&cache.mean, &cache.batch_var, cache.rows);
+        }
+    }
+
+    /// Folds a training batch's mean and biased variance (`[channels]`
+    /// each, over `rows` rows) into Dice's moving averages; as
+    /// [`Activation::update_statistics`], a batch of fewer than two rows
+    /// leaves them alone.
+    pub fn fold_statistics(&mut self, mean: &[f32], var: &[f32], rows: usize) {
+        if rows < 2 {
             return;
         }
-        for (stat, batch) in [
-            (&mut self.running_mean, &cache.mean),
-            (&mut self.running_var, &cache.batch_var),
-        ] {
+        for (stat, batch) in [(&mut self.running_mean, mean), (&mut self.running_var, var)] {
             if let Some(p) = stat {
                 for (m, b) in p.value.iter_mut().zip(batch) {
                     *m = DICE_MOMENTUM * *m + (1.0 - DICE_MOMENTUM) * b;
@@ -422,24 +608,77 @@ impl Activation {
     }
 }
 
-/// Per-column mean and biased variance of `[rows, c]`, accumulated in f64.
-fn column_moments(x: &[f32], rows: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut sum = vec![0.0f64; c];
-    for xr in x.chunks_exact(c) {
-        sum.iter_mut().zip(xr).for_each(|(s, &v)| *s += f64::from(v));
-    }
-    let mean: Vec<f64> = sum.iter().map(|s| s / rows as f64).collect();
-    let mut sq = vec![0.0f64; c];
-    for xr in x.chunks_exact(c) {
-        for j in 0..c {
-            let d = f64::from(xr[j]) - mean[j];
-            sq[j] += d * d;
+/// Per-channel moments of a block of rows: the row count, the mean and the
+/// sum of squared deviations from it, in f64. A batch cut into chunks gets
+/// its moments by merging its chunks' in chunk order, so they do not depend
+/// on how the chunks were spread over threads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Moments {
+    rows: usize,
+    mean: Vec<f64>,
+    m2: Vec<f64>,
+}
+
+impl Moments {
+    /// Sets these to the moments of `x` (`[rows, channels]`): its mean,
+    /// then the squared deviations from it, each pass in row order.
+    /// Reuses the buffers.
+    pub fn set(&mut self, x: &[f32], channels: usize) {
+        let c = channels;
+        self.rows = x.len().checked_div(c).unwrap_or(0);
+        self.mean.clear();
+        self.mean.resize(c, 0.0);
+        self.m2.clear();
+        self.m2.resize(c, 0.0);
+        if self.rows == 0 {
+            return;
+        }
+        for xr in x.chunks_exact(c) {
+            self.mean.iter_mut().zip(xr).for_each(|(s, &v)| *s += f64::from(v));
+        }
+        let rows = self.rows as f64;
+        self.mean.iter_mut().for_each(|s| *s /= rows);
+        for xr in x.chunks_exact(c) {
+            for ((m2, &m), &v) in self.m2.iter_mut().zip(&self.mean).zip(xr) {
+                let d = f64::from(v) - m;
+                *m2 += d * d;
+            }
         }
     }
-    (
-        mean.iter().map(|&m| m as f32).collect(),
-        sq.iter().map(|&s| (s / rows as f64) as f32).collect(),
-    )
+
+    /// Adds `other`'s rows (the pairwise update of Chan, Golub and LeVeque:
+    /// no cancellation between large sums of squares).
+    pub fn merge(&mut self, other: &Moments) {
+        if other.rows == 0 {
+            return;
+        }
+        if self.rows == 0 {
+            self.clone_from(other);
+            return;
+        }
+        let (na, nb) = (self.rows as f64, other.rows as f64);
+        let n = na + nb;
+        for (((ma, m2a), &mb), &m2b) in self.mean.iter_mut().zip(&mut self.m2).zip(&other.mean).zip(&other.m2) {
+            let delta = mb - *ma;
+            *ma += delta * nb / n;
+            *m2a += m2b + delta * delta * na * nb / n;
+        }
+        self.rows += other.rows;
+    }
+
+    /// Rows seen.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The mean and the biased variance per channel, in f32.
+    pub fn mean_var(&self) -> (Vec<f32>, Vec<f32>) {
+        let rows = self.rows.max(1) as f64;
+        (
+            self.mean.iter().map(|&m| m as f32).collect(),
+            self.m2.iter().map(|&s| (s / rows) as f32).collect(),
+        )
+    }
 }
 
 impl Module for Activation {

@@ -8,16 +8,26 @@
 //! Chunks depend on the batch alone and the per-chunk weight gradients are
 //! summed in chunk order, so results do not depend on the number of threads.
 //!
-//! This path serves every configuration whose activations are row-wise in the
-//! given mode (see [`Activation::is_rowwise`](crate::model::Activation::is_rowwise)):
-//! all of them at inference, and all but Dice in training, whose batch
-//! statistics couple the rows (that case takes the layer-by-layer path).
+//! This path serves every configuration with attention pooling. Dice in
+//! training normalises each hidden layer by its batch's own moments, which
+//! couple all rows (see
+//! [`Activation::is_rowwise`](crate::model::Activation::is_rowwise)), so
+//! there a pass stops at each Dice layer's pre-activation: every chunk
+//! computes its rows' moments, they are merged in chunk order, and the next
+//! pass activates with them and goes on. Its backward pass stops there too:
+//! Dice's gradient through the batch mean and variance needs the batch's
+//! sums of the upstream gradients. What crosses such a barrier is what the
+//! backward pass keeps anyway (each layer's pre-activation, or the gradient
+//! in its output's place) plus a few floats per channel and chunk; the cost
+//! is that the chunk's block is read back from memory after the barrier
+//! instead of from L2.
 
 use std::cell::RefCell;
 
 use rayon::prelude::*;
 
 use super::{softmax_in_place, Attention, Histories};
+use crate::model::activation::Moments;
 use crate::model::linalg::serial;
 use crate::model::mlp::Block;
 use crate::model::{Mode, Rowwise};
@@ -52,6 +62,9 @@ pub(super) struct ChunkedState {
     /// Samples share histories (a grouped batch): a training pass computes
     /// each history's share of the first layer once (see [`Layout::kq`]).
     grouped: bool,
+    /// The last pass kept what the backward pass needs, in [`Mode::Train`]:
+    /// Dice layers were normalised by their batch's moments.
+    train: bool,
     /// `Wq + Wd`, `[D, H1]`.
     wq: Vec<f32>,
     /// `[Wk - Wd; Wp]`, `[2D, H1]`: the first layer's weight on `[k, q*k]`.
@@ -63,6 +76,15 @@ pub(super) struct ChunkedState {
     per_sample: Vec<f32>,
     /// Weight gradients of each chunk (laid out by `Layout::grad_offsets`).
     partial: Vec<Vec<f32>>,
+    /// Dice in training: each chunk's moments of the layer whose pass
+    /// just ended (forward), or its `Σ gz`, `Σ gz·z` (backward, `[2, H]`,
+    /// summed row by row; the chunks' are added in f64).
+    moments: Vec<Moments>,
+    sums: Vec<Vec<f32>>,
+    /// Dice in training: the batch moments each Dice layer was normalised
+    /// with in the last training pass, for the backward pass and the
+    /// moving averages.
+    pub(super) batch_moments: Vec<BatchMoments>,
     /// Inference with shared histories: `k·(Wk - Wd)` of every history that
     /// two or more consecutive samples share, computed once for all of
     /// them, whichever chunks they fall in (`[rows, H1]`, history by history).
@@ -70,6 +92,19 @@ pub(super) struct ChunkedState {
     /// Per sample: where its history's rows start in `shared_k1`, or
     /// `usize::MAX` when its history is its own.
     shared_at: Vec<usize>,
+}
+
+/// One hidden layer's batch moments (Dice in training).
+#[derive(Debug, Clone, Default)]
+pub(super) struct BatchMoments {
+    /// The hidden layer.
+    pub layer: usize,
+    /// Mean per channel.
+    pub mean: Vec<f32>,
+    /// Biased variance per channel.
+    pub var: Vec<f32>,
+    /// Rows they were taken over.
+    pub rows: usize,
 }
 
 /// Where the values of one behaviour row live in a chunk's region: the chunk
@@ -121,11 +156,40 @@ impl Layout {
     }
 }
 
+/// One chunk's samples and its share of a forward pass's buffers.
+struct ChunkForward<'b> {
+    s0: usize,
+    s1: usize,
+    region: &'b mut [f32],
+    aq: &'b mut [f32],
+    weights: &'b mut [f32],
+    pooled: &'b mut [f32],
+    moments: &'b mut Moments,
+}
+
+/// One chunk's samples and its share of a backward pass's buffers.
+struct ChunkBackward<'b> {
+    s0: usize,
+    s1: usize,
+    region: &'b mut [f32],
+    ds: &'b mut [f32],
+    grads: &'b mut [f32],
+    dq: &'b mut [f32],
+    dk: &'b mut [f32],
+    sums: &'b mut [f32],
+}
+
 /// What every chunk of one pass shares.
 struct Shared<'a> {
     att: &'a Attention,
-    /// Each hidden layer's activation, its per-channel parameters gathered once.
+    /// Each hidden layer's activation, its per-channel parameters gathered
+    /// once; a Dice layer in training gets its batch's moments when known.
     acts: Vec<Rowwise<'a>>,
+    /// Per hidden layer: Dice in training, normalised by its batch's moments.
+    batch_stats: Vec<bool>,
+    /// Dice in training, backward: the batch means of `gz` and `gz·z` of
+    /// the layer a pass resumes at (see [`Rowwise::dice_backward_finish`]).
+    dice_means: (Vec<f32>, Vec<f32>),
     layout: &'a Layout,
     wq: &'a [f32],
     wkp: &'a [f32],
@@ -147,14 +211,25 @@ struct Shared<'a> {
 }
 
 impl<'a> Shared<'a> {
-    /// A training pass (keeping what the backward pass needs, no shared histories).
+    /// A pass keeping what the backward pass needs, without shared
+    /// histories. Dice layers use batch statistics when `st.train` says so,
+    /// with the moments of `st.batch_moments` where they are known.
     fn new(att: &'a Attention, layout: &'a Layout, st: &'a ChunkedState, q: &'a [f32], keys: &'a [f32]) -> Self {
+        let acts = att
+            .hidden()
+            .enumerate()
+            .map(|(l, b)| match st.batch_moments.iter().find(|m| m.layer == l) {
+                Some(m) => b.activation.rowwise_with_moments(&m.mean, &m.var),
+                None => b.activation.rowwise(b.linear.output_dim()),
+            });
         Shared {
             att,
-            acts: att
+            acts: acts.collect(),
+            batch_stats: att
                 .hidden()
-                .map(|b| b.activation.rowwise(b.linear.output_dim()))
+                .map(|b| st.train && !b.activation.is_rowwise(Mode::Train))
                 .collect(),
+            dice_means: Default::default(),
             layout,
             wq: &st.wq,
             wkp: &st.wkp,
@@ -214,12 +289,17 @@ impl<'a> Shared<'a> {
         }
     }
 
-    /// Forward pass of samples `s0..s1`: writes their attention weights
-    /// (`[n]`), pooled histories (`[s1-s0, D]`) and fills `region`. With
-    /// `same_history`, `k1` (at least `[n, H1]`) holds the history term.
+    /// Forward pass of samples `s0..s1` from hidden layer `from` on: writes
+    /// their attention weights (`[n]`), pooled histories (`[s1-s0, D]`) and
+    /// fills `region`. With `same_history`, `k1` (at least `[n, H1]`) holds
+    /// the history term. A pass stops at the first layer from `from` on
+    /// with batch statistics, after its pre-activation, and leaves its
+    /// moments over these rows in `moments`; the pass that then starts at
+    /// the next layer first activates it (`acts` holding the batch's moments).
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
+        from: usize,
         s0: usize,
         s1: usize,
         region: &mut [f32],
@@ -227,18 +307,22 @@ impl<'a> Shared<'a> {
         aq: &mut [f32],
         weights: &mut [f32],
         pooled: &mut [f32],
+        moments: &mut Moments,
     ) {
         let (d, att) = (self.layout.d, self.att);
         let (r0, r1) = self.rows(s0, s1);
         let (n, bc) = (r1 - r0, s1 - s0);
         let (kq, mut rest) = region.split_at_mut(n * self.layout.kq);
-        self.fill_kq(s0, s1, kq);
-        // q·Wq' + b1, once per sample.
         let h1 = self.layout.widths[0];
-        for a in aq.chunks_exact_mut(h1) {
-            a.copy_from_slice(&att.first.linear.bias.value);
+        if from == 0 {
+            self.fill_kq(s0, s1, kq);
+            // q·Wq' + b1, once per sample.
+            for a in aq.chunks_exact_mut(h1) {
+                a.copy_from_slice(&att.first.linear.bias.value);
+            }
+            serial::matmul(bc, d, h1, &self.q[s0 * d..s1 * d], self.wq, aq, true);
+            // [bc, H1]
         }
-        serial::matmul(bc, d, h1, &self.q[s0 * d..s1 * d], self.wq, aq, true); // [bc, H1]
 
         let mut input: &[f32] = kq;
         let mut width_in = self.layout.kq;
@@ -247,6 +331,18 @@ impl<'a> Shared<'a> {
             let (pre, tail) = std::mem::take(&mut rest).split_at_mut(n * h);
             let (out, tail) = tail.split_at_mut(n * h);
             rest = tail;
+            if l + 1 < from {
+                // Done by an earlier pass.
+                (input, width_in) = (out, h);
+                continue;
+            }
+            if l + 1 == from {
+                // The layer an earlier pass stopped at, now that the batch's
+                // moments are known.
+                self.acts[l].apply_rows(pre, out);
+                (input, width_in) = (out, h);
+                continue;
+            }
             let act = &self.acts[l];
             let bias = &block.linear.bias.value;
             if let (0, Some(same)) = (l, self.same_history) {
@@ -294,7 +390,7 @@ impl<'a> Shared<'a> {
                         .zip(&k1[kl * h..])
                         .for_each(|(p, k)| *p += k);
                     let a = &aq[(s - s0) * h..(s - s0 + 1) * h];
-                    act.add_bias_apply(&mut pre[rows.clone()], a, &mut out[rows]);
+                    self.add_bias_apply(l, &mut pre[rows.clone()], a, &mut out[rows]);
                 }
                 input = out;
             } else if l == 0 {
@@ -305,7 +401,7 @@ impl<'a> Shared<'a> {
                     let rows = (t0 - r0) * h..(t1 - r0) * h;
                     let a = &aq[(s - s0) * h..(s - s0 + 1) * h];
                     if self.keep {
-                        act.add_bias_apply(&mut pre[rows.clone()], a, &mut out[rows]);
+                        self.add_bias_apply(l, &mut pre[rows.clone()], a, &mut out[rows]);
                     } else {
                         act.add_apply_in_place(&mut pre[rows], None, a);
                     }
@@ -314,12 +410,16 @@ impl<'a> Shared<'a> {
             } else {
                 serial::matmul(n, width_in, h, input, &block.linear.weight.value, pre, false); // [n, h]
                 if self.keep {
-                    act.add_bias_apply(pre, bias, out);
+                    self.add_bias_apply(l, pre, bias, out);
                     input = out;
                 } else {
                     act.add_apply_in_place(pre, None, bias);
                     input = pre;
                 }
+            }
+            if self.batch_stats[l] {
+                moments.set(pre, h); // [n, h], bias added
+                return;
             }
             width_in = h;
         }
@@ -342,14 +442,33 @@ impl<'a> Shared<'a> {
         }
     }
 
+    /// `pre += bias` row by row, then, unless hidden layer `l` waits for its
+    /// batch's moments, `out = act_l(pre)`.
+    fn add_bias_apply(&self, l: usize, pre: &mut [f32], bias: &[f32], out: &mut [f32]) {
+        if self.batch_stats[l] {
+            for row in pre.chunks_exact_mut(bias.len()) {
+                row.iter_mut().zip(bias).for_each(|(p, b)| *p += b);
+            }
+        } else {
+            self.acts[l].add_bias_apply(pre, bias, out);
+        }
+    }
+
     /// Backward pass of samples `s0..s1` from their `dpooled` (`[bc, D]`):
     /// writes `dq` (`[bc, D]`) and `dk` (`[nk, D]`, the keys of
     /// [`Shared::key_range`]), adds the weight gradients to `grads`.
     /// Consumes `region` (it is reused for gradients). A grouped batch's
     /// history term needs `dk1` of at least `[nk, H1]`.
+    ///
+    /// A pass stops at the first layer with batch statistics it reaches,
+    /// after the first half of its activation's backward pass, leaving its
+    /// `Σ gz`, `Σ gz·z` over these rows in `sums` (`[2, H]`); the pass that
+    /// then resumes at that layer (`resume`) finishes it with the batch's
+    /// (`dice_means`) and goes on.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
+        resume: Option<usize>,
         s0: usize,
         s1: usize,
         region: &mut [f32],
@@ -360,53 +479,25 @@ impl<'a> Shared<'a> {
         dq: &mut [f32],
         dk: &mut [f32],
         dk1: &mut [f32],
+        sums: &mut [f32],
     ) {
         let (d, att, lay) = (self.layout.d, self.att, self.layout);
         let (r0, r1) = self.rows(s0, s1);
         let n = r1 - r0;
         let (k0, k_end) = self.key_range(s0, s1);
-        dk.iter_mut().for_each(|v| *v = 0.0);
         let layers = lay.widths.len();
         let score_at = lay.layer(layers, n);
         let (region, dscore) = region.split_at_mut(score_at);
-        let dscore = &mut dscore[..n];
-        // Pooling: pooled_b = Σ_t w_t k_t.
-        for s in s0..s1 {
-            let g = &dpooled[(s - s0) * d..(s - s0 + 1) * d];
-            let (t0, t1) = self.rows(s, s + 1);
-            for t in t0..t1 {
-                let k = self.key(s, t);
-                dscore[t - r0] = g.iter().zip(k).map(|(a, b)| a * b).sum();
-                let w = weights[t - r0];
-                let kl = self.key_index(s, t) - k0;
-                dk[kl * d..(kl + 1) * d]
-                    .iter_mut()
-                    .zip(g)
-                    .for_each(|(o, g)| *o += w * g);
-            }
-            if att.normalization == Normalization::Softmax {
-                let (w, g) = (&weights[t0 - r0..t1 - r0], &mut dscore[t0 - r0..t1 - r0]);
-                let dot: f32 = w.iter().zip(g.iter()).map(|(a, b)| a * b).sum();
-                g.iter_mut().zip(w).for_each(|(g, w)| *g = w * (*g - dot));
-            }
-        }
-        // Score layer: score_t = h_t·w_out + b_out.
         let offsets = &lay.grad_offsets;
-        let h_last = lay.widths[layers - 1];
-        let out_last = &mut region[lay.layer(layers - 1, n) + n * h_last..];
-        {
-            let (gw, gb) = grads[offsets[layers]..offsets[layers] + h_last + 1].split_at_mut(h_last);
-            for (h, &g) in out_last.chunks_exact(h_last).zip(dscore.iter()) {
-                gw.iter_mut().zip(h).for_each(|(a, h)| *a += h * g);
-                gb[0] += g;
+        let top = match resume {
+            Some(l) => l + 1,
+            None => {
+                self.backward_scores(s0, s1, region, &mut dscore[..n], weights, dpooled, grads, dk);
+                layers
             }
-            let w_out = &att.output.weight.value;
-            for (h, &g) in out_last.chunks_exact_mut(h_last).zip(dscore.iter()) {
-                h.iter_mut().zip(w_out).for_each(|(h, w)| *h = g * w); // dh_last
-            }
-        }
+        };
         // Hidden layers, last to first; layer l's output slot holds dh_l on entry.
-        for l in (0..layers).rev() {
+        for l in (0..top).rev() {
             let block = if l == 0 { &att.first } else { &att.rest.blocks[l - 1] };
             let h = lay.widths[l];
             let at = lay.layer(l, n);
@@ -419,7 +510,17 @@ impl<'a> Shared<'a> {
             let gl = &mut grads[o..offsets[l + 1]];
             let (gw, gl) = gl.split_at_mut(if l == 0 { 3 * d * h } else { width_in * h });
             let (gb, ga) = gl.split_at_mut(h);
-            self.acts[l].backward(pre, g, ga); // g = dpre_l
+            if resume == Some(l) {
+                let (mean_gz, mean_gzz) = &self.dice_means;
+                self.acts[l].dice_backward_finish(pre, g, mean_gz, mean_gzz); // g = dpre_l
+            } else if self.batch_stats[l] {
+                let sums = &mut sums[..2 * h];
+                sums.iter_mut().for_each(|v| *v = 0.0);
+                self.acts[l].dice_backward_partial(pre, g, ga, sums);
+                return;
+            } else {
+                self.acts[l].backward(pre, g, ga); // g = dpre_l
+            }
             for row in g.chunks_exact(h) {
                 gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
             }
@@ -476,6 +577,64 @@ impl<'a> Shared<'a> {
                     }
                     dqs[j] += dqk[j] * k[j];
                 }
+            }
+        }
+    }
+
+    /// The backward pass's first steps over samples `s0..s1`: pooling
+    /// (`dk = w·dpooled`, written over `dk`, and each row's score gradient
+    /// `dscore`, `[n]`), normalisation, then the score layer, whose input
+    /// gradient `dh_last` replaces the last hidden layer's output in `region`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_scores(
+        &self,
+        s0: usize,
+        s1: usize,
+        region: &mut [f32],
+        dscore: &mut [f32],
+        weights: &[f32],
+        dpooled: &[f32],
+        grads: &mut [f32],
+        dk: &mut [f32],
+    ) {
+        let (d, att, lay) = (self.layout.d, self.att, self.layout);
+        let (r0, r1) = self.rows(s0, s1);
+        let n = r1 - r0;
+        let k0 = self.key_range(s0, s1).0;
+        let (layers, offsets) = (lay.widths.len(), &lay.grad_offsets);
+        dk.iter_mut().for_each(|v| *v = 0.0);
+        // Pooling: pooled_b = Σ_t w_t k_t.
+        for s in s0..s1 {
+            let g = &dpooled[(s - s0) * d..(s - s0 + 1) * d];
+            let (t0, t1) = self.rows(s, s + 1);
+            for t in t0..t1 {
+                let k = self.key(s, t);
+                dscore[t - r0] = g.iter().zip(k).map(|(a, b)| a * b).sum();
+                let w = weights[t - r0];
+                let kl = self.key_index(s, t) - k0;
+                dk[kl * d..(kl + 1) * d]
+                    .iter_mut()
+                    .zip(g)
+                    .for_each(|(o, g)| *o += w * g);
+            }
+            if att.normalization == Normalization::Softmax {
+                let (w, g) = (&weights[t0 - r0..t1 - r0], &mut dscore[t0 - r0..t1 - r0]);
+                let dot: f32 = w.iter().zip(g.iter()).map(|(a, b)| a * b).sum();
+                g.iter_mut().zip(w).for_each(|(g, w)| *g = w * (*g - dot));
+            }
+        }
+        // Score layer: score_t = h_t·w_out + b_out.
+        let h_last = lay.widths[layers - 1];
+        let out_last = &mut region[lay.layer(layers - 1, n) + n * h_last..];
+        {
+            let (gw, gb) = grads[offsets[layers]..offsets[layers] + h_last + 1].split_at_mut(h_last);
+            for (h, &g) in out_last.chunks_exact(h_last).zip(dscore.iter()) {
+                gw.iter_mut().zip(h).for_each(|(a, h)| *a += h * g);
+                gb[0] += g;
+            }
+            let w_out = &att.output.weight.value;
+            for (h, &g) in out_last.chunks_exact_mut(h_last).zip(dscore.iter()) {
+                h.iter_mut().zip(w_out).for_each(|(h, w)| *h = g * w); // dh_last
             }
         }
     }
@@ -537,9 +696,24 @@ impl Attention {
         std::iter::once(&self.first).chain(self.rest.blocks.iter())
     }
 
-    /// Whether the chunked path computes this unit in `mode`.
-    pub(super) fn chunkable(&self, mode: Mode) -> bool {
-        self.pooling == crate::schema::Pooling::Attention && self.hidden().all(|b| b.activation.is_rowwise(mode))
+    /// Whether the chunked path computes this unit: attention pooling (sum
+    /// pooling needs no unit).
+    pub(super) fn chunkable(&self) -> bool {
+        self.pooling == crate::schema::Pooling::Attention
+    }
+
+    /// Folds the batch moments of the last chunked training pass into Dice's
+    /// moving averages (nothing when it had none).
+    pub(super) fn fold_chunked_statistics(&mut self, st: &ChunkedState) {
+        for m in &st.batch_moments {
+            let block = match m.layer {
+                0 => Some(&mut self.first),
+                l => self.rest.blocks.get_mut(l - 1),
+            };
+            if let Some(block) = block {
+                block.activation.fold_statistics(&m.mean, &m.var, m.rows);
+            }
+        }
     }
 
     /// Fills `st.shared_k1` / `st.shared_at`: for each run of two or more
@@ -588,7 +762,9 @@ impl Attention {
     /// pooled histories `[B, D]` and the attention weights (`[R]`, one per
     /// (sample, behaviour) row). With `keep`, `st` keeps what
     /// [`Attention::backward_chunked`] needs; without, each worker thread
-    /// computes its chunks in a scratch buffer of its own.
+    /// computes its chunks in a scratch buffer of its own. `mode` says
+    /// whether Dice normalises by the batch's moments (a kept training
+    /// pass) or by its moving averages.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_chunked(
         &self,
@@ -596,6 +772,7 @@ impl Attention {
         keys: &[f32],
         histories: Histories<'_>,
         keep: bool,
+        mode: Mode,
         same_history: Option<&[bool]>,
         st: &mut ChunkedState,
         pooled: &mut Vec<f32>,
@@ -655,7 +832,11 @@ impl Attention {
         let width = layout.row_width();
         let mut region = std::mem::take(&mut st.region);
         let mut per_sample = std::mem::take(&mut st.per_sample);
-        let shared = Shared {
+        let mut moments = std::mem::take(&mut st.moments);
+        st.train = keep && mode == Mode::Train;
+        st.batch_moments.clear();
+        let mut batch_moments = Vec::new();
+        let mut shared = Shared {
             same_history,
             shared_k1: &st.shared_k1,
             shared_at: &st.shared_at,
@@ -675,28 +856,72 @@ impl Attention {
         );
         let weights = split_pieces(weights, chunks.iter().map(rows));
         let pooled = split_pieces(pooled, chunks.iter().map(|&(s0, s1)| (s1 - s0) * d));
-        chunks
-            .into_par_iter()
+        moments.resize_with(chunks.len(), Moments::default);
+        let mut parts: Vec<ChunkForward<'_>> = chunks
+            .iter()
             .zip(regions)
             .zip(aqs)
             .zip(weights)
             .zip(pooled)
-            .for_each(|(((((s0, s1), region), aq), weights), pooled)| {
+            .zip(moments.iter_mut())
+            .map(
+                |(((((&(s0, s1), region), aq), weights), pooled), moments)| ChunkForward {
+                    s0,
+                    s1,
+                    region,
+                    aq,
+                    weights,
+                    pooled,
+                    moments,
+                },
+            )
+            .collect();
+        // One pass, or with Dice in training one pass per Dice layer and one
+        // to finish: each stops at a Dice layer's pre-activation, whose
+        // moments are then merged in chunk order.
+        let mut from = 0;
+        loop {
+            let pass = &shared;
+            parts.par_iter_mut().for_each(|c| {
                 SCRATCH.with(|scratch| {
                     let mut scratch = scratch.borrow_mut();
+                    let (s0, s1) = (c.s0, c.s1);
                     if keep {
                         // A grouped pass's history term, [nk, H1].
-                        let (k0, k1) = shared.key_range(s0, s1);
+                        let (k0, k1) = pass.key_range(s0, s1);
                         let k1 = at_least(&mut scratch, if compact { (k1 - k0) * h1 } else { 0 });
-                        shared.forward(s0, s1, region, k1, aq, weights, pooled);
+                        pass.forward(from, s0, s1, c.region, k1, c.aq, c.weights, c.pooled, c.moments);
                     } else {
                         let n = (offsets[s1] - offsets[s0]) as usize;
-                        let k1 = if shared.same_history.is_some() { n * h1 } else { 0 };
+                        let k1 = if pass.same_history.is_some() { n * h1 } else { 0 };
                         let (region, k1) = at_least(&mut scratch, n * width + k1).split_at_mut(n * width);
-                        shared.forward(s0, s1, region, k1, aq, weights, pooled);
+                        pass.forward(from, s0, s1, region, k1, c.aq, c.weights, c.pooled, c.moments);
                     }
                 });
             });
+            let next = self
+                .hidden()
+                .enumerate()
+                .skip(from)
+                .find(|&(l, _)| shared.batch_stats[l]);
+            let Some((l, block)) = next else { break };
+            let mut total = Moments::default();
+            for c in &parts {
+                total.merge(c.moments);
+            }
+            let (mean, var) = total.mean_var();
+            shared.acts[l] = block.activation.rowwise_with_moments(&mean, &var);
+            batch_moments.push(BatchMoments {
+                layer: l,
+                mean,
+                var,
+                rows: total.rows(),
+            });
+            from = l + 1;
+        }
+        drop(parts);
+        st.batch_moments = batch_moments;
+        st.moments = moments;
         st.region = region;
         st.per_sample = per_sample;
     }
@@ -731,7 +956,8 @@ impl Attention {
         }
         let mut region = std::mem::take(&mut st.region);
         let mut per_sample = std::mem::take(&mut st.per_sample);
-        let shared = Shared::new(self, &layout, st, q, keys);
+        let mut sums = std::mem::take(&mut st.sums);
+        let mut shared = Shared::new(self, &layout, st, q, keys);
         let key_ranges: Vec<(usize, usize)> = chunks.iter().map(|&(s0, s1)| shared.key_range(s0, s1)).collect();
         dq.clear();
         dq.resize(b * d, 0.0);
@@ -743,33 +969,78 @@ impl Attention {
         let dqs = split_pieces(dq, chunks.iter().map(|&(s0, s1)| (s1 - s0) * d));
         // Each chunk's keys follow the previous chunk's (whole groups).
         let dks = split_pieces(dk, key_ranges.iter().map(|&(k0, k1)| (k1 - k0) * d));
-        chunks
-            .par_iter()
+        let widest = layout.widths.iter().copied().max().unwrap_or(0);
+        sums.resize_with(chunks.len(), Vec::new);
+        let mut parts: Vec<ChunkBackward<'_>> = chunks
+            .iter()
             .zip(regions)
             .zip(dss)
-            .zip(partial.par_iter_mut())
+            .zip(partial.iter_mut())
             .zip(dqs)
             .zip(dks)
-            .for_each(|(((((&(s0, s1), region), ds), grads), dq), dk)| {
-                let (r0, r1) = shared.rows(s0, s1);
+            .zip(sums.iter_mut())
+            .map(|((((((&(s0, s1), region), ds), grads), dq), dk), sums)| ChunkBackward {
+                s0,
+                s1,
+                region,
+                ds,
+                grads,
+                dq,
+                dk,
+                sums: at_least(sums, 2 * widest),
+            })
+            .collect();
+        // One pass, or with Dice in training one more per Dice layer: each
+        // stops in a Dice layer's backward pass, whose sums over the rows are
+        // then added in chunk order.
+        let mut resume = None;
+        loop {
+            let pass = &shared;
+            parts.par_iter_mut().for_each(|c| {
+                let (s0, s1) = (c.s0, c.s1);
+                let (r0, r1) = pass.rows(s0, s1);
                 SCRATCH.with(|scratch| {
                     let mut scratch = scratch.borrow_mut();
-                    let (k0, k1) = shared.key_range(s0, s1);
+                    let (k0, k1) = pass.key_range(s0, s1);
                     let dk1 = at_least(&mut scratch, if st.grouped { (k1 - k0) * h1 } else { 0 });
-                    shared.backward(
+                    pass.backward(
+                        resume,
                         s0,
                         s1,
-                        region,
-                        ds,
+                        c.region,
+                        c.ds,
                         &weights[r0..r1],
                         &dpooled[s0 * d..s1 * d],
-                        grads,
-                        dq,
-                        dk,
+                        c.grads,
+                        c.dq,
+                        c.dk,
                         dk1,
+                        c.sums,
                     );
                 });
             });
+            let below = resume.unwrap_or(layout.widths.len());
+            let Some(l) = (0..below).rev().find(|&l| shared.batch_stats[l]) else {
+                break;
+            };
+            let h = layout.widths[l];
+            let mut total = vec![0.0f64; 2 * h];
+            for c in &parts {
+                total
+                    .iter_mut()
+                    .zip(c.sums.iter())
+                    .for_each(|(a, &b)| *a += f64::from(b));
+            }
+            let rows = n.max(1) as f64;
+            let (sum_gz, sum_gzz) = total.split_at(h);
+            shared.dice_means = (
+                sum_gz.iter().map(|v| (v / rows) as f32).collect(),
+                sum_gzz.iter().map(|v| (v / rows) as f32).collect(),
+            );
+            resume = Some(l);
+        }
+        drop(parts);
+        st.sums = sums;
         // Sum the chunks in order (deterministic), then add to the parameters.
         let (total, others) = partial.split_at_mut(1);
         let total = &mut total[0];

@@ -12,9 +12,10 @@
 //! behaviours are computed (trick 2).
 //!
 //! Two implementations share these weights: the chunk-parallel path
-//! (module `chunked`), used whenever every activation is row-wise, and the
-//! layer-by-layer path below, used for Dice in training (its batch statistics
-//! couple all rows) and for sum pooling. Tests check that both agree.
+//! (module `chunked`), used for attention pooling (Dice in training
+//! included: its batch statistics are reduced over the chunks between
+//! passes), and the layer-by-layer path below, used for sum pooling and
+//! kept as the plain reference the tests check the chunked path against.
 
 mod chunked;
 
@@ -190,20 +191,25 @@ impl Attention {
         cache: &mut AttentionCache,
         pooled: &mut Vec<f32>,
     ) {
-        if self.chunkable(mode) {
+        if self.chunkable() {
             self.forward_chunked(
                 q,
                 keys,
                 histories,
                 true,
+                mode,
                 None,
                 &mut cache.chunked,
                 pooled,
                 &mut cache.weights,
             );
             cache.path = Path::Chunked;
+            // Nothing of an earlier layer-by-layer pass's statistics stays.
+            cache.first_act = ActivationCache::default();
+            cache.rest = MlpCache::default();
         } else {
-            let chunked = std::mem::take(&mut cache.chunked);
+            let mut chunked = std::mem::take(&mut cache.chunked);
+            chunked.batch_moments.clear();
             let (p, c) = self.forward_layered_histories(q, keys, histories, mode);
             *pooled = p;
             *cache = AttentionCache { chunked, ..c };
@@ -268,9 +274,19 @@ impl Attention {
         pooled: &mut Vec<f32>,
         weights: &mut Vec<f32>,
     ) {
-        if self.chunkable(Mode::Infer) {
+        if self.chunkable() {
             let mut st = chunked::ChunkedState::default();
-            self.forward_chunked(q, keys, histories, false, same_history, &mut st, pooled, weights);
+            self.forward_chunked(
+                q,
+                keys,
+                histories,
+                false,
+                Mode::Infer,
+                same_history,
+                &mut st,
+                pooled,
+                weights,
+            );
         } else {
             let (p, c) = self.forward_layered_histories(q, keys, histories, Mode::Infer);
             *pooled = p;
@@ -502,6 +518,7 @@ impl Attention {
 
     /// Folds training batch statistics into Dice's moving averages.
     pub fn update_statistics(&mut self, cache: &AttentionCache) {
+        self.fold_chunked_statistics(&cache.chunked);
         self.first.activation.update_statistics(&cache.first_act);
         self.rest.update_statistics(&cache.rest);
     }
@@ -683,7 +700,8 @@ mod tests {
     /// Shared histories (a grouped batch) give the flat batch's pooled
     /// histories, weights and gradients, each shared key's gradient being
     /// the sum of its copies', on every path: chunked (row-wise
-    /// activations), layer by layer (Dice in training), and sum pooling.
+    /// activations, and Dice in training with its batch statistics over
+    /// the pairs), and sum pooling.
     #[test]
     fn shared_histories_equal_their_copies() {
         let d = 4;
@@ -773,6 +791,10 @@ mod tests {
         }
     }
 
+    /// The chunked path (with Dice in training, passes that stop at each
+    /// Dice layer for the batch's moments and, backward, for its sums) and
+    /// the layer-by-layer one compute the same pooled histories, weights,
+    /// gradients and moving averages.
     #[test]
     fn chunked_and_layered_paths_agree() {
         let d = 4;
@@ -790,6 +812,8 @@ mod tests {
             (ActivationKind::Prelu, Normalization::None),
             (ActivationKind::Sigmoid, Normalization::Softmax),
             (ActivationKind::Relu, Normalization::None),
+            (ActivationKind::Dice, Normalization::None),
+            (ActivationKind::Dice, Normalization::Softmax),
         ] {
             let config = AttentionConfig {
                 pooling: Pooling::Attention,
@@ -798,9 +822,17 @@ mod tests {
                 normalization,
             };
             let mut fast = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(31));
-            if let Some(a) = &mut fast.first.activation.alpha {
-                a.value.iter_mut().enumerate().for_each(|(i, v)| *v = 0.05 * i as f32);
-            }
+            fast.visit_mut("att", &mut |name, p| {
+                if name.ends_with("alpha") {
+                    p.value.iter_mut().enumerate().for_each(|(i, v)| *v = 0.05 * i as f32);
+                }
+                if name.ends_with("running_mean") {
+                    p.value
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, v)| *v = 0.1 - 0.02 * i as f32);
+                }
+            });
             let mut slow = fast.clone();
             let name = format!("{activation:?}/{normalization:?}");
             let close = |what: &str, a: &[f32], b: &[f32]| {
@@ -817,19 +849,173 @@ mod tests {
             close("weights", &c_fast.weights, &c_slow.weights);
             let (mut p_inf, mut w_inf) = (Vec::new(), Vec::new());
             fast.infer(&q, &keys, &offsets, None, &mut p_inf, &mut w_inf);
-            close("inferred pooled", &p_inf, &p_slow);
-            close("inferred weights", &w_inf, &c_slow.weights);
+            // Dice infers with its moving averages, not the batch's moments.
+            let (p_slow_inf, c_slow_inf) = slow.forward_layered(&q, &keys, &offsets, Mode::Infer);
+            close("inferred pooled", &p_inf, &p_slow_inf);
+            close("inferred weights", &w_inf, &c_slow_inf.weights);
+            if activation != ActivationKind::Dice {
+                assert_eq!(p_slow_inf, p_slow, "{name}: row-wise, the modes agree");
+            }
             let (dq_fast, dk_fast) = fast.backward(&q, &keys, &mut c_fast, &dpooled);
             let (dq_slow, dk_slow) = slow.backward_layered(&q, &keys, &c_slow, &dpooled);
             close("dq", &dq_fast, &dq_slow);
             close("dk", &dk_fast, &dk_slow);
+            fast.update_statistics(&c_fast);
+            slow.update_statistics(&c_slow);
             let mut grads = Vec::new();
-            slow.visit("att", &mut |name, p| grads.push((name, p.grad.clone())));
+            slow.visit("att", &mut |name, p| {
+                grads.push((name, p.value.clone(), p.grad.clone()))
+            });
             let mut i = 0;
             fast.visit("att", &mut |tensor, p| {
-                close(&tensor, &p.grad, &grads[i].1);
+                assert_eq!(tensor, grads[i].0);
+                close(&tensor, &p.grad, &grads[i].2);
+                // Dice's moving averages moved by the same batch moments.
+                close(&format!("{tensor} value"), &p.value, &grads[i].1);
                 i += 1;
             });
+            if activation == ActivationKind::Dice {
+                let mean = fast.first.activation.running_mean.as_ref().map(|p| p.value[0]);
+                assert_ne!(mean, Some(0.1), "{name}: the moving mean moved");
+            }
+        }
+    }
+
+    /// Dice in training through several chunks: the gradients through the
+    /// batch mean and variance (of every row, so of every key and query)
+    /// match central differences of the pooled histories.
+    #[test]
+    fn dice_batch_statistics_across_chunks_match_finite_differences() {
+        let d = 2;
+        // 60 samples of 0..=36 behaviours: about 1,100 rows, three chunks.
+        let mut offsets = vec![0u32];
+        for s in 0..60u32 {
+            offsets.push(offsets[offsets.len() - 1] + (s * 13) % 37);
+        }
+        let (b, n) = (offsets.len() - 1, offsets[offsets.len() - 1] as usize);
+        assert!(n > 2 * chunked::CHUNK_ROWS_TRAIN, "{n} rows");
+        let q = rand_vec(b * d, 51);
+        let keys = rand_vec(n * d, 52);
+        let r = rand_vec(b * d, 53);
+        for normalization in [Normalization::None, Normalization::Softmax] {
+            let config = AttentionConfig {
+                pooling: Pooling::Attention,
+                hidden_units: vec![5, 3],
+                activation: ActivationKind::Dice,
+                normalization,
+            };
+            let mut att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(54));
+            att.visit_mut("att", &mut |name, p| {
+                if name.ends_with("alpha") {
+                    p.value
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, v)| *v = 0.2 - 0.1 * i as f32);
+                }
+                if name.ends_with("bias") {
+                    p.value.iter_mut().enumerate().for_each(|(i, v)| *v = 0.1 * i as f32);
+                }
+            });
+            let loss = |a: &Attention, q: &[f32], k: &[f32]| dot(&r, &a.forward(q, k, &offsets, Mode::Train).0);
+            let (_, mut cache) = att.forward(&q, &keys, &offsets, Mode::Train);
+            assert_eq!(cache.chunked.batch_moments.len(), 2, "both layers took batch moments");
+            assert_eq!(cache.chunked.batch_moments[0].rows, n);
+            let (dq, dk) = att.backward(&q, &keys, &mut cache, &r);
+            let name = format!("Dice/{normalization:?}");
+            let eps = 2e-3;
+            assert_close(
+                &format!("{name} dq"),
+                &dq,
+                &numeric_grad(&q, eps, |q| loss(&att, q, &keys)),
+                1e-2,
+            );
+            assert_close(
+                &format!("{name} dk"),
+                &dk,
+                &numeric_grad(&keys, eps, |k| loss(&att, &q, k)),
+                1e-2,
+            );
+            let mut tensors = Vec::new();
+            att.visit("att", &mut |tensor, p| {
+                if !p.grad.is_empty() {
+                    tensors.push((tensor, p.value.clone(), p.grad.clone()));
+                }
+            });
+            assert_eq!(
+                tensors.len(),
+                8,
+                "two layers' weight, bias and alpha, the score layer's two"
+            );
+            for (tensor, value, grad) in tensors {
+                let numeric = numeric_grad(&value, eps, |v| {
+                    let mut a = att.clone();
+                    a.visit_mut("att", &mut |t, p| {
+                        if t == tensor {
+                            p.value = v.to_vec();
+                        }
+                    });
+                    loss(&a, &q, &keys)
+                });
+                assert_close(&format!("{name} {tensor}"), &grad, &numeric, 1e-2);
+            }
+        }
+    }
+
+    /// Chunks are reduced in chunk order, never in the order threads finish
+    /// them: the pooled histories, weights, gradients and Dice's moving
+    /// averages are bitwise the same with 1, 2 and 3 threads, Dice in
+    /// training (passes with batch-wide reductions between them) included.
+    #[test]
+    fn chunked_training_is_bitwise_the_same_for_any_thread_count() {
+        let d = 4;
+        let mut offsets = vec![0u32];
+        for s in 0..200u32 {
+            offsets.push(offsets[offsets.len() - 1] + (s * 7) % 41);
+        }
+        let (b, n) = (offsets.len() - 1, offsets[offsets.len() - 1] as usize);
+        assert!(n > 6 * chunked::CHUNK_ROWS_TRAIN, "{n} rows: several chunks a thread");
+        let q = rand_vec(b * d, 61);
+        let keys = rand_vec(n * d, 62);
+        let dpooled = rand_vec(b * d, 63);
+        for (activation, normalization) in [
+            (ActivationKind::Dice, Normalization::None),
+            (ActivationKind::Dice, Normalization::Softmax),
+            (ActivationKind::Prelu, Normalization::None),
+        ] {
+            let config = AttentionConfig {
+                pooling: Pooling::Attention,
+                hidden_units: vec![16, 8],
+                activation,
+                normalization,
+            };
+            let runs: Vec<Vec<u32>> = [1, 2, 3]
+                .into_iter()
+                .map(|threads| {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .expect("a thread pool");
+                    let mut att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(64));
+                    let mut bits: Vec<u32> = Vec::new();
+                    pool.install(|| {
+                        let (pooled, mut cache) = att.forward(&q, &keys, &offsets, Mode::Train);
+                        let (dq, dk) = att.backward(&q, &keys, &mut cache, &dpooled);
+                        att.update_statistics(&cache);
+                        for v in [&pooled, &cache.weights, &dq, &dk] {
+                            bits.extend(v.iter().map(|x| x.to_bits()));
+                        }
+                    });
+                    att.visit("att", &mut |_, p| {
+                        bits.extend(p.value.iter().chain(&p.grad).map(|x| x.to_bits()));
+                    });
+                    bits
+                })
+                .collect();
+            assert!(runs[0].len() > 2 * n, "{}", runs[0].len());
+            assert!(
+                runs[1..].iter().all(|r| r == &runs[0]),
+                "{activation:?}/{normalization:?}: the result depends on the thread count"
+            );
         }
     }
 
