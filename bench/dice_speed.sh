@@ -7,9 +7,9 @@
 # dice, for build A then build B, ROUNDS times (A-prelu A-dice B-prelu
 # B-dice, A-prelu ...), all on the same `din bench gen` data, and prints
 # per build and activation the medians of training samples/s, batch-4096
-# inference samples/s and the 1 x 200 latency, then Dice's ratio to PReLU
-# within each build (training and inference: Dice / PReLU; latency: Dice's
-# time / PReLU's). The targets: training >= 0.75, inference >= 1/1.3,
+# inference samples/s, the 1 x 200 latency and peak RSS, then Dice's ratio
+# to PReLU within each build (training and inference: Dice / PReLU; latency
+# and RSS: Dice's / PReLU's). The targets: training >= 0.75, inference >= 1/1.3,
 # latency <= 1.3.
 #
 # Environment: A, B (din binaries; B defaults to target/release/din, A to
@@ -64,7 +64,8 @@ rows = [json.loads(l) for l in open(path) if l.strip()]
 rows = [r for r in rows if r["run_id"] == run_id]
 keys = (("train_samples_per_second", "train samples/s"),
         ("inference_samples_per_second_batch_4096", "inference samples/s (batch 4096)"),
-        ("latency_ms_1x200_median", "latency 1x200 median (ms)"))
+        ("latency_ms_1x200_median", "latency 1x200 median (ms)"),
+        ("peak_rss_mib", "peak RSS (MiB)"))
 med = lambda b, a, k: statistics.median(r[k] for r in rows if r["build"] == b and r["activation"] == a)
 builds = sorted({r["build"] for r in rows})
 print(f"| measure | " + " | ".join(f"{b} prelu | {b} dice | {b} dice/prelu" for b in builds) + " |")
@@ -76,5 +77,5 @@ for k, label in keys:
         cells += [f"{p:,.0f}" if p > 100 else f"{p:.2f}", f"{d:,.0f}" if d > 100 else f"{d:.2f}", f"{d / p:.2f}"]
     print(f"| {label} | " + " | ".join(cells) + " |")
 n = len({r["round"] for r in rows})
-print(f"\nmedians of {n} round(s), run {run_id}")
+print(f"\nmedians of {n} round(s), run {run_id}, {rows[0]['cpu']}")
 EOF
