@@ -11,7 +11,7 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::{Dtype, Metadata, TensorInfo, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
@@ -139,7 +139,125 @@ pub fn save_with_assets(
     assets: &Assets,
     history: Option<&[EpochReport]>,
 ) -> Result<()> {
-    save_steps(dir, config, model, assets, history, &mut |_| Ok(()))
+    save_steps(dir, config, &mut Whole(model), assets, history, &mut |_| Ok(()))
+}
+
+/// Tensors handed to a save in pieces, for a model no one process holds
+/// whole (distributed training's sharded tables, see
+/// [`save_sharded`](crate::distributed::save_sharded)).
+pub trait TensorStream {
+    /// Every tensor's name and shape (F32), in any order.
+    fn tensors(&self) -> Vec<(String, Vec<usize>)>;
+    /// Hands `sink` the values of tensor `name`, in row-major order, in
+    /// pieces of any size. Called once per tensor, in the file's order
+    /// (sorted by name). An error from `sink` must stop it (it is passed
+    /// on).
+    fn write(&mut self, name: &str, sink: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()>;
+}
+
+/// [`save_with_assets`] with the weights streamed: `weights` hands each
+/// tensor over in pieces, written to `model.safetensors` as they come, so
+/// the save holds no more than a piece. The file is byte for byte the one
+/// [`save_with_assets`] writes for a model with those tensors.
+pub fn save_streamed(
+    dir: &Path,
+    config: &Config,
+    weights: &mut dyn TensorStream,
+    assets: &Assets,
+    history: Option<&[EpochReport]>,
+) -> Result<()> {
+    save_steps(dir, config, weights, assets, history, &mut |_| Ok(()))
+}
+
+/// A model held whole, as a [`TensorStream`].
+struct Whole<'a>(&'a Din);
+
+impl TensorStream for Whole<'_> {
+    fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        self.0
+            .visit("", &mut |name, p| out.push((name.to_string(), p.shape.clone())));
+        out
+    }
+
+    fn write(&mut self, name: &str, sink: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        let mut result = Err(Error::Checkpoint {
+            path: PathBuf::from(WEIGHTS_FILE),
+            reason: format!("the model has no tensor `{name}`"),
+        });
+        self.0.visit("", &mut |n, p| {
+            if n == name {
+                result = sink(&p.value);
+            }
+        });
+        result
+    }
+}
+
+/// Writes `weights` as a safetensors file at `path` (fsynced), tensor by
+/// tensor as they come, and returns its [`fingerprint`].
+///
+/// The header is the `safetensors` crate's own [`Metadata`], built as
+/// `safetensors::serialize` builds it (tensors sorted by name, all F32,
+/// one `format` metadata key, padded with spaces to 8 bytes), so the file
+/// is the one [`tensor_file`] makes; a test holds the two to the same bytes.
+/// Hand-written because the crate only writes tensors it holds whole.
+fn write_weights(path: &Path, dir: &Path, weights: &mut dyn TensorStream) -> Result<String> {
+    let named = dir.join(WEIGHTS_FILE);
+    let failed = |reason: String| Error::Checkpoint {
+        path: named.clone(),
+        reason,
+    };
+    let mut tensors = weights.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for (name, shape) in &tensors {
+        let bytes = (shape.iter().try_fold(4usize, |n, &d| n.checked_mul(d)))
+            .ok_or_else(|| failed(format!("tensor `{name}` of shape {shape:?} is too large")))?;
+        let info = TensorInfo {
+            dtype: Dtype::F32,
+            shape: shape.clone(),
+            data_offsets: (offset, offset + bytes),
+        };
+        infos.push((name.clone(), info));
+        offset += bytes;
+    }
+    let info = HashMap::from([("format".to_string(), format!("din/{FORMAT_VERSION}"))]);
+    let metadata = Metadata::new(Some(info), infos).map_err(|e| failed(e.to_string()))?;
+    let mut header = serde_json::to_string(&metadata)
+        .map_err(|e| failed(e.to_string()))?
+        .into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let io = |e| Error::io(&named, "cannot write (the previous files are left as they were)", e);
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
+    let mut fnv = Fnv::new();
+    let mut put = |bytes: &[u8], out: &mut BufWriter<File>| -> Result<()> {
+        fnv.write(bytes);
+        out.write_all(bytes).map_err(io)
+    };
+    put(&(header.len() as u64).to_le_bytes(), &mut out)?;
+    put(&header, &mut out)?;
+    let mut bytes = Vec::new();
+    for (name, shape) in &tensors {
+        let want: usize = shape.iter().product();
+        let mut got = 0usize;
+        weights.write(name, &mut |values| {
+            got += values.len();
+            if got > want {
+                return Err(failed(format!("tensor `{name}` was given more than its {want} values")));
+            }
+            bytes.clear();
+            bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            put(&bytes, &mut out)
+        })?;
+        if got != want {
+            return Err(failed(format!("tensor `{name}` was given {got} of its {want} values")));
+        }
+    }
+    let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(fnv.hex())
 }
 
 /// The files of a model directory (and the temporary files of their writes).
@@ -212,7 +330,7 @@ fn check_replaceable(dir: &Path) -> Result<bool> {
 fn save_steps(
     dir: &Path,
     config: &Config,
-    model: &Din,
+    weights: &mut dyn TensorStream,
     assets: &Assets,
     history: Option<&[EpochReport]>,
     step: &mut dyn FnMut(usize) -> Result<()>,
@@ -254,11 +372,12 @@ fn save_steps(
             })?),
             None => None,
         };
-        let blob = weights_blob(model, &dir.join(WEIGHTS_FILE))?;
+        next(&mut n)?;
+        let weights_fingerprint = write_weights(&staging.join(WEIGHTS_FILE), dir, weights)?;
         let file = ModelFile {
             format_version: FORMAT_VERSION,
             din_version: env!("CARGO_PKG_VERSION").to_string(),
-            weights_fingerprint: fingerprint(&blob),
+            weights_fingerprint,
             vocab_fingerprint: vocab_json.as_deref().map(fingerprint),
             items_fingerprint: items_json.as_deref().map(fingerprint),
             config_fingerprint: Some(config_fingerprint(config)?),
@@ -268,7 +387,6 @@ fn save_steps(
             path: dir.join(CONFIG_FILE),
             reason: e.to_string(),
         })?;
-        files.push((WEIGHTS_FILE, blob));
         files.extend(vocab_json.map(|b| (VOCAB_FILE, b)));
         files.extend(items_json.map(|b| (ITEMS_FILE, b)));
         if let Some(h) = history {
@@ -329,13 +447,6 @@ pub(crate) fn write_files(
     }
     step()?;
     sync_dir(staging)
-}
-
-/// The weights as a safetensors file.
-fn weights_blob(model: &Din, weights_path: &Path) -> Result<Vec<u8>> {
-    let mut tensors = Vec::new();
-    push_params(&mut tensors, "", model);
-    tensor_file(&tensors, weights_path)
 }
 
 /// One tensor to write: name, dtype, shape, little-endian bytes.
@@ -719,10 +830,17 @@ hidden_units = [3]
         let tmp = tempfile::tempdir().expect("tmp");
         let dir = tmp.path().join("m");
         save_with_assets(&dir, &c, &old, &Assets::default(), Some(&history(1))).expect("first save");
-        save_steps(&dir, &c, &new, &Assets::default(), Some(&history(2)), &mut |k| {
-            steps = steps.max(k + 1);
-            Ok(())
-        })
+        save_steps(
+            &dir,
+            &c,
+            &mut Whole(&new),
+            &Assets::default(),
+            Some(&history(2)),
+            &mut |k| {
+                steps = steps.max(k + 1);
+                Ok(())
+            },
+        )
         .expect("an uninterrupted save");
         assert_eq!(load_model(&dir).expect("loads").model, new);
         assert!(steps >= 7, "{steps} steps");
@@ -730,13 +848,20 @@ hidden_units = [3]
             let tmp = tempfile::tempdir().expect("tmp");
             let dir = tmp.path().join("m");
             save_with_assets(&dir, &c, &old, &Assets::default(), Some(&history(1))).expect("first save");
-            let crash = save_steps(&dir, &c, &new, &Assets::default(), Some(&history(2)), &mut |k| {
-                if k == stop {
-                    Err(Error::config("test", k, "crash"))
-                } else {
-                    Ok(())
-                }
-            });
+            let crash = save_steps(
+                &dir,
+                &c,
+                &mut Whole(&new),
+                &Assets::default(),
+                Some(&history(2)),
+                &mut |k| {
+                    if k == stop {
+                        Err(Error::config("test", k, "crash"))
+                    } else {
+                        Ok(())
+                    }
+                },
+            );
             assert!(crash.is_err(), "step {stop}");
             let loaded = load_model(&dir).unwrap_or_else(|e| panic!("after a crash at step {stop}: {e}"));
             assert!(loaded.model == old || loaded.model == new, "step {stop}: a mix");
@@ -767,6 +892,76 @@ hidden_units = [3]
                 "a save without history drops the old one"
             );
         }
+    }
+
+    /// A model handed over in pieces of `piece` values (the last tensor
+    /// `short` values short).
+    struct Pieces<'a> {
+        model: &'a Din,
+        piece: usize,
+        short: usize,
+    }
+
+    impl TensorStream for Pieces<'_> {
+        fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+            // In reverse: the file's order is by name, whatever the order given.
+            let mut all = Whole(self.model).tensors();
+            all.reverse();
+            all
+        }
+
+        fn write(&mut self, name: &str, sink: &mut dyn FnMut(&[f32]) -> Result<()>) -> Result<()> {
+            let last = self.tensors().iter().map(|t| t.0.clone()).max().expect("tensors");
+            let (piece, short) = (self.piece, if name == last { self.short } else { 0 });
+            Whole(self.model).write(name, &mut |values| {
+                for part in values[..values.len() - short].chunks(piece) {
+                    sink(part)?;
+                }
+                Ok(())
+            })
+        }
+    }
+
+    /// `model.safetensors` is the `safetensors` crate's own serialisation
+    /// of the model's tensors, byte for byte, however the values arrive;
+    /// a stream that gives a tensor too few values fails the save, naming
+    /// the tensor, and leaves the previous model.
+    #[test]
+    fn streamed_weights_are_the_safetensors_crates_bytes() {
+        let (c, m) = (config(), model(4));
+        let mut tensors = Vec::new();
+        push_params(&mut tensors, "", &m);
+        let expected = tensor_file(&tensors, Path::new("x")).expect("serialize");
+        let tmp = tempfile::tempdir().expect("tmp");
+        for piece in [1, 3, 1000, usize::MAX] {
+            let dir = tmp.path().join(format!("m{piece}"));
+            let mut stream = Pieces {
+                model: &m,
+                piece,
+                short: 0,
+            };
+            save_streamed(&dir, &c, &mut stream, &Assets::default(), None).expect("save");
+            let bytes = fs::read(dir.join(WEIGHTS_FILE)).expect("read");
+            assert!(bytes == expected, "pieces of {piece}: the bytes differ");
+            let loaded = load_model(&dir).expect("loads");
+            assert_eq!(loaded.model, m);
+            assert_eq!(loaded.file.weights_fingerprint, fingerprint(&expected));
+        }
+        let dir = tmp.path().join("m3");
+        let mut short = Pieces {
+            model: &m,
+            piece: 3,
+            short: 1,
+        };
+        let err = save_streamed(&dir, &c, &mut short, &Assets::default(), None)
+            .expect_err("a value short")
+            .to_string();
+        let last = Whole(&m).tensors().into_iter().map(|t| t.0).max().expect("tensors");
+        assert!(
+            err.contains(&format!("tensor `{last}`")) && err.contains("was given"),
+            "{err}"
+        );
+        assert_eq!(load_model(&dir).expect("the previous model").model, m);
     }
 
     /// Saving replaces the whole directory, so a folder holding anything
