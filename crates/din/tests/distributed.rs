@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use din::distributed::{fit_distributed, in_process, load_shard, DistributedOutcome, Solo};
+use din::checkpoint::{load_model, save_with_assets, WEIGHTS_FILE};
+use din::distributed::{fit_distributed, gather_model, in_process, load_shard, DistributedOutcome, Solo};
 use din::model::{Din, Module};
 use din::schema::{Config, RegularizationKind};
 use din::train::{fit, load_training_data, Silent, TrainOutcome};
@@ -31,15 +32,24 @@ fn single(config: &Config) -> TrainOutcome {
     fit(&data, &mut Silent).expect("single-process training")
 }
 
-/// Trains `config` on `ranks` ranks (threads), returning each rank's outcome.
-fn ranks(config: &Config, ranks: usize) -> Vec<din::Result<DistributedOutcome>> {
+/// Trains `config` on `ranks` ranks (threads), saving into `out` when
+/// given, and gathers the model on rank 0: each rank's outcome and (rank
+/// 0) the whole model.
+fn ranks_saving(
+    config: &Config,
+    ranks: usize,
+    out: Option<&Path>,
+) -> Vec<din::Result<(DistributedOutcome, Option<Din>)>> {
     std::thread::scope(|s| {
         let handles: Vec<_> = in_process(ranks)
             .into_iter()
             .map(|mut comm| {
                 s.spawn(move || {
                     let shard = load_shard(config, &mut comm)?;
-                    fit_distributed(&shard, &mut comm, &mut Silent)
+                    let save_to = out.filter(|_| shard.owners.rank == 0);
+                    let got = fit_distributed(&shard, &mut comm, &mut Silent, save_to)?;
+                    let whole = gather_model(&got.model, &shard.data.layout, shard.owners, &mut comm)?;
+                    Ok((got, whole))
                 })
             })
             .collect();
@@ -47,15 +57,22 @@ fn ranks(config: &Config, ranks: usize) -> Vec<din::Result<DistributedOutcome>> 
     })
 }
 
-/// Rank 0's model, after checking that every rank succeeded.
-fn rank0(results: Vec<din::Result<DistributedOutcome>>) -> (TrainOutcome, Vec<DistributedOutcome>) {
-    let all: Vec<DistributedOutcome> = results.into_iter().map(|r| r.expect("every rank trains")).collect();
-    let outcome = all[0].outcome.clone().expect("rank 0 holds the model");
-    assert!(
-        all[1..].iter().all(|o| o.outcome.is_none()),
-        "only rank 0 holds the model"
-    );
-    (outcome, all)
+fn ranks(config: &Config, n: usize) -> Vec<din::Result<(DistributedOutcome, Option<Din>)>> {
+    ranks_saving(config, n, None)
+}
+
+/// Rank 0's whole model, after checking that every rank succeeded, and
+/// every rank's outcome.
+fn rank0(results: Vec<din::Result<(DistributedOutcome, Option<Din>)>>) -> (Din, Vec<DistributedOutcome>) {
+    let mut all = Vec::new();
+    let mut whole = None;
+    for (r, result) in results.into_iter().enumerate() {
+        let (outcome, model) = result.expect("every rank trains");
+        assert_eq!(model.is_some(), r == 0, "only rank 0 gathers the model");
+        whole = whole.or(model);
+        all.push(outcome);
+    }
+    (whole.expect("rank 0 holds the model"), all)
 }
 
 fn weights(model: &Din) -> Vec<(String, Vec<f32>)> {
@@ -94,9 +111,25 @@ fn one_rank_trains_bitwise_the_single_process_model() {
     let expected = single(&config);
     let shard = load_shard(&config, &mut Solo).expect("shard");
     assert_eq!(shard.data.train.len(), 965);
-    let got = fit_distributed(&shard, &mut Solo, &mut Silent).expect("one rank");
-    let model = got.outcome.expect("rank 0").model;
+    let dir = tempfile::tempdir().expect("tmp");
+    let got = fit_distributed(&shard, &mut Solo, &mut Silent, Some(&dir.path().join("m"))).expect("one rank");
+    let model = gather_model(&got.model, &shard.data.layout, shard.owners, &mut Solo)
+        .expect("gather")
+        .expect("rank 0");
     assert!(weights(&model) == weights(&expected.model), "one rank differs from fit");
+    // The model directory it saved (streamed) is the one fit's model saves
+    // to, byte for byte.
+    save_with_assets(
+        &dir.path().join("single"),
+        &shard.data.config,
+        &expected.model,
+        &shard.data.assets,
+        Some(&expected.history),
+    )
+    .expect("save");
+    let file = |d: &str| std::fs::read(dir.path().join(d).join(WEIGHTS_FILE)).expect("weights");
+    assert!(file("m") == file("single"), "the saved weights differ");
+    assert_eq!(got.model_epoch, expected.model_epoch);
     for (g, e) in got.history.iter().zip(&expected.history) {
         assert_eq!(g.train_loss.to_bits(), e.train_loss.to_bits(), "epoch {} loss", g.epoch);
         assert_eq!(g.validation, e.validation, "epoch {} validation", g.epoch);
@@ -121,11 +154,11 @@ fn two_and_three_ranks_train_the_single_process_model() {
     let config = tutorial(|c| c.train.epochs = 1);
     let expected = single(&config);
     for n in [2, 3] {
-        let (outcome, all) = rank0(ranks(&config, n));
-        let (d, name) = largest_difference(&outcome.model, &expected.model);
+        let (model, all) = rank0(ranks(&config, n));
+        let (d, name) = largest_difference(&model, &expected.model);
         eprintln!("{n} ranks, Adam, 1 epoch: largest difference {d:e} of the tensor's scale, in {name}");
         assert!(d <= TOLERANCE, "{n} ranks: {name} differs by {d:e} of its scale");
-        let (g, e) = (&outcome.history[0], &expected.history[0]);
+        let (g, e) = (&all[0].history[0], &expected.history[0]);
         assert!(
             (g.train_loss - e.train_loss).abs() < 1e-5,
             "{n} ranks: loss {} vs {}",
@@ -174,12 +207,51 @@ fn sgd_over_three_epochs_stays_within_rounding() {
     });
     let expected = single(&config);
     for n in [2, 3] {
-        let (outcome, _) = rank0(ranks(&config, n));
-        let (d, name) = largest_difference(&outcome.model, &expected.model);
+        let (model, all) = rank0(ranks(&config, n));
+        let (d, name) = largest_difference(&model, &expected.model);
         eprintln!("{n} ranks, SGD, 3 epochs: largest difference {d:e} of the tensor's scale, in {name}");
         assert!(d <= TOLERANCE, "{n} ranks: {name} differs by {d:e} of its scale");
-        assert_eq!(outcome.model_epoch, expected.model_epoch, "the same best epoch");
+        assert!(
+            all.iter().all(|o| o.model_epoch == expected.model_epoch),
+            "the same best epoch"
+        );
     }
+}
+
+#[test]
+fn the_ranks_save_the_best_epochs_model_without_gathering_it() {
+    // keep = "best" over 4 epochs on 3 ranks: the model directory rank 0
+    // writes as the rows stream in holds the model the ranks kept (the
+    // best epoch's, which every rank holds its part of), with the
+    // validation history of every epoch.
+    let config = tutorial(|c| {
+        c.train.epochs = 4;
+        c.train.keep = din::schema::Keep::Best;
+        c.train.learning_rate = 0.01;
+    });
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = dir.path().join("model");
+    let (model, all) = rank0(ranks_saving(&config, 3, Some(&out)));
+    let saved = load_model(&out).expect("the saved model loads");
+    assert!(
+        weights(&saved.model) == weights(&model),
+        "the saved model is not the ranks' model"
+    );
+    let best = all[0].best_epoch.expect("a best epoch");
+    assert!(
+        all.iter().all(|o| o.model_epoch == best),
+        "every rank kept the best epoch's model"
+    );
+    let history: Vec<din::checkpoint::EpochReport> =
+        serde_json::from_slice(&std::fs::read(out.join("history.json")).expect("history")).expect("json");
+    assert_eq!(history.len(), 4);
+    assert!(history.iter().all(|h| h.validation.is_some()));
+    let expected = single(&config);
+    assert_eq!(
+        best,
+        expected.best_epoch.expect("best"),
+        "the single process's best epoch"
+    );
 }
 
 #[test]

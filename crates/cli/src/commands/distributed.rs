@@ -5,7 +5,7 @@ use anyhow::Result;
 use din::distributed::{fit_distributed, load_shard, Collective, Traffic};
 use din::train::Silent;
 
-use super::train::{config_and_out, finish, Args, Pause, Progress};
+use super::train::{config_and_out, report, Args, Pause, Progress, Run};
 
 /// Runs `din train --distributed` on every rank of the MPI job.
 #[cfg(feature = "mpi")]
@@ -50,21 +50,29 @@ fn train(args: &Args, pause: Option<Pause>, comm: &mut dyn Collective) -> Result
             shard.rows.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
         );
     }
+    // fit_distributed saves the model after every epoch, streamed from
+    // the ranks: no rank holds it whole.
     let got = if root {
         let mut progress = Progress::new(&out, data, Vec::new(), args.json, pause);
-        fit_distributed(&shard, comm, &mut progress)?
+        fit_distributed(&shard, comm, &mut progress, Some(&out))?
     } else {
-        fit_distributed(&shard, comm, &mut Silent)?
+        fit_distributed(&shard, comm, &mut Silent, None)?
     };
     let traffic = got.traffic.gather(comm)?;
-    let Some(outcome) = got.outcome else {
+    if !root {
         return Ok(());
-    };
+    }
     if !args.json {
         print_traffic(&traffic);
     }
     let value = serde_json::to_value(&traffic)?;
-    finish(args, data, &out, &outcome, Some(("traffic", value)))
+    let run = Run {
+        history: &got.history,
+        best_epoch: got.best_epoch,
+        stopped_early: got.stopped_early,
+        model_epoch: got.model_epoch,
+    };
+    report(args, data, &out, &run, Some(("traffic", value)))
 }
 
 /// Per rank: bytes sent per step by kind, and seconds in communication

@@ -252,6 +252,24 @@ impl Observer for Progress {
             self.pause.as_ref().map(Pause::wait_here);
         }
         checkpoint::save_with_assets(&self.out, &self.config, model, &self.assets, Some(&self.history))?;
+        self.print_epoch(report);
+        Ok(())
+    }
+
+    fn on_distributed_epoch(&mut self, report: &EpochReport) -> din::Result<()> {
+        // fit_distributed has saved the model (sharded, streamed).
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        self.history.push(report.clone());
+        self.print_epoch(report);
+        Ok(())
+    }
+}
+
+impl Progress {
+    /// The epoch's line, unless the output is JSON.
+    fn print_epoch(&self, report: &EpochReport) {
         if !self.json {
             let val = report
                 .validation
@@ -267,7 +285,6 @@ impl Observer for Progress {
                 report.epoch, self.epochs, report.train_loss, report.seconds, report.samples_per_second
             );
         }
-        Ok(())
     }
 }
 
@@ -437,6 +454,32 @@ pub(super) fn finish(
 ) -> Result<()> {
     checkpoint::save_with_assets(out, &data.config, &outcome.model, &data.assets, Some(&outcome.history))
         .with_context(|| format!("saving the model to {}", out.display()))?;
+    let run = Run {
+        history: &outcome.history,
+        best_epoch: outcome.best_epoch,
+        stopped_early: outcome.stopped_early,
+        model_epoch: outcome.model_epoch,
+    };
+    report(args, data, out, &run, extra)
+}
+
+/// How a training run ended, for [`report`].
+pub(super) struct Run<'a> {
+    pub(super) history: &'a [EpochReport],
+    pub(super) best_epoch: Option<usize>,
+    pub(super) stopped_early: bool,
+    pub(super) model_epoch: usize,
+}
+
+/// Prints how the run went, the model being saved in `out` (with
+/// `extra`'s fields in the JSON document).
+pub(super) fn report(
+    args: &Args,
+    data: &TrainingData,
+    out: &Path,
+    outcome: &Run<'_>,
+    extra: Option<(&str, serde_json::Value)>,
+) -> Result<()> {
     if args.json {
         let mut doc = serde_json::json!({
             "model_dir": out,

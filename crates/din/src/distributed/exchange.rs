@@ -22,8 +22,9 @@ pub enum Kind {
     RowGradients,
     /// The dense gradients' all-reduce.
     Dense,
-    /// The rest: the loss and fault flags of each step, the model gathered
-    /// at each epoch end, the set-up (row counts, vocabulary, id counts).
+    /// The rest: the loss and fault flags of each step, the validation
+    /// rows' ids and rows and the saved model's rows at each epoch end, the
+    /// set-up (row counts, vocabulary, id counts).
     Other,
 }
 
@@ -42,7 +43,7 @@ pub struct Traffic {
     pub row_gradient_bytes: u64,
     /// Bytes this rank sent in the dense gradients' all-reduce.
     pub dense_bytes: u64,
-    /// Bytes of everything else (per-step flags, epoch-end gathers, set-up).
+    /// Bytes of everything else (per-step flags, validation and saving at epoch ends, set-up).
     pub other_bytes: u64,
     /// Seconds in the id and row all-to-alls (including waiting for the
     /// slowest rank).
@@ -62,6 +63,19 @@ impl Traffic {
     /// Seconds in collective operations during the steps (all but `other`).
     pub fn step_comm_seconds(&self) -> f64 {
         self.rows_seconds + self.row_gradient_seconds + self.dense_seconds
+    }
+
+    /// Counts the ids and rows sent since `before` (e.g. to score the
+    /// validation rows, outside the training steps) as other traffic.
+    pub fn count_as_other_since(&mut self, before: &Traffic) {
+        let ids = self.id_bytes - before.id_bytes;
+        let rows = self.row_bytes - before.row_bytes;
+        let seconds = self.rows_seconds - before.rows_seconds;
+        self.id_bytes -= ids;
+        self.row_bytes -= rows;
+        self.rows_seconds -= seconds;
+        self.other_bytes += ids + rows;
+        self.other_seconds += seconds;
     }
 
     /// Bytes sent per step: ids, rows, row gradients, dense gradients.

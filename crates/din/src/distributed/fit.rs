@@ -11,28 +11,36 @@ use rand_chacha::ChaCha8Rng;
 
 use super::collective::{all_reduce_sum, Collective, ReduceBuffers};
 use super::exchange::{Kind, Meter, RowExchange, Traffic};
+use super::save::{save_sharded, SaveTo};
 use super::shard::{Owners, Shard};
 use crate::checkpoint::EpochReport;
-use crate::data::Batch;
-use crate::model::{Din, DinCache, Embedding, EmbeddingGrads, Mode, Module, SparseGrad};
+use crate::data::{Batch, Dataset};
+use crate::metrics::Metrics;
+use crate::model::{Din, DinCache, EmbeddingGrads, Mode, Module, SparseGrad};
 use crate::schema::{EarlyStoppingConfig, Keep, Layout, Monitor, OnNonFinite};
-use crate::scorer::evaluate;
 use crate::threads::thread_pool;
 use crate::train::loss::bce_with_logits_over;
 use crate::train::optim::trained_densely;
-use crate::train::{
-    batch_bounds, non_finite_gradient, regularize, stream, EarlyStopping, Observer, Optimizer, TrainOutcome,
-};
+use crate::train::{batch_bounds, non_finite_gradient, regularize, stream, EarlyStopping, Observer, Optimizer};
 use crate::{Error, Result};
 
 /// What [`fit_distributed`] returns on each rank.
 #[derive(Debug, Clone)]
 pub struct DistributedOutcome {
-    /// Rank 0: the trained model, whole, with its history, as
-    /// [`fit`](crate::train::fit) returns it; `None` on the other ranks.
-    pub outcome: Option<TrainOutcome>,
+    /// This rank's part of the model the run ends with (the best epoch's
+    /// under `train.keep = "best"`): the dense layers whole, of each table
+    /// the rows this rank owns ([`Din::new_shard`]'s layout).
+    /// [`gather_model`](super::gather_model) assembles it whole on rank 0;
+    /// [`save_sharded`] writes it without assembling it.
+    pub model: Din,
     /// The epochs' reports (validation metrics on rank 0 only).
     pub history: Vec<EpochReport>,
+    /// The best epoch by the monitor, when there is validation data (rank 0 only).
+    pub best_epoch: Option<usize>,
+    /// Whether early stopping ended training.
+    pub stopped_early: bool,
+    /// The epoch whose weights `model` holds.
+    pub model_epoch: usize,
     /// What this rank sent and how long it spent computing and communicating.
     pub traffic: Traffic,
 }
@@ -55,13 +63,19 @@ pub struct DistributedOutcome {
 /// ranks end with the model one process trains, up to the order of float
 /// sums (and with one rank, bitwise that model).
 ///
-/// At each epoch end the model is gathered on rank 0, which evaluates it
-/// on the validation rows, tracks the best epoch and hands it to
-/// `observer.on_epoch` (e.g. to save it). No checkpoints are written.
+/// At each epoch end rank 0 scores its validation rows, fetching their
+/// embedding rows from their owners as training does, tracks the best
+/// epoch and tells the other ranks whether to keep this epoch's model
+/// (`train.keep = "best"`), to save and to stop. With `save_to` (on rank
+/// 0; the other ranks follow rank 0) the model the run would end with is
+/// saved there after every epoch by [`save_sharded`], so no rank ever
+/// holds the whole model; then `observer.on_distributed_epoch` has the
+/// report. No checkpoints are written.
 pub fn fit_distributed(
     shard: &Shard,
     comm: &mut dyn Collective,
     observer: &mut dyn Observer,
+    save_to: Option<&std::path::Path>,
 ) -> Result<DistributedOutcome> {
     let owners = shard.owners;
     if comm.ranks() != owners.ranks || comm.rank() != owners.rank {
@@ -109,7 +123,8 @@ pub fn fit_distributed(
         reduce: ReduceBuffers::default(),
         flags: Vec::new(),
     };
-    let (mut history, mut whole, mut best_model) = (Vec::new(), None::<Din>, None::<Din>);
+    let (mut history, mut best_model) = (Vec::new(), None::<Din>);
+    let (mut model_epoch, mut best_kept) = (0, 0);
     let mut stopped_early = false;
     for epoch in 1..=tc.epochs {
         if tc.shuffle {
@@ -174,11 +189,19 @@ pub fn fit_distributed(
             )));
         }
         let train_seconds = start.elapsed().as_secs_f64();
-        gather_model(&model, layout, owners, &mut meter, &mut whole)?;
-        let validation = match (&whole, &data.validation) {
-            (Some(w), Some(v)) => Some(pool.install(|| evaluate(w, v, tc.eval_batch_size))),
-            _ => None,
-        };
+        let before = meter.traffic.clone();
+        let validation = evaluate_sharded(
+            &mut model,
+            data.validation.as_ref(),
+            &data.train.batch,
+            tc.eval_batch_size,
+            layout,
+            owners,
+            &mut meter,
+            &pool,
+            &mut step.exchange,
+        )?;
+        meter.traffic.count_as_other_since(&before);
         let report = EpochReport {
             epoch,
             train_loss: loss_sum / (n - skipped).max(1) as f64,
@@ -188,50 +211,94 @@ pub fn fit_distributed(
             skipped_batches: skipped,
             skipped_rows: Default::default(),
         };
-        let mut stop = false;
-        if let (Some(es), Some(v), Some(w)) = (tracker.as_mut(), &report.validation, &whole) {
-            if es.observe(epoch, v) && keep_best {
-                best_model = Some(w.clone());
-            }
+        let (mut stop, mut improved) = (false, false);
+        if let (Some(es), Some(v)) = (tracker.as_mut(), &report.validation) {
+            improved = es.observe(epoch, v);
             stop = tc.early_stopping.is_some() && es.should_stop();
         }
-        if let Some(w) = &whole {
-            observer.on_epoch(&report, best_model.as_ref().unwrap_or(w))?;
-        }
         history.push(report);
-        // Rank 0 decides whether to stop.
-        meter
-            .kind(Kind::Other)
-            .all_gather_u64(&[u64::from(stop)], &mut step.flags)?;
-        if step.flags.first() == Some(&1) && epoch < tc.epochs {
+        // Rank 0 decides whether to keep this epoch's model, to save and
+        // to stop.
+        let save = save_to.is_some();
+        meter.kind(Kind::Other).all_gather_u64(
+            &[u64::from(stop), u64::from(improved), u64::from(save)],
+            &mut step.flags,
+        )?;
+        let [stop, improved, save] = [0, 1, 2].map(|k| step.flags.get(k) == Some(&1));
+        if improved && keep_best {
+            best_model = Some(model.clone());
+            best_kept = epoch;
+        }
+        model_epoch = if best_model.is_some() { best_kept } else { epoch };
+        if save {
+            let to = save_to.map(|dir| SaveTo {
+                dir,
+                config: &data.config,
+                assets: &data.assets,
+                history: &history,
+            });
+            save_sharded(to, best_model.as_ref().unwrap_or(&model), layout, owners, &mut meter)?;
+        }
+        if let Some(report) = history.last() {
+            observer.on_distributed_epoch(report)?;
+        }
+        if stop && epoch < tc.epochs {
             stopped_early = true;
             break;
         }
     }
-    let outcome = whole.map(|w| {
-        let best_epoch = tracker.as_ref().and_then(|e| e.best()).map(|b| b.0);
-        let model_epoch = match (&best_model, best_epoch) {
-            (Some(_), Some(best)) => best,
-            _ => history.len(),
-        };
-        TrainOutcome {
-            model: best_model.unwrap_or(w),
-            history: history.clone(),
-            best_epoch,
-            stopped_early,
-            model_epoch,
-            interrupted: false,
-            // The optimizer's moments stay sharded over the ranks.
-            optimizer: None,
-            rng_positions: [0, 0],
-            order: Vec::new(),
-        }
-    });
+    let best_epoch = tracker.as_ref().and_then(|e| e.best()).map(|b| b.0);
     Ok(DistributedOutcome {
-        outcome,
+        model: best_model.unwrap_or(model),
         history,
+        best_epoch,
+        stopped_early,
+        model_epoch,
         traffic: meter.traffic,
     })
+}
+
+/// Rank 0's validation metrics of the sharded model (`None` elsewhere, or
+/// without validation rows): rank 0 scores its validation rows in batches
+/// of `batch_size`, fetching their rows from their owners as training
+/// does; the other ranks serve rows (and fetch none) for as many rounds.
+/// The probabilities are those [`evaluate`](crate::scorer::evaluate)
+/// computes on the whole model, bit for bit.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_sharded(
+    model: &mut Din,
+    validation: Option<&Dataset>,
+    template: &Batch,
+    batch_size: usize,
+    layout: &Layout,
+    owners: Owners,
+    meter: &mut Meter<'_>,
+    pool: &rayon::ThreadPool,
+    exchange: &mut RowExchange,
+) -> Result<Option<Metrics>> {
+    let len = validation.map_or(0, Dataset::len);
+    let batch_size = batch_size.max(1);
+    let mut rounds = Vec::new();
+    meter
+        .kind(Kind::Other)
+        .all_gather_u64(&[len.div_ceil(batch_size) as u64], &mut rounds)?;
+    let rounds = rounds.iter().copied().max().unwrap_or(0) as usize;
+    let mut probs = Vec::with_capacity(len);
+    for k in 0..rounds {
+        let (lo, hi) = ((k * batch_size).min(len), ((k + 1) * batch_size).min(len));
+        let mut batch = match validation {
+            Some(v) => v.batch.slice(lo, hi),
+            None => template.slice(0, 0),
+        };
+        exchange.fetch(&mut batch, layout, model, owners, meter)?;
+        if batch.rows > 0 {
+            // The model computes on the fetched rows.
+            std::mem::swap(&mut model.embeddings, &mut exchange.fetched);
+            probs.extend(pool.install(|| model.predict(&batch)));
+            std::mem::swap(&mut model.embeddings, &mut exchange.fetched);
+        }
+    }
+    Ok(validation.map(|v| Metrics::compute(&v.batch.labels, &probs, v.user_ids().as_deref())))
 }
 
 /// The buffers of a step, reused from step to step.
@@ -345,72 +412,6 @@ fn non_finite_row(owned: &EmbeddingGrads, layout: &Layout, owners: Owners) -> Op
             g.grads[k]
         ))
     })
-}
-
-/// Floats of a gathered table a rank sends in one operation, at most
-/// (an MPI count is a C `int`).
-const GATHER_CHUNK: usize = 1 << 26;
-
-/// Gathers the model on rank 0 into `whole` (the dense layers from its
-/// own replica, each table's rows from their owners, in pieces of at most
-/// [`GATHER_CHUNK`] floats per rank); the other ranks only send.
-fn gather_model(
-    model: &Din,
-    layout: &Layout,
-    owners: Owners,
-    meter: &mut Meter<'_>,
-    whole: &mut Option<Din>,
-) -> Result<()> {
-    let n = owners.ranks;
-    let root = owners.rank == 0;
-    if root && whole.is_none() {
-        let embeddings = (layout.tables.iter())
-            .map(|t| Embedding {
-                weight: crate::model::Param::new(
-                    vec![0.0; t.rows() * t.dim],
-                    vec![t.rows(), t.dim],
-                    crate::model::Role::Embedding,
-                ),
-            })
-            .collect();
-        *whole = Some(Din {
-            layout: layout.clone(),
-            embeddings,
-            attention: model.attention.clone(),
-            dnn: model.dnn.clone(),
-            output: model.output.clone(),
-        });
-    }
-    if let Some(w) = whole.as_mut() {
-        w.attention.clone_from(&model.attention);
-        w.dnn.clone_from(&model.dnn);
-        w.output.clone_from(&model.output);
-    }
-    let (mut recv, mut recv_counts, mut counts) = (Vec::new(), Vec::new(), vec![0; n]);
-    meter.kind(Kind::Other);
-    for (t, table) in layout.tables.iter().enumerate() {
-        let (rows, dim) = (table.rows(), table.dim);
-        let chunk = (GATHER_CHUNK / (dim.max(1) * n)).max(1);
-        let most = owners.owned_by(0, rows);
-        let mine = &model.embeddings[t].weight.value;
-        let owned = owners.owned_by(owners.rank, rows);
-        for from in (0..most.max(1)).step_by(chunk) {
-            let (lo, hi) = (from.min(owned), (from + chunk).min(owned));
-            counts[0] = (hi - lo) * dim;
-            meter.all_to_all_f32(&mine[lo * dim..hi * dim], &counts, &mut recv, &mut recv_counts)?;
-            let Some(w) = whole.as_mut() else { continue };
-            let full = &mut w.embeddings[t].weight.value;
-            let mut at = 0;
-            for (r, &len) in recv_counts.iter().enumerate() {
-                for (k, row) in recv[at..at + len].chunks_exact(dim.max(1)).enumerate() {
-                    let id = (from + k) * n + r;
-                    full[id * dim..(id + 1) * dim].copy_from_slice(row);
-                }
-                at += len;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The dropout stream as one rank's rows of a batch draw from it: the

@@ -14,13 +14,18 @@
 //!   id counts and the item table.
 //! * [`fit_distributed`]: the training loop; the ranks end with the model
 //!   [`fit`](crate::train::fit) trains on the same data, up to the order of
-//!   float sums, gathered on rank 0.
+//!   float sums, sharded as they trained it.
+//! * [`save_sharded`]: the sharded model as one model directory, written
+//!   by rank 0 as the rows arrive, so that no rank holds the whole model
+//!   (a vocabulary too large for one machine trains and saves);
+//!   [`gather_model`] assembles it on rank 0 instead.
 //! * [`Traffic`]: the bytes each rank sent, by kind, and the time spent in
 //!   communication and in computation.
 
 mod collective;
 mod exchange;
 mod fit;
+mod save;
 mod shard;
 
 pub use collective::{
@@ -28,4 +33,5 @@ pub use collective::{
 };
 pub use exchange::{Kind, Meter, RowExchange, Traffic};
 pub use fit::{fit_distributed, DistributedOutcome};
+pub use save::{gather_model, save_sharded, SaveTo};
 pub use shard::{check_supported, load_shard, Owners, Shard};

@@ -381,6 +381,13 @@ pub trait Observer {
     fn on_epoch(&mut self, _report: &EpochReport, _model: &Din) -> Result<()> {
         Ok(())
     }
+    /// After each epoch of distributed training
+    /// ([`fit_distributed`](crate::distributed::fit_distributed)), which
+    /// holds the model sharded over the ranks and saves it itself: the
+    /// epoch's report (its validation metrics on rank 0 only).
+    fn on_distributed_epoch(&mut self, _report: &EpochReport) -> Result<()> {
+        Ok(())
+    }
     /// Between a batch's backward pass and its optimizer step: the dense
     /// gradients are in `model`'s parameters, the embedding rows' in
     /// `embeddings`. For inspection, clipping, or injecting faults in tests.
