@@ -78,7 +78,7 @@ fi
 # killed by the limit; 4 ranks each hold a quarter, train, and save one
 # model directory (rank 0 writes it as the rows stream in); `din evaluate`,
 # not limited, reads it.
-LIMIT_MIB=${LIMIT_MIB:-512}
+LIMIT_MIB=${LIMIT_MIB:-640}
 if part 3; then
 for n in 1 4; do
   echo "== table-size test: $n rank(s), item table $BIG_ITEMS x 8, each rank limited to $LIMIT_MIB MiB"
