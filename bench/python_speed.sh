@@ -17,6 +17,8 @@ DATA=${DATA:-runs/bench-data}
 ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-2}
 PYTHON_DIN=${PYTHON_DIN:-.ci/venv/bin/python}
+# Absolute, for the runs from bench/ (not resolved: a venv's python is a link).
+[[ $PYTHON_DIN == /* ]] || PYTHON_DIN=$PWD/$PYTHON_DIN
 VENV_TORCH=${VENV_TORCH:-/work/venv-ref}
 OUT=${OUT:-runs/python-speed}
 DIN=./target/release/din
@@ -31,7 +33,7 @@ RESULTS=$OUT/results.jsonl
 lscpu | sed -n 's/^Model name:\s*//p' | head -1 > "$OUT/cpu.txt"
 for round in $(seq 1 "$ROUNDS"); do
   $DIN bench run --data "$DATA" --threads "$THREADS" --json | python3 -c 'import json,sys; t=sys.stdin.read(); o=json.loads(t[t.index("{"):t.rindex("}")+1]); o["impl"]="din-cli"; print(json.dumps(o))' >> "$RESULTS"
-  (cd bench && "../$PYTHON_DIN" python_speed.py --data "../$DATA" --threads "$THREADS" --batch-size 256) >> "$RESULTS"
+  (cd bench && "$PYTHON_DIN" python_speed.py --data "../$DATA" --threads "$THREADS" --batch-size 256) >> "$RESULTS"
   (cd bench && "$VENV_TORCH/bin/python" deepctr_torch_speed.py --data "../$DATA" --threads "$THREADS" --batch-size 256 \
      --att-hidden 256,128,64 --embedding-dim 8 --train-method fit --repetitions 20) >> "$RESULTS"
   echo "round $round done" >&2
