@@ -192,11 +192,10 @@ impl ShardStream<'_> {
 impl TensorStream for ShardStream<'_> {
     fn tensors(&self) -> Vec<(String, Vec<usize>)> {
         let mut out = Vec::new();
-        let tables = self.layout.tables.len();
         let mut k = 0;
         self.model.visit("", &mut |name, p| {
             // The tables come first, whole.
-            let shape = match self.layout.tables.get(k).filter(|_| k < tables) {
+            let shape = match self.layout.tables.get(k) {
                 Some(t) => vec![t.rows(), t.dim],
                 None => p.shape.clone(),
             };
