@@ -1,6 +1,8 @@
-//! Matrix products over the `gemm` crate. All matrices are row-major `f32`.
+//! Matrix products over the `gemm` crates' f32 kernels (`gemm-f32`, the
+//! function the `gemm` facade dispatches f32 to). All matrices are
+//! row-major `f32`.
 
-use gemm::{gemm, Parallelism};
+use gemm_common::Parallelism;
 
 /// Products smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_THRESHOLD: usize = 1 << 16;
@@ -56,24 +58,49 @@ fn product(
         } else {
             Parallelism::None
         };
+    // What the `gemm` facade does before it hands f32 to `gemm-f32`: its
+    // kernels want a column-major destination, so a row-major `c` (column
+    // stride 1 below its row stride `n`) is computed as `cᵀ = bᵀ·aᵀ`, the
+    // same sums in the same order. Strides here are never negative, the
+    // facade's other rewrite.
+    let (dst_cs, dst_rs) = (1, n as isize);
+    let transpose = dst_cs < dst_rs;
+    let (m, n, (dst_cs, dst_rs), (lhs, lhs_cs, lhs_rs), (rhs, rhs_cs, rhs_rs)) = if transpose {
+        (
+            n,
+            m,
+            (dst_rs, dst_cs),
+            (b.as_ptr(), b_rs, b_cs),
+            (a.as_ptr(), a_rs, a_cs),
+        )
+    } else {
+        (
+            m,
+            n,
+            (dst_cs, dst_rs),
+            (a.as_ptr(), a_cs, a_rs),
+            (b.as_ptr(), b_cs, b_rs),
+        )
+    };
     // SAFETY: the assert above checks that every matrix holds the elements
-    // addressed by its shape and strides; `c` does not alias `a` or `b`
-    // (guaranteed by the borrow checker: `c` is a unique borrow).
+    // addressed by its shape and strides (transposing swaps shapes and
+    // strides together); `c` does not alias `a` or `b` (guaranteed by the
+    // borrow checker: `c` is a unique borrow).
     unsafe {
-        gemm(
+        gemm_f32::gemm::f32::get_gemm_fn()(
             m,
             n,
             k,
             c.as_mut_ptr(),
-            1,
-            n as isize,
+            dst_cs,
+            dst_rs,
             accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
             1.0,
             1.0,
             false,

@@ -1,4 +1,4 @@
-//! Running an exported ONNX file: in tract, and in ONNX Runtime through
+//! Running an exported ONNX file in ONNX Runtime through
 //! `tests/python/check_onnx.py` when `DIN_ONNX_PYTHON` names a Python that
 //! has onnxruntime and onnx (`.ci/run` makes one). Shared by din's and the
 //! `din` binary's tests (included with `#[path]`).
@@ -7,34 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use din::export::{FeedValues, OnnxFeed, PROBABILITY};
+use din::export::{FeedValues, OnnxFeed, ATTENTION, PROBABILITY};
 use serde_json::{json, Value};
-use tract_onnx::prelude::*;
-
-/// Runs the ONNX bytes on `feeds` with tract: (probability `[B]`,
-/// attention `[B, T]` flattened, T).
-pub fn run_tract(bytes: &[u8], feeds: &[OnnxFeed]) -> (Vec<f32>, Vec<f32>, usize) {
-    let model = tract_onnx::onnx()
-        .model_for_read(&mut &bytes[..])
-        .expect("tract reads the file")
-        .into_optimized()
-        .expect("tract optimises the graph")
-        .into_runnable()
-        .expect("tract plans the graph");
-    let inputs: TVec<TValue> = feeds
-        .iter()
-        .map(|f| match &f.values {
-            FeedValues::Ids(v) => Tensor::from_shape(&f.shape, v).unwrap().into_tvalue(),
-            FeedValues::Floats(v) => Tensor::from_shape(&f.shape, v).unwrap().into_tvalue(),
-        })
-        .collect();
-    let out = model.run(inputs).expect("tract runs the graph");
-    let p = out[0].to_plain_array_view::<f32>().unwrap();
-    let a = out[1].to_plain_array_view::<f32>().unwrap();
-    assert_eq!(p.shape(), &[feeds[0].shape[0]], "{PROBABILITY} is [batch]");
-    let t = a.shape()[1];
-    (p.iter().copied().collect(), a.iter().copied().collect(), t)
-}
 
 /// `DIN_ONNX_PYTHON`, or `None` with a `skipped` line.
 pub fn python() -> Option<PathBuf> {
@@ -47,8 +21,14 @@ pub fn python() -> Option<PathBuf> {
     }
 }
 
+/// What ONNX Runtime gave: (probability `[B]`, attention `[B, T]`
+/// flattened, T).
+pub type Outputs = (Vec<f32>, Vec<f32>, usize);
+
 /// Writes the case for `check_onnx.py` (the file, the feeds, the expected
-/// outputs, flattened) and runs it with `python`; fails with its report.
+/// outputs, flattened) and runs it with `python`: the ONNX checker, then
+/// ONNX Runtime, whose outputs must match `outputs` to `tolerance`
+/// (relative above 1). Fails with its report; returns what it computed.
 pub fn check_in_onnxruntime(
     python: &Path,
     name: &str,
@@ -56,7 +36,7 @@ pub fn check_in_onnxruntime(
     feeds: &[OnnxFeed],
     outputs: &[(&str, &[f32])],
     tolerance: f64,
-) {
+) -> Outputs {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("model.onnx"), bytes).unwrap();
     let inputs: serde_json::Map<String, Value> = feeds
@@ -85,4 +65,26 @@ pub fn check_in_onnxruntime(
         String::from_utf8_lossy(&out.stderr)
     );
     eprint!("{}", String::from_utf8_lossy(&out.stdout));
+    let got: Value = serde_json::from_slice(&std::fs::read(dir.path().join("got.json")).unwrap()).unwrap();
+    let values = |k: &str| -> (Vec<f32>, Vec<usize>) {
+        let o = &got[k];
+        let data = o["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let shape = o["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        (data, shape)
+    };
+    let (p, p_shape) = values(PROBABILITY);
+    let (a, a_shape) = values(ATTENTION);
+    assert_eq!(p_shape, [feeds[0].shape[0]], "{PROBABILITY} is [batch]");
+    assert_eq!(a_shape.len(), 2, "{ATTENTION} is [batch, T]");
+    (p, a, a_shape[1])
 }
