@@ -1429,3 +1429,90 @@ fn train_skips_bad_rows_on_request_and_reports_them() {
     let out = din(tmp.path(), &strict);
     assert_error(&out, &["dirty.txt", "2 of 1380 rows are malformed", "0.001"]);
 }
+
+/// `--precision` on predict and evaluate: bf16 scores within 1e-2 of
+/// fp32's and not all equal, the metrics close, the kernel named; a bad
+/// value is a usage error naming the choices.
+#[test]
+fn predict_and_evaluate_take_a_precision() {
+    let tmp = TempDir::new().unwrap();
+    let model = tmp.path().join("model");
+    assert_ok(&train(tmp.path(), &model, &["--epochs", "1"]));
+    let mut scores = Vec::new();
+    for p in ["fp32", "bf16"] {
+        let path = tmp.path().join(format!("{p}.txt"));
+        let out = din(
+            tmp.path(),
+            args![
+                "predict",
+                "--model",
+                model,
+                "--data",
+                sample(),
+                "--out",
+                path,
+                "--precision",
+                p
+            ],
+        );
+        assert_ok(&out);
+        assert_eq!(
+            stderr(&out).contains("precision bf16: bf16"),
+            p == "bf16",
+            "{}",
+            stderr(&out)
+        );
+        let text = fs::read_to_string(&path).unwrap();
+        scores.push(text.lines().map(|l| l.parse::<f32>().unwrap()).collect::<Vec<_>>());
+    }
+    assert_eq!(scores[0].len(), SAMPLE_ROWS);
+    let worst = scores[0]
+        .iter()
+        .zip(&scores[1])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(worst > 0.0 && worst <= 1e-2, "bf16 against fp32: {worst}");
+
+    let metrics: Vec<(f64, f64, f64)> = ["fp32", "bf16"]
+        .iter()
+        .map(|p| {
+            let out = din(
+                tmp.path(),
+                args![
+                    "evaluate",
+                    "--model",
+                    model,
+                    "--data",
+                    sample(),
+                    "--json",
+                    "--precision",
+                    p
+                ],
+            );
+            assert_ok(&out);
+            metric_triple(&serde_json::from_str(&stdout(&out)).unwrap())
+        })
+        .collect();
+    assert!((metrics[0].0 - metrics[1].0).abs() < 0.01, "{metrics:?}");
+
+    let out = din(
+        tmp.path(),
+        args![
+            "predict",
+            "--model",
+            model,
+            "--data",
+            sample(),
+            "--out",
+            "x.txt",
+            "--precision",
+            "fp16"
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(
+        stderr(&out).contains("unknown precision \"fp16\": expected fp32, bf16 or auto"),
+        "{}",
+        stderr(&out)
+    );
+}

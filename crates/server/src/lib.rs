@@ -68,6 +68,9 @@ pub struct ServeConfig {
     pub io_threads: usize,
     /// Request and queue limits.
     pub limits: Limits,
+    /// Inference precision for every model served (`None`: each model's
+    /// `model.precision`).
+    pub precision: Option<din::model::Precision>,
 }
 
 /// Why the server could not start or stopped.
@@ -124,11 +127,12 @@ pub fn build_state(config: &ServeConfig) -> Result<Arc<AppState>, ServeError> {
             "--queue, --max-candidates and --max-body-bytes must be at least 1".into(),
         ));
     }
-    let loaded = state::load(&config.model)?;
+    let loaded = state::load(&config.model, config.precision)?;
     let pool = din::threads::thread_pool(config.threads).map_err(|e| ServeError::Config(e.to_string()))?;
     Ok(Arc::new(AppState::new(
         loaded,
         config.model.clone(),
+        config.precision,
         pool,
         config.limits,
     )))

@@ -191,8 +191,8 @@ pub async fn reload(State(st): State<Arc<AppState>>) -> Result<Json<ReloadRespon
 /// Loads and checks the model that `--model` names now, then swaps it in.
 pub async fn reload_model(st: &Arc<AppState>) -> Result<ReloadResponse, ApiError> {
     let _one_at_a_time = st.reloading.lock().await;
-    let source = st.source.clone();
-    let loaded = tokio::task::spawn_blocking(move || state::load(&source))
+    let (source, precision) = (st.source.clone(), st.precision);
+    let loaded = tokio::task::spawn_blocking(move || state::load(&source, precision))
         .await
         .map_err(|e| ApiError::internal(format!("the reload task failed: {e}")))?;
     match loaded {

@@ -8,6 +8,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 
 use din::checkpoint::CONFIG_FILE;
+use din::model::Precision;
 use din::scorer::Scorer;
 
 use crate::metrics::Metrics;
@@ -55,12 +56,18 @@ pub fn resolve(source: &Path) -> Result<(PathBuf, Option<String>), ServeError> {
     }
 }
 
-/// Loads the model `source` names (see [`resolve`]), checking every file.
-pub fn load(source: &Path) -> Result<Loaded, ServeError> {
+/// Loads the model `source` names (see [`resolve`]), checking every file,
+/// to score in `precision` (default: its config's `model.precision`).
+pub fn load(source: &Path, precision: Option<Precision>) -> Result<Loaded, ServeError> {
     let (dir, version) = resolve(source)?;
-    let scorer = Scorer::load(&dir).map_err(|e| ServeError::Model {
+    let mut scorer = Scorer::load(&dir).map_err(|e| ServeError::Model {
         message: format!("{}: {e}", dir.display()),
     })?;
+    let precision = precision.unwrap_or(scorer.config.model.precision);
+    let kernel = scorer.set_precision(precision);
+    if precision != Precision::Fp32 {
+        tracing::info!(%precision, kernel = kernel.describe(), "inference precision");
+    }
     // load_model refuses weights that are not finite, as every loader does.
     let version = version.unwrap_or_else(|| scorer.file.weights_fingerprint.clone());
     Ok(Loaded { scorer, version, dir })
@@ -71,6 +78,8 @@ pub struct AppState {
     model: RwLock<Arc<Loaded>>,
     /// The `--model` folder, read again on reload.
     pub source: PathBuf,
+    /// `--precision`, applied to every model loaded.
+    pub precision: Option<Precision>,
     /// The compute pool (sized to the cores), apart from the I/O threads.
     pub pool: Arc<rayon::ThreadPool>,
     /// Jobs to the dispatchers, first come first served.
@@ -110,7 +119,13 @@ impl Drop for Slot {
 
 impl AppState {
     /// State serving `loaded`.
-    pub fn new(loaded: Loaded, source: PathBuf, pool: rayon::ThreadPool, limits: Limits) -> AppState {
+    pub fn new(
+        loaded: Loaded,
+        source: PathBuf,
+        precision: Option<Precision>,
+        pool: rayon::ThreadPool,
+        limits: Limits,
+    ) -> AppState {
         let metrics = Metrics::new();
         metrics.set_model(&loaded.version);
         let (tx, rx) = mpsc::channel::<Job>();
@@ -137,6 +152,7 @@ impl AppState {
         AppState {
             model: RwLock::new(Arc::new(loaded)),
             source,
+            precision,
             pool: Arc::new(pool),
             jobs: Mutex::new(tx),
             depth: AtomicUsize::new(0),

@@ -21,7 +21,7 @@ fn model() -> &'static (Arc<Loaded>, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("model");
         common::train_model(dir.path(), &out, 1);
-        (Arc::new(load(&out).expect("loads")), dir)
+        (Arc::new(load(&out, None).expect("loads")), dir)
     })
 }
 

@@ -414,3 +414,35 @@ async fn reload_serves_the_highest_version_and_refuses_a_broken_one() {
         .contains("`output.bias`: holds a NaN"));
     assert_eq!(state.current().version, "2");
 }
+
+#[tokio::test]
+async fn a_precision_applies_to_every_model_served() {
+    use din::model::Precision;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let versions = dir.path().join("versions");
+    common::train_model(&dir.path().join("w1"), &versions.join("1"), 1);
+    let fp32 = common::state_over(&versions, Limits::default());
+    let bf16 = common::state_with_precision(&versions, Limits::default(), Some(Precision::Bf16));
+    assert!(!fp32.current().scorer.model.kernel().is_bf16());
+    assert!(bf16.current().scorer.model.kernel().is_bf16());
+    let scores = |v: Value| -> Vec<f64> {
+        v["scores"]
+            .as_array()
+            .expect("scores")
+            .iter()
+            .map(|x| x.as_f64().expect("number"))
+            .collect()
+    };
+    let body = common::request(30);
+    let a = scores(score(&router(fp32.clone()), &body).await.json());
+    let b = scores(score(&router(bf16.clone()), &body).await.json());
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(worst <= 1e-2, "bf16 against fp32: {worst}");
+    // A reloaded model scores in the same precision.
+    common::train_model(&dir.path().join("w2"), &versions.join("2"), 2);
+    let app = router(bf16.clone());
+    let r = call(&app, Method::POST, "/v1/reload", None, Body::empty()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(bf16.current().version, "2");
+    assert!(bf16.current().scorer.model.kernel().is_bf16());
+}

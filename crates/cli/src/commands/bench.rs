@@ -350,7 +350,9 @@ fn measure(a: &RunArgs) -> Result<()> {
     // The whole run, checkpoint writes included.
     let train_seconds = fit_start.elapsed().as_secs_f64();
     let train_sps = outcome.history[0].samples_per_second;
-    let model = outcome.model;
+    let mut model = outcome.model;
+    // Inference in `model.precision` (`--set model.precision=bf16`).
+    let kernel = model.set_precision(data.config.model.precision);
     let pool = thread_pool(a.threads)?;
     let flops_forward = forward_flops(&model, &data.layout, n, behaviours);
     let (flops_flat, flops_grouped) = train_flops(&model, &data.layout, n, behaviours, keys);
@@ -421,6 +423,7 @@ fn measure(a: &RunArgs) -> Result<()> {
     let infer_gflops = flops_forward / n as f64 * infer_sps / 1e9;
     let report = serde_json::json!({
         "threads": a.threads,
+        "precision": kernel.describe(),
         "batch_size": a.batch_size,
         "samples": n,
         "mean_history": behaviours as f64 / n as f64,
@@ -449,10 +452,11 @@ fn measure(a: &RunArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "samples {n}, mean history {:.1}, {} threads, batch {}",
+            "samples {n}, mean history {:.1}, {} threads, batch {}, inference {}",
             behaviours as f64 / n as f64,
             a.threads,
-            a.batch_size
+            a.batch_size,
+            kernel.describe()
         );
         println!("training            {train_sps:>10.0} samples/s   {train_gflops:>6.1} useful GFLOP/s");
         println!(

@@ -21,6 +21,11 @@ pub struct Args {
     /// Worker threads (0 = all cores; default: the training setting).
     #[arg(long)]
     threads: Option<usize>,
+    /// Inference precision: fp32, bf16 (bf16 products with f32 sums; emulated,
+    /// same scores but no faster, on a CPU without AVX512-BF16) or auto (bf16
+    /// where the CPU has it). Default: the model's model.precision (fp32).
+    #[arg(long)]
+    precision: Option<din::model::Precision>,
     /// How the data file's lines map to samples (default: the model's
     /// input.layout): `flat`, one sample per line; `grouped`, one group of
     /// candidates per line.
@@ -40,6 +45,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let mut scorer =
         Scorer::load(&args.model).with_context(|| format!("loading the model from {}", args.model.display()))?;
+    super::apply_precision(&mut scorer, args.precision);
     if let Some(layout) = args.layout {
         scorer.config.input.layout = layout.into();
     }

@@ -31,6 +31,11 @@ pub struct Args {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     max_body_bytes: usize,
+    /// Inference precision: fp32, bf16 (bf16 products with f32 sums; emulated,
+    /// same scores but no faster, on a CPU without AVX512-BF16) or auto (bf16
+    /// where the CPU has it). Default: each model's model.precision (fp32).
+    #[arg(long)]
+    precision: Option<din::model::Precision>,
 }
 
 /// Runs `din serve` until SIGTERM or ctrl-c.
@@ -46,6 +51,7 @@ pub fn run(args: Args) -> Result<()> {
             max_candidates: args.max_candidates,
             max_body_bytes: args.max_body_bytes,
         },
+        precision: args.precision,
     })
     .with_context(|| format!("serving {}", model.display()))
 }

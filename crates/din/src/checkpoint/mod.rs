@@ -627,6 +627,8 @@ pub fn load_model(dir: &Path) -> Result<SavedModel> {
             reason: format!("tensor `{extra}` is not part of the model described by config.json"),
         });
     }
+    // A loaded model scores in the precision its config asks for.
+    model.set_precision(config.model.precision);
     let read_asset = |name: &str, expected: &Option<String>| -> Result<Option<Vec<u8>>> {
         let path = dir.join(name);
         let Some(expected) = expected else {

@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16;
 pub mod embedding;
 pub mod linalg;
 pub mod linear;
@@ -19,6 +20,7 @@ use rand_chacha::ChaCha8Rng;
 
 pub use activation::{Activation, Rowwise};
 pub use attention::{Attention, AttentionCache, Histories};
+pub use bf16::{Kernel, Precision};
 pub use embedding::{Embedding, SparseGrad};
 pub use linear::Linear;
 pub use mlp::{Mlp, MlpCache};
@@ -253,6 +255,18 @@ impl Din {
             col += dim;
         }
         debug_assert_eq!(col, width);
+    }
+
+    /// Infers with `precision` from now on (see [`bf16`]: the attention
+    /// unit's hidden layers after the first in bf16); returns the kernel it
+    /// resolved to on this CPU. Training passes stay f32.
+    pub fn set_precision(&mut self, precision: Precision) -> Kernel {
+        self.attention.set_precision(precision)
+    }
+
+    /// The kernel inference runs on.
+    pub fn kernel(&self) -> Kernel {
+        self.attention.kernel()
     }
 
     /// Click probabilities `[B]` (inference mode). The attention unit keeps

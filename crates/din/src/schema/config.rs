@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::Precision;
 use crate::{Error, Result};
 
 /// The whole run configuration: where the data is, how to read it, the feature
@@ -372,6 +373,11 @@ pub struct ModelConfig {
     /// The DNN tower.
     #[serde(default)]
     pub dnn: DnnConfig,
+    /// The precision of inference (`fp32`, `bf16` or `auto`; see
+    /// [`crate::model::bf16`]): what a loaded model scores with unless a
+    /// command's `--precision` says otherwise. Training is f32.
+    #[serde(default, skip_serializing_if = "Precision::is_fp32")]
+    pub precision: Precision,
 }
 
 /// Activation functions.

@@ -11,7 +11,7 @@ pub use request::{Attended, Scored};
 use crate::checkpoint::{self, Assets, ModelFile};
 use crate::data::{apply_vocab, read_dataset, stream_dataset, Dataset, ReadOptions};
 use crate::metrics::Metrics;
-use crate::model::Din;
+use crate::model::{Din, Kernel, Precision};
 use crate::schema::{Config, Layout};
 use crate::threads::thread_pool;
 use crate::Result;
@@ -42,6 +42,13 @@ impl Scorer {
             assets: m.assets,
             file: m.file,
         })
+    }
+
+    /// Scores with `precision` from now on (see [`crate::model::bf16`]);
+    /// returns the kernel it resolved to on this CPU.
+    pub fn set_precision(&mut self, precision: Precision) -> Kernel {
+        self.config.model.precision = precision;
+        self.model.set_precision(precision)
     }
 
     /// A scorer over a model in memory, not read from a directory (its

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use din::checkpoint::save_with_assets;
+use din::model::Precision;
 use din::prepare::{prepare, read_log, LogSpec, PrepareOptions};
 use din::schema::Config;
 use din::train::{fit, load_training_data, Silent};
@@ -57,12 +58,18 @@ pub fn state(dir: &Path, limits: Limits) -> (Arc<AppState>, PathBuf) {
 
 /// Server state over the model (or version folder) `model`.
 pub fn state_over(model: &Path, limits: Limits) -> Arc<AppState> {
+    state_with_precision(model, limits, None)
+}
+
+/// [`state_over`] scoring in `precision` (`din serve --precision`).
+pub fn state_with_precision(model: &Path, limits: Limits, precision: Option<Precision>) -> Arc<AppState> {
     build_state(&ServeConfig {
         model: model.to_path_buf(),
         addr: "127.0.0.1:0".parse().expect("addr"),
         threads: 2,
         io_threads: 1,
         limits,
+        precision,
     })
     .expect("state")
 }

@@ -28,6 +28,7 @@ use rayon::prelude::*;
 
 use super::{softmax_in_place, Attention, Histories};
 use crate::model::activation::Moments;
+use crate::model::bf16::Bf16Matrix;
 use crate::model::linalg::serial;
 use crate::model::mlp::Block;
 use crate::model::{Mode, Rowwise};
@@ -208,6 +209,8 @@ struct Shared<'a> {
     /// Training: keep each layer's pre-activation and output for the backward
     /// pass. Inference applies activations in place.
     keep: bool,
+    /// Inference in bf16: hidden layers `1..` in bf16 (see [`super::super::bf16`]).
+    bf16: Option<&'a [Bf16Matrix]>,
 }
 
 impl<'a> Shared<'a> {
@@ -241,6 +244,7 @@ impl<'a> Shared<'a> {
             shared_k1: &[],
             shared_at: &[],
             keep: true,
+            bf16: None,
         }
     }
 
@@ -408,7 +412,10 @@ impl<'a> Shared<'a> {
                 }
                 input = if self.keep { out } else { pre };
             } else {
-                serial::matmul(n, width_in, h, input, &block.linear.weight.value, pre, false); // [n, h]
+                match self.bf16 {
+                    Some(w) => w[l - 1].matmul(n, input, pre),
+                    None => serial::matmul(n, width_in, h, input, &block.linear.weight.value, pre, false),
+                } // [n, h]
                 if self.keep {
                     self.add_bias_apply(l, pre, bias, out);
                     input = out;
@@ -841,6 +848,7 @@ impl Attention {
             shared_k1: &st.shared_k1,
             shared_at: &st.shared_at,
             keep,
+            bf16: if keep { None } else { self.bf16_layers() },
             ..Shared::new(self, &layout, st, q, keys)
         };
         let offsets = &st.offsets;

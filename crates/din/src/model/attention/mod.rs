@@ -22,6 +22,7 @@ mod chunked;
 use rand::Rng;
 
 use super::activation::ActivationCache;
+use super::bf16::{Bf16Matrix, Bf16State, Kernel, Precision};
 use super::linalg::{matmul, matmul_a_bt, matmul_at_b};
 use super::linear::Linear;
 use super::mlp::{Block, Mlp, MlpCache};
@@ -42,6 +43,9 @@ pub struct Attention {
     pub normalization: Normalization,
     /// Attention or plain sum pooling.
     pub pooling: Pooling,
+    /// The kernel of inference and the hidden layers' bf16 weights
+    /// (see [`Attention::set_precision`]).
+    bf16: Bf16State,
 }
 
 /// Which keys each sample's query attends over.
@@ -147,7 +151,52 @@ impl Attention {
             output,
             normalization: config.normalization,
             pooling: config.pooling,
+            bf16: Bf16State::default(),
         }
+    }
+
+    /// Infers with `precision` from now on (see [`super::bf16`]); returns
+    /// the kernel it resolved to on this CPU. Training passes stay f32.
+    /// The bf16 weights are made from the f32 ones at the next inference,
+    /// and again after any change through [`Module::visit_mut`]; after
+    /// writing the public weight fields directly, call this again.
+    pub fn set_precision(&mut self, precision: Precision) -> Kernel {
+        let kernel = precision.resolve();
+        self.set_kernel(kernel);
+        kernel
+    }
+
+    /// Infers on `kernel`.
+    ///
+    /// # Panics
+    /// If `kernel` is [`Kernel::Avx512Bf16`] and this CPU lacks it (see
+    /// [`super::bf16::bf16_hardware`]).
+    pub fn set_kernel(&mut self, kernel: Kernel) {
+        assert!(
+            kernel != Kernel::Avx512Bf16 || super::bf16::bf16_hardware() == Some(kernel),
+            "this CPU has no AVX512-BF16"
+        );
+        self.bf16.set(kernel);
+    }
+
+    /// The kernel inference runs on.
+    pub fn kernel(&self) -> Kernel {
+        self.bf16.kernel()
+    }
+
+    /// With a bf16 kernel, the hidden layers after the first in bf16
+    /// (`[H_l, H_l+1]` each), made from the weights the first time.
+    fn bf16_layers(&self) -> Option<&[Bf16Matrix]> {
+        self.bf16.layers(|kernel| {
+            self.rest
+                .blocks
+                .iter()
+                .map(|b| {
+                    let l = &b.linear;
+                    Bf16Matrix::new(l.input_dim(), l.output_dim(), &l.weight.value, kernel)
+                })
+                .collect()
+        })
     }
 
     fn dims(&self) -> (usize, usize) {
@@ -554,6 +603,8 @@ impl Module for Attention {
         self.output.visit(&format!("{prefix}.output"), f);
     }
     fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(String, &mut Param)) {
+        // The weights may change: bf16 copies are made again when next used.
+        self.bf16.invalidate();
         self.first.visit_mut(&format!("{prefix}.layers.0"), f);
         self.rest.visit_from_mut(&format!("{prefix}.layers"), 1, f);
         self.output.visit_mut(&format!("{prefix}.output"), f);
