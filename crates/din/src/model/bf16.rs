@@ -5,15 +5,15 @@
 //! and resolved at run time from the CPU's features into the [`Kernel`] that
 //! runs the products:
 //!
-//! * [`Kernel::Avx512Bf16`]: `vdpbf16ps` (AVX512-BF16: AMD Zen 4, Intel
-//!   Cooper Lake and later), a hand-written microkernel over weights packed
+//! * [`Kernel::Avx512Bf16`]: `vdpbf16ps` (AVX512-BF16: AMD Zen 4 and later,
+//!   Intel Cooper Lake and Sapphire Rapids onward), a hand-written microkernel over weights packed
 //!   once in bf16 pairs. Hand-written because the `gemm` crates have no bf16
 //!   kernel, and oneDNN would add a C++ library to the build for one product.
 //! * [`Kernel::Emulated`]: the same arithmetic on any CPU: weights and
 //!   activations rounded to bf16 (round to nearest even), products and sums
 //!   in f32 through the FP32 `gemm` kernels. A product of two bf16 values is
 //!   exact in f32, so this differs from the hardware only in the order of
-//!   the sums. It is no faster than FP32; it is what `bf16` gives where the
+//!   the sums (and below 1e-38, where the hardware flushes to zero). It is no faster than FP32; it is what `bf16` gives where the
 //!   CPU has no bf16 instructions, so that scores are those of bf16
 //!   everywhere, and what the tests check the hardware kernel against.
 //! * [`Kernel::Fp32`]: the FP32 path, bit for bit what it was.
@@ -121,7 +121,10 @@ impl Kernel {
 /// The bf16 kernel this CPU has, if any.
 pub fn bf16_hardware() -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+    {
         return Some(Kernel::Avx512Bf16);
     }
     None
@@ -181,9 +184,17 @@ pub struct Bf16Matrix {
 }
 
 impl Bf16Matrix {
-    /// The `[k, n]` row-major `w` in bf16 for `kernel` (a bf16 kernel).
+    /// The `[k, n]` row-major `w` in bf16 for `kernel`.
+    ///
+    /// # Panics
+    /// If `w` is not `k * n` long, or `kernel` is not a bf16 kernel this CPU
+    /// runs ([`Kernel::Emulated`], or what [`bf16_hardware`] gives).
     pub fn new(k: usize, n: usize, w: &[f32], kernel: Kernel) -> Self {
         assert_eq!(w.len(), k * n, "weight shape");
+        assert!(
+            kernel != Kernel::Avx512Bf16 || bf16_hardware() == Some(kernel),
+            "this CPU has no AVX512-BF16"
+        );
         let mut m = Bf16Matrix {
             k,
             n,
@@ -212,8 +223,8 @@ impl Bf16Matrix {
             }),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16 => {
-                // SAFETY: this kernel is only made by `bf16_hardware`, after
-                // checking the CPU has AVX512F and AVX512-BF16.
+                // SAFETY: `new` made this matrix for this kernel only after
+                // `bf16_hardware` found AVX512F, AVX512BW and AVX512-BF16.
                 unsafe { packed_product(m, k, n, a, &self.packed, c, avx512::tile) };
             }
             _ => unreachable!("no bf16 kernel {:?} on this architecture", self.kernel),
@@ -272,6 +283,13 @@ impl Bf16State {
     }
 }
 
+/// The store masks of a tile's two halves for its first `cols` columns
+/// (1 to [`NR`]): bit `j` of each stores column `j` of that half.
+fn store_masks(cols: usize) -> (u16, u16) {
+    let mask = |n: usize| ((1u32 << n.min(16)) - 1) as u16;
+    (mask(cols), mask(cols.saturating_sub(16)))
+}
+
 /// Packs `w` (`[k, n]`) into the panels [`Bf16Matrix::packed`] describes.
 fn pack_weights(k: usize, n: usize, w: &[f32]) -> Vec<u32> {
     let kp = k.div_ceil(2);
@@ -309,6 +327,10 @@ unsafe fn packed_product(m: usize, k: usize, n: usize, a: &[f32], packed: &[u32]
     let kp = k.div_ceil(2);
     let panels = n.div_ceil(NR);
     assert_eq!(packed.len(), panels * kp * NR, "packed weight shape");
+    if k == 0 {
+        c[..m * n].iter_mut().for_each(|x| *x = 0.0);
+        return;
+    }
     PACKED.with(|buf| {
         let mut buf = buf.borrow_mut();
         // Rows padded to a whole tile with zeros, so the kernel reads MR rows.
@@ -347,7 +369,7 @@ unsafe fn packed_product(m: usize, k: usize, n: usize, a: &[f32], packed: &[u32]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::{store_masks, MR, NR};
 
     /// The AVX512-BF16 microkernel (see [`super::Tile`]): `MR x NR`
     /// accumulators, 16 registers; per pair of `k`, two panel loads and
@@ -378,8 +400,7 @@ mod avx512 {
                 acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
             }
         }
-        let mask = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
-        let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+        let (m0, m1) = store_masks(cols);
         for (r, acc) in acc.iter().enumerate().take(rows) {
             let row = c.wrapping_add(r * ldc);
             // Masked stores touch only the `cols` columns.
@@ -393,9 +414,11 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// The microkernel's arithmetic in scalar code, lane by lane as Intel
-    /// describes `vdpbf16ps` (the high pair's product added first): checks
-    /// the packing and tiling on any CPU.
+    /// The microkernel in scalar code: like the AVX-512 one it computes all
+    /// `MR x NR` lanes (reading every row and column it may read), lane by
+    /// lane as Intel describes `vdpbf16ps` (the high pair's product added
+    /// first), and stores through [`store_masks`]: checks the packing, the
+    /// tiling and the masks on any CPU.
     unsafe fn portable_tile(
         a: *const u32,
         rows: usize,
@@ -405,16 +428,33 @@ mod tests {
         ldc: usize,
         cols: usize,
     ) {
-        for r in 0..rows {
-            for j in 0..cols {
-                let mut acc = 0.0f32;
+        let mut acc = [[0.0f32; NR]; MR];
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (j, acc) in acc.iter_mut().enumerate() {
                 for p in 0..kp {
                     let (x, y) = (*a.add(r * kp + p), *b.add(p * NR + j));
-                    acc += bf16_value((x >> 16) as u16) * bf16_value((y >> 16) as u16);
-                    acc += bf16_value(x as u16) * bf16_value(y as u16);
+                    *acc += bf16_value((x >> 16) as u16) * bf16_value((y >> 16) as u16);
+                    *acc += bf16_value(x as u16) * bf16_value(y as u16);
                 }
-                *c.add(r * ldc + j) = acc;
             }
+        }
+        let (m0, m1) = store_masks(cols);
+        let mask = u32::from(m0) | u32::from(m1) << 16;
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            for (j, &v) in acc.iter().enumerate() {
+                if mask >> j & 1 == 1 {
+                    *c.add(r * ldc + j) = v;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn store_masks_cover_exactly_the_first_columns() {
+        for cols in 1..=NR {
+            let (m0, m1) = store_masks(cols);
+            let mask = u64::from(m0) | u64::from(m1) << 16;
+            assert_eq!(mask, (1u64 << cols) - 1, "{cols} columns");
         }
     }
 
@@ -487,7 +527,9 @@ mod tests {
 
     /// Shapes with every kind of edge: odd `k`, `n` past a panel and short
     /// of one, rows short of a tile, one row, one column.
-    const SHAPES: [(usize, usize, usize); 7] = [
+    const SHAPES: [(usize, usize, usize); 9] = [
+        (0, 5, 7),
+        (2, 0, 3),
         (1, 1, 1),
         (3, 5, 7),
         (8, 16, 32),
@@ -534,6 +576,16 @@ mod tests {
     }
 
     #[test]
+    fn the_hardware_kernel_is_refused_where_the_cpu_lacks_it() {
+        if bf16_hardware().is_some() {
+            eprintln!("skipped: this CPU has AVX512-BF16");
+            return;
+        }
+        let made = std::panic::catch_unwind(|| Bf16Matrix::new(1, 1, &[1.0], Kernel::Avx512Bf16));
+        assert!(made.is_err(), "no AVX512-BF16 matrix on this CPU");
+    }
+
+    #[test]
     fn the_hardware_kernel_matches_its_scalar_model() {
         let Some(kernel) = bf16_hardware() else {
             eprintln!("skipped: this CPU has no AVX512-BF16 (the kernel's scalar model is tested above)");
@@ -542,9 +594,10 @@ mod tests {
         for (m, k, n) in SHAPES {
             let (a, w) = (values(m * k, 5), values(k * n, 6));
             let want = reference(m, k, n, &a, &w);
-            let mut c = vec![f32::NAN; m * n];
+            let mut c = vec![f32::NAN; m * n + 40];
             Bf16Matrix::new(k, n, &w, kernel).matmul(m, &a, &mut c);
             assert_near(&format!("{kernel:?} {m}x{k}x{n}"), &c, &want, k);
+            assert!(c[m * n..].iter().all(|x| x.is_nan()), "nothing written past c");
         }
     }
 }
