@@ -96,23 +96,25 @@ fn changed_weights_are_rounded_again() {
     let batch = common::batch();
     let mut m = model(&config, 7);
     m.set_precision(Precision::Bf16);
-    let before = m.predict(&batch);
-    // Change the second attention layer through the Module interface (as
-    // optimizers and checkpoint loading do).
-    m.visit_mut("", &mut |name, p| {
-        if name == "attention.layers.1.weight" {
-            p.value.iter_mut().for_each(|v| *v = -*v * 2.0);
-        }
-    });
-    let after = m.predict(&batch);
-    let mut fresh = m.clone();
-    fresh.set_precision(Precision::Bf16);
-    assert_ne!(before, after, "the change shows");
-    assert_eq!(
-        after,
-        fresh.predict(&batch),
-        "scores of the new weights, not the old bf16 copy"
-    );
+    // Change a layer of each through the Module interface (as optimizers
+    // and checkpoint loading do).
+    for layer in ["attention.layers.1.weight", "dnn.layers.1.weight"] {
+        let before = m.predict(&batch);
+        m.visit_mut("", &mut |name, p| {
+            if name == layer {
+                p.value.iter_mut().for_each(|v| *v = -*v * 2.0);
+            }
+        });
+        let after = m.predict(&batch);
+        let mut fresh = m.clone();
+        fresh.set_precision(Precision::Bf16);
+        assert_ne!(before, after, "{layer}: the change shows");
+        assert_eq!(
+            after,
+            fresh.predict(&batch),
+            "{layer}: scores of the new weights, not the old bf16 copy"
+        );
+    }
 }
 
 #[test]

@@ -117,6 +117,7 @@ fn gather_in_pieces(
         attention: model.attention.clone(),
         dnn: model.dnn.clone(),
         output: model.output.clone(),
+        dnn_bf16: Default::default(),
     });
     let mut buffers = Buffers::default();
     for t in 0..layout.tables.len() {

@@ -1,5 +1,6 @@
-//! bf16 inference: the attention unit's hidden layers multiplied with bf16
-//! weights and activations, accumulated in f32.
+//! bf16 inference: the hidden layers of the attention unit (after the
+//! first) and of the DNN multiplied with bf16 weights and activations,
+//! accumulated in f32.
 //!
 //! The precision is asked for ([`Precision`]: a config field, `--precision`)
 //! and resolved at run time from the CPU's features into the [`Kernel`] that
@@ -25,14 +26,14 @@
 //!
 //! What stays in f32: embeddings, the first attention layer (its inputs
 //! are `2D` wide, under 10% of the unit's work in the tutorial model), the
-//! score layer, activations, pooling and the DNN tower (about 1% of a
-//! request's work).
+//! score and logit layers, biases, activations and pooling.
 
 use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::OnceLock;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::linalg::serial;
@@ -229,6 +230,23 @@ impl Bf16Matrix {
             }
             _ => unreachable!("no bf16 kernel {:?} on this architecture", self.kernel),
         }
+    }
+}
+
+impl Bf16Matrix {
+    /// [`Bf16Matrix::matmul`] over the rayon pool, in blocks of rows.
+    pub fn matmul_parallel(&self, m: usize, a: &[f32], c: &mut [f32]) {
+        /// Rows per task: enough for whole tiles and to amortise packing.
+        const ROWS: usize = 64;
+        let (k, n) = (self.k, self.n);
+        if m <= ROWS || k == 0 || n == 0 {
+            return self.matmul(m, a, c);
+        }
+        assert!(a.len() >= m * k && c.len() >= m * n, "bf16 product shape mismatch");
+        c[..m * n]
+            .par_chunks_mut(ROWS * n)
+            .zip(a[..m * k].par_chunks(ROWS * k))
+            .for_each(|(c, a)| self.matmul(c.len() / n, a, c));
     }
 }
 
@@ -573,6 +591,21 @@ mod tests {
             differs |= x != y;
         }
         assert!(differs, "bf16 rounds something");
+    }
+
+    #[test]
+    fn the_parallel_product_is_the_serial_one() {
+        let (m, k, n) = (300, 40, 33);
+        let (a, w) = (values(m * k, 8), values(k * n, 9));
+        let mat = Bf16Matrix::new(k, n, &w, bf16_hardware().unwrap_or(Kernel::Emulated));
+        let (mut serial, mut parallel) = (vec![0.0; m * n], vec![f32::NAN; m * n]);
+        mat.matmul(m, &a, &mut serial);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap()
+            .install(|| mat.matmul_parallel(m, &a, &mut parallel));
+        assert_eq!(serial, parallel, "rows are independent: the same sums");
     }
 
     #[test]

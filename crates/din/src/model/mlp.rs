@@ -3,6 +3,7 @@
 use rand::Rng;
 
 use super::activation::{Activation, ActivationCache};
+use super::bf16::Bf16Matrix;
 use super::linear::Linear;
 use super::param::{Module, Param};
 use super::Mode;
@@ -119,6 +120,25 @@ impl Mlp {
             }
             cache.activations.push(ac);
         }
+    }
+
+    /// Inference with each block's weights in bf16 (`weights`, one per
+    /// block; see [`super::bf16`]): `[rows, in]` to `[rows, out_last]`.
+    pub(crate) fn infer_bf16(&self, x: Vec<f32>, rows: usize, weights: &[Bf16Matrix]) -> Vec<f32> {
+        let mut x = x;
+        let (mut pre, mut out) = (Vec::new(), Vec::new());
+        for (b, w) in self.blocks.iter().zip(weights) {
+            let o = b.linear.output_dim();
+            pre.clear();
+            pre.resize(rows * o, 0.0);
+            w.matmul_parallel(rows, &x, &mut pre); // [rows, out]
+            for row in pre.chunks_exact_mut(o) {
+                row.iter_mut().zip(&b.linear.bias.value).for_each(|(p, b)| *p += b);
+            }
+            b.activation.forward(&pre, rows, Mode::Infer, &mut out);
+            std::mem::swap(&mut x, &mut out);
+        }
+        x
     }
 
     /// Accumulates parameter gradients and returns `dx` (`[rows, in]`).

@@ -52,6 +52,8 @@ pub struct Din {
     pub dnn: Mlp,
     /// The final `[H, 1]` layer giving the logit.
     pub output: Linear,
+    /// The DNN's hidden layers in bf16 when inference is (see [`bf16`]).
+    pub(crate) dnn_bf16: bf16::Bf16State,
 }
 
 /// Intermediate values of [`Din::forward`]; pass the same cache to
@@ -128,6 +130,7 @@ impl Din {
             attention,
             dnn,
             output,
+            dnn_bf16: Default::default(),
         })
     }
 
@@ -257,11 +260,15 @@ impl Din {
         debug_assert_eq!(col, width);
     }
 
-    /// Infers with `precision` from now on (see [`bf16`]: the attention
-    /// unit's hidden layers after the first in bf16); returns the kernel it
-    /// resolved to on this CPU. Training passes stay f32.
+    /// Infers with `precision` from now on (see [`bf16`]: the hidden layers
+    /// of the attention unit, after the first, and of the DNN in bf16);
+    /// returns the kernel it resolved to on this CPU. Training passes stay
+    /// f32. The bf16 weights are made at the next inference, and again after
+    /// any change through [`Module::visit_mut`].
     pub fn set_precision(&mut self, precision: Precision) -> Kernel {
-        self.attention.set_precision(precision)
+        let kernel = self.attention.set_precision(precision);
+        self.dnn_bf16.set(kernel);
+        kernel
     }
 
     /// The kernel inference runs on.
@@ -304,9 +311,20 @@ impl Din {
             &mut weights,
         );
         self.finish_inputs(batch, &pooled, &mut x);
-        let dnn = self.dnn.forward(x, batch.rows, Mode::Infer, None);
+        let bf16 = self.dnn_bf16.layers(|kernel| {
+            (self.dnn.blocks.iter())
+                .map(|b| {
+                    let l = &b.linear;
+                    bf16::Bf16Matrix::new(l.input_dim(), l.output_dim(), &l.weight.value, kernel)
+                })
+                .collect()
+        });
+        let dnn = match bf16 {
+            Some(weights) => self.dnn.infer_bf16(x, batch.rows, weights),
+            None => self.dnn.forward(x, batch.rows, Mode::Infer, None).output,
+        };
         let mut logits = Vec::new();
-        self.output.forward(&dnn.output, batch.rows, &mut logits);
+        self.output.forward(&dnn, batch.rows, &mut logits);
         let probs = logits.into_iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect();
         (probs, weights)
     }
@@ -478,6 +496,8 @@ impl Module for Din {
             f(format!("embeddings.{}.weight", t.name), &mut e.weight);
         }
         self.attention.visit_mut("attention", f);
+        // The weights may change: bf16 copies are made again when next used.
+        self.dnn_bf16.invalidate();
         self.dnn.visit_from_mut("dnn.layers", 0, f);
         self.output.visit_mut("output", f);
     }
