@@ -588,3 +588,26 @@ def test_summary_parameters_and_module_names(tmp_path, capsys):
     with pytest.raises(RuntimeError, match="compile the model first"):
         uncompiled.fit(x, y, verbose=0)
     assert np.array_equal(uncompiled.predict(x), model.predict(x))
+
+
+def test_set_precision_scores_in_bf16_near_fp32_and_a_save_keeps_it(sample, tmp_path):
+    x, y = sample
+    model = small_model(din)
+    model.compile("adam", "binary_crossentropy")
+    model.fit(x, y, batch_size=128, epochs=1, verbose=0)
+    p32 = model.predict(x)
+    assert model.set_precision("bf16").startswith("bf16")
+    p16 = model.predict(x)
+    assert 0 < np.abs(p16 - p32).max() <= 1e-2
+    # Training goes on in f32 with the precision set (the config is the model's).
+    model.fit(x, y, batch_size=128, epochs=1, verbose=0)
+    model.save(tmp_path / "m")
+    assert din.load_model(tmp_path / "m").config["model"]["precision"] == "bf16"
+    back = din.load_model(tmp_path / "m", precision="fp32")
+    assert "precision" not in back.config["model"]
+    assert np.array_equal(back.predict(x), din.load_model(tmp_path / "m", precision="fp32").predict(x))
+    assert not np.array_equal(back.predict(x), din.load_model(tmp_path / "m").predict(x))
+    with pytest.raises(ValueError, match="fp32, bf16 or auto"):
+        model.set_precision("fp16")
+    with pytest.raises(TypeError, match="precision must be a string"):
+        model.set_precision(16)

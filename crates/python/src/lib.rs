@@ -23,7 +23,7 @@ use std::time::Duration;
 use din::checkpoint::{self, Assets, EpochReport};
 use din::data::{apply_vocab, read_record_batches, Dataset, ReadOptions};
 use din::metrics::{auc, gauc, Metrics};
-use din::model::{Din, Module};
+use din::model::{Din, Module, Precision};
 use din::schema::{Config, DataConfig, Layout, OptimizerKind};
 use din::threads::thread_pool;
 use din::train::{fit_continuing, training_data_from, Observer, Optimizer, Start, TrainOutcome};
@@ -113,6 +113,14 @@ impl Core {
             order: Vec::new(),
             history: Vec::new(),
         })
+    }
+
+    /// Scores in `precision` ("fp32", "bf16" or "auto") from now on, kept
+    /// in the config a save writes; returns what runs it on this CPU.
+    fn set_precision(&mut self, precision: &str) -> PyResult<String> {
+        let precision: Precision = precision.parse().map_err(PyValueError::new_err)?;
+        self.config.model.precision = precision;
+        Ok(self.model.set_precision(precision).describe().to_string())
     }
 
     /// The configuration, as JSON.

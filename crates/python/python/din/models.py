@@ -715,6 +715,20 @@ class DIN:
             return out["loss"]
         return list(out.values())
 
+    def set_precision(self, precision: str) -> str:
+        """Scores in ``precision`` from now on: ``"fp32"`` (the default),
+        ``"bf16"`` (the hidden layers of the attention unit, after the first,
+        and of the DNN with bf16 weights and activations and f32 sums; on a
+        CPU without AVX512-BF16 emulated: the same scores, no faster) or
+        ``"auto"`` (bf16 where the CPU has it). Training stays f32; a save
+        keeps the precision (``model.precision``), as ``din predict`` and
+        ``din serve`` read it. Returns what runs it on this CPU."""
+        if not isinstance(precision, str):
+            raise TypeError(f"precision must be a string (fp32, bf16 or auto), got {type(precision).__name__}")
+        kernel = self._core.set_precision(precision)
+        self._config = json.loads(self._core.config_json())
+        return kernel
+
     def save(self, filepath: Any) -> None:
         """Writes din's model directory (``config.json``, ``model.safetensors``,
         ``history.json``), which ``din evaluate``, ``din predict``, ``din
@@ -750,10 +764,14 @@ class DIN:
         return f"<din.DIN {len(self.feature_columns)} features, attends {pairs}>"
 
 
-def load_model(filepath: Any, compile: bool = True) -> DIN:
+def load_model(filepath: Any, compile: bool = True, precision: Optional[str] = None) -> DIN:
     """Loads a model directory written by :meth:`DIN.save` or ``din train``;
-    compiled with the optimizer and learning rate it was trained with."""
+    compiled with the optimizer and learning rate it was trained with. It
+    scores in its ``model.precision`` unless ``precision`` is given (see
+    :meth:`DIN.set_precision`)."""
     model = DIN._from_core(_din.Core.load(str(filepath)))
+    if precision is not None:
+        model.set_precision(precision)
     if not compile:
         model._compiled = False
     return model
