@@ -10,17 +10,15 @@ use din::checkpoint::{load_model, save};
 use din::model::bf16::bf16_hardware;
 use din::model::{Din, Kernel, Module, Precision, Role};
 use din::schema::Config;
-use rand::{Rng, SeedableRng};
 
-/// Random biases and slopes (they start at 0), and Dice statistics, so
-/// that every parameter shows in the scores.
+/// [`common::randomize`], with weights and embeddings three times as
+/// large, so that bf16's rounding shows in the scores.
 fn randomize(model: &mut Din, seed: u64) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    model.visit_mut("", &mut |name, p| match p.role {
-        Role::Bias | Role::Alpha => p.value.iter_mut().for_each(|v| *v = rng.gen_range(-0.5..0.5)),
-        Role::Statistic if name.contains("var") => p.value.iter_mut().for_each(|v| *v = rng.gen_range(0.2..3.0)),
-        Role::Statistic => p.value.iter_mut().for_each(|v| *v = rng.gen_range(-1.0..1.0)),
-        Role::Weight | Role::Embedding => p.value.iter_mut().for_each(|v| *v *= 3.0),
+    common::randomize(model, seed);
+    model.visit_mut("", &mut |_, p| {
+        if matches!(p.role, Role::Weight | Role::Embedding) {
+            p.value.iter_mut().for_each(|v| *v *= 3.0);
+        }
     });
 }
 

@@ -18,23 +18,10 @@ mod pb;
 
 use din::data::Batch;
 use din::export::{onnx_feeds, onnx_inputs, to_onnx, OnnxInputKind, ATTENTION, PROBABILITY};
-use din::model::{Din, Module, Role};
+use din::model::Din;
 use din::schema::{Config, Pooling};
 use onnx_support::{check_in_onnxruntime, python};
 use prost::Message;
-use rand::{Rng, SeedableRng};
-
-/// Gives every bias, slope and Dice statistic a random value (they start at
-/// 0, 0 or 1), so that each of them shows in the output.
-fn randomize(model: &mut Din, seed: u64) {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    model.visit_mut("", &mut |name, p| match p.role {
-        Role::Bias | Role::Alpha => p.value.iter_mut().for_each(|v| *v = rng.gen_range(-0.5..0.5)),
-        Role::Statistic if name.contains("var") => p.value.iter_mut().for_each(|v| *v = rng.gen_range(0.2..3.0)),
-        Role::Statistic => p.value.iter_mut().for_each(|v| *v = rng.gen_range(-1.0..1.0)),
-        _ => {}
-    });
-}
 
 /// Checks the graph in ONNX Runtime against din on `batch`, fed with
 /// `extra` padding positions past the longest history: probabilities to
@@ -75,7 +62,7 @@ fn check(python: &Path, name: &str, model: &Din, batch: &Batch, bytes: &[u8], ex
 fn model_for(config: &Config, seed: u64) -> Din {
     let layout = common::layout(config);
     let mut model = Din::new(&layout, &config.model, seed).unwrap();
-    randomize(&mut model, seed + 100);
+    common::randomize(&mut model, seed + 100);
     model
 }
 

@@ -63,10 +63,13 @@ pub fn load(source: &Path, precision: Option<Precision>) -> Result<Loaded, Serve
     let mut scorer = Scorer::load(&dir).map_err(|e| ServeError::Model {
         message: format!("{}: {e}", dir.display()),
     })?;
-    let precision = precision.unwrap_or(scorer.config.model.precision);
-    let kernel = scorer.set_precision(precision);
+    // A model scores in its own `model.precision` unless told otherwise.
+    if let Some(precision) = precision {
+        scorer.set_precision(precision);
+    }
+    let precision = scorer.config.model.precision;
     if precision != Precision::Fp32 {
-        tracing::info!(%precision, kernel = kernel.describe(), "inference precision");
+        tracing::info!(%precision, kernel = scorer.model.kernel().describe(), "inference precision");
     }
     // load_model refuses weights that are not finite, as every loader does.
     let version = version.unwrap_or_else(|| scorer.file.weights_fingerprint.clone());

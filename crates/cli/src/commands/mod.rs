@@ -42,12 +42,15 @@ impl From<LayoutArg> for din::schema::InputLayout {
     }
 }
 
-/// Applies `--precision` (or the model's `model.precision`) to a loaded
-/// model, and says which kernel scores when it is not plain fp32.
+/// Applies `--precision` to a loaded model (which scores in its own
+/// `model.precision` otherwise), and says which kernel scores when it is
+/// not plain fp32.
 pub fn apply_precision(scorer: &mut din::scorer::Scorer, precision: Option<din::model::Precision>) {
-    let precision = precision.unwrap_or(scorer.config.model.precision);
-    let kernel = scorer.set_precision(precision);
+    if let Some(precision) = precision {
+        scorer.set_precision(precision);
+    }
+    let precision = scorer.config.model.precision;
     if precision != din::model::Precision::Fp32 {
-        eprintln!("precision {precision}: {}", kernel.describe());
+        eprintln!("precision {precision}: {}", scorer.model.kernel().describe());
     }
 }

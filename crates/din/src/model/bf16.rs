@@ -119,6 +119,15 @@ impl Kernel {
     }
 }
 
+/// Panics unless this CPU runs `kernel` ([`Kernel::Avx512Bf16`] only
+/// where [`bf16_hardware`] finds it).
+pub(crate) fn assert_runs(kernel: Kernel) {
+    assert!(
+        kernel != Kernel::Avx512Bf16 || bf16_hardware() == Some(kernel),
+        "this CPU has no AVX512-BF16"
+    );
+}
+
 /// The bf16 kernel this CPU has, if any.
 pub fn bf16_hardware() -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
@@ -192,10 +201,7 @@ impl Bf16Matrix {
     /// runs ([`Kernel::Emulated`], or what [`bf16_hardware`] gives).
     pub fn new(k: usize, n: usize, w: &[f32], kernel: Kernel) -> Self {
         assert_eq!(w.len(), k * n, "weight shape");
-        assert!(
-            kernel != Kernel::Avx512Bf16 || bf16_hardware() == Some(kernel),
-            "this CPU has no AVX512-BF16"
-        );
+        assert_runs(kernel);
         let mut m = Bf16Matrix {
             k,
             n,
@@ -231,9 +237,7 @@ impl Bf16Matrix {
             _ => unreachable!("no bf16 kernel {:?} on this architecture", self.kernel),
         }
     }
-}
 
-impl Bf16Matrix {
     /// [`Bf16Matrix::matmul`] over the rayon pool, in blocks of rows.
     pub fn matmul_parallel(&self, m: usize, a: &[f32], c: &mut [f32]) {
         /// Rows per task: enough for whole tiles and to amortise packing.

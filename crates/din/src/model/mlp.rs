@@ -3,7 +3,7 @@
 use rand::Rng;
 
 use super::activation::{Activation, ActivationCache};
-use super::bf16::Bf16Matrix;
+use super::bf16::{Bf16Matrix, Kernel};
 use super::linear::Linear;
 use super::param::{Module, Param};
 use super::Mode;
@@ -120,6 +120,16 @@ impl Mlp {
             }
             cache.activations.push(ac);
         }
+    }
+
+    /// Each block's weight in bf16 for `kernel`, for [`Mlp::infer_bf16`].
+    pub(crate) fn bf16_weights(&self, kernel: Kernel) -> Vec<Bf16Matrix> {
+        (self.blocks.iter())
+            .map(|b| {
+                let l = &b.linear;
+                Bf16Matrix::new(l.input_dim(), l.output_dim(), &l.weight.value, kernel)
+            })
+            .collect()
     }
 
     /// Inference with each block's weights in bf16 (`weights`, one per

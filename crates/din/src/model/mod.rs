@@ -311,15 +311,7 @@ impl Din {
             &mut weights,
         );
         self.finish_inputs(batch, &pooled, &mut x);
-        let bf16 = self.dnn_bf16.layers(|kernel| {
-            (self.dnn.blocks.iter())
-                .map(|b| {
-                    let l = &b.linear;
-                    bf16::Bf16Matrix::new(l.input_dim(), l.output_dim(), &l.weight.value, kernel)
-                })
-                .collect()
-        });
-        let dnn = match bf16 {
+        let dnn = match self.dnn_bf16.layers(|kernel| self.dnn.bf16_weights(kernel)) {
             Some(weights) => self.dnn.infer_bf16(x, batch.rows, weights),
             None => self.dnn.forward(x, batch.rows, Mode::Infer, None).output,
         };

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use din::data::{Batch, Ragged};
+use din::model::{Din, Module, Role};
 use din::schema::{Config, Layout};
+use rand::{Rng, SeedableRng};
 
 /// `rel` inside `../shared/data`, which sits beside the repository in CI;
 /// `None` (and a `skipped` line) on a fresh clone, where the test passes.
@@ -80,6 +82,18 @@ pub fn batch() -> Batch {
         shared_sparse: Vec::new(),
         shared_dense: Vec::new(),
     }
+}
+
+/// Gives every bias, slope and Dice statistic a random value (they start at
+/// 0, 0 or 1), so that each of them shows in the output.
+pub fn randomize(model: &mut Din, seed: u64) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    model.visit_mut("", &mut |name, p| match p.role {
+        Role::Bias | Role::Alpha => p.value.iter_mut().for_each(|v| *v = rng.gen_range(-0.5..0.5)),
+        Role::Statistic if name.contains("var") => p.value.iter_mut().for_each(|v| *v = rng.gen_range(0.2..3.0)),
+        Role::Statistic => p.value.iter_mut().for_each(|v| *v = rng.gen_range(-1.0..1.0)),
+        _ => {}
+    });
 }
 
 /// The layout of `config`, validated.

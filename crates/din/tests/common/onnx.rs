@@ -66,21 +66,14 @@ pub fn check_in_onnxruntime(
     );
     eprint!("{}", String::from_utf8_lossy(&out.stdout));
     let got: Value = serde_json::from_slice(&std::fs::read(dir.path().join("got.json")).unwrap()).unwrap();
+    // Each output's values (exact: f32 written as f64) and shape.
     let values = |k: &str| -> (Vec<f32>, Vec<usize>) {
         let o = &got[k];
-        let data = o["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
-        let shape = o["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
-        (data, shape)
+        let read = |f: &str| o[f].clone();
+        (
+            serde_json::from_value(read("data")).unwrap(),
+            serde_json::from_value(read("shape")).unwrap(),
+        )
     };
     let (p, p_shape) = values(PROBABILITY);
     let (a, a_shape) = values(ATTENTION);

@@ -172,10 +172,7 @@ impl Attention {
     /// If `kernel` is [`Kernel::Avx512Bf16`] and this CPU lacks it (see
     /// [`super::bf16::bf16_hardware`]).
     pub fn set_kernel(&mut self, kernel: Kernel) {
-        assert!(
-            kernel != Kernel::Avx512Bf16 || super::bf16::bf16_hardware() == Some(kernel),
-            "this CPU has no AVX512-BF16"
-        );
+        super::bf16::assert_runs(kernel);
         self.bf16.set(kernel);
     }
 
@@ -187,16 +184,7 @@ impl Attention {
     /// With a bf16 kernel, the hidden layers after the first in bf16
     /// (`[H_l, H_l+1]` each), made from the weights the first time.
     fn bf16_layers(&self) -> Option<&[Bf16Matrix]> {
-        self.bf16.layers(|kernel| {
-            self.rest
-                .blocks
-                .iter()
-                .map(|b| {
-                    let l = &b.linear;
-                    Bf16Matrix::new(l.input_dim(), l.output_dim(), &l.weight.value, kernel)
-                })
-                .collect()
-        })
+        self.bf16.layers(|kernel| self.rest.bf16_weights(kernel))
     }
 
     fn dims(&self) -> (usize, usize) {
