@@ -28,7 +28,8 @@
 # users, default 2000), ROUNDS (3), DURATION (30), LAT_DURATION (10), THREADS
 # (2), PORT (18181), VENV_TORCH (/work/venv-ref), VENV_TF (/work/venv-tf),
 # VENV_ST (/work/venv-st), IMPLS (subset of "din serve torch keras"),
-# PHASES (subset of "1 2 3 4 5"), SKIP_BUILD=1.
+# PHASES (subset of "1 2 3 4 5"), SKIP_BUILD=1, PRECISION (fp32; bf16 or
+# auto: the server's --precision, and din bench run's in the same run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/serve-load}
@@ -43,11 +44,12 @@ VENV_TF=${VENV_TF:-/work/venv-tf}
 VENV_ST=${VENV_ST:-/work/venv-st}
 IMPLS=${IMPLS:-"din serve torch keras"}
 PHASES=${PHASES:-"1 2 3 4 5"}
-DIN=./target/release/din
+PRECISION=${PRECISION:-fp32}
+DIN=${DIN:-./target/release/din}
 URL=http://127.0.0.1:$PORT
 has() { [[ " $2 " == *" $1 "* ]]; }
 
-[[ -n "${SKIP_BUILD:-}" ]] || cargo build --release --quiet
+[[ -n "${SKIP_BUILD:-}" || $DIN != ./target/release/din ]] || cargo build --release --quiet
 if ! command -v wrk >/dev/null; then
   if [[ $(id -u) == 0 ]]; then apt-get update -qq && apt-get install -y -qq wrk >/dev/null; else
     echo "wrk is needed: apt-get install wrk" >&2; exit 1; fi
@@ -92,7 +94,8 @@ rm -rf "$OUT/versions" && mkdir -p "$OUT/versions" && cp -r "$OUT/models/a" "$OU
 
 SERVER=
 start_server() {  # start_server EXTRA_ARGS...
-  $DIN serve --model "$OUT/versions" --addr "127.0.0.1:$PORT" --threads "$THREADS" "$@" >"$OUT/logs/serve.log" 2>&1 &
+  $DIN serve --model "$OUT/versions" --addr "127.0.0.1:$PORT" --threads "$THREADS" --precision "$PRECISION" "$@" \
+    >"$OUT/logs/serve.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 100); do curl -sf "$URL/readyz" >/dev/null && return 0; sleep 0.1; done
   echo "the server did not start; see $OUT/logs/serve.log" >&2; exit 1
@@ -139,7 +142,7 @@ if has 1 "$PHASES"; then
   for r in $(seq "$ROUNDS"); do
     if has din "$IMPLS"; then
       $DIN bench run --data "$DATA" --threads "$THREADS" --latency-row "$ROW" --request-out "$OUT/request.json" \
-        --json | record 1 in-process "$r"
+        --set "model.precision=$PRECISION" --json | record 1 in-process "$r"
     fi
     if has serve "$IMPLS"; then
       [[ -f $OUT/request.json ]] || $DIN bench run --data "$DATA" --threads "$THREADS" --latency-row "$ROW" \

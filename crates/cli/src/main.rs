@@ -64,6 +64,9 @@ fn die_quietly_on_closed_pipe() {
 fn die_quietly_on_closed_pipe() {}
 
 fn main() -> ExitCode {
+    // Before any thread starts: Linux grants AMX's tile state only then
+    // (see din::model::bf16).
+    din::model::bf16::bf16_hardware();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve(_)) {
         die_quietly_on_closed_pipe();

@@ -6,10 +6,19 @@
 //! and resolved at run time from the CPU's features into the [`Kernel`] that
 //! runs the products:
 //!
+//! * [`Kernel::Amx`]: AMX tiles (`tdpbf16ps`, Intel Sapphire Rapids and
+//!   later), 32 x 32 blocks of four 16 x 16 tiles over weights packed once in
+//!   16-column panels. Written in `asm!` (the AMX intrinsics are not stable
+//!   Rust); Linux lends the tile state only to a process that asks for it
+//!   (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), which [`bf16_hardware`] does, and
+//!   refuses while a thread has a signal stack too small for the tiles:
+//!   call [`bf16_hardware`] before starting threads (the `din` binary does,
+//!   first thing). Where the request fails, the AVX512-BF16 kernel runs.
 //! * [`Kernel::Avx512Bf16`]: `vdpbf16ps` (AVX512-BF16: AMD Zen 4 and later,
 //!   Intel Cooper Lake and Sapphire Rapids onward), a hand-written microkernel over weights packed
 //!   once in bf16 pairs. Hand-written because the `gemm` crates have no bf16
 //!   kernel, and oneDNN would add a C++ library to the build for one product.
+//!   Both hardware kernels round the activations with `vcvtne2ps2bf16`.
 //! * [`Kernel::Emulated`]: the same arithmetic on any CPU: weights and
 //!   activations rounded to bf16 (round to nearest even), products and sums
 //!   in f32 through the FP32 `gemm` kernels. A product of two bf16 values is
@@ -19,10 +28,9 @@
 //!   everywhere, and what the tests check the hardware kernel against.
 //! * [`Kernel::Fp32`]: the FP32 path, bit for bit what it was.
 //!
-//! `auto` takes bf16 only where the hardware has it. AMX (Intel Sapphire
-//! Rapids) is not used yet: its intrinsics are not stable Rust, and Linux
-//! asks each process to request the tile state; on such a CPU `auto` takes
-//! the AVX512-BF16 kernel, which those CPUs also have.
+//! `auto` takes bf16 only where the hardware has it, AMX first. The
+//! environment variable `DIN_BF16_KERNEL=avx512bf16` keeps an AMX CPU on
+//! the AVX512-BF16 kernel (to compare the two).
 //!
 //! What stays in f32: embeddings, the first attention layer (its inputs
 //! are `2D` wide, under 10% of the unit's work in the tutorial model), the
@@ -99,6 +107,8 @@ pub enum Kernel {
     Fp32,
     /// bf16 products on AVX512-BF16 (`vdpbf16ps`).
     Avx512Bf16,
+    /// bf16 products on AMX tiles (`tdpbf16ps`).
+    Amx,
     /// bf16 products emulated with f32 arithmetic.
     Emulated,
 }
@@ -114,30 +124,89 @@ impl Kernel {
         match self {
             Kernel::Fp32 => "fp32",
             Kernel::Avx512Bf16 => "bf16 on AVX512-BF16",
+            Kernel::Amx => "bf16 on AMX",
             Kernel::Emulated => "bf16 emulated in f32 (this CPU has no AVX512-BF16: same scores, no faster)",
         }
     }
 }
 
-/// Panics unless this CPU runs `kernel` ([`Kernel::Avx512Bf16`] only
-/// where [`bf16_hardware`] finds it).
+/// Panics unless this CPU runs `kernel` (a hardware kernel only where
+/// [`hardware_kernels`] lists it).
 pub(crate) fn assert_runs(kernel: Kernel) {
     assert!(
-        kernel != Kernel::Avx512Bf16 || bf16_hardware() == Some(kernel),
-        "this CPU has no AVX512-BF16"
+        matches!(kernel, Kernel::Fp32 | Kernel::Emulated) || hardware_kernels().contains(&kernel),
+        "this CPU cannot run the {kernel:?} kernel"
     );
 }
 
-/// The bf16 kernel this CPU has, if any.
+/// The bf16 kernel this CPU has, if any: AMX, else AVX512-BF16 (see the
+/// module's docs for `DIN_BF16_KERNEL`). The first call asks Linux for the
+/// AMX tile state; make it before starting threads.
 pub fn bf16_hardware() -> Option<Kernel> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512bf16")
-    {
-        return Some(Kernel::Avx512Bf16);
-    }
-    None
+    let all = hardware_kernels();
+    let avx512_only = std::env::var("DIN_BF16_KERNEL").is_ok_and(|v| v == "avx512bf16");
+    all.iter().copied().find(|&k| !(avx512_only && k == Kernel::Amx))
+}
+
+/// Every bf16 kernel this CPU runs, the fastest first (detected once).
+pub fn hardware_kernels() -> &'static [Kernel] {
+    static KERNELS: OnceLock<Vec<Kernel>> = OnceLock::new();
+    KERNELS.get_or_init(|| {
+        let mut all = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+        {
+            #[cfg(target_os = "linux")]
+            if amx::available() && agrees_with_its_model(Kernel::Amx) {
+                all.push(Kernel::Amx);
+            }
+            if agrees_with_its_model(Kernel::Avx512Bf16) {
+                all.push(Kernel::Avx512Bf16);
+            }
+        }
+        all
+    })
+}
+
+/// Whether a hardware kernel, run once on a product of small multiples
+/// of 1/4 (exact in bf16, and summed exactly in f32 in any order), gives
+/// exactly what its scalar model gives: a kernel that misbehaves on some
+/// CPU (or under some hypervisor) is never used. Takes microseconds.
+#[cfg(target_arch = "x86_64")]
+fn agrees_with_its_model(kernel: Kernel) -> bool {
+    // SAFETY (all three): the caller found the kernel's features (and, for
+    // AMX, was granted the tile state); the scalar models run anywhere.
+    agree(|m, k, n, a, w, c, hardware| unsafe {
+        match (kernel, hardware) {
+            (Kernel::Avx512Bf16, true) => {
+                packed_product(m, k, n, a, &pack_weights(k, n, w), c, avx512::tile, avx512::convert)
+            }
+            (Kernel::Avx512Bf16, false) => {
+                packed_product(m, k, n, a, &pack_weights(k, n, w), c, portable_tile, convert_scalar)
+            }
+            #[cfg(target_os = "linux")]
+            (Kernel::Amx, true) => {
+                tiled_product(m, k, n, a, &pack_tiles(k, n, w), c, Some(amx::block), avx512::convert)
+            }
+            _ => tiled_product(m, k, n, a, &pack_tiles(k, n, w), c, None, convert_scalar),
+        }
+    })
+}
+
+/// Whether `product` (`c = a · w`, `[m, k] · [k, n]`, by a kernel when its
+/// last argument is `true`, by its scalar model when `false`) gives the
+/// same bits both ways (see [`agrees_with_its_model`]).
+fn agree(product: impl Fn(usize, usize, usize, &[f32], &[f32], &mut [f32], bool)) -> bool {
+    let (m, k, n) = (37, 70, 45);
+    let value = |i: usize, step: usize| ((i * step % 17) as f32 - 8.0) / 4.0;
+    let a: Vec<f32> = (0..m * k).map(|i| value(i, 7)).collect();
+    let w: Vec<f32> = (0..k * n).map(|i| value(i, 11)).collect();
+    let (mut got, mut want) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+    product(m, k, n, &a, &w, &mut got, true);
+    product(m, k, n, &a, &w, &mut want, false);
+    got == want
 }
 
 /// `x` rounded to bf16 (to nearest, ties to even), as its 16 bits. NaN
@@ -168,10 +237,14 @@ pub fn round_bf16(x: f32) -> f32 {
     bf16_value(bf16_bits(x))
 }
 
-/// Columns of a packed panel (two AVX-512 registers of f32).
+/// Columns of a packed AVX512-BF16 panel (two AVX-512 registers of f32).
 const NR: usize = 32;
-/// Rows of one microkernel tile.
+/// Rows of one AVX512-BF16 microkernel tile.
 const MR: usize = 8;
+/// Rows and columns of a tile of AMX (16 x 16 f32 results).
+const TILE: usize = 16;
+/// Pairs of `k` in one row of an AMX operand tile (64 bytes).
+const TILE_PAIRS: usize = 16;
 
 thread_local! {
     /// Each thread's activations in bf16: rounded f32 (emulated) or packed
@@ -188,8 +261,11 @@ pub struct Bf16Matrix {
     kernel: Kernel,
     /// Emulated: the weights rounded to bf16, `[k, n]` f32.
     rounded: Vec<f32>,
-    /// AVX512-BF16: panels of [`NR`] columns, each `[ceil(k/2), NR]` pairs
-    /// `(W[2p, j], W[2p+1, j])` (low half first), zero past `k` and `n`.
+    /// Hardware: bf16 pairs `(W[2p, j], W[2p+1, j])` (low half first), zero
+    /// past `k` and `n`, in panels of columns: AVX512-BF16 [`NR`] columns,
+    /// each `[ceil(k/2), NR]` ([`pack_weights`]); AMX [`TILE`] columns,
+    /// an even number of them, each `[pairs, TILE]` with the pairs rounded up
+    /// to whole tiles ([`pack_tiles`]).
     packed: Vec<u32>,
 }
 
@@ -198,7 +274,7 @@ impl Bf16Matrix {
     ///
     /// # Panics
     /// If `w` is not `k * n` long, or `kernel` is not a bf16 kernel this CPU
-    /// runs ([`Kernel::Emulated`], or what [`bf16_hardware`] gives).
+    /// runs ([`Kernel::Emulated`], or one of [`hardware_kernels`]).
     pub fn new(k: usize, n: usize, w: &[f32], kernel: Kernel) -> Self {
         assert_eq!(w.len(), k * n, "weight shape");
         assert_runs(kernel);
@@ -213,6 +289,7 @@ impl Bf16Matrix {
             Kernel::Fp32 => panic!("Bf16Matrix for the fp32 kernel"),
             Kernel::Emulated => m.rounded = w.iter().map(|&x| round_bf16(x)).collect(),
             Kernel::Avx512Bf16 => m.packed = pack_weights(k, n, w),
+            Kernel::Amx => m.packed = pack_tiles(k, n, w),
         }
         m
     }
@@ -231,8 +308,15 @@ impl Bf16Matrix {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16 => {
                 // SAFETY: `new` made this matrix for this kernel only after
-                // `bf16_hardware` found AVX512F, AVX512BW and AVX512-BF16.
-                unsafe { packed_product(m, k, n, a, &self.packed, c, avx512::tile) };
+                // `hardware_kernels` found AVX512F, AVX512BW and AVX512-BF16.
+                unsafe { packed_product(m, k, n, a, &self.packed, c, avx512::tile, avx512::convert) };
+            }
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Kernel::Amx => {
+                // SAFETY: `new` made this matrix for this kernel only after
+                // `hardware_kernels` found AMX (its tile state granted) and
+                // AVX512-BF16.
+                unsafe { tiled_product(m, k, n, a, &self.packed, c, Some(amx::block), avx512::convert) };
             }
             _ => unreachable!("no bf16 kernel {:?} on this architecture", self.kernel),
         }
@@ -312,26 +396,76 @@ fn store_masks(cols: usize) -> (u16, u16) {
     (mask(cols), mask(cols.saturating_sub(16)))
 }
 
-/// Packs `w` (`[k, n]`) into the panels [`Bf16Matrix::packed`] describes.
-fn pack_weights(k: usize, n: usize, w: &[f32]) -> Vec<u32> {
-    let kp = k.div_ceil(2);
-    let panels = n.div_ceil(NR);
-    let mut out = vec![0u32; panels * kp * NR];
-    for jp in 0..panels {
-        for p in 0..kp {
-            for j in 0..NR.min(n - jp * NR) {
-                let col = jp * NR + j;
+/// Packs `w` (`[k, n]`) into `panels` panels of `width` columns, each
+/// `[pairs, width]` bf16 pairs (`pairs >= ceil(k/2)`), zero past `k`, `n`.
+fn pack_panels(k: usize, n: usize, w: &[f32], width: usize, pairs: usize, panels: usize) -> Vec<u32> {
+    let mut out = vec![0u32; panels * pairs * width];
+    for jp in 0..n.div_ceil(width) {
+        for p in 0..k.div_ceil(2) {
+            for j in 0..width.min(n - jp * width) {
+                let col = jp * width + j;
                 let lo = bf16_bits(w[2 * p * n + col]);
                 let hi = if 2 * p + 1 < k {
                     bf16_bits(w[(2 * p + 1) * n + col])
                 } else {
                     0
                 };
-                out[(jp * kp + p) * NR + j] = u32::from(lo) | u32::from(hi) << 16;
+                out[(jp * pairs + p) * width + j] = u32::from(lo) | u32::from(hi) << 16;
             }
         }
     }
     out
+}
+
+/// `w` in the AVX512-BF16 kernel's panels (see [`Bf16Matrix::packed`]).
+fn pack_weights(k: usize, n: usize, w: &[f32]) -> Vec<u32> {
+    pack_panels(k, n, w, NR, k.div_ceil(2), n.div_ceil(NR))
+}
+
+/// Pairs of `k` rounded up to whole AMX tiles.
+fn tile_pairs(k: usize) -> usize {
+    k.div_ceil(2 * TILE_PAIRS) * TILE_PAIRS
+}
+
+/// `w` in the AMX kernel's panels (see [`Bf16Matrix::packed`]).
+fn pack_tiles(k: usize, n: usize, w: &[f32]) -> Vec<u32> {
+    pack_panels(k, n, w, TILE, tile_pairs(k), n.div_ceil(2 * TILE) * 2)
+}
+
+/// Rounds a row of activations to bf16 pairs: `out[p]` holds `row[2p]`
+/// (low half) and `row[2p + 1]`; the rest of `out` is zeroed.
+type Convert = unsafe fn(row: &[f32], out: &mut [u32]);
+
+/// [`Convert`] in scalar code ([`bf16_bits`]).
+fn convert_scalar(row: &[f32], out: &mut [u32]) {
+    out.iter_mut().for_each(|o| *o = 0);
+    for (o, pair) in out.iter_mut().zip(row.chunks(2)) {
+        let hi = pair.get(1).map_or(0, |&x| bf16_bits(x));
+        *o = u32::from(bf16_bits(pair[0])) | u32::from(hi) << 16;
+    }
+}
+
+/// Each thread's packing buffer, resized to `rows * stride` pairs and
+/// filled with `a`'s `m` rows of `k` (the rest zero).
+fn with_packed<R>(
+    m: usize,
+    k: usize,
+    a: &[f32],
+    rows: usize,
+    stride: usize,
+    convert: Convert,
+    f: impl FnOnce(&[u32]) -> R,
+) -> R {
+    PACKED.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.clear();
+        buf.resize(rows * stride, 0);
+        for (row, out) in a[..m * k].chunks_exact(k).zip(buf.chunks_exact_mut(stride)) {
+            // SAFETY: the caller's `convert` runs on this CPU.
+            unsafe { convert(row, out) };
+        }
+        f(&buf)
+    })
 }
 
 /// A microkernel: `rows` (at most [`MR`]) rows of packed activations
@@ -344,8 +478,18 @@ type Tile = unsafe fn(a: *const u32, rows: usize, kp: usize, b: *const u32, c: *
 /// (16 KiB at `k = 256`) stays in L1 while the rows pass it.
 ///
 /// # Safety
-/// `tile` must be runnable on this CPU.
-unsafe fn packed_product(m: usize, k: usize, n: usize, a: &[f32], packed: &[u32], c: &mut [f32], tile: Tile) {
+/// `tile` and `convert` must be runnable on this CPU.
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_product(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    packed: &[u32],
+    c: &mut [f32],
+    tile: Tile,
+    convert: Convert,
+) {
     let kp = k.div_ceil(2);
     let panels = n.div_ceil(NR);
     assert_eq!(packed.len(), panels * kp * NR, "packed weight shape");
@@ -353,21 +497,8 @@ unsafe fn packed_product(m: usize, k: usize, n: usize, a: &[f32], packed: &[u32]
         c[..m * n].iter_mut().for_each(|x| *x = 0.0);
         return;
     }
-    PACKED.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        // Rows padded to a whole tile with zeros, so the kernel reads MR rows.
-        let rows = m.div_ceil(MR) * MR;
-        buf.clear();
-        buf.resize(rows * kp, 0);
-        for (row, out) in a[..m * k].chunks_exact(k).zip(buf.chunks_exact_mut(kp)) {
-            let (pairs, last) = row.split_at(k & !1);
-            for (o, pair) in out.iter_mut().zip(pairs.chunks_exact(2)) {
-                *o = u32::from(bf16_bits(pair[0])) | u32::from(bf16_bits(pair[1])) << 16;
-            }
-            if let Some(&x) = last.first() {
-                out[kp - 1] = u32::from(bf16_bits(x));
-            }
-        }
+    // Rows padded to a whole tile with zeros, so the kernel reads MR rows.
+    with_packed(m, k, a, m.div_ceil(MR) * MR, kp, convert, |buf| {
         for jp in 0..panels {
             let cols = NR.min(n - jp * NR);
             let b = &packed[jp * kp * NR..(jp + 1) * kp * NR];
@@ -385,6 +516,125 @@ unsafe fn packed_product(m: usize, k: usize, n: usize, a: &[f32], packed: &[u32]
             }
         }
     });
+}
+
+/// The microkernel in scalar code: like the AVX-512 one it computes all
+/// `MR x NR` lanes (reading every row and column it may read), lane by
+/// lane as Intel describes `vdpbf16ps` (the high pair's product added
+/// first), and stores through [`store_masks`]: checks the packing, the
+/// tiling and the masks on any CPU.
+/// # Safety
+/// The pointers hold what [`Tile`] says.
+unsafe fn portable_tile(a: *const u32, rows: usize, kp: usize, b: *const u32, c: *mut f32, ldc: usize, cols: usize) {
+    let mut acc = [[0.0f32; NR]; MR];
+    for (r, acc) in acc.iter_mut().enumerate() {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            for p in 0..kp {
+                let (x, y) = (*a.add(r * kp + p), *b.add(p * NR + j));
+                *acc += bf16_value((x >> 16) as u16) * bf16_value((y >> 16) as u16);
+                *acc += bf16_value(x as u16) * bf16_value(y as u16);
+            }
+        }
+    }
+    let (m0, m1) = store_masks(cols);
+    let mask = u32::from(m0) | u32::from(m1) << 16;
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        for (j, &v) in acc.iter().enumerate() {
+            if mask >> j & 1 == 1 {
+                *c.add(r * ldc + j) = v;
+            }
+        }
+    }
+}
+
+/// An AMX block: rows `0..2 TILE` of packed activations (`a`, row stride
+/// `lda` pairs, `kp` pairs each, a multiple of [`TILE_PAIRS`]) times two
+/// adjacent panels (`b`, each `[kp, TILE]`) into four `TILE x TILE` f32
+/// tiles at `out` (tile `2 r + c`: rows `16 r..`, columns `16 c..`).
+type Block = unsafe fn(a: *const u32, lda: usize, b: *const u32, kp: usize, out: *mut f32);
+
+/// `c[m, n] = bf16(a) · W` over AMX panels, `2 TILE x 2 TILE` blocks at a
+/// time: `block` (`None`: [`portable_block`], the scalar model) computes a
+/// block into a buffer, whose rows and columns inside `c` are copied out.
+///
+/// # Safety
+/// `block` and `convert` must be runnable on this CPU.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiled_product(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    packed: &[u32],
+    c: &mut [f32],
+    block: Option<Block>,
+    convert: Convert,
+) {
+    let kp = tile_pairs(k);
+    let pairs_of_panels = n.div_ceil(2 * TILE);
+    assert_eq!(packed.len(), pairs_of_panels * 2 * kp * TILE, "packed weight shape");
+    assert!(c.len() >= m * n, "bf16 product shape mismatch");
+    if k == 0 {
+        c[..m * n].iter_mut().for_each(|x| *x = 0.0);
+        return;
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[repr(C, align(64))]
+    struct Out([f32; 4 * TILE * TILE]);
+    let mut out = Out([0.0; 4 * TILE * TILE]);
+    // Rows padded to whole blocks with zeros, so the tiles read 2 TILE rows.
+    with_packed(m, k, a, m.div_ceil(2 * TILE) * 2 * TILE, kp, convert, |buf| {
+        // SAFETY: a hardware block runs on this CPU (the caller's contract).
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        let _tiles = block.map(|_| unsafe { amx::Tiles::configure() });
+        for i0 in (0..m).step_by(2 * TILE) {
+            for jb in 0..pairs_of_panels {
+                let a_block = &buf[i0 * kp..(i0 + 2 * TILE) * kp];
+                let b = &packed[jb * 2 * kp * TILE..(jb + 1) * 2 * kp * TILE];
+                match block {
+                    // SAFETY: `a_block` holds 2 TILE rows of `kp` pairs, `b`
+                    // two panels of `kp * TILE`, `out` four tiles; the block
+                    // runs on this CPU with its tiles configured above.
+                    Some(block) => unsafe { block(a_block.as_ptr(), kp, b.as_ptr(), kp, out.0.as_mut_ptr()) },
+                    None => portable_block(a_block, kp, b, kp, &mut out.0),
+                }
+                for t in 0..4 {
+                    let (r0, c0) = (i0 + TILE * (t / 2), jb * 2 * TILE + TILE * (t % 2));
+                    let cols = TILE.min(n.saturating_sub(c0));
+                    if cols == 0 {
+                        continue; // the padding panel
+                    }
+                    for r in r0..(r0 + TILE).min(m) {
+                        let from = &out.0[t * TILE * TILE + (r - r0) * TILE..][..cols];
+                        c[r * n + c0..r * n + c0 + cols].copy_from_slice(from);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The AMX block in scalar code (see [`Block`]): every lane of the four
+/// tiles, each `tdpbf16ps` step adding a pair's two products (the even
+/// element's first, as Intel's intrinsics guide describes it). Checks the
+/// panels, the padding and the copying out on any CPU.
+fn portable_block(a: &[u32], lda: usize, b: &[u32], kp: usize, out: &mut [f32]) {
+    for t in 0..4 {
+        let (r0, panel) = (TILE * (t / 2), t % 2);
+        for r in 0..TILE {
+            for j in 0..TILE {
+                let mut acc = 0.0f32;
+                for p in 0..kp {
+                    let (x, y) = (a[(r0 + r) * lda + p], b[(panel * kp + p) * TILE + j]);
+                    acc += bf16_value(x as u16) * bf16_value(y as u16);
+                    acc += bf16_value((x >> 16) as u16) * bf16_value((y >> 16) as u16);
+                }
+                out[t * TILE * TILE + r * TILE + j] = acc;
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -430,46 +680,202 @@ mod avx512 {
             _mm512_mask_storeu_ps(row.wrapping_add(16), m1, acc[1]);
         }
     }
+
+    /// [`super::Convert`] with `vcvtne2ps2bf16` (round to nearest even, as
+    /// [`super::bf16_bits`], except that subnormals become zero), 32
+    /// values at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16; `out` holds at least
+    /// `ceil(row.len() / 2)` pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn convert(row: &[f32], out: &mut [u32]) {
+        let k = row.len();
+        assert!(2 * out.len() >= k, "room for the row's pairs");
+        let (src, dst) = (row.as_ptr(), out.as_mut_ptr() as *mut u16);
+        let mut i = 0;
+        while i + 32 <= k {
+            // SAFETY: 32 values from `i` are in `row`, their halves in `out`.
+            let lo = _mm512_loadu_ps(src.add(i));
+            let hi = _mm512_loadu_ps(src.add(i + 16));
+            // The second operand gives the low 16 halves.
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(dst.add(i) as *mut _, v);
+            i += 32;
+        }
+        if i < k {
+            let mut last = [0u16; 32];
+            let n = k - i;
+            let mask = |from: usize| ((1u32 << n.saturating_sub(from).min(16)) - 1) as u16;
+            // SAFETY: the masked loads read only values inside `row`.
+            let lo = _mm512_maskz_loadu_ps(mask(0), src.add(i));
+            let hi = _mm512_maskz_loadu_ps(mask(16), src.add(i + 16.min(n)));
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(last.as_mut_ptr() as *mut _, v);
+            // SAFETY: the halves `i..k` are in `out`.
+            std::ptr::copy_nonoverlapping(last.as_ptr(), dst.add(i), n);
+        }
+        // The rest of `out` is zero (an odd `k`'s last high half too).
+        for h in k..2 * out.len() {
+            // SAFETY: inside `out`.
+            *dst.add(h) = 0;
+        }
+    }
+}
+
+/// AMX: the tile state asked of Linux, the tile configuration, and the
+/// block kernel. Written with `asm!`: the AMX intrinsics are not stable.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx {
+    use std::arch::asm;
+
+    use super::{TILE, TILE_PAIRS};
+
+    /// Whether the CPU has AMX-TILE and AMX-BF16 and Linux granted this
+    /// process the tile state (asked once, here). Linux refuses while some
+    /// thread has a signal stack too small for the tiles' 8 KiB; the
+    /// calling thread's is enlarged first, so asking before any other
+    /// thread starts succeeds.
+    pub(super) fn available() -> bool {
+        // CPUID leaf 7, sub-leaf 0, EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
+        let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return false;
+        }
+        enlarge_signal_stack();
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: arch_prctl with this request only changes the process's
+        // permissions.
+        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+    }
+
+    /// Gives the calling thread a 64 KiB signal stack if it has a smaller
+    /// one (Rust's main thread has 8 KiB), so that Linux grants the tiles.
+    /// The old stack's owner still frees it; the new one lives as long as
+    /// the process.
+    fn enlarge_signal_stack() {
+        const SIZE: usize = 64 << 10;
+        // SAFETY: reading the current signal stack.
+        let mut old: libc::stack_t = unsafe { std::mem::zeroed() };
+        if unsafe { libc::sigaltstack(std::ptr::null(), &mut old) } != 0 {
+            return;
+        }
+        if old.ss_flags & libc::SS_DISABLE != 0 || old.ss_size >= SIZE || old.ss_flags & libc::SS_ONSTACK != 0 {
+            return;
+        }
+        let stack = Box::leak(vec![0u8; SIZE].into_boxed_slice());
+        let new = libc::stack_t {
+            ss_sp: stack.as_mut_ptr().cast(),
+            ss_flags: 0,
+            ss_size: SIZE,
+        };
+        // SAFETY: `stack` lives for the rest of the process.
+        unsafe { libc::sigaltstack(&new, std::ptr::null_mut()) };
+    }
+
+    /// The tile configuration: palette 1, tiles 0 to 7 of 16 rows of 64
+    /// bytes (0-3 results, 4-5 activations, 6-7 weights).
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    static CONFIG: Config = {
+        let mut colsb = [0u16; 16];
+        let mut rows = [0u8; 16];
+        let mut t = 0;
+        while t < 8 {
+            colsb[t] = 64;
+            rows[t] = TILE as u8;
+            t += 1;
+        }
+        Config {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb,
+            rows,
+        }
+    };
+
+    /// The tiles configured on this thread; released when dropped.
+    pub(super) struct Tiles(());
+
+    impl Tiles {
+        /// Loads [`CONFIG`].
+        ///
+        /// # Safety
+        /// The CPU has AMX and this process was granted the tile state.
+        pub(super) unsafe fn configure() -> Tiles {
+            asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
+            Tiles(())
+        }
+    }
+
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            // SAFETY: made by `configure`, so the CPU has AMX.
+            unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+        }
+    }
+
+    /// [`super::Block`] on AMX: tiles 0-3 accumulate the four results over
+    /// `kp / 16` steps, each loading two activation tiles (4, 5) and two
+    /// weight tiles (6, 7) and issuing four `tdpbf16ps`.
+    ///
+    /// # Safety
+    /// The tiles are configured on this thread ([`Tiles::configure`]); the
+    /// pointers hold what [`super::Block`] says; `kp` is a positive
+    /// multiple of 16.
+    pub(super) unsafe fn block(a: *const u32, lda: usize, b: *const u32, kp: usize, out: *mut f32) {
+        const _: () = assert!(TILE == 16 && TILE_PAIRS == 16);
+        let a1 = a.add(TILE * lda);
+        let b1 = b.add(kp * TILE);
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "2:",
+            "tileloadd tmm4, [{a0} + {sa}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {sa}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {steps}",
+            "jnz 2b",
+            "tilestored [{out} + {sb}*1], tmm0",
+            "tilestored [{out} + {sb}*1 + 1024], tmm1",
+            "tilestored [{out} + {sb}*1 + 2048], tmm2",
+            "tilestored [{out} + {sb}*1 + 3072], tmm3",
+            a0 = inout(reg) a => _,
+            a1 = inout(reg) a1 => _,
+            b0 = inout(reg) b => _,
+            b1 = inout(reg) b1 => _,
+            steps = inout(reg) kp / TILE_PAIRS => _,
+            sa = in(reg) lda * 4,
+            sb = in(reg) 64usize,
+            out = in(reg) out,
+            options(nostack),
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The microkernel in scalar code: like the AVX-512 one it computes all
-    /// `MR x NR` lanes (reading every row and column it may read), lane by
-    /// lane as Intel describes `vdpbf16ps` (the high pair's product added
-    /// first), and stores through [`store_masks`]: checks the packing, the
-    /// tiling and the masks on any CPU.
-    unsafe fn portable_tile(
-        a: *const u32,
-        rows: usize,
-        kp: usize,
-        b: *const u32,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-    ) {
-        let mut acc = [[0.0f32; NR]; MR];
-        for (r, acc) in acc.iter_mut().enumerate() {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                for p in 0..kp {
-                    let (x, y) = (*a.add(r * kp + p), *b.add(p * NR + j));
-                    *acc += bf16_value((x >> 16) as u16) * bf16_value((y >> 16) as u16);
-                    *acc += bf16_value(x as u16) * bf16_value(y as u16);
-                }
-            }
-        }
-        let (m0, m1) = store_masks(cols);
-        let mask = u32::from(m0) | u32::from(m1) << 16;
-        for (r, acc) in acc.iter().enumerate().take(rows) {
-            for (j, &v) in acc.iter().enumerate() {
-                if mask >> j & 1 == 1 {
-                    *c.add(r * ldc + j) = v;
-                }
-            }
-        }
-    }
 
     #[test]
     fn store_masks_cover_exactly_the_first_columns() {
@@ -548,8 +954,9 @@ mod tests {
     }
 
     /// Shapes with every kind of edge: odd `k`, `n` past a panel and short
-    /// of one, rows short of a tile, one row, one column.
-    const SHAPES: [(usize, usize, usize); 9] = [
+    /// of one, rows short of a tile and of a block, `k` past a whole tile,
+    /// an odd number of AMX panels, one row, one column.
+    const SHAPES: [(usize, usize, usize); 11] = [
         (0, 5, 7),
         (2, 0, 3),
         (1, 1, 1),
@@ -559,6 +966,8 @@ mod tests {
         (20, 256, 128),
         (13, 255, 64),
         (256, 128, 80),
+        (33, 40, 200),
+        (70, 33, 17),
     ];
 
     #[test]
@@ -570,10 +979,26 @@ mod tests {
             Bf16Matrix::new(k, n, &w, Kernel::Emulated).matmul(m, &a, &mut c);
             assert_near(&format!("emulated {m}x{k}x{n}"), &c, &want, k);
             let mut c2 = vec![f32::NAN; m * n + 3];
-            // SAFETY: the scalar model runs anywhere.
-            unsafe { packed_product(m, k, n, &a, &pack_weights(k, n, &w), &mut c2, portable_tile) };
+            // SAFETY: the scalar models run anywhere.
+            unsafe {
+                packed_product(
+                    m,
+                    k,
+                    n,
+                    &a,
+                    &pack_weights(k, n, &w),
+                    &mut c2,
+                    portable_tile,
+                    convert_scalar,
+                )
+            };
             assert_near(&format!("packed {m}x{k}x{n}"), &c2, &want, k);
             assert!(c2[m * n..].iter().all(|x| x.is_nan()), "nothing written past c");
+            let mut c3 = vec![f32::NAN; m * n + 3];
+            // SAFETY: as above.
+            unsafe { tiled_product(m, k, n, &a, &pack_tiles(k, n, &w), &mut c3, None, convert_scalar) };
+            assert_near(&format!("tiled {m}x{k}x{n}"), &c3, &want, k);
+            assert!(c3[m * n..].iter().all(|x| x.is_nan()), "nothing written past c");
         }
     }
 
@@ -613,28 +1038,97 @@ mod tests {
     }
 
     #[test]
-    fn the_hardware_kernel_is_refused_where_the_cpu_lacks_it() {
-        if bf16_hardware().is_some() {
-            eprintln!("skipped: this CPU has AVX512-BF16");
-            return;
+    fn the_hardware_kernels_are_refused_where_the_cpu_lacks_them() {
+        for kernel in [Kernel::Avx512Bf16, Kernel::Amx] {
+            if hardware_kernels().contains(&kernel) {
+                eprintln!("skipped for {kernel:?}: this CPU has it");
+                continue;
+            }
+            let made = std::panic::catch_unwind(|| Bf16Matrix::new(1, 1, &[1.0], kernel));
+            assert!(made.is_err(), "no {kernel:?} matrix on this CPU");
         }
-        let made = std::panic::catch_unwind(|| Bf16Matrix::new(1, 1, &[1.0], Kernel::Avx512Bf16));
-        assert!(made.is_err(), "no AVX512-BF16 matrix on this CPU");
+        assert!(bf16_hardware().is_none_or(|k| hardware_kernels().contains(&k)));
     }
 
     #[test]
-    fn the_hardware_kernel_matches_its_scalar_model() {
-        let Some(kernel) = bf16_hardware() else {
-            eprintln!("skipped: this CPU has no AVX512-BF16 (the kernel's scalar model is tested above)");
-            return;
+    fn a_kernel_that_disagrees_with_its_model_is_caught() {
+        let model = |m, k, n, a: &[f32], w: &[f32], c: &mut [f32]| {
+            // SAFETY: the scalar models run anywhere.
+            unsafe { tiled_product(m, k, n, a, &pack_tiles(k, n, w), c, None, convert_scalar) }
         };
-        for (m, k, n) in SHAPES {
-            let (a, w) = (values(m * k, 5), values(k * n, 6));
-            let want = reference(m, k, n, &a, &w);
-            let mut c = vec![f32::NAN; m * n + 40];
-            Bf16Matrix::new(k, n, &w, kernel).matmul(m, &a, &mut c);
-            assert_near(&format!("{kernel:?} {m}x{k}x{n}"), &c, &want, k);
-            assert!(c[m * n..].iter().all(|x| x.is_nan()), "nothing written past c");
+        assert!(agree(|m, k, n, a, w, c, _| model(m, k, n, a, w, c)));
+        // The f32 product rounds nothing here either: it agrees.
+        assert!(agree(|m, k, n, a, w, c, hw| if hw {
+            serial::matmul(m, k, n, a, w, c, false)
+        } else {
+            model(m, k, n, a, w, c)
+        }));
+        for wrong in 0..3 {
+            assert!(!agree(|m, k, n, a, w, c, hw| {
+                model(m, k, n, a, w, c);
+                if hw {
+                    match wrong {
+                        0 => c[m * n - 1] += 0.25,       // one element off
+                        1 => c[n..2 * n].fill(f32::NAN), // a row unwritten
+                        _ => c.swap(0, 1),               // columns swapped
+                    }
+                }
+            }));
+        }
+    }
+
+    #[test]
+    fn the_scalar_conversion_pads_with_zero_pairs() {
+        let mut out = [7u32; 4];
+        convert_scalar(&[1.0, -2.0, 0.5], &mut out);
+        assert_eq!(out, [0xc000_3f80, 0x0000_3f00, 0, 0]);
+    }
+
+    #[test]
+    fn the_hardware_kernels_match_their_scalar_models() {
+        if hardware_kernels().is_empty() {
+            eprintln!("skipped: this CPU has no AVX512-BF16 (the kernels' scalar models are tested above)");
+            return;
+        }
+        for &kernel in hardware_kernels() {
+            for (m, k, n) in SHAPES {
+                let (a, w) = (values(m * k, 5), values(k * n, 6));
+                let want = reference(m, k, n, &a, &w);
+                let mut c = vec![f32::NAN; m * n + 40];
+                Bf16Matrix::new(k, n, &w, kernel).matmul(m, &a, &mut c);
+                assert_near(&format!("{kernel:?} {m}x{k}x{n}"), &c, &want, k);
+                assert!(c[m * n..].iter().all(|x| x.is_nan()), "nothing written past c");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_conversion_is_the_scalar_one() {
+        if hardware_kernels().is_empty() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let specials = [
+            0.0,
+            -0.0,
+            1.0 + 2f32.powi(-8),
+            f32::from_bits(0x3f80_8001),
+            f32::INFINITY,
+            f32::MAX,
+            -3.3e38,
+        ];
+        for k in [1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100] {
+            let mut row = values(k, k as u32);
+            row.iter_mut().zip(specials).for_each(|(x, s)| *x = s);
+            for pairs in [k.div_ceil(2), k.div_ceil(2) + 5] {
+                let (mut want, mut got) = (vec![7u32; pairs], vec![7u32; pairs + 1]);
+                convert_scalar(&row, &mut want);
+                // SAFETY: the CPU has AVX512-BF16 (checked above).
+                unsafe { avx512::convert(&row, &mut got[..pairs]) };
+                assert_eq!(got[..pairs], want[..], "k = {k}, {pairs} pairs");
+                assert_eq!(got[pairs], 7, "nothing written past the row's pairs");
+            }
         }
     }
 }
