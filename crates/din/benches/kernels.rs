@@ -82,10 +82,24 @@ fn activation(c: &mut Criterion) {
     let rowwise = act.rowwise(channels);
     let mut dalpha = vec![0.0; channels];
     group.throughput(Throughput::Elements((rows * channels) as u64));
-    group.bench_function("prelu_forward", |bench| bench.iter(|| rowwise.apply(&x, &mut y)));
+    group.bench_function("prelu_forward", |bench| bench.iter(|| rowwise.apply_rows(&x, &mut y)));
     group.bench_function("prelu_backward", |bench| {
         bench.iter(|| rowwise.backward(&x, &mut y, &mut dalpha))
     });
+    // Dice at inference, in place as the attention unit runs it, over the
+    // tutorial's (80,40) widths: 80 and 40 are not whole multiples of the
+    // main loop's 32 channels.
+    for channels in [80, 40] {
+        let dice = Activation::new(ActivationKind::Dice, channels);
+        let rowwise = dice.rowwise(channels);
+        let bias = vec![0.0; channels];
+        let mut x = values(rows * channels, &mut rng);
+        group.throughput(Throughput::Elements((rows * channels) as u64));
+        group.bench_function(BenchmarkId::new("dice_infer_in_place", channels), |bench| {
+            // Repeated, the values shrink toward 0; the arithmetic costs the same.
+            bench.iter(|| rowwise.add_apply_in_place(&mut x, None, &bias))
+        });
+    }
     group.finish();
 }
 

@@ -52,12 +52,17 @@ pub struct Rowwise<'a> {
     mean: Vec<f32>,
     /// Dice: `1 / sqrt(moving var + eps)` per channel.
     inv_std: Vec<f32>,
+    /// Dice at inference, per channel `[α, 1 - α, -inv_std, mean·inv_std]`
+    /// (so that `-z` is one multiply-add), padded with zeros to a multiple
+    /// of [`LANES`] channels (see [`Rowwise::dice_in_place`]).
+    dice_params: [Vec<f32>; 4],
 }
 
 /// Defines a method of [`Rowwise`] that runs `body` (an `#[inline(always)]`
-/// method with the same arguments) in the widest build the CPU has (see
-/// [`Build`]): the element-wise loops run on data already in L1/L2, where
-/// vector width pays.
+/// method with the same arguments, generic over `FMA`: whether `exp`'s
+/// polynomial may use fused multiply-adds) in the widest build the CPU has
+/// (see [`Build`]): the element-wise loops run on data already in L1/L2,
+/// where vector width pays.
 macro_rules! multiversion {
     ($(#[$doc:meta])* $vis:vis fn $name:ident(&self $(, $arg:ident: $ty:ty)*) => $body:ident;) => {
         $(#[$doc])*
@@ -66,11 +71,11 @@ macro_rules! multiversion {
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
                 unsafe fn avx512(this: &Rowwise<'_> $(, $arg: $ty)*) {
-                    this.$body($($arg),*)
+                    this.$body::<true>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2(this: &Rowwise<'_> $(, $arg: $ty)*) {
-                    this.$body($($arg),*)
+                    this.$body::<true>($($arg),*)
                 }
                 match widest_build() {
                     // SAFETY: the CPU has every feature `avx512` is compiled for.
@@ -80,9 +85,39 @@ macro_rules! multiversion {
                     Build::Baseline => {}
                 }
             }
-            self.$body($($arg),*)
+            self.$body::<false>($($arg),*)
         }
     };
+}
+
+impl<'a> Rowwise<'a> {
+    /// The row-wise activation over `channels` (Dice: with these per-channel
+    /// moments; empty for the others).
+    fn new(kind: ActivationKind, channels: usize, alpha: &'a [f32], mean: Vec<f32>, inv_std: Vec<f32>) -> Self {
+        let padded = |v: Vec<f32>| {
+            let mut p = v;
+            p.resize(channels.next_multiple_of(LANES), 0.0);
+            p
+        };
+        let dice_params = if kind == ActivationKind::Dice {
+            [
+                padded(alpha.to_vec()),
+                padded(alpha.iter().map(|a| 1.0 - a).collect()),
+                padded(inv_std.iter().map(|s| -s).collect()),
+                padded(mean.iter().zip(&inv_std).map(|(m, s)| m * s).collect()),
+            ]
+        } else {
+            Default::default()
+        };
+        Rowwise {
+            kind,
+            channels,
+            alpha,
+            mean,
+            inv_std,
+            dice_params,
+        }
+    }
 }
 
 impl Rowwise<'_> {
@@ -106,49 +141,95 @@ impl Rowwise<'_> {
 
     /// `y = act(x)`, both `[rows, channels]`.
     #[inline(always)]
-    pub fn apply(&self, x: &[f32], y: &mut [f32]) {
+    pub fn apply<const FMA: bool>(&self, x: &[f32], y: &mut [f32]) {
         debug_assert_eq!(x.len(), y.len());
         let alpha = self.alpha;
         match self.kind {
             // Branch-free forms: signs are unpredictable, and a mispredicted
             // branch per element costs more than the arithmetic.
             ActivationKind::Relu => self.rows(x, y, |y, x, _| *y = x.max(0.0)),
-            ActivationKind::Sigmoid => self.rows(x, y, |y, x, _| *y = sigmoid(x)),
+            ActivationKind::Sigmoid => self.rows(x, y, |y, x, _| *y = sigmoid::<FMA>(x)),
             // x if x > 0, else a·x (exactly).
             ActivationKind::Prelu => self.rows(x, y, |y, x, j| *y = x.max(0.0) + alpha[j] * x.min(0.0)),
             ActivationKind::Dice => {
                 let c = self.channels;
                 for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
                     yr.copy_from_slice(xr);
-                    self.dice_in_place(yr);
+                    self.dice_in_place::<FMA>(yr);
                 }
             }
         }
     }
 
     /// Dice over one row, in place: `x = x·(α + (1-α)·sigmoid((x - mean)·inv_std))`
-    /// per channel. In blocks of [`LANES`] channels, then the channels left:
-    /// a fixed-length loop becomes whole vector operations, where the plain
-    /// loop over a row was unrolled four vectors deep and left up to 31
-    /// channels of every row (16 of 80) to a scalar tail, `exp` and all.
+    /// per channel. The whole multiples of [`DICE_MAIN`] channels in one
+    /// plain loop (whole iterations of the vectorised loop), then up to
+    /// three blocks of [`LANES`] channels, written out rather than looped
+    /// (each one vector), then the last few channels padded with zeros to a
+    /// block (as the parameters are). A plain loop over the row left up to
+    /// 31 channels of every row (16 of 80) to a scalar tail, `exp` and all;
+    /// a loop over blocks of [`LANES`] channels was vectorised across the
+    /// blocks once `exp` used fused multiply-adds (an 8 x 8 transpose in
+    /// and out of every 64 values).
     #[inline(always)]
-    fn dice_in_place(&self, x: &mut [f32]) {
-        let (xb, xt) = x.as_chunks_mut::<LANES>();
-        let (ab, at) = self.alpha.as_chunks::<LANES>();
-        let (mb, mt) = self.mean.as_chunks::<LANES>();
-        let (sb, st) = self.inv_std.as_chunks::<LANES>();
-        for (((x, a), m), s) in xb.iter_mut().zip(ab).zip(mb).zip(sb) {
-            // Computed in a local array: LLVM vectorises it without asking
-            // whether the output overlaps the parameters.
-            let mut y = [0.0; LANES];
-            for i in 0..LANES {
-                y[i] = dice(x[i], a[i], m[i], s[i]);
-            }
-            *x = y;
+    fn dice_in_place<const FMA: bool>(&self, x: &mut [f32]) {
+        let n = x.len();
+        let mut j = n - n % DICE_MAIN;
+        self.dice_span::<FMA>(&mut x[..j], 0);
+        // At most three whole blocks: no loop, so each block is one vector.
+        if j + LANES <= n {
+            self.dice_block::<FMA>((&mut x[j..j + LANES]).try_into().unwrap(), j);
+            j += LANES;
         }
-        for (((x, &a), &m), &s) in xt.iter_mut().zip(at).zip(mt).zip(st) {
-            *x = dice(*x, a, m, s);
+        if j + LANES <= n {
+            self.dice_block::<FMA>((&mut x[j..j + LANES]).try_into().unwrap(), j);
+            j += LANES;
         }
+        if j + LANES <= n {
+            self.dice_block::<FMA>((&mut x[j..j + LANES]).try_into().unwrap(), j);
+            j += LANES;
+        }
+        if j < n {
+            let mut block = [0.0f32; LANES];
+            block[..n - j].copy_from_slice(&x[j..]);
+            self.dice_block::<FMA>(&mut block, j);
+            x[j..].copy_from_slice(&block[..n - j]);
+        }
+    }
+
+    /// Dice over `x`, channels `j0..j0 + x.len()`.
+    #[inline(always)]
+    fn dice_span<const FMA: bool>(&self, x: &mut [f32], j0: usize) {
+        let j1 = j0 + x.len();
+        let [a, oma, ns, ms] = &self.dice_params;
+        let params = a[j0..j1]
+            .iter()
+            .zip(&oma[j0..j1])
+            .zip(ns[j0..j1].iter().zip(&ms[j0..j1]));
+        for (x, ((&a, &oma), (&ns, &ms))) in x.iter_mut().zip(params) {
+            *x = dice_inference::<FMA>(*x, a, oma, ns, ms);
+        }
+    }
+
+    /// Dice over one block, channels `j0..j0 + LANES` of the padded
+    /// parameters, computed in a local array: LLVM vectorises it without
+    /// asking whether the output overlaps the parameters.
+    #[inline(always)]
+    fn dice_block<const FMA: bool>(&self, x: &mut [f32; LANES], j0: usize) {
+        let [a, oma, ns, ms] = &self.dice_params;
+        let (a, oma, ns, ms) = (
+            &a[j0..j0 + LANES],
+            &oma[j0..j0 + LANES],
+            &ns[j0..j0 + LANES],
+            &ms[j0..j0 + LANES],
+        );
+        // A loop, not `array::from_fn`: that is not always inlined, and
+        // outside this build `mul_add` is a library call.
+        let mut y = [0.0; LANES];
+        for i in 0..LANES {
+            y[i] = dice_inference::<FMA>(x[i], a[i], oma[i], ns[i], ms[i]);
+        }
+        *x = y;
     }
 
     multiversion! {
@@ -159,7 +240,7 @@ impl Rowwise<'_> {
     }
 
     #[inline(always)]
-    fn add_apply_in_place_body(&self, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) {
+    fn add_apply_in_place_body<const FMA: bool>(&self, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) {
         let c = self.channels;
         let alpha = self.alpha;
         for (r, xr) in x.chunks_exact_mut(c).enumerate() {
@@ -173,12 +254,12 @@ impl Rowwise<'_> {
             }
             match self.kind {
                 ActivationKind::Relu => xr.iter_mut().for_each(|x| *x = x.max(0.0)),
-                ActivationKind::Sigmoid => xr.iter_mut().for_each(|x| *x = sigmoid(*x)),
+                ActivationKind::Sigmoid => xr.iter_mut().for_each(|x| *x = sigmoid::<FMA>(*x)),
                 ActivationKind::Prelu => xr
                     .iter_mut()
                     .zip(alpha)
                     .for_each(|(x, a)| *x = x.max(0.0) + a * x.min(0.0)),
-                ActivationKind::Dice => self.dice_in_place(xr),
+                ActivationKind::Dice => self.dice_in_place::<FMA>(xr),
             }
         }
     }
@@ -210,7 +291,13 @@ impl Rowwise<'_> {
     }
 
     #[inline(always)]
-    fn dice_backward_partial_body(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32], sums: &mut [f32]) {
+    fn dice_backward_partial_body<const FMA: bool>(
+        &self,
+        x: &[f32],
+        g: &mut [f32],
+        dalpha: &mut [f32],
+        sums: &mut [f32],
+    ) {
         let c = self.channels;
         let (sum_gz, sum_gzz) = sums.split_at_mut(c);
         // In blocks of LANES channels, as `dice_in_place`.
@@ -229,7 +316,7 @@ impl Rowwise<'_> {
                 // In local arrays, as in `dice_in_place`.
                 let (mut gv, mut dav, mut sgv, mut sgzv) = (*g, *da, *sg, *sgz);
                 for i in 0..LANES {
-                    dice_backward_lane(
+                    dice_backward_lane::<FMA>(
                         &mut gv[i],
                         x[i],
                         a[i],
@@ -245,13 +332,13 @@ impl Rowwise<'_> {
             let params = at.iter().zip(mt).zip(st);
             let sums = dat.iter_mut().zip(gzt.iter_mut()).zip(gzzt.iter_mut());
             for (((g, &x), ((&a, &m), &s)), ((da, sg), sgz)) in gt.iter_mut().zip(xt).zip(params).zip(sums) {
-                dice_backward_lane(g, x, a, m, s, da, sg, sgz);
+                dice_backward_lane::<FMA>(g, x, a, m, s, da, sg, sgz);
             }
         }
     }
 
     #[inline(always)]
-    fn dice_backward_finish_body(&self, x: &[f32], g: &mut [f32], mean_gz: &[f32], mean_gzz: &[f32]) {
+    fn dice_backward_finish_body<const FMA: bool>(&self, x: &[f32], g: &mut [f32], mean_gz: &[f32], mean_gzz: &[f32]) {
         let c = self.channels;
         for (gr, xr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
             let params = self.mean.iter().zip(&self.inv_std).zip(mean_gz.iter().zip(mean_gzz));
@@ -271,7 +358,12 @@ impl Rowwise<'_> {
         let c = self.channels;
         for (pr, yr) in pre.chunks_exact_mut(c).zip(y.chunks_exact_mut(c)) {
             pr.iter_mut().zip(bias).for_each(|(p, b)| *p += b);
-            self.apply(pr, yr);
+            match self.kind {
+                // `exp` per value: the wider builds pay, and give the bits
+                // the other passes (built the same way) give.
+                ActivationKind::Sigmoid | ActivationKind::Dice => self.apply_rows(pr, yr),
+                ActivationKind::Relu | ActivationKind::Prelu => self.apply::<false>(pr, yr),
+            }
         }
     }
 
@@ -282,7 +374,7 @@ impl Rowwise<'_> {
     }
 
     #[inline(always)]
-    fn backward_body(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32]) {
+    fn backward_body<const FMA: bool>(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32]) {
         debug_assert_eq!(x.len(), g.len());
         let c = self.channels;
         let (alpha, mean, inv_std) = (self.alpha, &self.mean[..], &self.inv_std[..]);
@@ -290,7 +382,7 @@ impl Rowwise<'_> {
             ActivationKind::Relu => self.rows(x, g, |g, x, _| *g *= f32::from(u8::from(x > 0.0))),
             // sigmoid'(x) = s(1 - s), recomputed rather than kept from the forward pass.
             ActivationKind::Sigmoid => self.rows(x, g, |g, x, _| {
-                let s = sigmoid(x);
+                let s = sigmoid::<FMA>(x);
                 *g *= s * (1.0 - s)
             }),
             ActivationKind::Prelu => {
@@ -306,7 +398,7 @@ impl Rowwise<'_> {
                 for (gr, xr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
                     for j in 0..c {
                         let (x, dy) = (xr[j], gr[j]);
-                        let p = sigmoid((x - mean[j]) * inv_std[j]);
+                        let p = sigmoid::<FMA>((x - mean[j]) * inv_std[j]);
                         dalpha[j] += dy * x * (1.0 - p);
                         // y = x(α + (1-α)p(z)), z = (x - mean)·inv_std with fixed moments.
                         gr[j] = dy * (alpha[j] + (1.0 - alpha[j]) * (p + x * p * (1.0 - p) * inv_std[j]));
@@ -319,9 +411,10 @@ impl Rowwise<'_> {
 
 /// The builds of the element-wise loops: the baseline x86-64 (SSE2, 4
 /// lanes), AVX2 with FMA (8 lanes) and AVX-512 (16 lanes), chosen at run
-/// time. The arithmetic is the same in each (no contraction into fused
-/// multiply-adds, reductions in the same order), so every build gives the
-/// same bits.
+/// time. The AVX2 and AVX-512 builds do the same arithmetic (`exp`'s
+/// polynomial in fused multiply-adds, reductions in the same order), so
+/// they give the same bits; the baseline build, for CPUs without FMA,
+/// rounds each product of `exp` and may differ in the last bit.
 #[cfg(target_arch = "x86_64")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Build {
@@ -346,23 +439,34 @@ fn widest_build() -> Build {
     })
 }
 
-/// Channels per block of Dice's loops (see [`Rowwise::dice_in_place`]):
-/// one AVX2 vector.
+/// Channels per block of Dice's loops (see [`Rowwise::dice_in_place`] and
+/// [`Rowwise::dice_backward_partial`]): one AVX2 vector.
 const LANES: usize = 8;
 
-/// Dice: `x·(α + (1-α)·p)` with `p = sigmoid((x - mean)·inv_std)`, that is
-/// `p·x + (1-p)·α·x`.
+/// Channels of [`Rowwise::dice_in_place`]'s main loop: a multiple of its
+/// vectorised iteration (8 lanes unrolled 4 times).
+const DICE_MAIN: usize = 32;
+
+/// Dice: `x·(α + (1-α)·p)` with `p = sigmoid(z)`, `z = (x - mean)·inv_std`,
+/// that is `p·x + (1-p)·α·x`, from `α`, `1 - α`, `-inv_std` and
+/// `mean·inv_std` (`-z` in one multiply-add).
 #[inline(always)]
-fn dice(x: f32, alpha: f32, mean: f32, inv_std: f32) -> f32 {
-    let p = sigmoid((x - mean) * inv_std);
-    x * (alpha + (1.0 - alpha) * p)
+fn dice_inference<const FMA: bool>(
+    x: f32,
+    alpha: f32,
+    one_minus_alpha: f32,
+    neg_inv_std: f32,
+    mean_inv_std: f32,
+) -> f32 {
+    let e = exp::<FMA>(fmadd::<FMA>(x, neg_inv_std, mean_inv_std)); // e^-z
+    x * fmadd::<FMA>(one_minus_alpha, 1.0 / (1.0 + e), alpha)
 }
 
 /// One element of [`Rowwise::dice_backward_partial`]: `g` from `dy` to the
 /// gradient with the moments held fixed; `da`, `sum_gz`, `sum_gzz` added to.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn dice_backward_lane(
+fn dice_backward_lane<const FMA: bool>(
     g: &mut f32,
     x: f32,
     alpha: f32,
@@ -374,7 +478,7 @@ fn dice_backward_lane(
 ) {
     let dy = *g;
     let z = (x - mean) * inv_std;
-    let p = sigmoid(z);
+    let p = sigmoid::<FMA>(z);
     *da += dy * x * (1.0 - p);
     let gz = dy * (1.0 - alpha) * x * p * (1.0 - p);
     *sum_gz += gz;
@@ -384,8 +488,20 @@ fn dice_backward_lane(
 }
 
 #[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + exp(-x))
+fn sigmoid<const FMA: bool>(x: f32) -> f32 {
+    1.0 / (1.0 + exp::<FMA>(-x))
+}
+
+/// `a·b + c`: one fused multiply-add (one rounding) when `FMA`, else a
+/// product and a sum. Only the builds compiled with FMA ask for it: without
+/// the instruction, `mul_add` is a library call per value.
+#[inline(always)]
+fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
 }
 
 /// `e^x`, branch-free so that the activation loops calling it vectorise:
@@ -393,35 +509,49 @@ fn sigmoid(x: f32) -> f32 {
 /// Dice inference's cycles went to it and to the scalar loop around it).
 /// Hand-written because no maintained crate offers an inlinable scalar
 /// `exp` that LLVM vectorises. Range reduction `x = n·ln 2 + r`, `|r| <=
-/// ln 2 / 2` (ln 2 split in two parts, so `r` is exact), a degree-7 Taylor
-/// polynomial for `e^r` (truncation below 6e-9) and `2^n` built from its
-/// bits; relative error within 2e-7 of `f32::exp` for `x` in [-87, 88]
-/// (tested), which it clamps to (`e^-87` is about 1.6e-38, `e^88` 1.65e38:
-/// a sigmoid saturates long before). NaN gives NaN.
+/// ln 2 / 2` (ln 2 split in two parts, so `r` is exact), a degree-5
+/// minimax polynomial for `e^r` (relative error 9.1e-8, under f32's
+/// rounding; the Taylor polynomial needed degree 7) evaluated with fused
+/// multiply-adds when `FMA` (see [`fmadd`]), and `2^n` built from its bits;
+/// relative error within 2e-7 of `f32::exp` for `x` in [-87, 88] either
+/// way (tested), which it clamps to (`e^-87` is about 1.6e-38, `e^88`
+/// 1.65e38: a sigmoid saturates long before). NaN gives NaN.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 = LN2_HI + LN2_LO, LN2_HI with its low 12 bits zero, so that
-    // n·LN2_HI is exact for |n| < 2^12.
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding and subtracting 1.5·2^23 rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let t = x * LOG2E + ROUND;
+fn exp<const FMA: bool>(x: f32) -> f32 {
+    let x = x.clamp(EXP_MIN, EXP_MAX);
+    let t = fmadd::<FMA>(x, LOG2E, ROUND);
     let n = t - ROUND;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // n is in [-126, 127]: 2^n is a normal float. t's bits are those of
-    // 1.5·2^23 plus n, so 2^n's exponent field (n + 127) is read from them
-    // with integer arithmetic: `n as i32` is a saturating conversion,
-    // which the SSE2 build did one lane at a time (a third of Dice
-    // inference's cycles there).
-    p * f32::from_bits(t.to_bits().wrapping_add(127u32.wrapping_sub(ROUND.to_bits())) << 23)
+    let r = fmadd::<FMA>(-n, LN2_LO, fmadd::<FMA>(-n, LN2_HI, x));
+    let mut p = EXP_POLY[5];
+    for &c in EXP_POLY[..5].iter().rev() {
+        p = fmadd::<FMA>(p, r, c);
+    }
+    p * two_to(t)
 }
+
+/// `2^n` from `t = n + ROUND` (see [`exp`]). n is in [-126, 127]: 2^n is
+/// a normal float. t's bits are those of 1.5·2^23 plus n, so 2^n's
+/// exponent field (n + 127) is read from them with integer arithmetic:
+/// `n as i32` is a saturating conversion, which the SSE2 build did one
+/// lane at a time (a third of Dice inference's cycles there).
+#[inline(always)]
+fn two_to(t: f32) -> f32 {
+    f32::from_bits(t.to_bits().wrapping_add(127u32.wrapping_sub(ROUND.to_bits())) << 23)
+}
+
+/// [`exp`]'s range: `e^-87` is about 1.6e-38, `e^88` 1.65e38.
+const EXP_MIN: f32 = -87.0;
+const EXP_MAX: f32 = 88.0;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 = LN2_HI + LN2_LO, LN2_HI with its low 12 bits zero, so that
+/// n·LN2_HI is exact for |n| < 2^12.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// Adding and subtracting 1.5·2^23 rounds to the nearest integer.
+const ROUND: f32 = 12_582_912.0;
+/// The minimax polynomial of e^r on [-ln 2 / 2, ln 2 / 2] with its
+/// constant term 1 (relative error, Lawson's iteration), rounded to f32.
+const EXP_POLY: [f32; 6] = [1.0, 0.999_999_7, 0.499_991_5, 0.166_676_36, 0.041_897_93, 0.008_290_315];
 
 impl Activation {
     /// A new activation over `channels`.
@@ -463,26 +593,20 @@ impl Activation {
         } else {
             (Vec::new(), Vec::new())
         };
-        Rowwise {
-            kind: self.kind,
-            channels,
-            alpha,
-            mean,
-            inv_std,
-        }
+        Rowwise::new(self.kind, channels, alpha, mean, inv_std)
     }
 
     /// The row-wise form of this activation with the given per-channel
     /// mean and biased variance (`[channels]` each) in place of Dice's
     /// moving averages: Dice in training once its batch's moments are known.
     pub fn rowwise_with_moments(&self, mean: &[f32], var: &[f32]) -> Rowwise<'_> {
-        Rowwise {
-            kind: self.kind,
-            channels: mean.len(),
-            alpha: self.alpha.as_ref().map_or(&[][..], |a| &a.value[..]),
-            mean: mean.to_vec(),
-            inv_std: var.iter().map(|v| 1.0 / (v + DICE_EPS).sqrt()).collect(),
-        }
+        Rowwise::new(
+            self.kind,
+            mean.len(),
+            self.alpha.as_ref().map_or(&[][..], |a| &a.value[..]),
+            mean.to_vec(),
+            var.iter().map(|v| 1.0 / (v + DICE_EPS).sqrt()).collect(),
+        )
     }
 
     /// `y = act(x)` over `[rows, channels]`. Dice uses batch statistics in
@@ -496,7 +620,7 @@ impl Activation {
         }
         let c = x.len() / rows;
         if self.is_rowwise(mode) {
-            self.rowwise(c).apply(x, y);
+            self.rowwise(c).apply_rows(x, y);
             return cache;
         }
         // Dice in training: normalise by the batch's own moments.
@@ -514,7 +638,7 @@ impl Activation {
             .zip(cache.p.chunks_exact_mut(c))
         {
             for j in 0..c {
-                let p = sigmoid((xr[j] - cache.mean[j]) * cache.inv_std[j]);
+                let p = sigmoid::<false>((xr[j] - cache.mean[j]) * cache.inv_std[j]);
                 pr[j] = p;
                 yr[j] = xr[j] * (alpha[j] + (1.0 - alpha[j]) * p); // p·x + (1-p)·α·x
             }
@@ -712,25 +836,28 @@ impl Module for Activation {
 mod tests {
     #[test]
     fn exp_is_within_2e_7_of_std_exp_and_saturates() {
-        let mut worst = 0f64;
-        for i in 0..=2_000_000 {
-            let x = -87.0 + 175.0 * i as f32 / 2_000_000.0;
-            let (got, want) = (super::exp(x) as f64, (x as f64).exp());
-            worst = worst.max((got - want).abs() / want);
+        fn check<const FMA: bool>() {
+            let exp = super::exp::<FMA>;
+            let sigmoid = super::sigmoid::<FMA>;
+            let mut worst = 0f64;
+            for i in 0..=2_000_000 {
+                let x = -87.0 + 175.0 * i as f32 / 2_000_000.0;
+                let (got, want) = (exp(x) as f64, (x as f64).exp());
+                worst = worst.max((got - want).abs() / want);
+            }
+            assert!(worst < 2e-7, "FMA {FMA}: relative error {worst:e}");
+            for x in [0.0f32, 1.0, -1.0, 0.5, 1e-8, -1e-8] {
+                assert!((exp(x) - x.exp()).abs() <= 1.2e-7 * x.exp(), "FMA {FMA}: {x}");
+            }
+            assert!(exp(-1000.0) > 0.0 && exp(-1000.0) < 1e-37);
+            assert!(exp(1000.0).is_finite() && exp(1000.0) > 1e38);
+            assert!(exp(f32::NAN).is_nan());
+            assert_eq!((sigmoid(-200.0), sigmoid(200.0)), (sigmoid(-88.0), 1.0));
+            assert!(sigmoid(-200.0) < 1e-37);
+            assert!(sigmoid(f32::NAN).is_nan());
         }
-        assert!(worst < 2e-7, "relative error {worst:e}");
-        for x in [0.0f32, 1.0, -1.0, 0.5, 1e-8, -1e-8] {
-            assert!((super::exp(x) - x.exp()).abs() <= 1.2e-7 * x.exp(), "{x}");
-        }
-        assert!(super::exp(-1000.0) > 0.0 && super::exp(-1000.0) < 1e-37);
-        assert!(super::exp(1000.0).is_finite() && super::exp(1000.0) > 1e38);
-        assert!(super::exp(f32::NAN).is_nan());
-        assert_eq!(
-            (super::sigmoid(-200.0), super::sigmoid(200.0)),
-            (super::sigmoid(-88.0), 1.0)
-        );
-        assert!(super::sigmoid(-200.0) < 1e-37);
-        assert!(super::sigmoid(f32::NAN).is_nan());
+        check::<false>();
+        check::<true>();
     }
 
     use super::super::testutil::{assert_close, dot, numeric_grad, rand_vec};
