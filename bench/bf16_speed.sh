@@ -24,6 +24,7 @@
 # issue's targets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 OUT=${OUT:-runs/bf16-speed}
 DATA=${DATA:-$OUT/data}
 ROUNDS=${ROUNDS:-3}
@@ -37,11 +38,10 @@ IMPLS=${IMPLS:-"din-fp32 din-bf16 din-avx512bf16 pt-eager pt-compile pt-bf16"}
 mkdir -p "$OUT/logs"
 RESULTS=$OUT/results.jsonl
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)
-CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
-FLAGS=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' |
-  grep -E '^(avx2|fma|avx512f|avx512bw|avx512_bf16|amx_tile|amx_bf16)$' | tr '\n' ' ' | sed 's/ $//')
+CPU=$(cpu_name)
+FLAGS=$(cpu_flags)
 [[ -f $DATA/samples.tsv ]] || $DIN bench gen --out "$DATA" --users "${USERS:-10000}" >/dev/null
-ROW=$(awk -F'\t' 'NR > 1 { if (split($4, a, ",") == 50) { print NR - 2; exit } }' "$DATA/samples.tsv")
+ROW=$(full_history_row "$DATA/samples.tsv")
 [[ -n $ROW ]] || { echo "no row with a 50-behaviour history in $DATA" >&2; exit 1; }
 echo "run $RUN_ID on $CPU ($FLAGS), $THREADS threads; latency row $ROW (50 behaviours)" >&2
 

@@ -18,6 +18,7 @@
 # LATENCY_ROW (0; the first row with 50 behaviours is `bench/serve_load.sh`'s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 B=${B:-target/release/din}
 A=${A:-}
 DATA=${DATA:-runs/bench-data}
@@ -31,8 +32,8 @@ LATENCY_ROW=${LATENCY_ROW:-0}
 mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)
-CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
-FLAGS=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512_bf16|amx_bf16)$' | tr '\n' ' ')
+CPU=$(cpu_name)
+FLAGS=$(cpu_flags)
 echo "run $RUN_ID on $CPU ($FLAGS), $THREADS threads, attention ($ATT), batch $BATCH, latency row $LATENCY_ROW" >&2
 
 builds=()

@@ -32,6 +32,7 @@
 # auto: the server's --precision, and din bench run's in the same run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 OUT=${OUT:-runs/serve-load}
 DATA=${DATA:-$OUT/data}
 ROUNDS=${ROUNDS:-3}
@@ -67,10 +68,10 @@ fi
 mkdir -p "$OUT/logs"
 RESULTS=$OUT/results.jsonl
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)
-CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
+CPU=$(cpu_name)
 [[ -f $DATA/samples.tsv ]] || $DIN bench gen --out "$DATA" --users "${USERS:-2000}" >/dev/null
 # The first row with a 50-behaviour history (0-based data row).
-ROW=$(awk -F'\t' 'NR > 1 { if (split($4, a, ",") == 50) { print NR - 2; exit } }' "$DATA/samples.tsv")
+ROW=$(full_history_row "$DATA/samples.tsv")
 [[ -n $ROW ]] || { echo "no row with a 50-behaviour history in $DATA" >&2; exit 1; }
 echo "run $RUN_ID on $CPU, $THREADS threads; latency row $ROW (50 behaviours)"
 

@@ -23,6 +23,7 @@
 # below). The PyTorch DIN (bench/torch_din_speed.py) runs in VENV_TORCH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 DATA=${DATA:-runs/bench-data}
 OUT=${OUT:-runs/speed}
 ROUNDS=${ROUNDS:-2}
@@ -59,11 +60,10 @@ fi
 mkdir -p "$OUT/logs"
 RESULTS=$OUT/results.jsonl
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)
-CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')
-CPU_FLAGS=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' |
-  grep -E '^(avx2|fma|avx512f|avx512_bf16|amx_bf16|amx_tile)$' | tr '\n' ' ' | sed 's/ $//')
+CPU=$(cpu_name)
+CPU_FLAGS=$(cpu_flags)
 # The first data row (0-based) with a full history of 50 behaviours.
-ROW50=$(awk -F'\t' 'NR > 1 { if (split($4, a, ",") == 50) { print NR - 2; exit } }' "$DATA/samples.tsv")
+ROW50=$(full_history_row "$DATA/samples.tsv")
 echo "run $RUN_ID on $CPU ($CPU_FLAGS); full-history latency row ${ROW50:-none}" >&2
 
 # tag IMPL CONFIG DIM ATT ROUND [FULL] < stdout: the JSON object in the output,
