@@ -11,6 +11,7 @@
 #   bash bench/bf16_quality.sh      # writes runs/bf16/quality.jsonl and prints a table
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 ML=${ML:-../shared/data/ml-100k}
 OUT=${OUT:-runs/bf16}
 SEEDS=${SEEDS:-"1 2 3"}
@@ -20,9 +21,7 @@ DIN=./target/release/din
 mkdir -p "$OUT"
 : > "$OUT/quality.jsonl"
 for data in next-item rating; do
-  [ -f "$OUT/$data/config.toml" ] ||
-    $DIN prepare --input "$ML" --format movielens --out "$OUT/$data" --protocol "$data" --valid-per-user 0 --user-feature >/dev/null
-  test_file=$(python3 -c 'import sys,tomllib,os; c=tomllib.load(open(sys.argv[1],"rb")); print(os.path.join(os.path.dirname(sys.argv[1]), c["data"]["validation"]))' "$OUT/$data/config.toml")
+  test_file=$(movielens_split "$DIN" "$ML" "$OUT" "$data")
   for seed in $SEEDS; do
     model="$OUT/models/$data-$seed"
     $DIN train --config "$OUT/$data/config.toml" --epochs "$EPOCHS" --batch-size 256 --threads 2 \

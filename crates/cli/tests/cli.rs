@@ -1430,6 +1430,41 @@ fn train_skips_bad_rows_on_request_and_reports_them() {
     assert_error(&out, &["dirty.txt", "2 of 1380 rows are malformed", "0.001"]);
 }
 
+/// `train.precision`: bf16 (mixed precision) trains a model of its own,
+/// says which kernel runs it, and records the precision in the saved
+/// config; a bad value stops the run naming the field.
+#[test]
+fn train_takes_a_training_precision() {
+    let tmp = TempDir::new().unwrap();
+    let mut saved = Vec::new();
+    for p in ["fp32", "bf16"] {
+        let model = tmp.path().join(p);
+        let out = train(
+            tmp.path(),
+            &model,
+            &["--epochs", "1", "--set", &format!("train.precision=\"{p}\"")],
+        );
+        assert_ok(&out);
+        assert_eq!(
+            stdout(&out).contains("training precision bf16: bf16"),
+            p == "bf16",
+            "{}",
+            stdout(&out)
+        );
+        let config = read_json(&model.join("config.json"));
+        let recorded = config["config"]["train"]["precision"].as_str();
+        assert_eq!(recorded, (p == "bf16").then_some("bf16"), "{config}");
+        saved.push(fs::read(model.join("model.safetensors")).unwrap());
+    }
+    assert_ne!(saved[0], saved[1], "bf16 products change the weights");
+    let out = train(
+        tmp.path(),
+        &tmp.path().join("x"),
+        &["--set", "train.precision=\"fp16\""],
+    );
+    assert_error(&out, &["precision", "fp16"]);
+}
+
 /// `--precision` on predict and evaluate: bf16 scores within 1e-2 of
 /// fp32's and not all equal, the metrics close, the kernel named; a bad
 /// value is a usage error naming the choices.

@@ -1,7 +1,8 @@
 //! The bf16 hardware kernels (issue 12) on the CPU that runs the tests:
 //! every kernel this CPU has (AMX, AVX512-BF16) against the bf16 product in
-//! f64, and a model scored on the preferred one against the emulation and
-//! FP32. Without a test harness (`harness = false`): Linux grants the AMX
+//! f64, in inference's form and in mixed-precision training's (every
+//! layout), and a model scored on the preferred one against the emulation
+//! and FP32. Without a test harness (`harness = false`): Linux grants the AMX
 //! tile state only to a process whose threads' signal stacks are large
 //! enough, so the kernels are detected here before any thread starts (as
 //! the `din` binary does). Says `skipped` on a CPU without bf16
@@ -10,6 +11,7 @@
 mod common;
 
 use din::model::bf16::{bf16_hardware, hardware_kernels, round_bf16, Bf16Matrix};
+use din::model::linalg::Gemm;
 use din::model::{Din, Kernel, Module, Precision, Role};
 
 fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -46,6 +48,63 @@ fn check_product(kernel: Kernel, m: usize, k: usize, n: usize) {
     );
 }
 
+/// Mixed-precision training's products on `kernel` in each layout (the
+/// operands in place, transposed, or a block of a wider matrix),
+/// overwriting and accumulating, against the emulation: each within the
+/// f32 bound of the other's sums.
+fn check_training_products(kernel: Kernel, m: usize, k: usize, n: usize) {
+    let (a, b) = (values(m * k, 3), values(k * n, 4));
+    let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect(); // [k, m]
+    let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect(); // [n, k]
+    let wide: Vec<f32> = (0..m * (k + 2))
+        .map(|i| {
+            if i % (k + 2) < k {
+                a[i / (k + 2) * k + i % (k + 2)]
+            } else {
+                1e30
+            }
+        })
+        .collect();
+    let u = f64::from(f32::EPSILON) / 2.0;
+    let bound: Vec<f64> = (0..m * n)
+        .map(|ij| {
+            let (i, j) = (ij / n, ij % n);
+            let s: f64 = (0..k)
+                .map(|p| f64::from(a[i * k + p].abs()) * f64::from(b[p * n + j].abs()))
+                .sum();
+            2.0 * (k as f64 + 1.0) * u * s * 1.01 + 1e-6
+        })
+        .collect();
+    for accumulate in [false, true] {
+        let products = |g: Gemm| -> Vec<Vec<f32>> {
+            let run = |f: &dyn Fn(&mut [f32])| {
+                let mut c = vec![if accumulate { 0.25 } else { f32::NAN }; m * n];
+                f(&mut c);
+                c
+            };
+            vec![
+                run(&|c| g.matmul(m, k, n, &a, &b, c, accumulate)),
+                run(&|c| g.matmul_lda(m, k, n, &wide, k + 2, &b, c, accumulate)),
+                run(&|c| g.matmul_at_b(m, k, n, &at, &b, c, accumulate)),
+                run(&|c| g.matmul_a_bt(m, k, n, &a, &bt, c, accumulate)),
+                run(&|c| g.serial().matmul_at_b(m, k, n, &at, &b, c, accumulate)),
+            ]
+        };
+        let (got, want) = (products(Gemm::new(kernel)), products(Gemm::new(Kernel::Emulated)));
+        for (layout, (g, w)) in got.iter().zip(&want).enumerate() {
+            for ij in 0..m * n {
+                let err = (f64::from(g[ij]) - f64::from(w[ij])).abs();
+                assert!(
+                    err <= bound[ij],
+                    "{kernel:?} training {m}x{k}x{n}, layout {layout}, accumulate {accumulate}: [{ij}] = {}, emulated {}",
+                    g[ij],
+                    w[ij]
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     // First, before any thread exists (see the module's docs).
     let preferred = bf16_hardware();
@@ -72,6 +131,13 @@ fn main() {
             check_product(kernel, m, k, n);
         }
         println!("ok: {kernel:?} products on {} shapes", shapes.len());
+        for (m, k, n) in shapes {
+            check_training_products(kernel, m, k, n);
+        }
+        println!(
+            "ok: {kernel:?} training products in every layout on {} shapes",
+            shapes.len()
+        );
     }
 
     // A model in bf16 on the preferred kernel, against the emulation and

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use din::model::SparseGrad;
-use din::model::{Din, Module};
+use din::model::{Din, Module, Precision};
 use din::schema::{ActivationKind, Config, EarlyStoppingConfig, Monitor, RegularizationConfig, RegularizationKind};
 use din::train::{fit, load_training_data, regularize, Silent};
 
@@ -364,8 +364,13 @@ fn training_gives_the_same_model_for_any_thread_count() {
     config.train.epochs = 1;
     config.train.batch_size = 256; // several attention chunks per batch
     config.model.attention.hidden_units = vec![64, 32]; // large enough for gemm's parallel path
-    for activation in [ActivationKind::Prelu, ActivationKind::Dice] {
+    for (activation, precision) in [
+        (ActivationKind::Prelu, Precision::Fp32),
+        (ActivationKind::Dice, Precision::Fp32),
+        (ActivationKind::Prelu, Precision::Bf16),
+    ] {
         config.model.attention.activation = activation;
+        config.train.precision = precision;
         let mut models = Vec::new();
         for threads in [1, 2, 3] {
             config.train.threads = threads;
@@ -375,9 +380,32 @@ fn training_gives_the_same_model_for_any_thread_count() {
         for m in &models[1..] {
             assert!(
                 m == &models[0],
-                "{activation:?}: the weights depend on the thread count"
+                "{activation:?}/{precision}: the weights depend on the thread count"
             );
         }
+    }
+}
+
+/// `train.precision = "bf16"` reaches the training passes (another model
+/// than FP32's, from the same start and batches) and learns as FP32 does:
+/// each epoch's training loss within 0.02 of FP32's.
+#[test]
+fn mixed_precision_training_learns_like_fp32() {
+    let mut config = bundled();
+    config.train.epochs = 3;
+    let mut runs = Vec::new();
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        config.train.precision = precision;
+        let data = load_training_data(&config).expect("data");
+        let out = fit(&data, &mut Silent).expect("fit");
+        let losses: Vec<f64> = out.history.iter().map(|e| e.train_loss).collect();
+        runs.push((weights(&out.model), losses));
+    }
+    assert!(runs[0].0 != runs[1].0, "bf16 products change the weights");
+    let (fp32, bf16) = (&runs[0].1, &runs[1].1);
+    assert!(bf16[2] < bf16[0], "bf16 learns: {bf16:?}");
+    for (f, b) in fp32.iter().zip(bf16) {
+        assert!((f - b).abs() < 0.02, "training loss fp32 {fp32:?}, bf16 {bf16:?}");
     }
 }
 

@@ -377,6 +377,10 @@ pub fn run(args: Args) -> Result<()> {
                 s.windows, s.window_rows
             )),
         );
+        let precision = data.config.train.precision;
+        if !precision.is_fp32() {
+            println!("training precision {precision}: {}", precision.resolve().describe());
+        }
         if let Some(r) = &resume {
             let s = &r.state;
             let n = data

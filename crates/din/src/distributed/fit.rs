@@ -93,6 +93,7 @@ pub fn fit_distributed(
     let pool = thread_pool(tc.threads)?;
     let mut meter = Meter::new(comm);
     let mut model = Din::new_shard(layout, &data.config.model, tc.seed, owners.rank, owners.ranks)?;
+    model.set_training_precision(tc.precision);
     let mut optimizer = Optimizer::new(tc.optimizer, tc.learning_rate, &model);
     let (mut shuffle, mut dropout) = (stream(tc.seed, 1, 0), stream(tc.seed, 2, 0));
     let first = shard.first_row();

@@ -251,6 +251,84 @@ thread_local! {
     /// pairs (hardware).
     static ROUNDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static PACKED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's operands of [`training_product`]. Taken out while in
+    /// use (not borrowed), so that a product that waits on rayon while this
+    /// thread runs another task's product does not collide with it.
+    static OPERANDS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+}
+
+/// `out = x[rows, cols]` row-major, `x[i, j]` at `src[i * rs + j * cs]`,
+/// each value rounded to bf16 when `round`.
+fn gather(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), round: bool, out: &mut Vec<f32>) {
+    let r = |x: f32| if round { round_bf16(x) } else { x };
+    out.clear();
+    out.reserve(rows * cols);
+    if cs == 1 {
+        for i in 0..rows {
+            out.extend(src[i * rs..i * rs + cols].iter().map(|&x| r(x)));
+        }
+    } else {
+        for i in 0..rows {
+            out.extend((0..cols).map(|j| r(src[i * rs + j * cs])));
+        }
+    }
+}
+
+/// A product of mixed-precision training: `c[m, n] (+)= bf16(a) · bf16(b)`
+/// summed in f32, `a[i, p]` at `a[i * a_rs + p * a_cs]` and `b[p, j]` at
+/// `b[p * b_rs + j * b_cs]` (the caller has checked that they lie inside
+/// their slices, and that no dimension is zero). Both operands change from
+/// one step to the next (weights, activations, gradients), so each call
+/// rounds or packs them afresh. `may_split` lets the product use the
+/// rayon pool.
+///
+/// # Panics
+/// If `kernel` is not a bf16 kernel this CPU runs.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn training_product(
+    kernel: Kernel,
+    (m, n, k): (usize, usize, usize),
+    c: &mut [f32],
+    (a, a_strides): (&[f32], (usize, usize)),
+    (b, b_strides): (&[f32], (usize, usize)),
+    accumulate: bool,
+    may_split: bool,
+) {
+    assert_runs(kernel);
+    let [mut ra, mut rb, mut rc] = OPERANDS.with(|o| std::mem::take(&mut *o.borrow_mut()));
+    match kernel {
+        Kernel::Fp32 => panic!("a bf16 training product on the fp32 kernel"),
+        Kernel::Emulated => {
+            // A product of two bf16 values is exact in f32: the f32 kernels
+            // then sum exactly what the hardware sums.
+            gather(m, k, a, a_strides, true, &mut ra);
+            gather(k, n, b, b_strides, true, &mut rb);
+            let (k_, n_) = (k as isize, n as isize);
+            super::linalg::product_f32(m, n, k, c, &ra, (k_, 1), &rb, (n_, 1), accumulate, may_split);
+        }
+        _ => {
+            // The kernels round the activations (`a`) themselves.
+            gather(m, k, a, a_strides, false, &mut ra);
+            gather(k, n, b, b_strides, false, &mut rb);
+            let w = Bf16Matrix::new(k, n, &rb, kernel);
+            let out = if accumulate {
+                rc.clear();
+                rc.resize(m * n, 0.0);
+                &mut rc[..]
+            } else {
+                &mut c[..m * n]
+            };
+            if may_split {
+                w.matmul_parallel(m, &ra, out);
+            } else {
+                w.matmul(m, &ra, out);
+            }
+            if accumulate {
+                c[..m * n].iter_mut().zip(&rc).for_each(|(c, x)| *c += x);
+            }
+        }
+    }
+    OPERANDS.with(|o| *o.borrow_mut() = [ra, rb, rc]);
 }
 
 /// A `[k, n]` weight matrix in bf16, in the form its kernel reads.

@@ -1,8 +1,12 @@
 //! Matrix products over the `gemm` crates' f32 kernels (`gemm-f32`, the
-//! function the `gemm` facade dispatches f32 to). All matrices are
-//! row-major `f32`.
+//! function the `gemm` facade dispatches f32 to), or, for mixed-precision
+//! training ([`Gemm`] with a bf16 [`Kernel`]), with operands rounded to
+//! bf16 and sums in f32 (see [`super::bf16`]). All matrices are row-major
+//! `f32`.
 
 use gemm_common::Parallelism;
+
+use super::bf16::{training_product, Kernel};
 
 /// Products smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_THRESHOLD: usize = 1 << 16;
@@ -23,8 +27,11 @@ fn fits(len: usize, rows: usize, cols: usize, rs: isize, cs: isize) -> bool {
     last.is_some_and(|last| last < len)
 }
 
+/// `c[m,n] (+)= a[m,k] · b[k,n]` on `kernel`, `a[i, p]` at
+/// `a[i * a_rs + p * a_cs]`, `b[p, j]` at `b[p * b_rs + j * b_cs]`.
 #[allow(clippy::too_many_arguments)]
 fn product(
+    kernel: Kernel,
     m: usize,
     n: usize,
     k: usize,
@@ -51,6 +58,29 @@ fn product(
         }
         return;
     }
+    if kernel.is_bf16() {
+        // `fits` checked the strides non-negative.
+        let u = |(r, c): (isize, isize)| (r as usize, c as usize);
+        let (a, b) = ((a, u((a_rs, a_cs))), (b, u((b_rs, b_cs))));
+        return training_product(kernel, (m, n, k), c, a, b, accumulate, may_split);
+    }
+    product_f32(m, n, k, c, a, (a_rs, a_cs), b, (b_rs, b_cs), accumulate, may_split);
+}
+
+/// [`product`] in f32, its shapes checked and none zero.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn product_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    a: &[f32],
+    (a_rs, a_cs): (isize, isize),
+    b: &[f32],
+    (b_rs, b_cs): (isize, isize),
+    accumulate: bool,
+    may_split: bool,
+) {
     let parallelism =
         if may_split && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1
         {
@@ -111,47 +141,133 @@ fn product(
     }
 }
 
+/// How products multiply: in f32 ([`Kernel::Fp32`]), or, for
+/// mixed-precision training, with both operands rounded to bf16 and the
+/// sums in f32 on a bf16 kernel; over the rayon pool when large, or on the
+/// calling thread only ([`Gemm::serial`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gemm {
+    kernel: Kernel,
+    may_split: bool,
+}
+
+impl Gemm {
+    /// f32 products, split over the rayon pool when large.
+    pub const F32: Gemm = Gemm {
+        kernel: Kernel::Fp32,
+        may_split: true,
+    };
+
+    /// Products on `kernel`, split over the rayon pool when large.
+    ///
+    /// # Panics
+    /// At the first product, if `kernel` is a hardware kernel this CPU lacks.
+    pub fn new(kernel: Kernel) -> Gemm {
+        Gemm {
+            kernel,
+            may_split: true,
+        }
+    }
+
+    /// The same products on the calling thread only, for code that is
+    /// already running one rayon task per block of rows.
+    pub fn serial(self) -> Gemm {
+        Gemm {
+            may_split: false,
+            ..self
+        }
+    }
+
+    /// The kernel of these products.
+    pub fn kernel(self) -> Kernel {
+        self.kernel
+    }
+
+    /// `c[m,n] (+)= a[m,k] · b[k,n]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+        self.matmul_lda(m, k, n, a, k, b, c, accumulate);
+    }
+
+    /// `c[m,n] (+)= a · b` where row `i` of `a` starts at `a[i * lda]`
+    /// (`lda >= k`): a block of columns of a wider matrix.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_lda(
+        self,
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        c: &mut [f32],
+        accumulate: bool,
+    ) {
+        assert!(lda >= k, "row stride {lda} below the row width {k}");
+        let (a_s, b_s) = ((lda as isize, 1), (n as isize, 1));
+        product(self.kernel, m, n, k, c, a, a_s, b, b_s, accumulate, self.may_split);
+    }
+
+    /// `c[m,n] (+)= aᵀ · b` where `a` is stored `[k,m]` and `b` is `[k,n]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_at_b(self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+        let (a_s, b_s) = ((1, m as isize), (n as isize, 1));
+        product(self.kernel, m, n, k, c, a, a_s, b, b_s, accumulate, self.may_split);
+    }
+
+    /// `c[m,n] (+)= a · bᵀ` where `a` is `[m,k]` and `b` is stored `[n,k]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_a_bt(self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
+        let (a_s, b_s) = ((k as isize, 1), (1, k as isize));
+        product(self.kernel, m, n, k, c, a, a_s, b, b_s, accumulate, self.may_split);
+    }
+}
+
 /// `c[m,n] (+)= a[m,k] · b[k,n]`, split over the rayon pool when large.
 pub fn matmul(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, n, k, c, a, (k as isize, 1), b, (n as isize, 1), accumulate, true);
+    Gemm::F32.matmul(m, k, n, a, b, c, accumulate);
 }
 
 /// `c[m,n] (+)= aᵀ · b` where `a` is stored `[k,m]` and `b` is `[k,n]`.
 pub fn matmul_at_b(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, n, k, c, a, (1, m as isize), b, (n as isize, 1), accumulate, true);
+    Gemm::F32.matmul_at_b(m, k, n, a, b, c, accumulate);
 }
 
 /// `c[m,n] (+)= a · bᵀ` where `a` is `[m,k]` and `b` is stored `[n,k]`.
 pub fn matmul_a_bt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-    product(m, n, k, c, a, (k as isize, 1), b, (1, k as isize), accumulate, true);
+    Gemm::F32.matmul_a_bt(m, k, n, a, b, c, accumulate);
 }
 
-/// The same products on the calling thread only, for code that is already
+/// The f32 products on the calling thread only, for code that is already
 /// running one rayon task per block of rows.
 pub mod serial {
-    use super::product;
+    use super::Gemm;
+
+    const F32: Gemm = Gemm {
+        may_split: false,
+        ..Gemm::F32
+    };
 
     /// `c[m,n] (+)= a[m,k] · b[k,n]`.
     pub fn matmul(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-        product(m, n, k, c, a, (k as isize, 1), b, (n as isize, 1), accumulate, false);
+        F32.matmul(m, k, n, a, b, c, accumulate);
     }
 
     /// `c[m,n] (+)= a · b` where row `i` of `a` starts at `a[i * lda]`
     /// (`lda >= k`): a block of columns of a wider matrix.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_lda(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], c: &mut [f32], accumulate: bool) {
-        assert!(lda >= k, "row stride {lda} below the row width {k}");
-        product(m, n, k, c, a, (lda as isize, 1), b, (n as isize, 1), accumulate, false);
+        F32.matmul_lda(m, k, n, a, lda, b, c, accumulate);
     }
 
     /// `c[m,n] (+)= aᵀ · b` where `a` is stored `[k,m]` and `b` is `[k,n]`.
     pub fn matmul_at_b(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-        product(m, n, k, c, a, (1, m as isize), b, (n as isize, 1), accumulate, false);
+        F32.matmul_at_b(m, k, n, a, b, c, accumulate);
     }
 
     /// `c[m,n] (+)= a · bᵀ` where `a` is `[m,k]` and `b` is stored `[n,k]`.
     pub fn matmul_a_bt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
-        product(m, n, k, c, a, (k as isize, 1), b, (1, k as isize), accumulate, false);
+        F32.matmul_a_bt(m, k, n, a, b, c, accumulate);
     }
 }
 

@@ -2,7 +2,7 @@
 
 use rand::Rng;
 
-use super::linalg::{matmul, matmul_a_bt, matmul_at_b};
+use super::linalg::Gemm;
 use super::param::{Module, Param, Role};
 
 /// `y[rows, out] = x[rows, in] · weight[in, out] + bias[out]`.
@@ -37,19 +37,29 @@ impl Linear {
 
     /// `y = x·W + b`; `y` is resized to `[rows, out]`.
     pub fn forward(&self, x: &[f32], rows: usize, y: &mut Vec<f32>) {
+        self.forward_with(Gemm::F32, x, rows, y);
+    }
+
+    /// [`Linear::forward`] with `gemm`'s products.
+    pub fn forward_with(&self, gemm: Gemm, x: &[f32], rows: usize, y: &mut Vec<f32>) {
         let (i, o) = (self.input_dim(), self.output_dim());
         y.clear();
         y.reserve(rows * o);
         for _ in 0..rows {
             y.extend_from_slice(&self.bias.value); // [rows, out] = b
         }
-        matmul(rows, i, o, x, &self.weight.value, y, true); // += x·W
+        gemm.matmul(rows, i, o, x, &self.weight.value, y, true); // += x·W
     }
 
     /// Accumulates `dW += xᵀ·dy`, `db += Σ dy`, and writes `dx = dy·Wᵀ` when asked.
     pub fn backward(&mut self, x: &[f32], rows: usize, dy: &[f32], dx: Option<&mut Vec<f32>>) {
+        self.backward_with(Gemm::F32, x, rows, dy, dx);
+    }
+
+    /// [`Linear::backward`] with `gemm`'s products.
+    pub fn backward_with(&mut self, gemm: Gemm, x: &[f32], rows: usize, dy: &[f32], dx: Option<&mut Vec<f32>>) {
         let (i, o) = (self.input_dim(), self.output_dim());
-        matmul_at_b(i, rows, o, x, dy, &mut self.weight.grad, true); // [in, out]
+        gemm.matmul_at_b(i, rows, o, x, dy, &mut self.weight.grad, true); // [in, out]
         for r in 0..rows {
             for (g, d) in self.bias.grad.iter_mut().zip(&dy[r * o..(r + 1) * o]) {
                 *g += d;
@@ -58,7 +68,7 @@ impl Linear {
         if let Some(dx) = dx {
             dx.clear();
             dx.resize(rows * i, 0.0);
-            matmul_a_bt(rows, o, i, dy, &self.weight.value, dx, false); // [rows, in]
+            gemm.matmul_a_bt(rows, o, i, dy, &self.weight.value, dx, false); // [rows, in]
         }
     }
 }

@@ -4,6 +4,7 @@ use rand::Rng;
 
 use super::activation::{Activation, ActivationCache};
 use super::bf16::{Bf16Matrix, Kernel};
+use super::linalg::Gemm;
 use super::linear::Linear;
 use super::param::{Module, Param};
 use super::Mode;
@@ -25,6 +26,10 @@ pub struct Block {
 pub struct Mlp {
     /// The layers.
     pub blocks: Vec<Block>,
+    /// What runs the layers' products in training: f32, or bf16 with f32
+    /// sums (mixed precision, see [`crate::model::Din::set_training_precision`]).
+    /// Inference ([`Mode::Infer`]) is not affected.
+    pub(crate) products: Kernel,
 }
 
 /// Intermediate values of [`Mlp::forward`] kept for the backward pass.
@@ -62,7 +67,10 @@ impl Mlp {
             blocks.push(Block::new(width, u, activation, dropout, rng));
             width = u;
         }
-        Mlp { blocks }
+        Mlp {
+            blocks,
+            products: Kernel::Fp32,
+        }
     }
 
     /// Output width, given the input width.
@@ -101,8 +109,13 @@ impl Mlp {
             cache.output.extend_from_slice(&cache.inputs[0]);
             return;
         }
+        let gemm = Gemm::new(if mode == Mode::Train {
+            self.products
+        } else {
+            Kernel::Fp32
+        });
         for (i, b) in self.blocks.iter().enumerate() {
-            b.linear.forward(&cache.inputs[i], rows, &mut cache.pre[i]); // [rows, out]
+            b.linear.forward_with(gemm, &cache.inputs[i], rows, &mut cache.pre[i]); // [rows, out]
             let out = if i + 1 < layers {
                 &mut cache.inputs[i + 1]
             } else {
@@ -162,13 +175,14 @@ impl Mlp {
     /// [`Mlp::backward`] in reused buffers: `g` holds `dy` on entry and `dx`
     /// on return; `scratch` is working space.
     pub fn backward_into(&mut self, cache: &MlpCache, rows: usize, g: &mut Vec<f32>, scratch: &mut Vec<f32>) {
+        let gemm = Gemm::new(self.products);
         for (i, b) in self.blocks.iter_mut().enumerate().rev() {
             if !cache.masks[i].is_empty() {
                 g.iter_mut().zip(&cache.masks[i]).for_each(|(g, m)| *g *= m);
             }
             b.activation
                 .backward(&cache.pre[i], rows, &cache.activations[i], g, scratch);
-            b.linear.backward(&cache.inputs[i], rows, scratch, Some(g));
+            b.linear.backward_with(gemm, &cache.inputs[i], rows, scratch, Some(g));
         }
     }
 

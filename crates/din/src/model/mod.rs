@@ -276,6 +276,26 @@ impl Din {
         self.attention.kernel()
     }
 
+    /// Trains with `precision` from now on; returns the kernel it resolved
+    /// to on this CPU. With `bf16` (mixed precision), the training passes
+    /// multiply in bf16 where inference in bf16 does (the hidden layers of
+    /// the attention unit after the first, and of the DNN), forward and
+    /// backward: both operands of every such product (weights, activations,
+    /// gradients) rounded to bf16, the sums in f32. Weights, gradients and
+    /// the optimizer's state stay f32. Inference is not affected (see
+    /// [`Din::set_precision`]).
+    pub fn set_training_precision(&mut self, precision: Precision) -> Kernel {
+        let kernel = precision.resolve();
+        self.dnn.products = kernel;
+        self.attention.rest.products = kernel;
+        kernel
+    }
+
+    /// The kernel training runs on (see [`Din::set_training_precision`]).
+    pub fn training_kernel(&self) -> Kernel {
+        self.dnn.products
+    }
+
     /// Click probabilities `[B]` (inference mode). The attention unit keeps
     /// nothing for a backward pass, and consecutive samples with the same
     /// history (one request's candidates) share its history term.

@@ -375,7 +375,8 @@ pub struct ModelConfig {
     pub dnn: DnnConfig,
     /// The precision of inference (`fp32`, `bf16` or `auto`; see
     /// [`crate::model::bf16`]): what a loaded model scores with unless a
-    /// command's `--precision` says otherwise. Training is f32.
+    /// command's `--precision` says otherwise. Training has its own,
+    /// `train.precision`.
     #[serde(default, skip_serializing_if = "Precision::is_fp32")]
     pub precision: Precision,
 }
@@ -641,6 +642,15 @@ pub struct TrainConfig {
     /// How many checkpoints to keep, newest first (0: write none).
     #[serde(default = "default_keep_checkpoints")]
     pub keep_checkpoints: usize,
+    /// The precision of the training products: `fp32` (the default), or
+    /// `bf16`, mixed precision: the products of the hidden layers (those
+    /// bf16 inference runs in bf16) take bf16 operands and sum in f32,
+    /// forward and backward, while weights, gradients and the optimizer's
+    /// state stay f32. On the CPU's bf16 instructions where it has them,
+    /// emulated (slower than fp32) where not; `auto` takes bf16 only where
+    /// the CPU has them. Opt-in: see `docs/performance.md` for its quality.
+    #[serde(default, skip_serializing_if = "Precision::is_fp32")]
+    pub precision: Precision,
 }
 
 /// What training does with a batch whose loss or gradients are not finite.
@@ -684,6 +694,7 @@ impl Default for TrainConfig {
             on_non_finite: OnNonFinite::Stop,
             checkpoint_every: default_checkpoint_every(),
             keep_checkpoints: default_keep_checkpoints(),
+            precision: Precision::Fp32,
         }
     }
 }

@@ -893,6 +893,8 @@ fn run(
         }
     };
     let keep_best = tc.keep == Keep::Best || tc.early_stopping.as_ref().is_some_and(|c| c.restore_best);
+    // Not saved with the model: a resumed run takes it from the config.
+    s.model.set_training_precision(tc.precision);
     let mut lp = Loop {
         data,
         checkpoints,

@@ -28,8 +28,8 @@ use rayon::prelude::*;
 
 use super::{softmax_in_place, Attention, Histories};
 use crate::model::activation::Moments;
-use crate::model::bf16::Bf16Matrix;
-use crate::model::linalg::serial;
+use crate::model::bf16::{Bf16Matrix, Kernel};
+use crate::model::linalg::{serial, Gemm};
 use crate::model::mlp::Block;
 use crate::model::{Mode, Rowwise};
 use crate::schema::Normalization;
@@ -211,6 +211,9 @@ struct Shared<'a> {
     keep: bool,
     /// Inference in bf16: hidden layers `1..` in bf16 (see [`super::super::bf16`]).
     bf16: Option<&'a [Bf16Matrix]>,
+    /// The products of hidden layers `1..` in a training pass, forward and
+    /// backward: f32, or bf16 in mixed-precision training.
+    products: Gemm,
 }
 
 impl<'a> Shared<'a> {
@@ -245,6 +248,7 @@ impl<'a> Shared<'a> {
             shared_at: &[],
             keep: true,
             bf16: None,
+            products: Gemm::new(if st.train { att.rest.products } else { Kernel::Fp32 }).serial(),
         }
     }
 
@@ -414,7 +418,9 @@ impl<'a> Shared<'a> {
             } else {
                 match self.bf16 {
                     Some(w) => w[l - 1].matmul(n, input, pre),
-                    None => serial::matmul(n, width_in, h, input, &block.linear.weight.value, pre, false),
+                    None => self
+                        .products
+                        .matmul(n, width_in, h, input, &block.linear.weight.value, pre, false),
                 } // [n, h]
                 if self.keep {
                     self.add_bias_apply(l, pre, bias, out);
@@ -558,8 +564,9 @@ impl<'a> Shared<'a> {
                 self.per_sample_grads(s0, s1, g, ds, gwq, dq);
                 serial::matmul_a_bt(n, h, 2 * d, g, self.wkp, input, false); // d[k, q*k]
             } else {
-                serial::matmul_at_b(width_in, n, h, input, g, gw, true); // dW_l
-                serial::matmul_a_bt(n, h, width_in, g, &block.linear.weight.value, input, false);
+                let gemm = self.products;
+                gemm.matmul_at_b(width_in, n, h, input, g, gw, true); // dW_l
+                gemm.matmul_a_bt(n, h, width_in, g, &block.linear.weight.value, input, false);
                 // dh_{l-1}
             }
         }

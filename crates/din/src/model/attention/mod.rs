@@ -1016,10 +1016,13 @@ mod tests {
         let q = rand_vec(b * d, 61);
         let keys = rand_vec(n * d, 62);
         let dpooled = rand_vec(b * d, 63);
-        for (activation, normalization) in [
-            (ActivationKind::Dice, Normalization::None),
-            (ActivationKind::Dice, Normalization::Softmax),
-            (ActivationKind::Prelu, Normalization::None),
+        for (activation, normalization, products) in [
+            (ActivationKind::Dice, Normalization::None, Kernel::Fp32),
+            (ActivationKind::Dice, Normalization::Softmax, Kernel::Fp32),
+            (ActivationKind::Prelu, Normalization::None, Kernel::Fp32),
+            // Mixed-precision training.
+            (ActivationKind::Prelu, Normalization::None, Kernel::Emulated),
+            (ActivationKind::Dice, Normalization::Softmax, Kernel::Emulated),
         ] {
             let config = AttentionConfig {
                 pooling: Pooling::Attention,
@@ -1035,6 +1038,7 @@ mod tests {
                         .build()
                         .expect("a thread pool");
                     let mut att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(64));
+                    att.rest.products = products;
                     let mut bits: Vec<u32> = Vec::new();
                     pool.install(|| {
                         let (pooled, mut cache) = att.forward(&q, &keys, &offsets, Mode::Train);
@@ -1053,7 +1057,7 @@ mod tests {
             assert!(runs[0].len() > 2 * n, "{}", runs[0].len());
             assert!(
                 runs[1..].iter().all(|r| r == &runs[0]),
-                "{activation:?}/{normalization:?}: the result depends on the thread count"
+                "{activation:?}/{normalization:?}/{products:?}: the result depends on the thread count"
             );
         }
     }
