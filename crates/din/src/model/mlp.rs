@@ -145,6 +145,18 @@ impl Mlp {
             .collect()
     }
 
+    /// Each block's weight transposed (`[out, in]`) in bf16 for `kernel`:
+    /// the backward pass's `dy·Wᵀ` in mixed-precision training.
+    pub(crate) fn bf16_weights_transposed(&self, kernel: Kernel) -> Vec<Bf16Matrix> {
+        (self.blocks.iter())
+            .map(|b| {
+                let (i, o, w) = (b.linear.input_dim(), b.linear.output_dim(), &b.linear.weight.value);
+                let wt: Vec<f32> = (0..o * i).map(|x| w[(x % i) * o + x / i]).collect(); // [out, in]
+                Bf16Matrix::new(o, i, &wt, kernel)
+            })
+            .collect()
+    }
+
     /// Inference with each block's weights in bf16 (`weights`, one per
     /// block; see [`super::bf16`]): `[rows, in]` to `[rows, out_last]`.
     pub(crate) fn infer_bf16(&self, x: Vec<f32>, rows: usize, weights: &[Bf16Matrix]) -> Vec<f32> {

@@ -93,6 +93,11 @@ pub(super) struct ChunkedState {
     /// Per sample: where its history's rows start in `shared_k1`, or
     /// `usize::MAX` when its history is its own.
     shared_at: Vec<usize>,
+    /// Mixed-precision training: hidden layers `1..`'s weights `W_l` and
+    /// their transposes in bf16, packed once per training pass for every
+    /// chunk's `x·W_l` and `dy·W_lᵀ` (empty otherwise).
+    packed: Vec<Bf16Matrix>,
+    packed_t: Vec<Bf16Matrix>,
 }
 
 /// One hidden layer's batch moments (Dice in training).
@@ -214,6 +219,9 @@ struct Shared<'a> {
     /// The products of hidden layers `1..` in a training pass, forward and
     /// backward: f32, or bf16 in mixed-precision training.
     products: Gemm,
+    /// Mixed-precision training's backward pass: hidden layers `1..`'s
+    /// `W_lᵀ` in bf16 (see [`ChunkedState::packed_t`]).
+    transposed: Option<&'a [Bf16Matrix]>,
 }
 
 impl<'a> Shared<'a> {
@@ -249,6 +257,7 @@ impl<'a> Shared<'a> {
             keep: true,
             bf16: None,
             products: Gemm::new(if st.train { att.rest.products } else { Kernel::Fp32 }).serial(),
+            transposed: None,
         }
     }
 
@@ -564,10 +573,13 @@ impl<'a> Shared<'a> {
                 self.per_sample_grads(s0, s1, g, ds, gwq, dq);
                 serial::matmul_a_bt(n, h, 2 * d, g, self.wkp, input, false); // d[k, q*k]
             } else {
-                let gemm = self.products;
-                gemm.matmul_at_b(width_in, n, h, input, g, gw, true); // dW_l
-                gemm.matmul_a_bt(n, h, width_in, g, &block.linear.weight.value, input, false);
-                // dh_{l-1}
+                self.products.matmul_at_b(width_in, n, h, input, g, gw, true); // dW_l
+                match self.transposed {
+                    Some(wt) => wt[l - 1].matmul(n, g, input),
+                    None => self
+                        .products
+                        .matmul_a_bt(n, h, width_in, g, &block.linear.weight.value, input, false),
+                } // dh_{l-1}
             }
         }
         // [k, q*k] (or q*k) -> k and q.
@@ -849,13 +861,27 @@ impl Attention {
         let mut moments = std::mem::take(&mut st.moments);
         st.train = keep && mode == Mode::Train;
         st.batch_moments.clear();
+        // Mixed precision: the same bf16 weights serve every chunk, forward
+        // and backward (the emulation's products are those of
+        // `Gemm::matmul` and `Gemm::matmul_a_bt`, bit for bit).
+        let products = self.rest.products;
+        (st.packed, st.packed_t) = match st.train && products.is_bf16() {
+            true => (
+                self.rest.bf16_weights(products),
+                self.rest.bf16_weights_transposed(products),
+            ),
+            false => Default::default(),
+        };
         let mut batch_moments = Vec::new();
         let mut shared = Shared {
             same_history,
             shared_k1: &st.shared_k1,
             shared_at: &st.shared_at,
             keep,
-            bf16: if keep { None } else { self.bf16_layers() },
+            bf16: match keep {
+                true => Some(&st.packed[..]).filter(|p| !p.is_empty()),
+                false => self.bf16_layers(),
+            },
             ..Shared::new(self, &layout, st, q, keys)
         };
         let offsets = &st.offsets;
@@ -972,7 +998,10 @@ impl Attention {
         let mut region = std::mem::take(&mut st.region);
         let mut per_sample = std::mem::take(&mut st.per_sample);
         let mut sums = std::mem::take(&mut st.sums);
-        let mut shared = Shared::new(self, &layout, st, q, keys);
+        let mut shared = Shared {
+            transposed: Some(&st.packed_t[..]).filter(|p| !p.is_empty()),
+            ..Shared::new(self, &layout, st, q, keys)
+        };
         let key_ranges: Vec<(usize, usize)> = chunks.iter().map(|&(s0, s1)| shared.key_range(s0, s1)).collect();
         dq.clear();
         dq.resize(b * d, 0.0);
