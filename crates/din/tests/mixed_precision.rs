@@ -168,6 +168,7 @@ fn mixed_precision_gradients_are_within_bf16_accuracy_of_fp32() {
         let kernel = bf16.set_training_precision(Precision::Bf16);
         assert_eq!(kernel, bf16_hardware().unwrap_or(Kernel::Emulated));
         assert_eq!((bf16.training_kernel(), fp32.training_kernel()), (kernel, Kernel::Fp32));
+        assert_eq!(bf16.attention.training_kernel(), kernel, "the attention unit's too");
         let (lf, gf) = gradients(&mut fp32, &batch);
         let (lb, gb) = gradients(&mut bf16, &batch);
         let worst = lf.iter().zip(&lb).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);

@@ -264,6 +264,68 @@ mod tests {
         }
     }
 
+    /// Mixed-precision training: the forward product and both backward
+    /// products of a layer take bf16 operands and sum in f32, each checked
+    /// against an f64 sum of the rounded operands (PReLU with slope 1 is the
+    /// identity, so each output is one product), and far from the
+    /// unrounded one; inference stays f32.
+    #[test]
+    fn mixed_precision_rounds_every_product_of_training() {
+        use super::super::bf16::round_bf16;
+        let (rows, i, o) = (7, 12, 5);
+        let mut mlp = Mlp::new(
+            i,
+            &[o],
+            ActivationKind::Prelu,
+            0.0,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(8),
+        );
+        mlp.visit_from_mut("m", 0, &mut |name, p| {
+            if name.ends_with("alpha") {
+                p.value.iter_mut().for_each(|a| *a = 1.0);
+            }
+        });
+        mlp.blocks[0].linear.bias.value = rand_vec(o, 3);
+        mlp.products = Kernel::Emulated;
+        let (x, dy) = (rand_vec(rows * i, 1), rand_vec(rows * o, 2));
+        let (w, b) = (
+            mlp.blocks[0].linear.weight.value.clone(),
+            mlp.blocks[0].linear.bias.value.clone(),
+        );
+        // Σ_p f(u(p)) f(v(p)) in f64, with f = bf16 rounding or the identity.
+        let sum = |len: usize, u: &dyn Fn(usize) -> f32, v: &dyn Fn(usize) -> f32, round: bool| -> f64 {
+            let f = |x: f32| f64::from(if round { round_bf16(x) } else { x });
+            (0..len).map(|p| f(u(p)) * f(v(p))).sum()
+        };
+        let check = |what: &str, got: &[f32], want: &dyn Fn(usize, bool) -> f64| {
+            let mut moved = 0.0f64;
+            for (e, &g) in got.iter().enumerate() {
+                let (rounded, plain) = (want(e, true), want(e, false));
+                assert!(
+                    (f64::from(g) - rounded).abs() <= 1e-5,
+                    "{what}[{e}]: {g} against {rounded}"
+                );
+                moved = moved.max((rounded - plain).abs());
+            }
+            assert!(moved > 1e-3, "{what}: rounding moves it by {moved} only");
+        };
+        let cache = mlp.forward(x.clone(), rows, Mode::Train, None);
+        let y = |e: usize, round: bool| {
+            let (r, j) = (e / o, e % o);
+            f64::from(b[j]) + sum(i, &|p| x[r * i + p], &|p| w[p * o + j], round)
+        };
+        check("y", &cache.output, &y);
+        let inferred = mlp.forward(x.clone(), rows, Mode::Infer, None).output;
+        for (e, v) in inferred.iter().enumerate() {
+            assert!((f64::from(*v) - y(e, false)).abs() <= 1e-5, "inference is f32");
+        }
+        let dx = mlp.backward(&cache, rows, dy.clone());
+        let dw = |e: usize, round: bool| sum(rows, &|r| x[r * i + e / o], &|r| dy[r * o + e % o], round);
+        check("dW", &mlp.blocks[0].linear.weight.grad, &dw);
+        let dxr = |e: usize, round: bool| sum(o, &|j| dy[(e / i) * o + j], &|j| w[(e % i) * o + j], round);
+        check("dx", &dx, &dxr);
+    }
+
     #[test]
     fn dropout_zeroes_and_rescales_in_training_only() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);

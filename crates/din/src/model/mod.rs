@@ -291,7 +291,8 @@ impl Din {
         kernel
     }
 
-    /// The kernel training runs on (see [`Din::set_training_precision`]).
+    /// The kernel of the DNN's training products (see [`Din::set_training_precision`]; the
+    /// attention unit's: [`Attention::training_kernel`]).
     pub fn training_kernel(&self) -> Kernel {
         self.dnn.products
     }
