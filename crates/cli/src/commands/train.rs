@@ -379,7 +379,13 @@ pub fn run(args: Args) -> Result<()> {
         );
         let precision = data.config.train.precision;
         if !precision.is_fp32() {
-            println!("training precision {precision}: {}", precision.resolve().describe());
+            let kernel = match precision.resolve() {
+                din::model::Kernel::Emulated => {
+                    "bf16 emulated in f32 (this CPU has no AVX512-BF16 or AMX: the same arithmetic, slower than fp32)"
+                }
+                kernel => kernel.describe(),
+            };
+            println!("training precision {precision}: {kernel}");
         }
         if let Some(r) = &resume {
             let s = &r.state;
