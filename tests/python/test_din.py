@@ -611,3 +611,24 @@ def test_set_precision_scores_in_bf16_near_fp32_and_a_save_keeps_it(sample, tmp_
         model.set_precision("fp16")
     with pytest.raises(TypeError, match="precision must be a string"):
         model.set_precision(16)
+
+
+def test_compile_takes_a_training_precision(sample, tmp_path):
+    """Mixed precision from Python: bf16 products train another model than
+    fp32 (same seed and batches), close to it, recorded in the config; a
+    bad value is refused at compile."""
+    x, y = sample
+
+    def train(precision):
+        m = small_model(din)
+        m.compile("adam", "binary_crossentropy", training_precision=precision)
+        m.fit(x, y, batch_size=64, epochs=2, verbose=0)
+        return m
+
+    fp32, bf16 = train("fp32"), train("bf16")
+    assert "precision" not in fp32.config["train"]
+    assert bf16.config["train"]["precision"] == "bf16"
+    assert weights_bytes(fp32, tmp_path, "a") != weights_bytes(bf16, tmp_path, "b")
+    assert np.abs(fp32.predict(x) - bf16.predict(x)).max() < 0.05
+    with pytest.raises(ValueError, match="training_precision must be 'fp32', 'bf16' or 'auto'"):
+        small_model(din).compile("adam", training_precision="fp16")

@@ -416,6 +416,7 @@ class DIN:
         self._optimizer = "adam"
         self._learning_rate = 0.001
         self._metrics: List[str] = []
+        self._training_precision = "fp32"
         self.stop_training = False
         self.history: Optional[History] = None
 
@@ -426,13 +427,24 @@ class DIN:
         optimizer: Any = "adam",
         loss: Any = "binary_crossentropy",
         metrics: Optional[Sequence[Any]] = None,
+        *,
+        training_precision: str = "fp32",
     ) -> None:
         """Sets the optimizer (``"adam"``, ``"adagrad"``, ``"sgd"`` or an
         object of :mod:`din.optimizers`, or Keras'/PyTorch's by class name),
         the loss (binary cross-entropy) and the metrics to report:
         ``"binary_crossentropy"`` (or ``"logloss"``), ``"auc"`` and ``"gauc"``
         (GAUC needs ``user_column``). A new compile starts the optimizer's
-        state afresh."""
+        state afresh.
+
+        ``training_precision`` (``train.precision``): ``"fp32"``, or
+        ``"bf16"`` for mixed precision (the hidden layers' products in bf16
+        with f32 sums, weights and optimizer state f32; on AMX or
+        AVX512-BF16 CPUs through their instructions, emulated and slower
+        elsewhere), or ``"auto"`` (bf16 only on such CPUs). Scoring has its
+        own precision, :meth:`set_precision`."""
+        if training_precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"training_precision must be 'fp32', 'bf16' or 'auto', got {training_precision!r}")
         kind, lr = _optimizers.resolve(optimizer)
         loss_name = loss if isinstance(loss, str) else getattr(loss, "name", type(loss).__name__)
         if str(loss_name).lower().replace("_", "") not in [l.replace("_", "") for l in _LOSSES]:
@@ -447,6 +459,7 @@ class DIN:
                 raise ValueError("metric 'gauc' needs the user: build the model with DIN(..., user_column='user_id')")
             names.append(key)
         self._optimizer, self._learning_rate, self._metrics = kind, lr, names
+        self._training_precision = training_precision
         self._compiled = True
         self._core.reset_optimizer()
 
@@ -543,6 +556,8 @@ class DIN:
             train["eval_batch_size"] = eval_batch
         if "regularization" in self._config["train"]:
             train["regularization"] = self._config["train"]["regularization"]
+        if self._training_precision != "fp32":
+            train["precision"] = self._training_precision
         if stoppers:
             es = stoppers[0]
             monitor = getattr(es, "monitor", "val_loss")
