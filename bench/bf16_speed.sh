@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# bf16 inference speed (issue 12): din in FP32 and in bf16 (on each bf16
-# kernel the CPU has: AMX, AVX512-BF16) against the tight PyTorch DIN
+# bf16 speed (issue 12): din in FP32 and in bf16 (on each bf16 kernel the
+# CPU has: AMX, AVX512-BF16; bf16 inference and mixed-precision training,
+# `train.precision = "bf16"`) against the tight PyTorch DIN
 # (bench/torch_din_speed.py: eager, torch.compile, bf16 autocast +
 # torch.compile), alternating (din-fp32 din-bf16 ... pt-bf16, then again)
 # for ROUNDS rounds with THREADS threads, on the tutorial model (dim 8,
@@ -67,7 +68,7 @@ for round in $(seq 1 "$ROUNDS"); do
           precision=bf16 env=(DIN_BF16_KERNEL=avx512bf16)
         fi
         cmd=($DIN bench run --data "$DATA" --threads "$THREADS" --latency-row "$ROW"
-             --set "model.precision=$precision" --json) ;;
+             --set "model.precision=$precision" --set "train.precision=$precision" --json) ;;
       pt-eager|pt-compile|pt-bf16)
         mode=${impl#pt-}; [[ $mode == bf16 ]] && mode=bf16-compile
         cmd=("$PY" bench/torch_din_speed.py --data "$DATA" --threads "$THREADS" --latency-row "$ROW"
@@ -118,6 +119,8 @@ if pt and "din-bf16" in med:
           f"{d['latency_ms_1x200_median'] / pt[best_lat]['latency_ms_1x200_median']:.3f} (target <= 0.5)")
     print(f"din bf16 inference / best PyTorch ({best_inf}): "
           f"{d['inference_samples_per_second_batch_4096'] / pt[best_inf]['inference_samples_per_second_batch_4096']:.2f} (target >= 3)")
+    print(f"din bf16 (mixed-precision) training / best PyTorch ({best_train}): "
+          f"{d['train_samples_per_second'] / pt[best_train]['train_samples_per_second']:.2f} (target >= 3)")
     if "din-fp32" in med:
         f = med["din-fp32"]
         print(f"din fp32 training / best PyTorch ({best_train}): "
