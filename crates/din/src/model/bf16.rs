@@ -257,19 +257,17 @@ thread_local! {
     static OPERANDS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
-/// `out = x[rows, cols]` row-major, `x[i, j]` at `src[i * rs + j * cs]`,
-/// each value rounded to bf16 when `round`.
-fn gather(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), round: bool, out: &mut Vec<f32>) {
-    let r = |x: f32| if round { round_bf16(x) } else { x };
+/// `out = x[rows, cols]` row-major, `x[i, j]` at `src[i * rs + j * cs]`.
+fn gather(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), out: &mut Vec<f32>) {
     out.clear();
     out.reserve(rows * cols);
     if cs == 1 {
         for i in 0..rows {
-            out.extend(src[i * rs..i * rs + cols].iter().map(|&x| r(x)));
+            out.extend_from_slice(&src[i * rs..i * rs + cols]);
         }
     } else {
         for i in 0..rows {
-            out.extend((0..cols).map(|j| r(src[i * rs + j * cs])));
+            out.extend((0..cols).map(|j| src[i * rs + j * cs]));
         }
     }
 }
@@ -279,8 +277,10 @@ fn gather(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), round
 /// `b[p * b_rs + j * b_cs]` (the caller has checked that they lie inside
 /// their slices, and that no dimension is zero). Both operands change from
 /// one step to the next (weights, activations, gradients), so each call
-/// rounds or packs them afresh. `may_split` lets the product use the
-/// rayon pool.
+/// gathers them row-major and makes `b` a [`Bf16Matrix`] afresh; the
+/// product is then inference's, on any bf16 kernel (the emulation included,
+/// so that this driver is tested on every CPU). `may_split` runs it over
+/// the rayon pool in blocks of rows.
 ///
 /// # Panics
 /// If `kernel` is not a bf16 kernel this CPU runs.
@@ -294,39 +294,26 @@ pub(super) fn training_product(
     accumulate: bool,
     may_split: bool,
 ) {
-    assert_runs(kernel);
     let [mut ra, mut rb, mut rc] = OPERANDS.with(|o| std::mem::take(&mut *o.borrow_mut()));
-    match kernel {
-        Kernel::Fp32 => panic!("a bf16 training product on the fp32 kernel"),
-        Kernel::Emulated => {
-            // A product of two bf16 values is exact in f32: the f32 kernels
-            // then sum exactly what the hardware sums.
-            gather(m, k, a, a_strides, true, &mut ra);
-            gather(k, n, b, b_strides, true, &mut rb);
-            let (k_, n_) = (k as isize, n as isize);
-            super::linalg::product_f32(m, n, k, c, &ra, (k_, 1), &rb, (n_, 1), accumulate, may_split);
-        }
-        _ => {
-            // The kernels round the activations (`a`) themselves.
-            gather(m, k, a, a_strides, false, &mut ra);
-            gather(k, n, b, b_strides, false, &mut rb);
-            let w = Bf16Matrix::new(k, n, &rb, kernel);
-            let out = if accumulate {
-                rc.clear();
-                rc.resize(m * n, 0.0);
-                &mut rc[..]
-            } else {
-                &mut c[..m * n]
-            };
-            if may_split {
-                w.matmul_parallel(m, &ra, out);
-            } else {
-                w.matmul(m, &ra, out);
-            }
-            if accumulate {
-                c[..m * n].iter_mut().zip(&rc).for_each(|(c, x)| *c += x);
-            }
-        }
+    // The kernels (and the emulation) round `a` themselves, and `b` when
+    // they pack it.
+    gather(m, k, a, a_strides, &mut ra);
+    gather(k, n, b, b_strides, &mut rb);
+    let w = Bf16Matrix::new(k, n, &rb, kernel);
+    let out = if accumulate {
+        rc.clear();
+        rc.resize(m * n, 0.0);
+        &mut rc[..]
+    } else {
+        &mut c[..m * n]
+    };
+    if may_split {
+        w.matmul_parallel(m, &ra, out);
+    } else {
+        w.matmul(m, &ra, out);
+    }
+    if accumulate {
+        c[..m * n].iter_mut().zip(&rc).for_each(|(c, x)| *c += x);
     }
     OPERANDS.with(|o| *o.borrow_mut() = [ra, rb, rc]);
 }

@@ -69,7 +69,7 @@ fn product(
 
 /// [`product`] in f32, its shapes checked and none zero.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn product_f32(
+fn product_f32(
     m: usize,
     n: usize,
     k: usize,
