@@ -257,8 +257,9 @@ thread_local! {
     static OPERANDS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
-/// `out = x[rows, cols]` row-major, `x[i, j]` at `src[i * rs + j * cs]`.
-fn gather(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), out: &mut Vec<f32>) {
+/// `out = x[rows, cols]` row-major, `x[i, j]` at `src[i * rs + j * cs]`;
+/// returns `out`.
+fn gather<'o>(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), out: &'o mut Vec<f32>) -> &'o [f32] {
     out.clear();
     out.reserve(rows * cols);
     if cs == 1 {
@@ -270,6 +271,7 @@ fn gather(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), out: 
             out.extend((0..cols).map(|j| src[i * rs + j * cs]));
         }
     }
+    out
 }
 
 /// A product of mixed-precision training: `c[m, n] (+)= bf16(a) · bf16(b)`
@@ -296,10 +298,16 @@ pub(super) fn training_product(
 ) {
     let [mut ra, mut rb, mut rc] = OPERANDS.with(|o| std::mem::take(&mut *o.borrow_mut()));
     // The kernels (and the emulation) round `a` themselves, and `b` when
-    // they pack it.
-    gather(m, k, a, a_strides, &mut ra);
-    gather(k, n, b, b_strides, &mut rb);
-    let w = Bf16Matrix::new(k, n, &rb, kernel);
+    // they pack it. A row-major operand is read where it is.
+    let a = match a_strides == (k, 1) {
+        true => &a[..m * k],
+        false => gather(m, k, a, a_strides, &mut ra),
+    };
+    let b = match b_strides == (n, 1) {
+        true => &b[..k * n],
+        false => gather(k, n, b, b_strides, &mut rb),
+    };
+    let w = Bf16Matrix::new(k, n, b, kernel);
     let out = if accumulate {
         rc.clear();
         rc.resize(m * n, 0.0);
@@ -308,9 +316,9 @@ pub(super) fn training_product(
         &mut c[..m * n]
     };
     if may_split {
-        w.matmul_parallel(m, &ra, out);
+        w.matmul_parallel(m, a, out);
     } else {
-        w.matmul(m, &ra, out);
+        w.matmul(m, a, out);
     }
     if accumulate {
         c[..m * n].iter_mut().zip(&rc).for_each(|(c, x)| *c += x);

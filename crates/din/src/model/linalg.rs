@@ -64,23 +64,6 @@ fn product(
         let (a, b) = ((a, u((a_rs, a_cs))), (b, u((b_rs, b_cs))));
         return training_product(kernel, (m, n, k), c, a, b, accumulate, may_split);
     }
-    product_f32(m, n, k, c, a, (a_rs, a_cs), b, (b_rs, b_cs), accumulate, may_split);
-}
-
-/// [`product`] in f32, its shapes checked and none zero.
-#[allow(clippy::too_many_arguments)]
-fn product_f32(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [f32],
-    a: &[f32],
-    (a_rs, a_cs): (isize, isize),
-    b: &[f32],
-    (b_rs, b_cs): (isize, isize),
-    accumulate: bool,
-    may_split: bool,
-) {
     let parallelism =
         if may_split && m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD && rayon::current_num_threads() > 1
         {

@@ -612,6 +612,16 @@ mod tests {
     use crate::schema::ActivationKind;
     use rand::SeedableRng;
 
+    /// Offsets of `samples` histories, sample `s` holding `(s * step) %
+    /// modulo` behaviours (zero-length ones included).
+    fn ragged_offsets(samples: u32, step: u32, modulo: u32) -> Vec<u32> {
+        let mut offsets = vec![0u32];
+        for s in 0..samples {
+            offsets.push(offsets[offsets.len() - 1] + (s * step) % modulo);
+        }
+        offsets
+    }
+
     /// The split first layer equals the textbook MLP over `[q, k, q-k, q*k]`.
     #[test]
     fn split_first_layer_equals_concatenated_input() {
@@ -844,10 +854,7 @@ mod tests {
     fn chunked_and_layered_paths_agree() {
         let d = 4;
         // 70 samples of 0..=40 behaviours: about 1,400 rows, several chunks.
-        let mut offsets = vec![0u32];
-        for s in 0..70u32 {
-            offsets.push(offsets[offsets.len() - 1] + (s * 7) % 41);
-        }
+        let offsets = ragged_offsets(70, 7, 41);
         let (b, n) = (offsets.len() - 1, offsets[offsets.len() - 1] as usize);
         assert!(n > 2 * chunked::CHUNK_ROWS_TRAIN, "{n} rows");
         let q = rand_vec(b * d, 21);
@@ -936,10 +943,7 @@ mod tests {
     #[test]
     fn mixed_precision_chunked_training_matches_the_layered_path() {
         let d = 4;
-        let mut offsets = vec![0u32];
-        for s in 0..70u32 {
-            offsets.push(offsets[offsets.len() - 1] + (s * 7) % 41);
-        }
+        let offsets = ragged_offsets(70, 7, 41);
         let (b, n) = (offsets.len() - 1, offsets[offsets.len() - 1] as usize);
         assert!(n > 2 * chunked::CHUNK_ROWS_TRAIN, "{n} rows");
         let (q, keys, dpooled) = (rand_vec(b * d, 41), rand_vec(n * d, 42), rand_vec(b * d, 43));
@@ -1009,10 +1013,7 @@ mod tests {
     fn dice_batch_statistics_across_chunks_match_finite_differences() {
         let d = 2;
         // 60 samples of 0..=36 behaviours: about 1,100 rows, three chunks.
-        let mut offsets = vec![0u32];
-        for s in 0..60u32 {
-            offsets.push(offsets[offsets.len() - 1] + (s * 13) % 37);
-        }
+        let offsets = ragged_offsets(60, 13, 37);
         let (b, n) = (offsets.len() - 1, offsets[offsets.len() - 1] as usize);
         assert!(n > 2 * chunked::CHUNK_ROWS_TRAIN, "{n} rows");
         let q = rand_vec(b * d, 51);
@@ -1089,10 +1090,7 @@ mod tests {
     #[test]
     fn chunked_training_is_bitwise_the_same_for_any_thread_count() {
         let d = 4;
-        let mut offsets = vec![0u32];
-        for s in 0..200u32 {
-            offsets.push(offsets[offsets.len() - 1] + (s * 7) % 41);
-        }
+        let offsets = ragged_offsets(200, 7, 41);
         let (b, n) = (offsets.len() - 1, offsets[offsets.len() - 1] as usize);
         assert!(n > 6 * chunked::CHUNK_ROWS_TRAIN, "{n} rows: several chunks a thread");
         let q = rand_vec(b * d, 61);
