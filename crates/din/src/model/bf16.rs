@@ -267,8 +267,18 @@ fn gather<'o>(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), o
             out.extend_from_slice(&src[i * rs..i * rs + cols]);
         }
     } else {
-        for i in 0..rows {
-            out.extend((0..cols).map(|j| src[i * rs + j * cs]));
+        // A transpose, mostly (`rs == 1`): in 16 x 16 blocks, so that both
+        // the reads and the writes of a block stay in a few cache lines.
+        const B: usize = 16;
+        out.resize(rows * cols, 0.0);
+        for i0 in (0..rows).step_by(B) {
+            for j0 in (0..cols).step_by(B) {
+                for j in j0..(j0 + B).min(cols) {
+                    for i in i0..(i0 + B).min(rows) {
+                        out[i * cols + j] = src[i * rs + j * cs];
+                    }
+                }
+            }
         }
     }
     out
@@ -531,13 +541,19 @@ fn with_packed<R>(
 ) -> R {
     PACKED.with(|buf| {
         let mut buf = buf.borrow_mut();
-        buf.clear();
-        buf.resize(rows * stride, 0);
-        for (row, out) in a[..m * k].chunks_exact(k).zip(buf.chunks_exact_mut(stride)) {
+        if buf.len() < rows * stride {
+            buf.resize(rows * stride, 0);
+        }
+        let buf = &mut buf[..rows * stride];
+        // `convert` writes every pair of a row (zeros past `k`), so only
+        // the padding rows need clearing: not the whole buffer each call.
+        let (filled, padding) = buf.split_at_mut(m * stride);
+        for (row, out) in a[..m * k].chunks_exact(k).zip(filled.chunks_exact_mut(stride)) {
             // SAFETY: the caller's `convert` runs on this CPU.
             unsafe { convert(row, out) };
         }
-        f(&buf)
+        padding.fill(0);
+        f(buf)
     })
 }
 
@@ -622,13 +638,16 @@ unsafe fn portable_tile(a: *const u32, rows: usize, kp: usize, b: *const u32, c:
 
 /// An AMX block: rows `0..2 TILE` of packed activations (`a`, row stride
 /// `lda` pairs, `kp` pairs each, a multiple of [`TILE_PAIRS`]) times two
-/// adjacent panels (`b`, each `[kp, TILE]`) into four `TILE x TILE` f32
-/// tiles at `out` (tile `2 r + c`: rows `16 r..`, columns `16 c..`).
-type Block = unsafe fn(a: *const u32, lda: usize, b: *const u32, kp: usize, out: *mut f32);
+/// adjacent panels (`b`, each `[kp, TILE]`) into the `2 TILE x 2 TILE`
+/// f32 results at `out`, row-major with row stride `ldo` (tile `2 r + c`:
+/// rows `16 r..`, columns `16 c..`).
+type Block = unsafe fn(a: *const u32, lda: usize, b: *const u32, kp: usize, out: *mut f32, ldo: usize);
 
 /// `c[m, n] = bf16(a) · W` over AMX panels, `2 TILE x 2 TILE` blocks at a
-/// time: `block` (`None`: [`portable_block`], the scalar model) computes a
-/// block into a buffer, whose rows and columns inside `c` are copied out.
+/// time: `block` (`None`: [`portable_block`], the scalar model) stores a
+/// block that lies wholly inside `c` there, and computes one that reaches
+/// past `m` or `n` into a buffer, whose rows and columns inside `c` are
+/// copied out.
 ///
 /// # Safety
 /// `block` and `convert` must be runnable on this CPU.
@@ -643,8 +662,9 @@ unsafe fn tiled_product(
     block: Option<Block>,
     convert: Convert,
 ) {
+    const SIDE: usize = 2 * TILE;
     let kp = tile_pairs(k);
-    let pairs_of_panels = n.div_ceil(2 * TILE);
+    let pairs_of_panels = n.div_ceil(SIDE);
     assert_eq!(packed.len(), pairs_of_panels * 2 * kp * TILE, "packed weight shape");
     assert!(c.len() >= m * n, "bf16 product shape mismatch");
     if k == 0 {
@@ -655,34 +675,33 @@ unsafe fn tiled_product(
         return;
     }
     #[repr(C, align(64))]
-    struct Out([f32; 4 * TILE * TILE]);
-    let mut out = Out([0.0; 4 * TILE * TILE]);
+    struct Out([f32; SIDE * SIDE]);
+    let mut out = Out([0.0; SIDE * SIDE]);
+    let hardware = block.is_some();
+    let block = block.unwrap_or(portable_block);
     // Rows padded to whole blocks with zeros, so the tiles read 2 TILE rows.
-    with_packed(m, k, a, m.div_ceil(2 * TILE) * 2 * TILE, kp, convert, |buf| {
+    with_packed(m, k, a, m.div_ceil(SIDE) * SIDE, kp, convert, |buf| {
         // SAFETY: a hardware block runs on this CPU (the caller's contract).
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        let _tiles = block.map(|_| unsafe { amx::Tiles::configure() });
-        for i0 in (0..m).step_by(2 * TILE) {
+        let _tiles = hardware.then(|| unsafe { amx::Tiles::configure() });
+        for i0 in (0..m).step_by(SIDE) {
             for jb in 0..pairs_of_panels {
-                let a_block = &buf[i0 * kp..(i0 + 2 * TILE) * kp];
+                let a_block = &buf[i0 * kp..(i0 + SIDE) * kp];
                 let b = &packed[jb * 2 * kp * TILE..(jb + 1) * 2 * kp * TILE];
-                match block {
+                let c0 = jb * SIDE;
+                if i0 + SIDE <= m && c0 + SIDE <= n {
                     // SAFETY: `a_block` holds 2 TILE rows of `kp` pairs, `b`
-                    // two panels of `kp * TILE`, `out` four tiles; the block
-                    // runs on this CPU with its tiles configured above.
-                    Some(block) => unsafe { block(a_block.as_ptr(), kp, b.as_ptr(), kp, out.0.as_mut_ptr()) },
-                    None => portable_block(a_block, kp, b, kp, &mut out.0),
+                    // two panels of `kp * TILE`; the block's rows and
+                    // columns lie inside `c` (`m * n`, checked above); the
+                    // block runs on this CPU with its tiles configured above.
+                    unsafe { block(a_block.as_ptr(), kp, b.as_ptr(), kp, c.as_mut_ptr().add(i0 * n + c0), n) };
+                    continue;
                 }
-                for t in 0..4 {
-                    let (r0, c0) = (i0 + TILE * (t / 2), jb * 2 * TILE + TILE * (t % 2));
-                    let cols = TILE.min(n.saturating_sub(c0));
-                    if cols == 0 {
-                        continue; // the padding panel
-                    }
-                    for r in r0..(r0 + TILE).min(m) {
-                        let from = &out.0[t * TILE * TILE + (r - r0) * TILE..][..cols];
-                        c[r * n + c0..r * n + c0 + cols].copy_from_slice(from);
-                    }
+                // SAFETY: as above, into `out` (`SIDE x SIDE`).
+                unsafe { block(a_block.as_ptr(), kp, b.as_ptr(), kp, out.0.as_mut_ptr(), SIDE) };
+                let cols = SIDE.min(n - c0);
+                for r in i0..(i0 + SIDE).min(m) {
+                    c[r * n + c0..r * n + c0 + cols].copy_from_slice(&out.0[(r - i0) * SIDE..][..cols]);
                 }
             }
         }
@@ -692,19 +711,22 @@ unsafe fn tiled_product(
 /// The AMX block in scalar code (see [`Block`]): every lane of the four
 /// tiles, each `tdpbf16ps` step adding a pair's two products (the even
 /// element's first, as Intel's intrinsics guide describes it). Checks the
-/// panels, the padding and the copying out on any CPU.
-fn portable_block(a: &[u32], lda: usize, b: &[u32], kp: usize, out: &mut [f32]) {
+/// panels, the padding, the direct stores and the copying out on any CPU.
+///
+/// # Safety
+/// The pointers hold what [`Block`] says.
+unsafe fn portable_block(a: *const u32, lda: usize, b: *const u32, kp: usize, out: *mut f32, ldo: usize) {
     for t in 0..4 {
         let (r0, panel) = (TILE * (t / 2), t % 2);
         for r in 0..TILE {
             for j in 0..TILE {
                 let mut acc = 0.0f32;
                 for p in 0..kp {
-                    let (x, y) = (a[(r0 + r) * lda + p], b[(panel * kp + p) * TILE + j]);
+                    let (x, y) = (*a.add((r0 + r) * lda + p), *b.add((panel * kp + p) * TILE + j));
                     acc += bf16_value(x as u16) * bf16_value(y as u16);
                     acc += bf16_value((x >> 16) as u16) * bf16_value((y >> 16) as u16);
                 }
-                out[t * TILE * TILE + r * TILE + j] = acc;
+                *out.add((r0 + r) * ldo + panel * TILE + j) = acc;
             }
         }
     }
@@ -905,10 +927,11 @@ mod amx {
     /// The tiles are configured on this thread ([`Tiles::configure`]); the
     /// pointers hold what [`super::Block`] says; `kp` is a positive
     /// multiple of 16.
-    pub(super) unsafe fn block(a: *const u32, lda: usize, b: *const u32, kp: usize, out: *mut f32) {
+    pub(super) unsafe fn block(a: *const u32, lda: usize, b: *const u32, kp: usize, out: *mut f32, ldo: usize) {
         const _: () = assert!(TILE == 16 && TILE_PAIRS == 16);
         let a1 = a.add(TILE * lda);
         let b1 = b.add(kp * TILE);
+        let out1 = out.add(TILE * ldo);
         asm!(
             "tilezero tmm0",
             "tilezero tmm1",
@@ -929,10 +952,10 @@ mod amx {
             "add {b1}, 1024",
             "dec {steps}",
             "jnz 2b",
-            "tilestored [{out} + {sb}*1], tmm0",
-            "tilestored [{out} + {sb}*1 + 1024], tmm1",
-            "tilestored [{out} + {sb}*1 + 2048], tmm2",
-            "tilestored [{out} + {sb}*1 + 3072], tmm3",
+            "tilestored [{out0} + {so}*1], tmm0",
+            "tilestored [{out0} + {so}*1 + 64], tmm1",
+            "tilestored [{out1} + {so}*1], tmm2",
+            "tilestored [{out1} + {so}*1 + 64], tmm3",
             a0 = inout(reg) a => _,
             a1 = inout(reg) a1 => _,
             b0 = inout(reg) b => _,
@@ -940,7 +963,9 @@ mod amx {
             steps = inout(reg) kp / TILE_PAIRS => _,
             sa = in(reg) lda * 4,
             sb = in(reg) 64usize,
-            out = in(reg) out,
+            so = in(reg) ldo * 4,
+            out0 = in(reg) out,
+            out1 = in(reg) out1,
             options(nostack),
         );
     }
