@@ -243,6 +243,28 @@ impl Rowwise<'_> {
     fn add_apply_in_place_body<const FMA: bool>(&self, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) {
         let c = self.channels;
         let alpha = self.alpha;
+        if matches!(self.kind, ActivationKind::Prelu | ActivationKind::Relu) {
+            // One pass: each sum activated while it is in a register (the
+            // same operations, so the same bits, as the two passes below).
+            for (r, xr) in x.chunks_exact_mut(c).enumerate() {
+                let e = extra.map(|e| &e[r * c..(r + 1) * c]);
+                match (self.kind, e) {
+                    (ActivationKind::Relu, Some(e)) => {
+                        (xr.iter_mut().zip(e).zip(bias)).for_each(|((x, e), b)| *x = (*x + (e + b)).max(0.0))
+                    }
+                    (ActivationKind::Relu, None) => xr.iter_mut().zip(bias).for_each(|(x, b)| *x = (*x + b).max(0.0)),
+                    (_, Some(e)) => (xr.iter_mut().zip(e).zip(bias).zip(alpha)).for_each(|(((x, e), b), a)| {
+                        let v = *x + (e + b);
+                        *x = v.max(0.0) + a * v.min(0.0);
+                    }),
+                    (_, None) => (xr.iter_mut().zip(bias).zip(alpha)).for_each(|((x, b), a)| {
+                        let v = *x + b;
+                        *x = v.max(0.0) + a * v.min(0.0);
+                    }),
+                }
+            }
+            return;
+        }
         for (r, xr) in x.chunks_exact_mut(c).enumerate() {
             match extra {
                 Some(e) => xr
@@ -923,6 +945,44 @@ mod tests {
         ] {
             for mode in [Mode::Train, Mode::Infer] {
                 check(kind, mode);
+            }
+        }
+    }
+
+    #[test]
+    fn adding_in_place_is_the_sums_then_the_activation_bit_for_bit() {
+        // 2 rows of 37 channels: blocks of 16 and 8 lanes and a remainder;
+        // values of both signs, so that both PReLU slopes count.
+        let (rows, c) = (2, 37);
+        for kind in [
+            ActivationKind::Prelu,
+            ActivationKind::Dice,
+            ActivationKind::Relu,
+            ActivationKind::Sigmoid,
+        ] {
+            let mut act = Activation::new(kind, c);
+            if let Some(a) = &mut act.alpha {
+                a.value = rand_vec(c, 3);
+            }
+            let rw = act.rowwise(c);
+            // Full mantissas (rand_vec's are short), so that the order of
+            // the sums shows in the last bit.
+            let full = |n, seed| -> Vec<f32> { rand_vec(n, seed).iter().map(|v| v * 3.1 + 0.013).collect() };
+            let (x, e, b) = (full(rows * c, 4), full(rows * c, 5), full(c, 6));
+            for extra in [None, Some(&e[..])] {
+                let sums: Vec<f32> = (0..rows * c)
+                    .map(|i| x[i] + extra.map_or(b[i % c], |e| e[i] + b[i % c]))
+                    .collect();
+                let mut want = vec![0.0; rows * c];
+                rw.apply_rows(&sums, &mut want);
+                let mut got = x.clone();
+                rw.add_apply_in_place(&mut got, extra, &b);
+                assert!(
+                    got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                    "{kind:?}, extra {}: {got:?} vs {want:?}",
+                    extra.is_some()
+                );
+                assert!(want.iter().any(|&w| w > 0.0) && sums.iter().any(|&s| s < 0.0));
             }
         }
     }
