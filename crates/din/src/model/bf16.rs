@@ -255,6 +255,9 @@ thread_local! {
     /// use (not borrowed), so that a product that waits on rayon while this
     /// thread runs another task's product does not collide with it.
     static OPERANDS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    /// Each thread's second operand of [`training_product`] in bf16, taken
+    /// out while in use like [`OPERANDS`].
+    static TRAINING_B: RefCell<Option<Bf16Matrix>> = const { RefCell::new(None) };
 }
 
 /// `out = x[rows, cols]` row-major, `x[i, j]` at `src[i * rs + j * cs]`;
@@ -272,10 +275,19 @@ fn gather<'o>(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), o
         const B: usize = 16;
         out.resize(rows * cols, 0.0);
         for i0 in (0..rows).step_by(B) {
-            for j0 in (0..cols).step_by(B) {
-                for j in j0..(j0 + B).min(cols) {
-                    for i in i0..(i0 + B).min(rows) {
-                        out[i * cols + j] = src[i * rs + j * cs];
+            let bi = B.min(rows - i0);
+            let block = &mut out[i0 * cols..(i0 + bi) * cols];
+            for j in 0..cols {
+                let at = |i: usize| src[(i0 + i) * rs + j * cs];
+                if rs == 1 {
+                    // Column `j` of the transposed source: a contiguous run.
+                    let run = &src[i0 + j * cs..i0 + j * cs + bi];
+                    for (i, &v) in run.iter().enumerate() {
+                        block[i * cols + j] = v;
+                    }
+                } else {
+                    for i in 0..bi {
+                        block[i * cols + j] = at(i);
                     }
                 }
             }
@@ -317,11 +329,19 @@ pub(super) fn training_product(
         true => &b[..k * n],
         false => gather(k, n, b, b_strides, &mut rb),
     };
-    let w = Bf16Matrix::new(k, n, b, kernel);
+    let w = match TRAINING_B.with(|t| t.borrow_mut().take()) {
+        Some(mut w) if w.kernel == kernel => {
+            w.refill(k, n, b);
+            w
+        }
+        _ => Bf16Matrix::new(k, n, b, kernel),
+    };
     let out = if accumulate {
-        rc.clear();
-        rc.resize(m * n, 0.0);
-        &mut rc[..]
+        // Overwritten by the product: grown, never cleared.
+        if rc.len() < m * n {
+            rc.resize(m * n, 0.0);
+        }
+        &mut rc[..m * n]
     } else {
         &mut c[..m * n]
     };
@@ -331,9 +351,10 @@ pub(super) fn training_product(
         w.matmul(m, a, out);
     }
     if accumulate {
-        c[..m * n].iter_mut().zip(&rc).for_each(|(c, x)| *c += x);
+        c[..m * n].iter_mut().zip(&rc[..m * n]).for_each(|(c, x)| *c += x);
     }
     OPERANDS.with(|o| *o.borrow_mut() = [ra, rb, rc]);
+    TRAINING_B.with(|t| *t.borrow_mut() = Some(w));
 }
 
 /// A `[k, n]` weight matrix in bf16, in the form its kernel reads.
@@ -359,7 +380,6 @@ impl Bf16Matrix {
     /// If `w` is not `k * n` long, or `kernel` is not a bf16 kernel this CPU
     /// runs ([`Kernel::Emulated`], or one of [`hardware_kernels`]).
     pub fn new(k: usize, n: usize, w: &[f32], kernel: Kernel) -> Self {
-        assert_eq!(w.len(), k * n, "weight shape");
         assert_runs(kernel);
         let mut m = Bf16Matrix {
             k,
@@ -368,13 +388,28 @@ impl Bf16Matrix {
             rounded: Vec::new(),
             packed: Vec::new(),
         };
-        match kernel {
-            Kernel::Fp32 => panic!("Bf16Matrix for the fp32 kernel"),
-            Kernel::Emulated => m.rounded = w.iter().map(|&x| round_bf16(x)).collect(),
-            Kernel::Avx512Bf16 => m.packed = pack_weights(k, n, w),
-            Kernel::Amx => m.packed = pack_tiles(k, n, w),
-        }
+        m.refill(k, n, w);
         m
+    }
+
+    /// Makes this matrix the `[k, n]` row-major `w`, on the same kernel,
+    /// in the buffers it already has: mixed-precision training makes one
+    /// per product, and fresh buffers each time cost page faults.
+    ///
+    /// # Panics
+    /// If `w` is not `k * n` long.
+    pub(crate) fn refill(&mut self, k: usize, n: usize, w: &[f32]) {
+        assert_eq!(w.len(), k * n, "weight shape");
+        (self.k, self.n) = (k, n);
+        match self.kernel {
+            Kernel::Fp32 => panic!("Bf16Matrix for the fp32 kernel"),
+            Kernel::Emulated => {
+                self.rounded.clear();
+                self.rounded.extend(w.iter().map(|&x| round_bf16(x)));
+            }
+            Kernel::Avx512Bf16 => pack_weights_into(k, n, w, &mut self.packed),
+            Kernel::Amx => pack_tiles_into(k, n, w, &mut self.packed),
+        }
     }
 
     /// `c[m, n] = bf16(a)[m, k] · W`, summed in f32; `a` is row-major `[m, k]`.
@@ -482,7 +517,15 @@ fn store_masks(cols: usize) -> (u16, u16) {
 /// Packs `w` (`[k, n]`) into `panels` panels of `width` columns, each
 /// `[pairs, width]` bf16 pairs (`pairs >= ceil(k/2)`), zero past `k`, `n`.
 fn pack_panels(k: usize, n: usize, w: &[f32], width: usize, pairs: usize, panels: usize) -> Vec<u32> {
-    let mut out = vec![0u32; panels * pairs * width];
+    let mut out = Vec::new();
+    pack_panels_into(k, n, w, width, pairs, panels, &mut out);
+    out
+}
+
+/// [`pack_panels`] into `out`, reusing its allocation.
+fn pack_panels_into(k: usize, n: usize, w: &[f32], width: usize, pairs: usize, panels: usize, out: &mut Vec<u32>) {
+    out.clear();
+    out.resize(panels * pairs * width, 0);
     for jp in 0..n.div_ceil(width) {
         for p in 0..k.div_ceil(2) {
             for j in 0..width.min(n - jp * width) {
@@ -497,12 +540,16 @@ fn pack_panels(k: usize, n: usize, w: &[f32], width: usize, pairs: usize, panels
             }
         }
     }
-    out
 }
 
 /// `w` in the AVX512-BF16 kernel's panels (see [`Bf16Matrix::packed`]).
 fn pack_weights(k: usize, n: usize, w: &[f32]) -> Vec<u32> {
     pack_panels(k, n, w, NR, k.div_ceil(2), n.div_ceil(NR))
+}
+
+/// [`pack_weights`] into `out`.
+fn pack_weights_into(k: usize, n: usize, w: &[f32], out: &mut Vec<u32>) {
+    pack_panels_into(k, n, w, NR, k.div_ceil(2), n.div_ceil(NR), out);
 }
 
 /// Pairs of `k` rounded up to whole AMX tiles.
@@ -513,6 +560,11 @@ fn tile_pairs(k: usize) -> usize {
 /// `w` in the AMX kernel's panels (see [`Bf16Matrix::packed`]).
 fn pack_tiles(k: usize, n: usize, w: &[f32]) -> Vec<u32> {
     pack_panels(k, n, w, TILE, tile_pairs(k), n.div_ceil(2 * TILE) * 2)
+}
+
+/// [`pack_tiles`] into `out`.
+fn pack_tiles_into(k: usize, n: usize, w: &[f32], out: &mut Vec<u32>) {
+    pack_panels_into(k, n, w, TILE, tile_pairs(k), n.div_ceil(2 * TILE) * 2, out);
 }
 
 /// Rounds a row of activations to bf16 pairs: `out[p]` holds `row[2p]`
