@@ -63,7 +63,31 @@ fn die_quietly_on_closed_pipe() {
 #[cfg(not(unix))]
 fn die_quietly_on_closed_pipe() {}
 
+/// Turns transparent huge pages off for this process, unless
+/// `DIN_ALLOW_THP=1`. mimalloc asks for them on its arenas, and when it
+/// hands freed memory back to the kernel (as it does between training
+/// steps) the next touch faults in and zeroes a whole 2 MiB page. On the
+/// 2-vCPU Xeon of docs/performance.md this made speed swing from run to
+/// run: in 3 alternated rounds with THP, training ran at 7.6-9.0k samples/s
+/// and batch-4096 inference at 24-65k; without, 25.5-26.7k and 146-154k.
+/// The working sets are small, so 4 KiB pages cost nothing measurable.
+#[cfg(target_os = "linux")]
+fn no_transparent_huge_pages() {
+    if std::env::var_os("DIN_ALLOW_THP").is_some_and(|v| v == "1") {
+        return;
+    }
+    // SAFETY: PR_SET_THP_DISABLE only sets a flag of this process's memory
+    // map; it fails harmlessly on kernels without it.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn no_transparent_huge_pages() {}
+
 fn main() -> ExitCode {
+    no_transparent_huge_pages();
     // Before any thread starts: Linux grants AMX's tile state only then
     // (see din::model::bf16).
     din::model::bf16::bf16_hardware();
