@@ -270,15 +270,32 @@ fn gather<'o>(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), o
             out.extend_from_slice(&src[i * rs..i * rs + cols]);
         }
     } else {
-        // A transpose, mostly (`rs == 1`): in 16 x 16 blocks, so that both
-        // the reads and the writes of a block stay in a few cache lines.
+        // A transpose, mostly (`rs == 1`): in blocks of 16 rows, each
+        // source column a contiguous run of 16; full 16 x 16 blocks of a
+        // transpose in AVX-512 registers where the CPU has it.
         const B: usize = 16;
         out.resize(rows * cols, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        let wide = rs == 1 && std::arch::is_x86_feature_detected!("avx512f");
         for i0 in (0..rows).step_by(B) {
             let bi = B.min(rows - i0);
             let block = &mut out[i0 * cols..(i0 + bi) * cols];
-            for j in 0..cols {
-                let at = |i: usize| src[(i0 + i) * rs + j * cs];
+            let mut j = 0;
+            #[cfg(target_arch = "x86_64")]
+            if wide && bi == B {
+                while j + B <= cols {
+                    // The 16 x 16 source block, rows j.. (each 16 values
+                    // from i0), and its place in `block`.
+                    let last = i0 + (j + B - 1) * cs + B;
+                    assert!(last <= src.len() && (B - 1) * cols + j + B <= block.len());
+                    // SAFETY: checked above: 16 runs of 16 at stride `cs`
+                    // from `i0 + j * cs` are in `src`, 16 rows of 16 at
+                    // stride `cols` from `j` in `block`; the CPU has AVX-512F.
+                    unsafe { avx512::transpose16(src.as_ptr().add(i0 + j * cs), cs, block.as_mut_ptr().add(j), cols) };
+                    j += B;
+                }
+            }
+            for j in j..cols {
                 if rs == 1 {
                     // Column `j` of the transposed source: a contiguous run.
                     let run = &src[i0 + j * cs..i0 + j * cs + bi];
@@ -287,7 +304,7 @@ fn gather<'o>(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), o
                     }
                 } else {
                     for i in 0..bi {
-                        block[i * cols + j] = at(i);
+                        block[i * cols + j] = src[(i0 + i) * rs + j * cs];
                     }
                 }
             }
@@ -848,6 +865,42 @@ mod avx512 {
         }
     }
 
+    /// `dst[i * ld_dst + j] = src[j * ld_src + i]` for `i, j < 16`: a
+    /// 16 x 16 transpose in registers (32-bit, then 64-bit interleaves
+    /// within 128-bit lanes, then two rounds of lane shuffles).
+    ///
+    /// # Safety
+    /// The CPU has AVX512F; `src` holds 16 runs of 16 floats at stride
+    /// `ld_src`, `dst` 16 rows of 16 at stride `ld_dst`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16(src: *const f32, ld_src: usize, dst: *mut f32, ld_dst: usize) {
+        let r: [__m512; 16] = std::array::from_fn(|j| _mm512_loadu_ps(src.add(j * ld_src)));
+        let (pd, ps) = (_mm512_castps_pd, _mm512_castpd_ps);
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let (a, b, c, d) = (r[4 * g], r[4 * g + 1], r[4 * g + 2], r[4 * g + 3]);
+            let (t0, t1) = (_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            let (t2, t3) = (_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+            // u[4g + c], lane L: rows 4g..4g+4 of column 4L + c.
+            u[4 * g] = ps(_mm512_unpacklo_pd(pd(t0), pd(t2)));
+            u[4 * g + 1] = ps(_mm512_unpackhi_pd(pd(t0), pd(t2)));
+            u[4 * g + 2] = ps(_mm512_unpacklo_pd(pd(t1), pd(t3)));
+            u[4 * g + 3] = ps(_mm512_unpackhi_pd(pd(t1), pd(t3)));
+        }
+        for c in 0..4 {
+            // Rows 0-7, then 8-15: lanes (L0, L2) and (L1, L3) of each pair.
+            let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let v4 = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let w4 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+            let store = |col: usize, v: __m512| _mm512_storeu_ps(dst.add(col * ld_dst), v);
+            store(c, _mm512_shuffle_f32x4::<0x88>(v0, w0));
+            store(8 + c, _mm512_shuffle_f32x4::<0xdd>(v0, w0));
+            store(4 + c, _mm512_shuffle_f32x4::<0x88>(v4, w4));
+            store(12 + c, _mm512_shuffle_f32x4::<0xdd>(v4, w4));
+        }
+    }
+
     /// [`super::Convert`] with `vcvtne2ps2bf16` (round to nearest even, as
     /// [`super::bf16_bits`], except that subnormals become zero), 32
     /// values at a time.
@@ -1190,6 +1243,23 @@ mod tests {
             differs |= x != y;
         }
         assert!(differs, "bf16 rounds something");
+    }
+
+    #[test]
+    fn gather_copies_every_layout() {
+        // Transposes with whole 16 x 16 blocks and edges both ways, a
+        // block of columns of a wider matrix, and a general stride.
+        for (rows, cols) in [(1, 1), (16, 16), (37, 70), (64, 33), (15, 48), (48, 15)] {
+            let src = values(rows * cols * 4 + 100, 5);
+            for (rs, cs) in [(1, rows + 3), (cols + 2, 1), (1, rows), (3, 3 * rows + 1)] {
+                let mut out = vec![f32::NAN; 7]; // stale contents are replaced
+                let got = gather(rows, cols, &src, (rs, cs), &mut out).to_vec();
+                let want: Vec<f32> = (0..rows * cols)
+                    .map(|x| src[(x / cols) * rs + (x % cols) * cs])
+                    .collect();
+                assert_eq!(got, want, "{rows} x {cols}, strides ({rs}, {cs})");
+            }
+        }
     }
 
     #[test]
