@@ -263,9 +263,9 @@ thread_local! {
 /// `out = x[rows, cols]` row-major, `x[i, j]` at `src[i * rs + j * cs]`;
 /// returns `out`.
 fn gather<'o>(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), out: &'o mut Vec<f32>) -> &'o [f32] {
-    out.clear();
-    out.reserve(rows * cols);
     if cs == 1 {
+        out.clear();
+        out.reserve(rows * cols);
         for i in 0..rows {
             out.extend_from_slice(&src[i * rs..i * rs + cols]);
         }
@@ -274,6 +274,9 @@ fn gather<'o>(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), o
         // source column a contiguous run of 16; full 16 x 16 blocks of a
         // transpose in AVX-512 registers where the CPU has it.
         const B: usize = 16;
+        // Every element is written below: the buffer is only grown, not
+        // cleared (its old values are overwritten).
+        out.truncate(rows * cols);
         out.resize(rows * cols, 0.0);
         #[cfg(target_arch = "x86_64")]
         let wide = rs == 1 && std::arch::is_x86_feature_detected!("avx512f");
@@ -541,7 +544,8 @@ fn pack_panels(k: usize, n: usize, w: &[f32], width: usize, pairs: usize, panels
 
 /// [`pack_panels`] into `out`, reusing its allocation.
 fn pack_panels_into(k: usize, n: usize, w: &[f32], width: usize, pairs: usize, panels: usize, out: &mut Vec<u32>) {
-    out.clear();
+    // Not cleared: the values are written below, then the padding zeroed.
+    out.truncate(panels * pairs * width);
     out.resize(panels * pairs * width, 0);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512bw") {
@@ -552,9 +556,25 @@ fn pack_panels_into(k: usize, n: usize, w: &[f32], width: usize, pairs: usize, p
             fill_panels(k, n, w, width, pairs, out);
         }
         // SAFETY: the CPU has the features `wide` is compiled for.
-        return unsafe { wide(k, n, w, width, pairs, out) };
+        unsafe { wide(k, n, w, width, pairs, out) };
+    } else {
+        fill_panels(k, n, w, width, pairs, out);
     }
+    #[cfg(not(target_arch = "x86_64"))]
     fill_panels(k, n, w, width, pairs, out);
+    // Zero past `k` (whole rows of pairs) and past `n` (columns of the last
+    // panel, and whole padding panels).
+    let filled = n.div_ceil(width);
+    if pairs == 0 {
+        return; // k = 0: nothing to pack
+    }
+    for (jp, panel) in out.chunks_exact_mut(pairs * width).enumerate() {
+        let cols = if jp < filled { width.min(n - jp * width) } else { 0 };
+        for (p, row) in panel.chunks_exact_mut(width).enumerate() {
+            let from = if p < k.div_ceil(2) { cols } else { 0 };
+            row[from..].fill(0);
+        }
+    }
 }
 
 /// The body of [`pack_panels_into`]: `out` is zeroed and long enough.
@@ -1243,6 +1263,34 @@ mod tests {
             differs |= x != y;
         }
         assert!(differs, "bf16 rounds something");
+    }
+
+    #[test]
+    fn packing_into_a_used_buffer_leaves_nothing_of_its_old_contents() {
+        // Odd k (a half-empty last pair), n short of a panel, and shapes
+        // that shrink and grow the buffer.
+        let shapes = [(37, 70), (5, 3), (64, 33), (1, 1), (33, 17)];
+        for (what, pack, into) in [
+            (
+                "AVX512-BF16 panels",
+                pack_weights as fn(usize, usize, &[f32]) -> Vec<u32>,
+                pack_weights_into as fn(usize, usize, &[f32], &mut Vec<u32>),
+            ),
+            ("AMX panels", pack_tiles, pack_tiles_into),
+        ] {
+            let mut out = vec![u32::MAX; 5000];
+            for (i, &(k, n)) in shapes.iter().enumerate() {
+                let w = values(k * n, 10 + i as u32);
+                into(k, n, &w, &mut out);
+                assert_eq!(
+                    out,
+                    pack(k, n, &w),
+                    "{what}, {k} x {n} after {:?}",
+                    shapes.get(i.wrapping_sub(1))
+                );
+                out.iter_mut().for_each(|x| *x = u32::MAX); // every value must be written again
+            }
+        }
     }
 
     #[test]
