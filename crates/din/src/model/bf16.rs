@@ -564,10 +564,10 @@ fn pack_panels_into(k: usize, n: usize, w: &[f32], width: usize, pairs: usize, p
     fill_panels(k, n, w, width, pairs, out);
     // Zero past `k` (whole rows of pairs) and past `n` (columns of the last
     // panel, and whole padding panels).
-    let filled = n.div_ceil(width);
     if pairs == 0 {
         return; // k = 0: nothing to pack
     }
+    let filled = n.div_ceil(width);
     for (jp, panel) in out.chunks_exact_mut(pairs * width).enumerate() {
         let cols = if jp < filled { width.min(n - jp * width) } else { 0 };
         for (p, row) in panel.chunks_exact_mut(width).enumerate() {
@@ -577,7 +577,9 @@ fn pack_panels_into(k: usize, n: usize, w: &[f32], width: usize, pairs: usize, p
     }
 }
 
-/// The body of [`pack_panels_into`]: `out` is zeroed and long enough.
+/// The body of [`pack_panels_into`]: writes every pair of rows below
+/// `ceil(k/2)` and columns below `n` (`out` is long enough); the caller
+/// zeroes the rest.
 #[inline(always)]
 fn fill_panels(k: usize, n: usize, w: &[f32], width: usize, pairs: usize, out: &mut [u32]) {
     for jp in 0..n.div_ceil(width) {
