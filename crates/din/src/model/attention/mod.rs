@@ -622,17 +622,29 @@ mod tests {
         offsets
     }
 
+    /// An attention unit over `d`-wide keys with attention pooling, its
+    /// weights drawn from `seed`.
+    fn unit(
+        d: usize,
+        hidden: &[usize],
+        activation: ActivationKind,
+        normalization: Normalization,
+        seed: u64,
+    ) -> Attention {
+        let config = AttentionConfig {
+            pooling: Pooling::Attention,
+            hidden_units: hidden.to_vec(),
+            activation,
+            normalization,
+        };
+        Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+    }
+
     /// The split first layer equals the textbook MLP over `[q, k, q-k, q*k]`.
     #[test]
     fn split_first_layer_equals_concatenated_input() {
         let d = 3;
-        let config = AttentionConfig {
-            pooling: Pooling::Attention,
-            hidden_units: vec![5],
-            activation: ActivationKind::Sigmoid,
-            normalization: Normalization::None,
-        };
-        let att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
+        let att = unit(d, &[5], ActivationKind::Sigmoid, Normalization::None, 1);
         let q = rand_vec(d, 2);
         let keys = rand_vec(2 * d, 3);
         let (pooled, cache) = att.forward(&q, &keys, &[0, 2], Mode::Infer);
@@ -671,13 +683,7 @@ mod tests {
 
     fn check(activation: ActivationKind, normalization: Normalization, mode: Mode) {
         let d = 4;
-        let config = AttentionConfig {
-            pooling: Pooling::Attention,
-            hidden_units: vec![6, 5],
-            activation,
-            normalization,
-        };
-        let mut att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(11));
+        let mut att = unit(d, &[6, 5], activation, normalization, 11);
         // Sample 1 has an empty history.
         let offsets = [0u32, 3, 3, 5];
         let q = rand_vec(3 * d, 12);
@@ -867,13 +873,7 @@ mod tests {
             (ActivationKind::Dice, Normalization::None),
             (ActivationKind::Dice, Normalization::Softmax),
         ] {
-            let config = AttentionConfig {
-                pooling: Pooling::Attention,
-                hidden_units: vec![12, 6, 5],
-                activation,
-                normalization,
-            };
-            let mut fast = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(31));
+            let mut fast = unit(d, &[12, 6, 5], activation, normalization, 31);
             fast.visit_mut("att", &mut |name, p| {
                 if name.ends_with("alpha") {
                     p.value.iter_mut().enumerate().for_each(|(i, v)| *v = 0.05 * i as f32);
@@ -956,13 +956,7 @@ mod tests {
             (ActivationKind::Prelu, Normalization::None),
             (ActivationKind::Dice, Normalization::Softmax),
         ] {
-            let config = AttentionConfig {
-                pooling: Pooling::Attention,
-                hidden_units: vec![16, 12, 8],
-                activation,
-                normalization,
-            };
-            let mut fp32 = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(44));
+            let mut fp32 = unit(d, &[16, 12, 8], activation, normalization, 44);
             let mut fast = fp32.clone();
             fast.rest.products = Kernel::Emulated;
             let mut slow = fast.clone();
@@ -1020,13 +1014,7 @@ mod tests {
         let keys = rand_vec(n * d, 52);
         let r = rand_vec(b * d, 53);
         for normalization in [Normalization::None, Normalization::Softmax] {
-            let config = AttentionConfig {
-                pooling: Pooling::Attention,
-                hidden_units: vec![5, 3],
-                activation: ActivationKind::Dice,
-                normalization,
-            };
-            let mut att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(54));
+            let mut att = unit(d, &[5, 3], ActivationKind::Dice, normalization, 54);
             att.visit_mut("att", &mut |name, p| {
                 if name.ends_with("alpha") {
                     p.value
@@ -1104,12 +1092,6 @@ mod tests {
             (ActivationKind::Prelu, Normalization::None, Kernel::Emulated),
             (ActivationKind::Dice, Normalization::Softmax, Kernel::Emulated),
         ] {
-            let config = AttentionConfig {
-                pooling: Pooling::Attention,
-                hidden_units: vec![16, 8],
-                activation,
-                normalization,
-            };
             let runs: Vec<Vec<u32>> = [1, 2, 3]
                 .into_iter()
                 .map(|threads| {
@@ -1117,7 +1099,7 @@ mod tests {
                         .num_threads(threads)
                         .build()
                         .expect("a thread pool");
-                    let mut att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(64));
+                    let mut att = unit(d, &[16, 8], activation, normalization, 64);
                     att.rest.products = products;
                     let mut bits: Vec<u32> = Vec::new();
                     pool.install(|| {
@@ -1161,13 +1143,7 @@ mod tests {
         assert!(offsets[b] as usize > 4 * chunked::CHUNK_ROWS_INFER, "several chunks");
         let q = rand_vec(b * d, 7);
         for activation in [ActivationKind::Prelu, ActivationKind::Dice] {
-            let config = AttentionConfig {
-                pooling: Pooling::Attention,
-                hidden_units: vec![10, 4],
-                activation,
-                normalization: Normalization::Softmax,
-            };
-            let mut att = Attention::new(d, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(8));
+            let mut att = unit(d, &[10, 4], activation, Normalization::Softmax, 8);
             att.visit_mut("att", &mut |name, p| {
                 if name.ends_with("alpha") || name.ends_with("running_mean") {
                     p.value
@@ -1228,13 +1204,7 @@ mod tests {
 
     #[test]
     fn softmax_weights_sum_to_one_per_sample() {
-        let config = AttentionConfig {
-            pooling: Pooling::Attention,
-            hidden_units: vec![4],
-            activation: ActivationKind::Prelu,
-            normalization: Normalization::Softmax,
-        };
-        let att = Attention::new(2, &config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5));
+        let att = unit(2, &[4], ActivationKind::Prelu, Normalization::Softmax, 5);
         let (_, cache) = att.forward(&rand_vec(4, 1), &rand_vec(8, 2), &[0, 1, 4], Mode::Infer);
         assert!((cache.weights[0] - 1.0).abs() < 1e-6);
         assert!((cache.weights[1..].iter().sum::<f32>() - 1.0).abs() < 1e-6);
