@@ -254,7 +254,10 @@ thread_local! {
     /// Each thread's operands of [`training_product`]. Taken out while in
     /// use (not borrowed), so that a product that waits on rayon while this
     /// thread runs another task's product does not collide with it.
-    static OPERANDS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    static OPERANDS: RefCell<[Vec<f32>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
+    /// Each thread's row-major copy of a strided matrix that
+    /// [`Bf16Matrix::refill_strided`] packs (borrowed only while it does).
+    static GATHERED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Each thread's second operand of [`training_product`] in bf16, taken
     /// out while in use like [`OPERANDS`].
     static TRAINING_B: RefCell<Option<Bf16Matrix>> = const { RefCell::new(None) };
@@ -321,7 +324,7 @@ fn gather<'o>(rows: usize, cols: usize, src: &[f32], (rs, cs): (usize, usize), o
 /// `b[p * b_rs + j * b_cs]` (the caller has checked that they lie inside
 /// their slices, and that no dimension is zero). Both operands change from
 /// one step to the next (weights, activations, gradients), so each call
-/// gathers them row-major and makes `b` a [`Bf16Matrix`] afresh; the
+/// packs `b` again (into this thread's reused [`Bf16Matrix`]); the
 /// product is then inference's, on any bf16 kernel (the emulation included,
 /// so that this driver is tested on every CPU). `may_split` runs it over
 /// the rayon pool in blocks of rows.
@@ -338,24 +341,18 @@ pub(super) fn training_product(
     accumulate: bool,
     may_split: bool,
 ) {
-    let [mut ra, mut rb, mut rc] = OPERANDS.with(|o| std::mem::take(&mut *o.borrow_mut()));
+    let [mut ra, mut rc] = OPERANDS.with(|o| std::mem::take(&mut *o.borrow_mut()));
     // The kernels (and the emulation) round `a` themselves, and `b` when
     // they pack it. A row-major operand is read where it is.
     let a = match a_strides == (k, 1) {
         true => &a[..m * k],
         false => gather(m, k, a, a_strides, &mut ra),
     };
-    let b = match b_strides == (n, 1) {
-        true => &b[..k * n],
-        false => gather(k, n, b, b_strides, &mut rb),
-    };
-    let w = match TRAINING_B.with(|t| t.borrow_mut().take()) {
-        Some(mut w) if w.kernel == kernel => {
-            w.refill(k, n, b);
-            w
-        }
-        _ => Bf16Matrix::new(k, n, b, kernel),
-    };
+    let mut w = TRAINING_B
+        .with(|t| t.borrow_mut().take())
+        .filter(|w| w.kernel == kernel)
+        .unwrap_or_else(|| Bf16Matrix::empty(kernel));
+    w.refill_strided(k, n, b, b_strides);
     let out = if accumulate {
         // Overwritten by the product: grown, never cleared.
         if rc.len() < m * n {
@@ -373,7 +370,7 @@ pub(super) fn training_product(
     if accumulate {
         c[..m * n].iter_mut().zip(&rc[..m * n]).for_each(|(c, x)| *c += x);
     }
-    OPERANDS.with(|o| *o.borrow_mut() = [ra, rb, rc]);
+    OPERANDS.with(|o| *o.borrow_mut() = [ra, rc]);
     TRAINING_B.with(|t| *t.borrow_mut() = Some(w));
 }
 
@@ -400,16 +397,44 @@ impl Bf16Matrix {
     /// If `w` is not `k * n` long, or `kernel` is not a bf16 kernel this CPU
     /// runs ([`Kernel::Emulated`], or one of [`hardware_kernels`]).
     pub fn new(k: usize, n: usize, w: &[f32], kernel: Kernel) -> Self {
+        let mut m = Bf16Matrix::empty(kernel);
+        m.refill(k, n, w);
+        m
+    }
+
+    /// A `[0, 0]` matrix on `kernel`, to be filled by [`Bf16Matrix::refill`].
+    ///
+    /// # Panics
+    /// As [`Bf16Matrix::new`].
+    pub(crate) fn empty(kernel: Kernel) -> Self {
         assert_runs(kernel);
-        let mut m = Bf16Matrix {
-            k,
-            n,
+        Bf16Matrix {
+            k: 0,
+            n: 0,
             kernel,
             rounded: Vec::new(),
             packed: Vec::new(),
-        };
-        m.refill(k, n, w);
-        m
+        }
+    }
+
+    /// The kernel this matrix is packed for.
+    pub(crate) fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// [`Bf16Matrix::refill`] from a `[k, n]` matrix read at strides
+    /// `(rs, cs)` (`w[p, j]` at `w[p * rs + j * cs]`; `(1, k)` reads the
+    /// transpose of a row-major `[n, k]`), gathered row-major first unless
+    /// it is row-major already. The caller has checked that it lies in `w`.
+    pub(crate) fn refill_strided(&mut self, k: usize, n: usize, w: &[f32], strides: (usize, usize)) {
+        if strides == (n, 1) {
+            return self.refill(k, n, &w[..k * n]);
+        }
+        GATHERED.with(|g| {
+            let mut g = g.borrow_mut();
+            let w = gather(k, n, w, strides, &mut g);
+            self.refill(k, n, w);
+        });
     }
 
     /// Makes this matrix the `[k, n]` row-major `w`, on the same kernel,

@@ -137,24 +137,27 @@ impl Mlp {
 
     /// Each block's weight in bf16 for `kernel`, for [`Mlp::infer_bf16`].
     pub(crate) fn bf16_weights(&self, kernel: Kernel) -> Vec<Bf16Matrix> {
-        (self.blocks.iter())
-            .map(|b| {
-                let l = &b.linear;
-                Bf16Matrix::new(l.input_dim(), l.output_dim(), &l.weight.value, kernel)
-            })
-            .collect()
+        let mut weights = Vec::new();
+        self.bf16_weights_into(kernel, false, &mut weights);
+        weights
     }
 
-    /// Each block's weight transposed (`[out, in]`) in bf16 for `kernel`:
-    /// the backward pass's `dy·Wᵀ` in mixed-precision training.
-    pub(crate) fn bf16_weights_transposed(&self, kernel: Kernel) -> Vec<Bf16Matrix> {
-        (self.blocks.iter())
-            .map(|b| {
-                let (i, o, w) = (b.linear.input_dim(), b.linear.output_dim(), &b.linear.weight.value);
-                let wt: Vec<f32> = (0..o * i).map(|x| w[(x % i) * o + x / i]).collect(); // [out, in]
-                Bf16Matrix::new(o, i, &wt, kernel)
-            })
-            .collect()
+    /// Each block's weight in bf16 for `kernel` into `out` (one per
+    /// block), `[in, out]`, or with `transposed` `[out, in]` (the backward
+    /// pass's `dy·Wᵀ` in mixed-precision training), remade in the matrices
+    /// `out` already holds: mixed-precision training packs them once per
+    /// step.
+    pub(crate) fn bf16_weights_into(&self, kernel: Kernel, transposed: bool, out: &mut Vec<Bf16Matrix>) {
+        out.retain(|m| m.kernel() == kernel);
+        out.truncate(self.blocks.len());
+        out.resize_with(self.blocks.len(), || Bf16Matrix::empty(kernel));
+        for (m, b) in out.iter_mut().zip(&self.blocks) {
+            let (i, o, w) = (b.linear.input_dim(), b.linear.output_dim(), &b.linear.weight.value);
+            match transposed {
+                false => m.refill(i, o, w),
+                true => m.refill_strided(o, i, w, (1, o)), // [out, in]
+            }
+        }
     }
 
     /// Inference with each block's weights in bf16 (`weights`, one per

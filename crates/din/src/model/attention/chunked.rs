@@ -865,13 +865,13 @@ impl Attention {
         // and backward (the emulation's products are those of
         // `Gemm::matmul` and `Gemm::matmul_a_bt`, bit for bit).
         let products = self.rest.products;
-        (st.packed, st.packed_t) = match st.train && products.is_bf16() {
-            true => (
-                self.rest.bf16_weights(products),
-                self.rest.bf16_weights_transposed(products),
-            ),
-            false => Default::default(),
-        };
+        if st.train && products.is_bf16() {
+            self.rest.bf16_weights_into(products, false, &mut st.packed);
+            self.rest.bf16_weights_into(products, true, &mut st.packed_t);
+        } else {
+            st.packed.clear();
+            st.packed_t.clear();
+        }
         let mut batch_moments = Vec::new();
         let mut shared = Shared {
             same_history,
