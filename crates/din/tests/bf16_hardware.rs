@@ -12,7 +12,9 @@ mod common;
 
 use din::model::bf16::{bf16_hardware, hardware_kernels, round_bf16, Bf16Matrix};
 use din::model::linalg::Gemm;
-use din::model::{Din, Kernel, Module, Precision, Role};
+use din::model::{Attention, Din, Kernel, Module, Precision, Role};
+use din::schema::{ActivationKind, AttentionConfig, Normalization};
+use rand::{Rng, SeedableRng};
 
 fn values(len: usize, seed: u32) -> Vec<f32> {
     (0..len)
@@ -105,6 +107,105 @@ fn check_training_products(kernel: Kernel, m: usize, k: usize, n: usize) {
     }
 }
 
+/// The attention unit on AMX, whose inference is fused (the first layer on
+/// split operands, each later layer's activations rounded straight into
+/// the next product's operand, rows a block at a time), against FP32 and
+/// the emulation (first layer in f32, later layers' products in bf16), on
+/// several chunks of samples whose histories are empty, short, long,
+/// shared by neighbours or not, with every activation and odd widths.
+/// With one hidden layer the split first layer is the only product off
+/// f32, and must be near f32 (bf16 operands would err 100 times more).
+fn check_fused_attention() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    // 160 samples: runs of one history, then histories of their own.
+    let d = 11;
+    let mut offsets = vec![0u32];
+    let mut same = Vec::new();
+    let mut len = 0;
+    for s in 0..160 {
+        let shared = s % 40 != 0 && s < 80;
+        if !shared {
+            len = [0, 1, 7, 50, 33, 16][s % 6];
+        }
+        same.push(shared && s > 0);
+        offsets.push(offsets[s] + len);
+    }
+    let n = offsets[160] as usize;
+    let q: Vec<f32> = (0..160 * d).map(|_| rng.gen_range(-1.5..1.5)).collect();
+    // Each sample's keys; one marked as sharing its neighbour's history
+    // has a copy of its keys.
+    let mut keys: Vec<f32> = Vec::new();
+    for s in 0..160 {
+        let len = (offsets[s + 1] - offsets[s]) as usize * d;
+        if same[s] {
+            keys.extend_from_within(keys.len() - len..);
+        } else {
+            keys.extend((0..len).map(|_| rng.gen_range(-1.5f32..1.5)));
+        }
+    }
+    let cases = [
+        (ActivationKind::Prelu, vec![256, 128, 64], Normalization::None),
+        (ActivationKind::Relu, vec![33, 17], Normalization::Softmax),
+        (ActivationKind::Dice, vec![80, 40], Normalization::None),
+        (ActivationKind::Sigmoid, vec![48, 31, 5], Normalization::Softmax),
+        (ActivationKind::Prelu, vec![40], Normalization::None),
+        (ActivationKind::Dice, vec![7], Normalization::Softmax),
+    ];
+    for (activation, hidden_units, normalization) in cases {
+        let config = AttentionConfig {
+            hidden_units: hidden_units.clone(),
+            activation,
+            normalization,
+            ..AttentionConfig::default()
+        };
+        let mut att = Attention::new(d, &config, &mut rng);
+        att.visit_mut("", &mut |name, p| match p.role {
+            Role::Bias | Role::Alpha => p.value.iter_mut().for_each(|v| *v = rng.gen_range(-0.5..0.5)),
+            Role::Statistic if name.contains("var") => p.value.iter_mut().for_each(|v| *v = rng.gen_range(0.2..3.0)),
+            Role::Statistic => p.value.iter_mut().for_each(|v| *v = rng.gen_range(-1.0..1.0)),
+            _ => p.value.iter_mut().for_each(|v| *v *= 2.0),
+        });
+        let infer = |att: &Attention, kernel: Kernel, same: Option<&[bool]>| {
+            let mut att = att.clone();
+            att.set_kernel(kernel);
+            let (mut pooled, mut weights) = (Vec::new(), Vec::new());
+            att.infer(&q, &keys, &offsets, same, &mut pooled, &mut weights);
+            (pooled, weights)
+        };
+        let (p32, w32) = infer(&att, Kernel::Fp32, Some(&same));
+        let (pemu, wemu) = infer(&att, Kernel::Emulated, Some(&same));
+        let (pamx, wamx) = infer(&att, Kernel::Amx, Some(&same));
+        assert_eq!(
+            infer(&att, Kernel::Amx, None),
+            (pamx.clone(), wamx.clone()),
+            "shared histories change nothing"
+        );
+        let worst = |a: &[f32], b: &[f32]| {
+            assert_eq!(a.len(), b.len());
+            a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        };
+        let scale = w32.iter().fold(1.0f32, |m, w| m.max(w.abs()));
+        let (from32, fromemu, emu32) = (worst(&wamx, &w32), worst(&wamx, &wemu), worst(&wemu, &w32));
+        println!(
+            "{activation:?} {hidden_units:?} {normalization:?}: weights (scale {scale:.1}) from fp32 {from32:.2e}, \
+             from the emulation {fromemu:.2e} (emulation from fp32 {emu32:.2e}); pooled from fp32 {:.2e}",
+            worst(&pamx, &p32)
+        );
+        assert!(wamx.iter().all(|w| w.is_finite()) && wamx.len() == n);
+        if hidden_units.len() == 1 {
+            assert_eq!((&wemu, &pemu), (&w32, &p32), "one layer: the emulation is f32");
+            assert!(from32 <= 3e-4 * scale, "split first layer near f32: {from32}");
+        } else {
+            assert!(from32 <= 3e-2 * scale, "bf16 near f32: {from32}");
+            assert!(
+                fromemu <= 3.0 * emu32 + 1e-4 * scale,
+                "no further from the emulation than bf16 is from f32"
+            );
+        }
+        assert!(from32 > 0.0, "the AMX path ran");
+    }
+}
+
 fn main() {
     // First, before any thread exists (see the module's docs).
     let preferred = bf16_hardware();
@@ -169,6 +270,10 @@ fn main() {
             demu <= 1e-4,
             "the hardware against the emulation (the DNN is on the hardware in both)"
         );
+    }
+    if kernels.contains(&Kernel::Amx) {
+        check_fused_attention();
+        println!("ok: fused AMX attention");
     }
     println!("ok: bf16 hardware kernels");
 }

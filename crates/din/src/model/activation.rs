@@ -121,6 +121,18 @@ impl<'a> Rowwise<'a> {
 }
 
 impl Rowwise<'_> {
+    /// ReLU and PReLU, which are `max(x, 0) + a·min(x, 0)`: `Some` of the
+    /// per-channel slopes (`None`: ReLU, `a = 0`), so that a caller may
+    /// apply them in its own loop ([`super::bf16::Bf16Matrix::pack_prelu_rows`]);
+    /// `None` for the others.
+    pub(crate) fn as_prelu(&self) -> Option<Option<&[f32]>> {
+        match self.kind {
+            ActivationKind::Relu => Some(None),
+            ActivationKind::Prelu => Some(Some(self.alpha)),
+            ActivationKind::Dice | ActivationKind::Sigmoid => None,
+        }
+    }
+
     /// Dice's moving mean and `1 / sqrt(moving var + eps)` per channel, as
     /// inference uses them (empty for the other activations).
     pub fn dice_statistics(&self) -> (&[f32], &[f32]) {

@@ -34,7 +34,13 @@
 //!
 //! What stays in f32: embeddings, the first attention layer (its inputs
 //! are `2D` wide, under 10% of the unit's work in the tutorial model), the
-//! score and logit layers, biases, activations and pooling.
+//! score and logit layers, biases, activations and pooling. On AMX the
+//! attention unit's inference is fused instead (see
+//! `attention::chunked`): rows go through every layer a block of 32 at a
+//! time, each layer's activations rounded straight into the next product's
+//! operand, and the first layer runs on AMX too, on split operands that
+//! keep about 16 bits of its inputs and weights (`split_weights`: f32's
+//! accuracy for practical purposes, at three bf16 products).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -501,6 +507,169 @@ impl Bf16Matrix {
     }
 }
 
+/// Products over activations packed once, for the attention unit's fused
+/// AMX inference (see `attention::chunked`): each layer's activations are
+/// rounded straight into the next product's operand
+/// ([`Bf16Matrix::pack_row`]), and the first layer's product runs on split
+/// operands ([`split_weights`], [`Bf16Matrix::pack_split_row`]).
+impl Bf16Matrix {
+    /// Whether this matrix multiplies packed activations: the AMX kernel.
+    pub(crate) fn takes_packed(&self) -> bool {
+        self.kernel == Kernel::Amx
+    }
+
+    /// Pairs per row of the packed activations this matrix multiplies.
+    pub(crate) fn packed_stride(&self) -> usize {
+        tile_pairs(self.k)
+    }
+
+    /// Rows of a packed operand for `m` rows (whole AMX blocks).
+    pub(crate) fn packed_rows(m: usize) -> usize {
+        packed_rows(m)
+    }
+
+    /// `row` (`[k]`) rounded to bf16 pairs into `out` (one packed row,
+    /// [`Bf16Matrix::packed_stride`] long; zero past `k`).
+    ///
+    /// # Panics
+    /// Unless [`Bf16Matrix::takes_packed`] and the lengths are those.
+    pub(crate) fn pack_row(&self, row: &[f32], out: &mut [u32]) {
+        assert!(
+            self.takes_packed() && row.len() == self.k && out.len() == self.packed_stride(),
+            "packed row shape"
+        );
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: an AMX matrix is made only where `hardware_kernels` found
+        // AMX, which it accepts only with AVX512F, AVX512BW and AVX512-BF16.
+        unsafe {
+            avx512::convert(row, out)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no AMX on this architecture");
+    }
+
+    /// Rows of `x` (`[rows, k]`) through PReLU after adding `bias`
+    /// (`[k]`), `max(v, 0) + alpha·min(v, 0)` with `v = x + bias` (ReLU
+    /// where `alpha` is `None`), rounded to bf16 pairs into `out` (`rows`
+    /// packed rows): what [`crate::model::Rowwise::add_apply_in_place`]
+    /// then [`Bf16Matrix::pack_row`] give, bit for bit, in one pass.
+    ///
+    /// # Panics
+    /// Unless [`Bf16Matrix::takes_packed`] and the lengths are those.
+    pub(crate) fn pack_prelu_rows(&self, x: &[f32], bias: &[f32], alpha: Option<&[f32]>, out: &mut [u32]) {
+        let (k, stride) = (self.k, self.packed_stride());
+        let rows = x.len() / k.max(1);
+        assert!(
+            self.takes_packed()
+                && x.len() == rows * k
+                && bias.len() == k
+                && alpha.is_none_or(|a| a.len() == k)
+                && out.len() == rows * stride,
+            "activated rows' shape"
+        );
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `pack_row`.
+        unsafe {
+            avx512::prelu_rows(x, k, bias, alpha, out, stride)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no AMX on this architecture");
+    }
+
+    /// The first attention layer's split row for query `q` and key `k`
+    /// (both `[D]`), into `out` (one packed row): `x = [q*k, k]` as
+    /// `[hi(x), lo(x), hi(x)]` ([`split_weights`]), for a matrix made from
+    /// `split_weights` of `[Wp; Wk']` (`k = 6D`).
+    ///
+    /// # Panics
+    /// Unless [`Bf16Matrix::takes_packed`] and the lengths are those.
+    pub(crate) fn pack_split_row(&self, q: &[f32], k: &[f32], out: &mut [u32]) {
+        assert!(
+            self.takes_packed() && q.len() == k.len() && self.k == 6 * q.len() && out.len() == self.packed_stride(),
+            "split row shape"
+        );
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `pack_row`.
+        unsafe {
+            avx512::split_row(q, k, out)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no AMX on this architecture");
+    }
+
+    /// `c[m, n] = a · W` over packed activations: row `i` of `a` at
+    /// `a[i * stride..]` (`stride` = [`Bf16Matrix::packed_stride`]) as
+    /// [`Bf16Matrix::pack_row`] writes them, [`Bf16Matrix::packed_rows`]`(m)`
+    /// rows (those past `m` are read and their results dropped).
+    ///
+    /// # Panics
+    /// Unless [`Bf16Matrix::takes_packed`] and the lengths are those.
+    pub(crate) fn matmul_packed(&self, m: usize, a: &[u32], c: &mut [f32], session: &TileSession) {
+        assert!(self.takes_packed(), "packed activations are AMX's");
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        // SAFETY: an AMX matrix is made only where `hardware_kernels` found
+        // AMX (its tile state granted); `session` configured the tiles on
+        // this thread (it cannot leave it).
+        unsafe {
+            let _ = &session.0;
+            product_of_packed(m, self.k, self.n, a, &self.packed, c, Some(amx::block), true)
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        unreachable!("no AMX here ({m} rows, {} {}, {session:?})", a.len(), c.len());
+    }
+
+    /// The AMX tiles configured on this thread for
+    /// [`Bf16Matrix::matmul_packed`], until the session is dropped: a
+    /// fused pass configures them once per chunk, not once per product
+    /// (`ldtilecfg` and `tilerelease` each time cost 6% of its time).
+    ///
+    /// # Panics
+    /// Unless [`Bf16Matrix::takes_packed`].
+    pub(crate) fn tile_session(&self) -> TileSession {
+        assert!(self.takes_packed(), "tiles are AMX's");
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        // SAFETY: as in `matmul_packed`.
+        return TileSession(unsafe { amx::Tiles::configure() });
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        unreachable!("no AMX here");
+    }
+}
+
+/// AMX tiles configured on the thread that holds it (see
+/// [`Bf16Matrix::tile_session`]); neither `Send` nor `Sync`.
+#[derive(Debug)]
+pub(crate) struct TileSession(#[cfg(all(target_arch = "x86_64", target_os = "linux"))] amx::Tiles);
+
+/// `w` (`[r, n]`, row-major) split for a product that keeps about 16 bits
+/// of each operand: `[hi(w); hi(w); lo(w)]` (`[3r, n]`), where `hi(x)` is
+/// `x` rounded to bf16 and `lo(x)` the rest, `x - hi(x)`, rounded to bf16.
+/// Against an operand `[hi(x), lo(x), hi(x)]` the bf16 product sums
+/// `hi(x)·hi(w) + lo(x)·hi(w) + hi(x)·lo(w)`, which leaves out only
+/// `lo(x)·lo(w)` (under 2^-16 of `|x·w|`; bf16 alone errs by up to 2^-8).
+/// The attention unit's first layer takes its inputs this way: it sees the
+/// embeddings themselves, and costs three bf16 products of width `2D`.
+pub(crate) fn split_weights(w: &[f32], n: usize) -> Vec<f32> {
+    let hi: Vec<f32> = w.iter().map(|&x| round_bf16(x)).collect();
+    let lo = w.iter().zip(&hi).map(|(&x, &h)| round_bf16(x - h));
+    let mut out = Vec::with_capacity(3 * w.len());
+    out.extend_from_slice(&hi);
+    out.extend_from_slice(&hi);
+    out.extend(lo);
+    debug_assert_eq!(out.len() % n.max(1), 0);
+    out
+}
+
+/// [`Bf16Matrix::pack_split_row`] in scalar code ([`bf16_bits`]): the
+/// model the AVX-512 form is tested against.
+#[cfg_attr(not(test), allow(dead_code))]
+fn split_row_scalar(q: &[f32], k: &[f32], out: &mut [u32]) {
+    let x: Vec<f32> = q.iter().zip(k).map(|(a, b)| a * b).chain(k.iter().copied()).collect();
+    let hi: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+    let lo = x.iter().zip(&hi).map(|(&v, &h)| round_bf16(v - h));
+    let row: Vec<f32> = hi.iter().copied().chain(lo).chain(hi.iter().copied()).collect();
+    convert_scalar(&row, out);
+}
+
 /// The kernel a unit infers with, and its weights in bf16, made at the
 /// first bf16 inference from the weights of that moment and dropped when
 /// the weights may change ([`Bf16State::invalidate`]). Not part of the
@@ -798,11 +967,61 @@ unsafe fn tiled_product(
     block: Option<Block>,
     convert: Convert,
 ) {
+    let kp = tile_pairs(k);
+    assert_eq!(
+        packed.len(),
+        n.div_ceil(2 * TILE) * 2 * kp * TILE,
+        "packed weight shape"
+    );
+    assert!(c.len() >= m * n, "bf16 product shape mismatch");
+    if k == 0 {
+        c[..m * n].iter_mut().for_each(|x| *x = 0.0);
+        return;
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Rows padded to whole blocks with zeros, so the tiles read 2 TILE rows.
+    with_packed(m, k, a, packed_rows(m), kp, convert, |buf| {
+        // SAFETY: `buf` holds `packed_rows(m)` rows of `kp` pairs; `block`
+        // runs on this CPU (the caller's contract).
+        unsafe { product_of_packed(m, k, n, buf, packed, c, block, false) }
+    });
+}
+
+/// Rows of packed activations for `m` rows: whole blocks of 2 [`TILE`].
+fn packed_rows(m: usize) -> usize {
+    m.div_ceil(2 * TILE) * 2 * TILE
+}
+
+/// The blocks of [`tiled_product`] over activations packed already: `a`
+/// holds [`packed_rows`]`(m)` rows of `tile_pairs(k)` pairs (rows past `m`
+/// are read, their results dropped), `packed` the AMX panels of `W`. A
+/// hardware `block` runs in tiles configured here, or with `configured`
+/// in those of a [`TileSession`] the caller holds.
+///
+/// # Safety
+/// `block` must be runnable on this CPU; with `configured`, the tiles are
+/// configured on this thread.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_of_packed(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[u32],
+    packed: &[u32],
+    c: &mut [f32],
+    block: Option<Block>,
+    configured: bool,
+) {
     const SIDE: usize = 2 * TILE;
     let kp = tile_pairs(k);
     let pairs_of_panels = n.div_ceil(SIDE);
     assert_eq!(packed.len(), pairs_of_panels * 2 * kp * TILE, "packed weight shape");
-    assert!(c.len() >= m * n, "bf16 product shape mismatch");
+    assert!(
+        c.len() >= m * n && a.len() >= packed_rows(m) * kp,
+        "bf16 product shape mismatch"
+    );
     if k == 0 {
         c[..m * n].iter_mut().for_each(|x| *x = 0.0);
         return;
@@ -812,36 +1031,40 @@ unsafe fn tiled_product(
     }
     #[repr(C, align(64))]
     struct Out([f32; SIDE * SIDE]);
-    let mut out = Out([0.0; SIDE * SIDE]);
+    // Written whole by each block before it is read: not zeroed first (the
+    // fused path calls this per block of rows, and a 4 KiB memset each
+    // time cost 3% of its time).
+    let mut out = std::mem::MaybeUninit::<Out>::uninit();
     let hardware = block.is_some();
     let block = block.unwrap_or(portable_block);
-    // Rows padded to whole blocks with zeros, so the tiles read 2 TILE rows.
-    with_packed(m, k, a, m.div_ceil(SIDE) * SIDE, kp, convert, |buf| {
-        // SAFETY: a hardware block runs on this CPU (the caller's contract).
-        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-        let _tiles = hardware.then(|| unsafe { amx::Tiles::configure() });
-        for i0 in (0..m).step_by(SIDE) {
-            for jb in 0..pairs_of_panels {
-                let a_block = &buf[i0 * kp..(i0 + SIDE) * kp];
-                let b = &packed[jb * 2 * kp * TILE..(jb + 1) * 2 * kp * TILE];
-                let c0 = jb * SIDE;
-                if i0 + SIDE <= m && c0 + SIDE <= n {
-                    // SAFETY: `a_block` holds 2 TILE rows of `kp` pairs, `b`
-                    // two panels of `kp * TILE`; the block's rows and
-                    // columns lie inside `c` (`m * n`, checked above); the
-                    // block runs on this CPU with its tiles configured above.
-                    unsafe { block(a_block.as_ptr(), kp, b.as_ptr(), kp, c.as_mut_ptr().add(i0 * n + c0), n) };
-                    continue;
-                }
-                // SAFETY: as above, into `out` (`SIDE x SIDE`).
-                unsafe { block(a_block.as_ptr(), kp, b.as_ptr(), kp, out.0.as_mut_ptr(), SIDE) };
-                let cols = SIDE.min(n - c0);
-                for r in i0..(i0 + SIDE).min(m) {
-                    c[r * n + c0..r * n + c0 + cols].copy_from_slice(&out.0[(r - i0) * SIDE..][..cols]);
-                }
+    // SAFETY: a hardware block runs on this CPU (the caller's contract).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    let _tiles = (hardware && !configured).then(|| unsafe { amx::Tiles::configure() });
+    for i0 in (0..m).step_by(SIDE) {
+        for jb in 0..pairs_of_panels {
+            let a_block = &a[i0 * kp..(i0 + SIDE) * kp];
+            let b = &packed[jb * 2 * kp * TILE..(jb + 1) * 2 * kp * TILE];
+            let c0 = jb * SIDE;
+            if i0 + SIDE <= m && c0 + SIDE <= n {
+                // SAFETY: `a_block` holds 2 TILE rows of `kp` pairs, `b`
+                // two panels of `kp * TILE`; the block's rows and
+                // columns lie inside `c` (`m * n`, checked above); the
+                // block runs on this CPU with its tiles configured above.
+                unsafe { block(a_block.as_ptr(), kp, b.as_ptr(), kp, c.as_mut_ptr().add(i0 * n + c0), n) };
+                continue;
+            }
+            // SAFETY: as above, into `out` (`SIDE x SIDE`), which the block
+            // then holds whole.
+            let out = unsafe {
+                block(a_block.as_ptr(), kp, b.as_ptr(), kp, out.as_mut_ptr() as *mut f32, SIDE);
+                out.assume_init_ref()
+            };
+            let cols = SIDE.min(n - c0);
+            for r in i0..(i0 + SIDE).min(m) {
+                c[r * n + c0..r * n + c0 + cols].copy_from_slice(&out.0[(r - i0) * SIDE..][..cols]);
             }
         }
-    });
+    }
 }
 
 /// The AMX block in scalar code (see [`Block`]): every lane of the four
@@ -988,6 +1211,125 @@ mod avx512 {
             *dst.add(h) = 0;
         }
     }
+
+    /// [`super::Bf16Matrix::pack_prelu_rows`]: rows of `k` values of `x`,
+    /// 32 at a time, into rows of `stride` pairs of `out`.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F, AVX512BW, AVX512VL and AVX512-BF16; `x` holds
+    /// whole rows, `out` as many rows of `stride >= ceil(k/2)` pairs,
+    /// `bias` and `alpha` `k` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn prelu_rows(
+        x: &[f32],
+        k: usize,
+        bias: &[f32],
+        alpha: Option<&[f32]>,
+        out: &mut [u32],
+        stride: usize,
+    ) {
+        let rows = x.len().checked_div(k).unwrap_or(0);
+        assert!(
+            2 * stride >= k && out.len() >= rows * stride && bias.len() >= k && alpha.is_none_or(|a| a.len() >= k),
+            "activated rows' shape"
+        );
+        let zero = _mm512_setzero_ps();
+        // `max(v, 0) + a·min(v, 0)`, as the scalar form computes it: no
+        // fused multiply-add, so the same bits.
+        let act = |v: __m512, a: Option<__m512>| match a {
+            Some(a) => _mm512_add_ps(_mm512_max_ps(v, zero), _mm512_mul_ps(a, _mm512_min_ps(v, zero))),
+            None => _mm512_max_ps(v, zero),
+        };
+        // Values `i..i + 32` of a row at `src` into halves `i..` at `dst`,
+        // loaded and stored through `m0`, `m1` (values `i..i + 16`, then
+        // the next 16) unless `full`.
+        let step = |src: *const f32, dst: *mut u16, i: usize, full: bool, m0: u16, m1: u16| {
+            // SAFETY (for the caller to uphold): the values read and the
+            // halves written lie inside `x`, `bias`, `alpha` and `out`.
+            let load = |p: *const f32| match full {
+                true => (_mm512_loadu_ps(p.add(i)), _mm512_loadu_ps(p.add(i + 16))),
+                false => (
+                    _mm512_maskz_loadu_ps(m0, p.add(i)),
+                    _mm512_maskz_loadu_ps(m1, p.add(i + 16.min(k - i))),
+                ),
+            };
+            let (x0, x1) = load(src);
+            let (b0, b1) = load(bias.as_ptr());
+            let (a0, a1) = match alpha {
+                Some(a) => {
+                    let (a0, a1) = load(a.as_ptr());
+                    (Some(a0), Some(a1))
+                }
+                None => (None, None),
+            };
+            let (y0, y1) = (act(_mm512_add_ps(x0, b0), a0), act(_mm512_add_ps(x1, b1), a1));
+            // The second operand gives the low 16 halves.
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(y1, y0));
+            match full {
+                true => _mm512_storeu_si512(dst.add(i) as *mut _, v),
+                false => _mm512_mask_storeu_epi16(dst.add(i) as *mut i16, u32::from(m0) | u32::from(m1) << 16, v),
+            }
+        };
+        let whole = k - k % 32;
+        let tail = k - whole;
+        let mask = |from: usize| ((1u32 << tail.saturating_sub(from).min(16)) - 1) as u16;
+        let (m0, m1) = (mask(0), mask(16));
+        for r in 0..rows {
+            let (src, dst) = (x.as_ptr().add(r * k), out.as_mut_ptr().add(r * stride) as *mut u16);
+            for i in (0..whole).step_by(32) {
+                // SAFETY: values `i..i + 32` lie in the row (and in `bias`,
+                // `alpha`), their halves in the row of `out` (`2 stride >= k`).
+                step(src, dst, i, true, 0, 0);
+            }
+            if tail > 0 {
+                // SAFETY: the masks cover the `tail` values from `whole`.
+                step(src, dst, whole, false, m0, m1);
+            }
+            for h in k..2 * stride {
+                // SAFETY: inside the row of `out`.
+                *dst.add(h) = 0;
+            }
+        }
+    }
+
+    /// [`super::Bf16Matrix::pack_split_row`]: `x = [q*k, k]` (`2D`) as
+    /// `[hi(x), lo(x), hi(x)]` bf16 halves, zero after, 16 lanes at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F, AVX512BW, AVX512VL and AVX512-BF16; `out` holds
+    /// at least `6 D` halves.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn split_row(q: &[f32], k: &[f32], out: &mut [u32]) {
+        let d = q.len();
+        assert!(k.len() == d && 2 * out.len() >= 6 * d, "split row shape");
+        let dst = out.as_mut_ptr() as *mut u16;
+        let x = 2 * d; // halves per third of the row
+        let mut c = 0;
+        while c < d {
+            let lanes = (d - c).min(16);
+            let mask = ((1u32 << lanes) - 1) as u16;
+            // SAFETY: the masked loads read `lanes` values from `c`, inside
+            // `q` and `k`; the masked stores write `lanes` halves at
+            // `c`, `d + c` of each third, inside `out` (checked above).
+            let (qv, kv) = (
+                _mm512_maskz_loadu_ps(mask, q.as_ptr().add(c)),
+                _mm512_maskz_loadu_ps(mask, k.as_ptr().add(c)),
+            );
+            for (v, at) in [(_mm512_mul_ps(qv, kv), c), (kv, d + c)] {
+                let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                let hi_f32 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+                let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_sub_ps(v, hi_f32)));
+                _mm256_mask_storeu_epi16(dst.add(at) as *mut i16, mask, hi);
+                _mm256_mask_storeu_epi16(dst.add(x + at) as *mut i16, mask, lo);
+                _mm256_mask_storeu_epi16(dst.add(2 * x + at) as *mut i16, mask, hi);
+            }
+            c += lanes;
+        }
+        for h in 3 * x..2 * out.len() {
+            // SAFETY: inside `out`.
+            *dst.add(h) = 0;
+        }
+    }
 }
 
 /// AMX: the tile state asked of Linux, the tile configuration, and the
@@ -1071,7 +1413,8 @@ mod amx {
     };
 
     /// The tiles configured on this thread; released when dropped.
-    pub(super) struct Tiles(());
+    #[derive(Debug)]
+    pub(super) struct Tiles(std::marker::PhantomData<*const ()>);
 
     impl Tiles {
         /// Loads [`CONFIG`].
@@ -1080,7 +1423,7 @@ mod amx {
         /// The CPU has AMX and this process was granted the tile state.
         pub(super) unsafe fn configure() -> Tiles {
             asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
-            Tiles(())
+            Tiles(std::marker::PhantomData)
         }
     }
 
@@ -1443,6 +1786,96 @@ mod tests {
                 unsafe { avx512::convert(&row, &mut got[..pairs]) };
                 assert_eq!(got[..pairs], want[..], "k = {k}, {pairs} pairs");
                 assert_eq!(got[pairs], 7, "nothing written past the row's pairs");
+            }
+        }
+    }
+
+    #[test]
+    fn a_split_keeps_sixteen_bits() {
+        // hi(x) + lo(x) within 2^-16 |x| of x, where hi(x) alone is only
+        // within 2^-9 |x|; lo is zero where x is a bf16 value.
+        let w = values(999, 5);
+        let split = split_weights(&w, 37);
+        assert_eq!(split.len(), 3 * w.len());
+        let (hi, rest) = split.split_at(w.len());
+        let (hi2, lo) = rest.split_at(w.len());
+        assert_eq!(hi, hi2);
+        let mut coarse = 0.0f32;
+        for ((&x, &h), &l) in w.iter().zip(hi).zip(lo) {
+            assert_eq!(h, round_bf16(x));
+            assert_eq!(l, round_bf16(l), "lo is a bf16 value");
+            assert!((h + l - x).abs() <= x.abs() * 2f32.powi(-16), "{x}: {h} + {l}");
+            coarse = coarse.max((h - x).abs() / x.abs());
+        }
+        assert!(coarse > 2f32.powi(-12), "the rest matters: {coarse}");
+        let exact = [1.0, -0.5, 3.0, 0.0];
+        assert!(split_weights(&exact, 4)[8..].iter().all(|&l| l == 0.0));
+    }
+
+    #[test]
+    fn the_vector_split_is_the_scalar_one() {
+        if hardware_kernels().is_empty() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for d in [1, 3, 8, 15, 16, 17, 33, 40] {
+            let (q, k) = (values(d, 1), values(d, 2));
+            for pairs in [(6 * d).div_ceil(2), (6 * d).div_ceil(2) + 7] {
+                let (mut want, mut got) = (vec![7u32; pairs], vec![7u32; pairs + 1]);
+                split_row_scalar(&q, &k, &mut want);
+                // SAFETY: the CPU has AVX512-BF16 (checked above).
+                unsafe { avx512::split_row(&q, &k, &mut got[..pairs]) };
+                assert_eq!(got[..pairs], want[..], "d = {d}, {pairs} pairs");
+                assert_eq!(got[pairs], 7, "nothing written past the row");
+            }
+            // The row holds [hi(x), lo(x), hi(x)] for x = [q*k, k].
+            let mut row = vec![0u32; 3 * d];
+            split_row_scalar(&q, &k, &mut row);
+            let half = |i: usize| bf16_value((row[i / 2] >> (16 * (i % 2))) as u16);
+            for j in 0..2 * d {
+                let x = if j < d { q[j] * k[j] } else { k[j - d] };
+                assert_eq!(half(j), round_bf16(x));
+                assert_eq!(half(2 * d + j), round_bf16(x - round_bf16(x)));
+                assert_eq!(half(4 * d + j), round_bf16(x));
+            }
+        }
+    }
+
+    #[test]
+    fn activated_rows_are_the_activation_then_the_conversion() {
+        if hardware_kernels().is_empty() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        for k in [1, 15, 16, 17, 31, 32, 33, 64, 100, 256] {
+            let rows = 3;
+            let mut x = values(rows * k, k as u32);
+            x[0] = -0.0;
+            x[rows * k - 1] = f32::INFINITY;
+            let (bias, alpha) = (values(k, 9), values(k, 10));
+            for a in [Some(&alpha[..]), None] {
+                for stride in [k.div_ceil(2), k.div_ceil(2) + 5] {
+                    let mut want = vec![7u32; rows * stride];
+                    for (r, out) in want.chunks_exact_mut(stride).enumerate() {
+                        let y: Vec<f32> = (0..k)
+                            .map(|j| {
+                                let v = x[r * k + j] + bias[j];
+                                v.max(0.0) + a.map_or(0.0, |a| a[j]) * v.min(0.0)
+                            })
+                            .collect();
+                        convert_scalar(&y, out);
+                    }
+                    let mut got = vec![7u32; rows * stride + 1];
+                    // SAFETY: the CPU has AVX512-BF16 (checked above).
+                    unsafe { avx512::prelu_rows(&x, k, &bias, a, &mut got[..rows * stride], stride) };
+                    assert_eq!(
+                        got[..rows * stride],
+                        want[..],
+                        "k = {k}, stride {stride}, PReLU {}",
+                        a.is_some()
+                    );
+                    assert_eq!(got[rows * stride], 7, "nothing written past the rows");
+                }
             }
         }
     }

@@ -48,6 +48,10 @@ thread_local! {
     /// Inference scratch of each worker thread: nothing is kept between
     /// chunks, so memory does not grow with the batch.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Fused AMX inference: each worker thread's packed operands, the
+    /// first layer's (a chunk's) and a later layer's (a block's), reused
+    /// from chunk to chunk.
+    static OPERANDS: RefCell<[Vec<u32>; 2]> = const { RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// Buffers of the chunked path, reused from one batch to the next.
@@ -222,6 +226,9 @@ struct Shared<'a> {
     /// Mixed-precision training's backward pass: hidden layers `1..`'s
     /// `W_lᵀ` in bf16 (see [`ChunkedState::packed_t`]).
     transposed: Option<&'a [Bf16Matrix]>,
+    /// Inference on AMX: the first layer split and the hidden layers after
+    /// it (see [`Attention::bf16_fused`]), for [`Shared::forward_fused`].
+    fused: Option<(&'a Bf16Matrix, &'a [Bf16Matrix])>,
 }
 
 impl<'a> Shared<'a> {
@@ -258,6 +265,7 @@ impl<'a> Shared<'a> {
             bf16: None,
             products: Gemm::new(if st.train { att.rest.products } else { Kernel::Fp32 }).serial(),
             transposed: None,
+            fused: None,
         }
     }
 
@@ -326,19 +334,16 @@ impl<'a> Shared<'a> {
         pooled: &mut [f32],
         moments: &mut Moments,
     ) {
+        if let (0, Some(fused)) = (from, self.fused) {
+            return self.forward_fused(s0, s1, fused, region, aq, weights, pooled);
+        }
         let (d, att) = (self.layout.d, self.att);
         let (r0, r1) = self.rows(s0, s1);
-        let (n, bc) = (r1 - r0, s1 - s0);
+        let n = r1 - r0;
         let (kq, mut rest) = region.split_at_mut(n * self.layout.kq);
-        let h1 = self.layout.widths[0];
         if from == 0 {
             self.fill_kq(s0, s1, kq);
-            // q·Wq' + b1, once per sample.
-            for a in aq.chunks_exact_mut(h1) {
-                a.copy_from_slice(&att.first.linear.bias.value);
-            }
-            serial::matmul(bc, d, h1, &self.q[s0 * d..s1 * d], self.wq, aq, true);
-            // [bc, H1]
+            self.query_terms(s0, s1, aq);
         }
 
         let mut input: &[f32] = kq;
@@ -445,11 +450,43 @@ impl<'a> Shared<'a> {
             }
             width_in = h;
         }
-        // Scores, normalisation, pooling.
+        self.score_and_pool(s0, s1, input, width_in, weights, pooled);
+    }
+
+    /// `q·Wq' + b1` of samples `s0..s1`, `[s1 - s0, H1]`, into `aq`.
+    fn query_terms(&self, s0: usize, s1: usize, aq: &mut [f32]) {
+        let (d, h1) = (self.layout.d, self.layout.widths[0]);
+        for a in aq.chunks_exact_mut(h1) {
+            a.copy_from_slice(&self.att.first.linear.bias.value);
+        }
+        serial::matmul(s1 - s0, d, h1, &self.q[s0 * d..s1 * d], self.wq, aq, true);
+        // [bc, H1]
+    }
+
+    /// The last hidden layer's output of samples `s0..s1` (`input`, rows of
+    /// `width_in`) to scores, normalised into `weights`, pooled into `pooled`.
+    fn score_and_pool(
+        &self,
+        s0: usize,
+        s1: usize,
+        input: &[f32],
+        width_in: usize,
+        weights: &mut [f32],
+        pooled: &mut [f32],
+    ) {
+        let att = self.att;
         let (w_out, b_out) = (&att.output.weight.value, att.output.bias.value[0]);
         for (w, h) in weights.iter_mut().zip(input.chunks_exact(width_in)) {
             *w = dot(h, w_out) + b_out;
         }
+        self.normalize_and_pool(s0, s1, weights, pooled);
+    }
+
+    /// The scores of samples `s0..s1` (`weights`, their rows') normalised,
+    /// and their keys pooled by them into `pooled`.
+    fn normalize_and_pool(&self, s0: usize, s1: usize, weights: &mut [f32], pooled: &mut [f32]) {
+        let (d, att) = (self.layout.d, self.att);
+        let (r0, _) = self.rows(s0, s1);
         pooled.iter_mut().for_each(|p| *p = 0.0);
         for s in s0..s1 {
             let (t0, t1) = self.rows(s, s + 1);
@@ -462,6 +499,102 @@ impl<'a> Shared<'a> {
                 p.iter_mut().zip(self.key(s, t)).for_each(|(p, k)| *p += w * k);
             }
         }
+    }
+
+    /// Inference on AMX, samples `s0..s1` through every hidden layer, each
+    /// product over an operand packed once: the first layer's rows split
+    /// from `[q*k, k]` ([`Bf16Matrix::pack_split_row`]: the keys' share
+    /// computed with the rest, not once per history), each later layer's
+    /// rounded from the activations of the one before
+    /// ([`Bf16Matrix::pack_prelu_rows`]). Rows go through all the layers a
+    /// block of [`Bf16Matrix::packed_rows`]`(1)` at a time (samples may
+    /// straddle blocks), so that a block's activations stay in L1 from one
+    /// product to the next. `region` holds at least a block of `[max H]`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_fused(
+        &self,
+        s0: usize,
+        s1: usize,
+        (first, rest): (&Bf16Matrix, &[Bf16Matrix]),
+        region: &mut [f32],
+        aq: &mut [f32],
+        weights: &mut [f32],
+        pooled: &mut [f32],
+    ) {
+        let (d, att) = (self.layout.d, self.att);
+        let (r0, r1) = self.rows(s0, s1);
+        let n = r1 - r0;
+        let (widths, h1) = (&self.layout.widths, self.layout.widths[0]);
+        let last = widths.len() - 1;
+        self.query_terms(s0, s1, aq);
+        let block = Bf16Matrix::packed_rows(1);
+        let (w_out, b_out) = (&att.output.weight.value, att.output.bias.value[0]);
+        OPERANDS.with(|operands| {
+            let [split, operand] = &mut *operands.borrow_mut();
+            // The first layer's operand, for the whole chunk.
+            let stride = first.packed_stride();
+            let split = at_least(split, Bf16Matrix::packed_rows(n) * stride);
+            for s in s0..s1 {
+                let q = &self.q[s * d..(s + 1) * d];
+                for t in self.offsets[s] as usize..self.offsets[s + 1] as usize {
+                    first.pack_split_row(q, self.key(s, t), &mut split[(t - r0) * stride..][..stride]);
+                }
+            }
+            let widest = rest.iter().map(|w| w.packed_stride()).max().unwrap_or(0);
+            let operand = at_least(operand, block * widest);
+            let tiles = first.tile_session();
+            let mut s = s0; // the first sample with rows in this block
+            for i0 in (0..n).step_by(block) {
+                let m = block.min(n - i0);
+                let pre = &mut region[..m * h1];
+                first.matmul_packed(m, &split[i0 * stride..], pre, &tiles); // [m, H1]: (q*k)·Wp + k·Wk'
+                while self.offsets[s + 1] as usize - r0 <= i0 {
+                    s += 1;
+                }
+                // Each layer's product over the activations of the one
+                // before; the first layer's bias is its sample's `q·Wq' + b1`.
+                let mut pre = &mut region[..m * h1];
+                for (l, w) in rest.iter().enumerate() {
+                    let (h_in, stride) = (widths[l], w.packed_stride());
+                    let a = &mut operand[..block * stride];
+                    if l == 0 {
+                        let mut sample = s;
+                        let mut r = i0;
+                        while r < i0 + m {
+                            let end = (self.offsets[sample + 1] as usize - r0).min(i0 + m);
+                            let bias = &aq[(sample - s0) * h1..(sample - s0 + 1) * h1];
+                            let (x, out) = (
+                                &mut pre[(r - i0) * h_in..(end - i0) * h_in],
+                                &mut a[(r - i0) * stride..(end - i0) * stride],
+                            );
+                            pack_activated(w, &self.acts[0], x, bias, out);
+                            (r, sample) = (end, sample + 1);
+                        }
+                    } else {
+                        let bias = &att.rest.blocks[l - 1].linear.bias.value;
+                        pack_activated(w, &self.acts[l], pre, bias, &mut a[..m * stride]);
+                    }
+                    pre = &mut region[..m * widths[l + 1]];
+                    w.matmul_packed(m, a, pre, &tiles); // [m, H]
+                }
+                if last == 0 {
+                    let mut r = i0;
+                    let mut sample = s;
+                    while r < i0 + m {
+                        let end = (self.offsets[sample + 1] as usize - r0).min(i0 + m);
+                        let bias = &aq[(sample - s0) * h1..(sample - s0 + 1) * h1];
+                        self.acts[0].add_apply_in_place(&mut pre[(r - i0) * h1..(end - i0) * h1], None, bias);
+                        (r, sample) = (end, sample + 1);
+                    }
+                } else {
+                    self.acts[last].add_apply_in_place(pre, None, &att.rest.blocks[last - 1].linear.bias.value);
+                }
+                for (w, h) in weights[i0..i0 + m].iter_mut().zip(pre.chunks_exact(widths[last])) {
+                    *w = dot(h, w_out) + b_out;
+                }
+            }
+        });
+        self.normalize_and_pool(s0, s1, weights, pooled);
     }
 
     /// `pre += bias` row by row, then, unless hidden layer `l` waits for its
@@ -707,11 +840,27 @@ fn split_pieces<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<
     .collect()
 }
 
+/// Rows of `x` through `act` after adding `bias`, rounded into `w`'s packed
+/// operand `out`: in one pass for ReLU and PReLU; the others activate `x`
+/// in place first.
+fn pack_activated(w: &Bf16Matrix, act: &Rowwise, x: &mut [f32], bias: &[f32], out: &mut [u32]) {
+    match act.as_prelu() {
+        Some(alpha) => w.pack_prelu_rows(x, bias, alpha, out),
+        None => {
+            act.add_apply_in_place(x, None, bias);
+            let (k, stride) = (bias.len(), w.packed_stride());
+            for (row, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(stride)) {
+                w.pack_row(row, o);
+            }
+        }
+    }
+}
+
 /// Grows `v` to at least `len` elements (never shrinks: buffers are reused)
 /// and returns its first `len`.
-fn at_least(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+fn at_least<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
     if v.len() < len {
-        v.resize(len, 0.0);
+        v.resize(len, T::default());
     }
     &mut v[..len]
 }
@@ -853,7 +1002,9 @@ impl Attention {
         pooled.resize(b * d, 0.0);
         weights.clear();
         weights.resize(n, 0.0);
-        let same_history = if keep { None } else { same_history };
+        // Fused AMX inference computes the keys' share with the rest.
+        let fused = if keep { None } else { self.bf16_fused() };
+        let same_history = if keep || fused.is_some() { None } else { same_history };
         self.shared_history_terms(b, keys, same_history, st);
         let width = layout.row_width();
         let mut region = std::mem::take(&mut st.region);
@@ -882,6 +1033,7 @@ impl Attention {
                 true => Some(&st.packed[..]).filter(|p| !p.is_empty()),
                 false => self.bf16_layers(),
             },
+            fused,
             ..Shared::new(self, &layout, st, q, keys)
         };
         let offsets = &st.offsets;

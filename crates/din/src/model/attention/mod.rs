@@ -188,9 +188,40 @@ impl Attention {
     }
 
     /// With a bf16 kernel, the hidden layers after the first in bf16
-    /// (`[H_l, H_l+1]` each), made from the weights the first time.
+    /// (`[H_l, H_l+1]` each), made from the weights the first time; on AMX
+    /// followed by the first layer for the fused path (see
+    /// [`Attention::bf16_fused`]).
+    fn bf16_matrices(&self) -> Option<&[Bf16Matrix]> {
+        self.bf16.layers(|kernel| {
+            let mut layers = self.rest.bf16_weights(kernel);
+            if kernel == Kernel::Amx {
+                // On `x = [q*k, k]`: `[Wp; Wk - Wd]`, `[2D, H1]`, split.
+                let (d, h1) = self.dims();
+                let w = &self.first.linear.weight.value; // [4D, H1]: Wq, Wk, Wd, Wp
+                let (wk, wd, wp) = (&w[d * h1..2 * d * h1], &w[2 * d * h1..3 * d * h1], &w[3 * d * h1..]);
+                let mut x_weight = wp.to_vec();
+                x_weight.extend(wk.iter().zip(wd).map(|(a, b)| a - b));
+                let split = super::bf16::split_weights(&x_weight, h1);
+                layers.push(Bf16Matrix::new(6 * d, h1, &split, kernel));
+            }
+            layers
+        })
+    }
+
+    /// With a bf16 kernel, the hidden layers after the first in bf16.
     fn bf16_layers(&self) -> Option<&[Bf16Matrix]> {
-        self.bf16.layers(|kernel| self.rest.bf16_weights(kernel))
+        self.bf16_matrices().map(|m| &m[..self.rest.blocks.len()])
+    }
+
+    /// AMX inference: the first layer on split operands (`[6D, H1]`, see
+    /// [`super::bf16::split_weights`]: about 16 bits of its inputs and
+    /// weights kept, against bf16's 8) and the hidden layers after it, for
+    /// the fused path, where each layer's activations are rounded straight
+    /// into the next product's operand.
+    fn bf16_fused(&self) -> Option<(&Bf16Matrix, &[Bf16Matrix])> {
+        let all = self.bf16_matrices()?;
+        let r = self.rest.blocks.len();
+        (all.len() == r + 1 && all[r].takes_packed()).then(|| (&all[r], &all[..r]))
     }
 
     fn dims(&self) -> (usize, usize) {
