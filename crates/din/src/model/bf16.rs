@@ -636,7 +636,11 @@ impl Bf16Matrix {
 }
 
 /// AMX tiles configured on the thread that holds it (see
-/// [`Bf16Matrix::tile_session`]); neither `Send` nor `Sync`.
+/// [`Bf16Matrix::tile_session`]); neither `Send` nor `Sync`. While it is
+/// held, the thread must not run anything that configures and releases
+/// tiles of its own ([`Bf16Matrix::matmul`] on AMX), nor wait on rayon
+/// (which could run such a job on it): the release would leave the
+/// session's products without tiles.
 #[derive(Debug)]
 pub(crate) struct TileSession(#[cfg(all(target_arch = "x86_64", target_os = "linux"))] amx::Tiles);
 
