@@ -546,14 +546,13 @@ impl<'a> Shared<'a> {
             let mut s = s0; // the first sample with rows in this block
             for i0 in (0..n).step_by(block) {
                 let m = block.min(n - i0);
-                let pre = &mut region[..m * h1];
+                let mut pre = &mut region[..m * h1];
                 first.matmul_packed(m, &split[i0 * stride..], pre, &tiles); // [m, H1]: (q*k)·Wp + k·Wk'
                 while self.offsets[s + 1] as usize - r0 <= i0 {
                     s += 1;
                 }
                 // Each layer's product over the activations of the one
                 // before; the first layer's bias is its sample's `q·Wq' + b1`.
-                let mut pre = &mut region[..m * h1];
                 for (l, w) in rest.iter().enumerate() {
                     let (h_in, stride) = (widths[l], w.packed_stride());
                     let a = &mut operand[..block * stride];
