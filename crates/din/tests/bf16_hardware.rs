@@ -203,6 +203,19 @@ fn check_fused_attention() {
             );
         }
         assert!(from32 > 0.0, "the AMX path ran");
+        // No behaviour at all, and a single one.
+        let mut amx = att.clone();
+        amx.set_kernel(Kernel::Amx);
+        let (mut pooled, mut weights) = (Vec::new(), Vec::new());
+        amx.infer(&q[..3 * d], &[], &[0, 0, 0, 0], None, &mut pooled, &mut weights);
+        assert!(
+            weights.is_empty() && pooled == vec![0.0; 3 * d],
+            "empty histories pool to zero"
+        );
+        amx.infer(&q[..d], &keys[..d], &[0, 1], None, &mut pooled, &mut weights);
+        let (mut p32, mut w32) = (Vec::new(), Vec::new());
+        att.infer(&q[..d], &keys[..d], &[0, 1], None, &mut p32, &mut w32);
+        assert!(worst(&weights, &w32) <= 3e-2 * scale && weights.len() == 1);
     }
 }
 
