@@ -510,8 +510,8 @@ impl Bf16Matrix {
 /// Products over activations packed once, for the attention unit's fused
 /// AMX inference (see `attention::chunked`): each layer's activations are
 /// rounded straight into the next product's operand
-/// ([`Bf16Matrix::pack_row`]), and the first layer's product runs on split
-/// operands ([`split_weights`], [`Bf16Matrix::pack_split_row`]).
+/// (`pack_row`), and the first layer's product runs on split
+/// operands (`split_weights`, `pack_split_row`).
 impl Bf16Matrix {
     /// Whether this matrix multiplies packed activations: the AMX kernel.
     pub(crate) fn takes_packed(&self) -> bool {

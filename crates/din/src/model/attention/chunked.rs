@@ -21,6 +21,11 @@
 //! in its output's place) plus a few floats per channel and chunk; the cost
 //! is that the chunk's block is read back from memory after the barrier
 //! instead of from L2.
+//!
+//! Inference on AMX takes a fused form of the same pass
+//! ([`Shared::forward_fused`]): every layer, the first included, on the
+//! tiles, a block of 32 rows at a time, each layer's activations rounded
+//! straight into the next product's operand.
 
 use std::cell::RefCell;
 
