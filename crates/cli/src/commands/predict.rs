@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Inference precision: fp32, bf16 (bf16 products with f32 sums; emulated,
-    /// same scores but no faster, on a CPU without AVX512-BF16) or auto (bf16
+    /// the same arithmetic but no faster, on a CPU without AVX512-BF16) or auto (bf16
     /// where the CPU has it). Default: the model's model.precision (fp32).
     #[arg(long)]
     precision: Option<din::model::Precision>,

@@ -32,7 +32,7 @@ pub struct Args {
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     max_body_bytes: usize,
     /// Inference precision: fp32, bf16 (bf16 products with f32 sums; emulated,
-    /// same scores but no faster, on a CPU without AVX512-BF16) or auto (bf16
+    /// the same arithmetic but no faster, on a CPU without AVX512-BF16) or auto (bf16
     /// where the CPU has it). Default: each model's model.precision (fp32).
     #[arg(long)]
     precision: Option<din::model::Precision>,

@@ -60,7 +60,7 @@ pub enum Precision {
     #[default]
     Fp32,
     /// bf16 products with f32 accumulation: on the CPU's bf16 instructions
-    /// where it has them, emulated (same scores, no faster) where not.
+    /// where it has them, emulated (the same arithmetic, no faster) where not.
     Bf16,
     /// bf16 where the CPU has bf16 instructions, f32 elsewhere.
     Auto,
@@ -131,7 +131,7 @@ impl Kernel {
             Kernel::Fp32 => "fp32",
             Kernel::Avx512Bf16 => "bf16 on AVX512-BF16",
             Kernel::Amx => "bf16 on AMX",
-            Kernel::Emulated => "bf16 emulated in f32 (this CPU has no AVX512-BF16: same scores, no faster)",
+            Kernel::Emulated => "bf16 emulated in f32 (this CPU has no AVX512-BF16: the same arithmetic, no faster)",
         }
     }
 }

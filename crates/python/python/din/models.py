@@ -733,9 +733,11 @@ class DIN:
     def set_precision(self, precision: str) -> str:
         """Scores in ``precision`` from now on: ``"fp32"`` (the default),
         ``"bf16"`` (the hidden layers of the attention unit, after the first,
-        and of the DNN with bf16 weights and activations and f32 sums; on a
-        CPU without AVX512-BF16 emulated: the same scores, no faster) or
-        ``"auto"`` (bf16 where the CPU has it). Training stays f32; a save
+        and of the DNN with bf16 weights and activations and f32 sums; on AMX
+        the first attention layer too, on split operands that keep about 16
+        bits; on a CPU without AVX512-BF16 emulated: the same bf16
+        arithmetic, no faster) or ``"auto"`` (bf16 where the CPU has it).
+        Training stays f32 (see ``compile(training_precision=...)``); a save
         keeps the precision (``model.precision``), as ``din predict`` and
         ``din serve`` read it. Returns what runs it on this CPU."""
         if not isinstance(precision, str):
