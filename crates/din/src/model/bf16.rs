@@ -523,9 +523,9 @@ impl Bf16Matrix {
         tile_pairs(self.k)
     }
 
-    /// Rows of a packed operand for `m` rows (whole AMX blocks).
+    /// Rows of a packed operand for `m` rows: whole AMX blocks of 2 [`TILE`].
     pub(crate) fn packed_rows(m: usize) -> usize {
-        packed_rows(m)
+        m.div_ceil(2 * TILE) * 2 * TILE
     }
 
     /// `row` (`[k]`) rounded to bf16 pairs into `out` (one packed row,
@@ -652,14 +652,13 @@ pub(crate) struct TileSession(#[cfg(all(target_arch = "x86_64", target_os = "lin
 /// `lo(x)·lo(w)` (under 2^-16 of `|x·w|`; bf16 alone errs by up to 2^-8).
 /// The attention unit's first layer takes its inputs this way: it sees the
 /// embeddings themselves, and costs three bf16 products of width `2D`.
-pub(crate) fn split_weights(w: &[f32], n: usize) -> Vec<f32> {
+pub(crate) fn split_weights(w: &[f32]) -> Vec<f32> {
     let hi: Vec<f32> = w.iter().map(|&x| round_bf16(x)).collect();
     let lo = w.iter().zip(&hi).map(|(&x, &h)| round_bf16(x - h));
     let mut out = Vec::with_capacity(3 * w.len());
     out.extend_from_slice(&hi);
     out.extend_from_slice(&hi);
     out.extend(lo);
-    debug_assert_eq!(out.len() % n.max(1), 0);
     out
 }
 
@@ -971,35 +970,22 @@ unsafe fn tiled_product(
     block: Option<Block>,
     convert: Convert,
 ) {
+    if k == 0 || m == 0 || n == 0 {
+        // Nothing to pack: zeros, or nothing at all.
+        // SAFETY: the caller's contract.
+        return unsafe { product_of_packed(m, k, n, &[], packed, c, block, false) };
+    }
     let kp = tile_pairs(k);
-    assert_eq!(
-        packed.len(),
-        n.div_ceil(2 * TILE) * 2 * kp * TILE,
-        "packed weight shape"
-    );
-    assert!(c.len() >= m * n, "bf16 product shape mismatch");
-    if k == 0 {
-        c[..m * n].iter_mut().for_each(|x| *x = 0.0);
-        return;
-    }
-    if m == 0 || n == 0 {
-        return;
-    }
     // Rows padded to whole blocks with zeros, so the tiles read 2 TILE rows.
-    with_packed(m, k, a, packed_rows(m), kp, convert, |buf| {
-        // SAFETY: `buf` holds `packed_rows(m)` rows of `kp` pairs; `block`
-        // runs on this CPU (the caller's contract).
+    with_packed(m, k, a, Bf16Matrix::packed_rows(m), kp, convert, |buf| {
+        // SAFETY: `buf` holds `Bf16Matrix::packed_rows(m)` rows of `kp`
+        // pairs; `block` runs on this CPU (the caller's contract).
         unsafe { product_of_packed(m, k, n, buf, packed, c, block, false) }
     });
 }
 
-/// Rows of packed activations for `m` rows: whole blocks of 2 [`TILE`].
-fn packed_rows(m: usize) -> usize {
-    m.div_ceil(2 * TILE) * 2 * TILE
-}
-
 /// The blocks of [`tiled_product`] over activations packed already: `a`
-/// holds [`packed_rows`]`(m)` rows of `tile_pairs(k)` pairs (rows past `m`
+/// holds [`Bf16Matrix::packed_rows`]`(m)` rows of `tile_pairs(k)` pairs (rows past `m`
 /// are read, their results dropped), `packed` the AMX panels of `W`. A
 /// hardware `block` runs in tiles configured here, or with `configured`
 /// in those of a [`TileSession`] the caller holds.
@@ -1022,10 +1008,7 @@ unsafe fn product_of_packed(
     let kp = tile_pairs(k);
     let pairs_of_panels = n.div_ceil(SIDE);
     assert_eq!(packed.len(), pairs_of_panels * 2 * kp * TILE, "packed weight shape");
-    assert!(
-        c.len() >= m * n && a.len() >= packed_rows(m) * kp,
-        "bf16 product shape mismatch"
-    );
+    assert!(c.len() >= m * n, "bf16 product shape mismatch");
     if k == 0 {
         c[..m * n].iter_mut().for_each(|x| *x = 0.0);
         return;
@@ -1033,6 +1016,7 @@ unsafe fn product_of_packed(
     if m == 0 || n == 0 {
         return;
     }
+    assert!(a.len() >= Bf16Matrix::packed_rows(m) * kp, "packed activations' shape");
     #[repr(C, align(64))]
     struct Out([f32; SIDE * SIDE]);
     // Written whole by each block before it is read: not zeroed first (the
@@ -1799,7 +1783,7 @@ mod tests {
         // hi(x) + lo(x) within 2^-16 |x| of x, where hi(x) alone is only
         // within 2^-9 |x|; lo is zero where x is a bf16 value.
         let w = values(999, 5);
-        let split = split_weights(&w, 37);
+        let split = split_weights(&w);
         assert_eq!(split.len(), 3 * w.len());
         let (hi, rest) = split.split_at(w.len());
         let (hi2, lo) = rest.split_at(w.len());
@@ -1813,7 +1797,7 @@ mod tests {
         }
         assert!(coarse > 2f32.powi(-12), "the rest matters: {coarse}");
         let exact = [1.0, -0.5, 3.0, 0.0];
-        assert!(split_weights(&exact, 4)[8..].iter().all(|&l| l == 0.0));
+        assert!(split_weights(&exact)[8..].iter().all(|&l| l == 0.0));
     }
 
     #[test]

@@ -562,17 +562,10 @@ impl<'a> Shared<'a> {
                     let (h_in, stride) = (widths[l], w.packed_stride());
                     let a = &mut operand[..block * stride];
                     if l == 0 {
-                        let mut sample = s;
-                        let mut r = i0;
-                        while r < i0 + m {
-                            let end = (self.offsets[sample + 1] as usize - r0).min(i0 + m);
+                        for (a0, a1, sample) in self.sample_runs(s, r0, i0, m) {
                             let bias = &aq[(sample - s0) * h1..(sample - s0 + 1) * h1];
-                            let (x, out) = (
-                                &mut pre[(r - i0) * h_in..(end - i0) * h_in],
-                                &mut a[(r - i0) * stride..(end - i0) * stride],
-                            );
+                            let (x, out) = (&mut pre[a0 * h_in..a1 * h_in], &mut a[a0 * stride..a1 * stride]);
                             pack_activated(w, &self.acts[0], x, bias, out);
-                            (r, sample) = (end, sample + 1);
                         }
                     } else {
                         let bias = &att.rest.blocks[l - 1].linear.bias.value;
@@ -582,13 +575,9 @@ impl<'a> Shared<'a> {
                     w.matmul_packed(m, a, pre, &tiles); // [m, H]
                 }
                 if last == 0 {
-                    let mut r = i0;
-                    let mut sample = s;
-                    while r < i0 + m {
-                        let end = (self.offsets[sample + 1] as usize - r0).min(i0 + m);
+                    for (a0, a1, sample) in self.sample_runs(s, r0, i0, m) {
                         let bias = &aq[(sample - s0) * h1..(sample - s0 + 1) * h1];
-                        self.acts[0].add_apply_in_place(&mut pre[(r - i0) * h1..(end - i0) * h1], None, bias);
-                        (r, sample) = (end, sample + 1);
+                        self.acts[0].add_apply_in_place(&mut pre[a0 * h1..a1 * h1], None, bias);
                     }
                 } else {
                     self.acts[last].add_apply_in_place(pre, None, &att.rest.blocks[last - 1].linear.bias.value);
@@ -599,6 +588,27 @@ impl<'a> Shared<'a> {
             }
         });
         self.normalize_and_pool(s0, s1, weights, pooled);
+    }
+
+    /// Rows `i0..i0 + m` of a chunk whose rows start at `r0`, split by
+    /// sample from sample `s` (whose rows reach past `i0`) on: each run as
+    /// `(first, end, sample)`, rows counted from `i0`.
+    fn sample_runs(
+        &self,
+        s: usize,
+        r0: usize,
+        i0: usize,
+        m: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        let (mut r, mut sample) = (i0, s);
+        std::iter::from_fn(move || {
+            (r < i0 + m).then(|| {
+                let end = (self.offsets[sample + 1] as usize - r0).min(i0 + m);
+                let run = (r - i0, end - i0, sample);
+                (r, sample) = (end, sample + 1);
+                run
+            })
+        })
     }
 
     /// `pre += bias` row by row, then, unless hidden layer `l` waits for its

@@ -201,7 +201,7 @@ impl Attention {
                 let (wk, wd, wp) = (&w[d * h1..2 * d * h1], &w[2 * d * h1..3 * d * h1], &w[3 * d * h1..]);
                 let mut x_weight = wp.to_vec();
                 x_weight.extend(wk.iter().zip(wd).map(|(a, b)| a - b));
-                let split = super::bf16::split_weights(&x_weight, h1);
+                let split = super::bf16::split_weights(&x_weight);
                 layers.push(Bf16Matrix::new(6 * d, h1, &split, kernel));
             }
             layers
