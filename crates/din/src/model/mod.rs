@@ -8,6 +8,7 @@ pub mod activation;
 pub mod attention;
 pub mod bf16;
 pub mod embedding;
+pub(crate) mod fused_f32;
 pub mod linalg;
 pub mod linear;
 pub mod mlp;

@@ -26,6 +26,13 @@
 //! ([`Shared::forward_fused`]): every layer, the first included, on the
 //! tiles, a block of 32 rows at a time, each layer's activations rounded
 //! straight into the next product's operand.
+//!
+//! FP32 training on AVX-512 with PReLU or ReLU runs its hidden layers'
+//! forward products and the backward `dy·W_lᵀ` on [`fused_f32`]: the bias
+//! and activation (forward), or the activation's backward pass with the
+//! bias and slope gradients (backward), are applied to each tile of the
+//! product as it leaves the registers, with the weights packed once per
+//! batch; the weight gradients `xᵀ·dy` stay on `gemm`.
 
 use std::cell::RefCell;
 
@@ -34,15 +41,19 @@ use rayon::prelude::*;
 use super::{softmax_in_place, Attention, Histories};
 use crate::model::activation::Moments;
 use crate::model::bf16::{Bf16Matrix, Kernel};
+use crate::model::fused_f32::{self, Bias, Panels};
 use crate::model::linalg::{serial, Gemm};
 use crate::model::mlp::Block;
 use crate::model::{Mode, Rowwise};
-use crate::schema::Normalization;
+use crate::schema::{ActivationKind, Normalization};
 
 /// Behaviours per training task, about: the chunk's activations (about
 /// 3.6 KiB per behaviour for the tutorial's (256,128,64) unit) stay in a
-/// core's L2. Measured with `din bench run` (2 threads): 512 and larger
-/// train at the same speed, 128 is 15% slower (more partial gradients).
+/// core's L2. A training batch is cut into an even number of chunks of
+/// about equal rows (at least this many, but for one chunk), which keeps
+/// two threads equally busy to the end; the count depends on the batch
+/// alone. Measured with `din bench run` (2 threads): 512 and larger train
+/// at the same speed, 384 and 256 slower (more partial gradients).
 pub(super) const CHUNK_ROWS_TRAIN: usize = 512;
 /// Behaviours per inference task: nothing is kept between chunks, and
 /// smaller chunks balance the two cores better on small requests
@@ -107,6 +118,12 @@ pub(super) struct ChunkedState {
     /// chunk's `x·W_l` and `dy·W_lᵀ` (empty otherwise).
     packed: Vec<Bf16Matrix>,
     packed_t: Vec<Bf16Matrix>,
+    /// FP32 training with fused products (see [`Shared::panels`]): each
+    /// hidden layer's weights packed once per batch for the forward pass
+    /// (layer 0: `[Wk'; Wp]`), and layers `1..`'s transposes for the
+    /// backward pass (empty otherwise).
+    panels: Vec<Panels>,
+    panels_t: Vec<Panels>,
 }
 
 /// One hidden layer's batch moments (Dice in training).
@@ -234,6 +251,13 @@ struct Shared<'a> {
     /// Inference on AMX: the first layer split and the hidden layers after
     /// it (see [`Attention::bf16_fused`]), for [`Shared::forward_fused`].
     fused: Option<(&'a Bf16Matrix, &'a [Bf16Matrix])>,
+    /// FP32 training on AVX-512 with PReLU or ReLU in every hidden layer:
+    /// the weights packed for [`fused_f32::product`], whose epilogues do
+    /// the bias and activation (forward) and the activation's backward
+    /// pass with the bias and slope gradients (backward). `None`: the
+    /// `gemm` products and separate passes.
+    panels: Option<&'a [Panels]>,
+    panels_t: Option<&'a [Panels]>,
 }
 
 impl<'a> Shared<'a> {
@@ -271,6 +295,8 @@ impl<'a> Shared<'a> {
             products: Gemm::new(if st.train { att.rest.products } else { Kernel::Fp32 }).serial(),
             transposed: None,
             fused: None,
+            panels: None,
+            panels_t: None,
         }
     }
 
@@ -419,6 +445,22 @@ impl<'a> Shared<'a> {
                     let a = &aq[(s - s0) * h..(s - s0 + 1) * h];
                     self.add_bias_apply(l, &mut pre[rows.clone()], a, &mut out[rows]);
                 }
+                input = out;
+            } else if let (Some(panels), Some(alpha)) = (self.panels, act.as_prelu()) {
+                // Fused: pre_l = input·W_l + bias (layer 0: + q_b·Wq', per
+                // sample), out_l = act(pre_l), as each tile is summed.
+                let (r0, aq) = (self.offsets[s0] as usize, &*aq);
+                let bias = match l {
+                    0 => Bias::Samples {
+                        rows: aq,
+                        offsets: self.offsets,
+                        s0,
+                        r0,
+                    },
+                    _ => Bias::Columns(bias),
+                };
+                let epilogue = &mut fused_f32::Forward { bias, alpha, pre, out };
+                fused_f32::product(n, input, width_in, &panels[l], epilogue); // [n, h]
                 input = out;
             } else if l == 0 {
                 // pre1_t = [k_t, q_b*k_t]·[Wk'; Wp] + (q_b·Wq' + b1)
@@ -665,7 +707,9 @@ impl<'a> Shared<'a> {
                 layers
             }
         };
-        // Hidden layers, last to first; layer l's output slot holds dh_l on entry.
+        // Hidden layers, last to first; layer l's output slot holds dh_l on
+        // entry, or dpre_l when the fused product of layer l + 1 wrote it.
+        let mut fused_below = false;
         for l in (0..top).rev() {
             let block = if l == 0 { &att.first } else { &att.rest.blocks[l - 1] };
             let h = lay.widths[l];
@@ -674,12 +718,15 @@ impl<'a> Shared<'a> {
             let (pre, out) = here.split_at_mut(n * h);
             let g = &mut out[..n * h];
             let width_in = if l == 0 { lay.kq } else { lay.widths[l - 1] };
-            let input = &mut below[at - n * width_in..]; // previous output, or [k, q*k]
-            let o = offsets[l];
-            let gl = &mut grads[o..offsets[l + 1]];
+            let (earlier, input) = below.split_at_mut(at - n * width_in); // previous output, or [k, q*k]
+            let (lower, gl) = grads.split_at_mut(offsets[l]);
+            let gl = &mut gl[..offsets[l + 1] - offsets[l]];
             let (gw, gl) = gl.split_at_mut(if l == 0 { 3 * d * h } else { width_in * h });
             let (gb, ga) = gl.split_at_mut(h);
-            if resume == Some(l) {
+            if fused_below {
+                // The product above already applied this layer's activation
+                // backward and summed its bias and slope gradients.
+            } else if resume == Some(l) {
                 let (mean_gz, mean_gzz) = &self.dice_means;
                 self.acts[l].dice_backward_finish(pre, g, mean_gz, mean_gzz); // g = dpre_l
             } else if self.batch_stats[l] {
@@ -690,9 +737,12 @@ impl<'a> Shared<'a> {
             } else {
                 self.acts[l].backward(pre, g, ga); // g = dpre_l
             }
-            for row in g.chunks_exact(h) {
-                gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            if !fused_below {
+                for row in g.chunks_exact(h) {
+                    gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+                }
             }
+            fused_below = false;
             if l == 0 && lay.kq == d {
                 // Grouped: dk1_j = Σ dpre1_t over the rows of history row j.
                 let nk = k_end - k0;
@@ -719,6 +769,29 @@ impl<'a> Shared<'a> {
                 serial::matmul_at_b(2 * d, n, h, input, g, gwkp, true); // d[Wk'; Wp]
                 self.per_sample_grads(s0, s1, g, ds, gwq, dq);
                 serial::matmul_a_bt(n, h, 2 * d, g, self.wkp, input, false); // d[k, q*k]
+            } else if let (Some(panels_t), Some(alpha)) = (self.panels_t, self.acts[l - 1].as_prelu()) {
+                self.products.matmul_at_b(width_in, n, h, input, g, gw, true); // dW_l
+
+                // dh_{l-1} = g·W_lᵀ, through layer l-1's activation backward
+                // into dpre_{l-1} (over its output), with its bias and slope
+                // gradients.
+                let pre_below = &earlier[at - 2 * n * width_in..];
+                let below_grads = &mut lower[offsets[l - 1]..];
+                let w_below = if l == 1 {
+                    3 * d * width_in
+                } else {
+                    lay.widths[l - 2] * width_in
+                };
+                let (dbias, dalpha) = below_grads[w_below..w_below + 2 * width_in].split_at_mut(width_in);
+                let epilogue = &mut fused_f32::Backward {
+                    pre: pre_below,
+                    alpha,
+                    g: input,
+                    dalpha,
+                    dbias,
+                };
+                fused_f32::product(n, g, h, &panels_t[l - 1], epilogue); // [n, width_in]
+                fused_below = true;
             } else {
                 self.products.matmul_at_b(width_in, n, h, input, g, gw, true); // dW_l
                 match self.transposed {
@@ -885,6 +958,14 @@ impl Attention {
         std::iter::once(&self.first).chain(self.rest.blocks.iter())
     }
 
+    /// Whether training may run on [`fused_f32`]'s products: PReLU or ReLU
+    /// in every hidden layer, on a CPU with AVX-512F.
+    fn fuses_f32(&self) -> bool {
+        self.hidden()
+            .all(|b| matches!(b.activation.kind, ActivationKind::Prelu | ActivationKind::Relu))
+            && fused_f32::available()
+    }
+
     /// Whether the chunked path computes this unit: attention pooling (sum
     /// pooling needs no unit).
     pub(super) fn chunkable(&self) -> bool {
@@ -991,6 +1072,10 @@ impl Attention {
         let chunk_rows = if keep { CHUNK_ROWS_TRAIN } else { CHUNK_ROWS_INFER };
         // A grouped training pass keeps each group in one chunk, so that a
         // chunk sums its histories' gradients whole.
+        // Training: an even number of chunks (but for one), each closed at
+        // the first sample boundary past its share of the rows.
+        let chunks = n.div_ceil(chunk_rows).max(1);
+        let chunks = chunks + chunks % 2 * usize::from(chunks > 1);
         st.bounds.clear();
         st.bounds.push(0);
         let mut next = 1; // the first group start after sample s
@@ -1004,7 +1089,11 @@ impl Attention {
                 }
                 _ => true,
             };
-            let big = (offsets[s + 1] - offsets[st.bounds[st.bounds.len() - 1]]) as usize >= chunk_rows;
+            let big = if keep {
+                offsets[s + 1] as usize * chunks >= n * st.bounds.len()
+            } else {
+                (offsets[s + 1] - offsets[st.bounds[st.bounds.len() - 1]]) as usize >= chunk_rows
+            };
             if s + 1 == b || (big && group_end) {
                 st.bounds.push(s + 1);
             }
@@ -1037,6 +1126,24 @@ impl Attention {
             st.packed.clear();
             st.packed_t.clear();
         }
+        st.panels.clear();
+        st.panels_t.clear();
+        if keep && !compact && !products.is_bf16() && self.fuses_f32() {
+            let mut width_in = 2 * d;
+            for (l, block) in self.hidden().enumerate() {
+                let h = block.linear.output_dim();
+                let w: &[f32] = if l == 0 { &st.wkp } else { &block.linear.weight.value };
+                let mut p = Panels::default();
+                p.pack(width_in, h, w, (h, 1));
+                st.panels.push(p);
+                if l > 0 {
+                    let mut t = Panels::default();
+                    t.pack(h, width_in, w, (1, h)); // W_lᵀ, [h, width_in]
+                    st.panels_t.push(t);
+                }
+                width_in = h;
+            }
+        }
         let mut batch_moments = Vec::new();
         let mut shared = Shared {
             same_history,
@@ -1048,6 +1155,7 @@ impl Attention {
                 false => self.bf16_layers(),
             },
             fused,
+            panels: Some(&st.panels[..]).filter(|p| !p.is_empty()),
             ..Shared::new(self, &layout, st, q, keys)
         };
         let offsets = &st.offsets;
@@ -1157,15 +1265,20 @@ impl Attention {
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
         let mut partial = std::mem::take(&mut st.partial);
         partial.resize_with(chunks.len().max(1), Vec::new);
+        // Sized here, zeroed by each chunk's task (in parallel, and just
+        // before the chunk writes its gradients); an empty batch has none.
         for p in &mut partial {
-            p.clear();
             p.resize(grad_len, 0.0);
+        }
+        if chunks.is_empty() {
+            partial[0].fill(0.0);
         }
         let mut region = std::mem::take(&mut st.region);
         let mut per_sample = std::mem::take(&mut st.per_sample);
         let mut sums = std::mem::take(&mut st.sums);
         let mut shared = Shared {
             transposed: Some(&st.packed_t[..]).filter(|p| !p.is_empty()),
+            panels_t: Some(&st.panels_t[..]).filter(|p| !p.is_empty()),
             ..Shared::new(self, &layout, st, q, keys)
         };
         let key_ranges: Vec<(usize, usize)> = chunks.iter().map(|&(s0, s1)| shared.key_range(s0, s1)).collect();
@@ -1209,6 +1322,9 @@ impl Attention {
             parts.par_iter_mut().for_each(|c| {
                 let (s0, s1) = (c.s0, c.s1);
                 let (r0, r1) = pass.rows(s0, s1);
+                if resume.is_none() {
+                    c.grads.fill(0.0);
+                }
                 SCRATCH.with(|scratch| {
                     let mut scratch = scratch.borrow_mut();
                     let (k0, k1) = pass.key_range(s0, s1);
@@ -1252,11 +1368,16 @@ impl Attention {
         drop(parts);
         st.sums = sums;
         // Sum the chunks in order (deterministic), then add to the parameters.
+        // Each element is summed in chunk order, whichever thread sums it.
         let (total, others) = partial.split_at_mut(1);
         let total = &mut total[0];
-        for p in others.iter().take(chunks.len().saturating_sub(1)) {
-            total.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-        }
+        let others = &others[..chunks.len().saturating_sub(1)];
+        const SPAN: usize = 4096;
+        total.par_chunks_mut(SPAN).enumerate().for_each(|(i, t)| {
+            for p in others {
+                t.iter_mut().zip(&p[i * SPAN..]).for_each(|(a, b)| *a += b);
+            }
+        });
         self.add_chunk_grads(total, grad_offsets);
         st.partial = partial;
         st.region = region;

@@ -1,0 +1,650 @@
+//! FP32 products for the attention unit's training pass with the layer's
+//! work fused in: each `6 x 64` tile of the result leaves the registers
+//! through an epilogue that adds the bias and applies PReLU or ReLU
+//! (forward), or applies the activation's backward pass and sums the bias
+//! and slope gradients (backward), so that no separate pass reads the
+//! product back. The weights are packed once per batch into panels of 64
+//! columns ([`Panels`]) instead of once per product, and the other operand is
+//! read in place (its rows are short and stay in L1 within a tile row).
+//!
+//! Hand-written because no maintained crate offers what this needs: the
+//! `gemm` crate the rest of the model uses runs its own kernels to the end
+//! and repacks both operands on every call, with no hook between the sums
+//! and the store. AVX-512 only ([`available`]); elsewhere the model keeps
+//! the `gemm` products and the separate passes.
+//!
+//! Each output element is one chain of fused multiply-adds over the inner
+//! dimension in order, as in `gemm`'s kernels; the epilogues do the
+//! activations' arithmetic in the order of [`super::activation::Rowwise`],
+//! and add the bias and slope gradients row by row, as it does.
+
+/// Columns per panel: four AVX-512 vectors.
+pub(crate) const NR: usize = 64;
+/// Rows per tile: 6 x 4 accumulators, 4 vectors of the panel and a
+/// broadcast fill 29 of the 32 vector registers.
+const MR: usize = 6;
+
+/// Whether this CPU runs these products (AVX-512F).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A `[k, n]` matrix packed for [`product`]: panels of [`NR`] columns, each
+/// `k` rows of its width rounded up to 16 (zero padded), panel after panel.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Panels {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl Panels {
+    /// Packs `b[p, j] = b[p * rs + j * cs]`, `[k, n]`: `(n, 1)` for a
+    /// row-major matrix, `(1, k)` for the transpose of a row-major `[n, k]`.
+    ///
+    /// # Panics
+    /// If `b` is too short for the shape and strides.
+    pub(crate) fn pack(&mut self, k: usize, n: usize, b: &[f32], (rs, cs): (usize, usize)) {
+        assert!(
+            k == 0 || n == 0 || (k - 1) * rs + (n - 1) * cs < b.len(),
+            "packed matrix shape mismatch"
+        );
+        self.k = k;
+        self.n = n;
+        self.data.clear();
+        for j0 in (0..n).step_by(NR) {
+            let (w, start) = ((n - j0).min(NR), self.data.len());
+            let pw = w.next_multiple_of(16);
+            self.data.resize(start + k * pw, 0.0);
+            let panel = &mut self.data[start..];
+            if cs == 1 {
+                for (p, row) in panel.chunks_exact_mut(pw).enumerate() {
+                    row[..w].copy_from_slice(&b[p * rs + j0..p * rs + j0 + w]);
+                }
+            } else {
+                // Column by column: each reads along `b`'s rows.
+                for j in 0..w {
+                    for p in 0..k {
+                        panel[p * pw + j] = b[p * rs + (j0 + j) * cs];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What is added to each row of the product before the activation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Bias<'a> {
+    /// The same vector for every row, `[n]`.
+    Columns(&'a [f32]),
+    /// One vector per sample, `[samples, n]`: row `i` belongs to the sample
+    /// `s` with `offsets[s] <= r0 + i < offsets[s + 1]`, whose vector is
+    /// `rows[(s - s0) * n..]`.
+    Samples {
+        rows: &'a [f32],
+        offsets: &'a [u32],
+        s0: usize,
+        r0: usize,
+    },
+}
+
+/// The forward epilogue: `pre = acc + bias`, `out = max(pre, 0) + α·min(pre, 0)`
+/// (`α = 0`: ReLU), both `[m, n]` row-major.
+#[derive(Debug)]
+pub(crate) struct Forward<'a> {
+    /// Added to each row.
+    pub bias: Bias<'a>,
+    /// PReLU's slopes `[n]`; `None` for ReLU.
+    pub alpha: Option<&'a [f32]>,
+    /// The pre-activation, `[m, n]`.
+    pub pre: &'a mut [f32],
+    /// The activation, `[m, n]`.
+    pub out: &'a mut [f32],
+}
+
+/// The backward epilogue, the product being `dy = ∂L/∂out` of a PReLU or
+/// ReLU layer: `g = dy` where `pre > 0`, else `α·dy`; `dalpha += dy·min(pre, 0)`
+/// and `dbias += g`, row by row.
+#[derive(Debug)]
+pub(crate) struct Backward<'a> {
+    /// The layer's pre-activation, `[m, n]`.
+    pub pre: &'a [f32],
+    /// PReLU's slopes `[n]`; `None` for ReLU.
+    pub alpha: Option<&'a [f32]>,
+    /// Receives `g = ∂L/∂pre`, `[m, n]`.
+    pub g: &'a mut [f32],
+    /// PReLU's slope gradient `[n]`, added to (ignored for ReLU).
+    pub dalpha: &'a mut [f32],
+    /// The bias gradient `[n]`, added to.
+    pub dbias: &'a mut [f32],
+}
+
+/// Plain `c = a·b`, `[m, n]` row-major (the tests' reference for the sums).
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct Store<'a> {
+    /// The product.
+    pub c: &'a mut [f32],
+}
+
+/// `a[m, k]` (row `i` at `a[i * lda..]`) times `b`, each tile of the
+/// result handed to `epilogue`.
+///
+/// # Panics
+/// If the CPU lacks AVX-512F, or a buffer is too short for the shapes (a
+/// [`Bias::Samples`] not covering rows `r0..r0 + m`, or not sorted).
+pub(crate) fn product<E: Epilogue>(m: usize, a: &[f32], lda: usize, b: &Panels, epilogue: &mut E) {
+    let (k, n) = (b.k, b.n);
+    assert!(available(), "the fused f32 products need AVX-512F");
+    assert!(
+        lda >= k && (m == 0 || (m - 1) * lda + k <= a.len()),
+        "fused product: a is shorter than [{m}, {k}] with row stride {lda}"
+    );
+    epilogue.check(m, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present (asserted); `a` holds `m` rows of `k`
+    // at stride `lda` (asserted), `b` holds its panels (built by `pack`),
+    // and `check` asserted that the epilogue's buffers hold `[m, n]`.
+    unsafe {
+        avx512::product(m, k, n, a.as_ptr(), lda, b.data.as_ptr(), epilogue)
+    }
+}
+
+/// How a tile of the product leaves the registers (sealed to this module's
+/// epilogues).
+pub(crate) trait Epilogue: private::Sealed {
+    /// Asserts that the epilogue's buffers hold an `[m, n]` product.
+    fn check(&self, m: usize, n: usize);
+
+    /// Row `i` of the product, columns `j0..j0 + 16 * V` in `acc` (the
+    /// last vector's valid lanes in `mask`).
+    ///
+    /// # Safety
+    /// AVX-512F; `i < m`, `j0 + 16 * (V - 1) < n` and the lanes in `mask`
+    /// lie inside `n` for the `[m, n]` that `check` accepted.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn row<const V: usize>(
+        &mut self,
+        n: usize,
+        i: usize,
+        j0: usize,
+        acc: &[std::arch::x86_64::__m512; V],
+        mask: u16,
+    );
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for super::Forward<'_> {}
+    impl Sealed for super::Backward<'_> {}
+    #[cfg(test)]
+    impl Sealed for super::Store<'_> {}
+}
+
+impl Bias<'_> {
+    /// The row addend of row `i`, `[n]`.
+    #[inline(always)]
+    fn row(&self, i: usize, n: usize) -> &[f32] {
+        match *self {
+            Bias::Columns(b) => b,
+            Bias::Samples { rows, offsets, s0, r0 } => {
+                // Rows come in order: the sample is found by a search over
+                // the offsets (a tile row at a time, so the cost is small).
+                let r = (r0 + i) as u32;
+                let s = offsets.partition_point(|&o| o <= r) - 1;
+                &rows[(s - s0) * n..(s - s0 + 1) * n]
+            }
+        }
+    }
+}
+
+impl Epilogue for Forward<'_> {
+    fn check(&self, m: usize, n: usize) {
+        assert!(
+            self.pre.len() >= m * n && self.out.len() >= m * n,
+            "fused product: outputs shorter than [{m}, {n}]"
+        );
+        assert!(
+            self.alpha.is_none_or(|a| a.len() >= n),
+            "fused product: slopes shorter than {n}"
+        );
+        match self.bias {
+            Bias::Columns(b) => assert!(b.len() >= n, "fused product: bias shorter than {n}"),
+            Bias::Samples { rows, offsets, s0, r0 } => {
+                if m > 0 {
+                    let last = (r0 + m - 1) as u32;
+                    let s_end = offsets.partition_point(|&o| o <= last);
+                    assert!(
+                        offsets.windows(2).all(|w| w[0] <= w[1])
+                            && s_end >= 1
+                            && offsets.get(s0).is_some_and(|&o| o as usize <= r0)
+                            && offsets.len() > s_end
+                            && rows.len() >= (s_end - s0) * n,
+                        "fused product: per-sample bias does not cover rows {r0}..{}",
+                        r0 + m
+                    );
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row<const V: usize>(
+        &mut self,
+        n: usize,
+        i: usize,
+        j0: usize,
+        acc: &[std::arch::x86_64::__m512; V],
+        mask: u16,
+    ) {
+        use std::arch::x86_64::*;
+        let bias = self.bias.row(i, n).as_ptr();
+        let (pre, out) = (self.pre.as_mut_ptr().add(i * n), self.out.as_mut_ptr().add(i * n));
+        let zero = _mm512_setzero_ps();
+        for (v, &acc) in acc.iter().enumerate() {
+            let j = j0 + 16 * v;
+            let m = if v + 1 == V { mask } else { u16::MAX };
+            let x = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, bias.add(j)));
+            _mm512_mask_storeu_ps(pre.add(j), m, x);
+            // x if x > 0, else a·x, as `Rowwise::apply` computes it.
+            let y = match self.alpha {
+                Some(a) => {
+                    let a = _mm512_maskz_loadu_ps(m, a.as_ptr().add(j));
+                    _mm512_add_ps(_mm512_max_ps(x, zero), _mm512_mul_ps(a, _mm512_min_ps(x, zero)))
+                }
+                None => _mm512_max_ps(x, zero),
+            };
+            _mm512_mask_storeu_ps(out.add(j), m, y);
+        }
+    }
+}
+
+impl Epilogue for Backward<'_> {
+    fn check(&self, m: usize, n: usize) {
+        assert!(
+            self.pre.len() >= m * n && self.g.len() >= m * n,
+            "fused product: buffers shorter than [{m}, {n}]"
+        );
+        assert!(self.dbias.len() >= n, "fused product: bias gradient shorter than {n}");
+        assert!(
+            self.alpha.is_none_or(|a| a.len() >= n && self.dalpha.len() >= n),
+            "fused product: slopes shorter than {n}"
+        );
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row<const V: usize>(
+        &mut self,
+        n: usize,
+        i: usize,
+        j0: usize,
+        acc: &[std::arch::x86_64::__m512; V],
+        mask: u16,
+    ) {
+        use std::arch::x86_64::*;
+        let (pre, g) = (self.pre.as_ptr().add(i * n), self.g.as_mut_ptr().add(i * n));
+        let (one, zero) = (_mm512_set1_ps(1.0), _mm512_setzero_ps());
+        for (v, &dy) in acc.iter().enumerate() {
+            let j = j0 + 16 * v;
+            let m = if v + 1 == V { mask } else { u16::MAX };
+            let x = _mm512_maskz_loadu_ps(m, pre.add(j));
+            let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, zero);
+            // As `Rowwise::backward`: the slope gradient from `dy`, then
+            // `g = dy·1` where x > 0, else `dy·a` (ReLU: `dy·0`).
+            let factor = match self.alpha {
+                Some(a) => {
+                    let a = _mm512_maskz_loadu_ps(m, a.as_ptr().add(j));
+                    let da = self.dalpha.as_mut_ptr().add(j);
+                    let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m, da), _mm512_mul_ps(dy, _mm512_min_ps(x, zero)));
+                    _mm512_mask_storeu_ps(da, m, sum);
+                    _mm512_mask_blend_ps(pos, a, one)
+                }
+                None => _mm512_mask_blend_ps(pos, zero, one),
+            };
+            let gv = _mm512_mul_ps(dy, factor);
+            _mm512_mask_storeu_ps(g.add(j), m, gv);
+            let db = self.dbias.as_mut_ptr().add(j);
+            _mm512_mask_storeu_ps(db, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, db), gv));
+        }
+    }
+}
+
+#[cfg(test)]
+impl Epilogue for Store<'_> {
+    fn check(&self, m: usize, n: usize) {
+        assert!(self.c.len() >= m * n, "fused product: c shorter than [{m}, {n}]");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row<const V: usize>(
+        &mut self,
+        n: usize,
+        i: usize,
+        j0: usize,
+        acc: &[std::arch::x86_64::__m512; V],
+        mask: u16,
+    ) {
+        use std::arch::x86_64::*;
+        let c = self.c.as_mut_ptr().add(i * n);
+        for (v, &acc) in acc.iter().enumerate() {
+            let m = if v + 1 == V { mask } else { u16::MAX };
+            _mm512_mask_storeu_ps(c.add(j0 + 16 * v), m, acc);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Epilogue, MR, NR};
+
+    /// Rows `i0..i0 + R` of the product against one panel (`V` vectors
+    /// wide, `b` its first row), through `e`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize, const V: usize, E: Epilogue>(
+        k: usize,
+        n: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        i0: usize,
+        j0: usize,
+        mask: u16,
+        e: &mut E,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        let mut bp = b;
+        let mut ap = a;
+        for _ in 0..k {
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                *bv = _mm512_loadu_ps(bp.add(16 * v));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*ap.add(r * lda));
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(x, bv, *acc);
+                }
+            }
+            bp = bp.add(16 * V);
+            ap = ap.add(1);
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            e.row::<V>(n, i0 + r, j0, acc, mask);
+        }
+    }
+
+    /// A strip of `r` rows against one panel of `v` vectors.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn strip<E: Epilogue>(
+        r: usize,
+        v: usize,
+        k: usize,
+        n: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        i0: usize,
+        j0: usize,
+        mask: u16,
+        e: &mut E,
+    ) {
+        macro_rules! by_rows {
+            ($v:literal) => {
+                match r {
+                    1 => tile::<1, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
+                    2 => tile::<2, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
+                    3 => tile::<3, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
+                    4 => tile::<4, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
+                    5 => tile::<5, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
+                    _ => tile::<MR, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
+                }
+            };
+        }
+        match v {
+            1 => by_rows!(1),
+            2 => by_rows!(2),
+            3 => by_rows!(3),
+            _ => by_rows!(4),
+        }
+    }
+
+    /// The whole product, a strip of [`MR`] rows at a time (the strip's
+    /// rows stay in L1 across the panels), every panel per strip.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn product<E: Epilogue>(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        e: &mut E,
+    ) {
+        for i0 in (0..m).step_by(MR) {
+            let r = (m - i0).min(MR);
+            for j0 in (0..n).step_by(NR) {
+                let w = (n - j0).min(NR);
+                let v = w.div_ceil(16);
+                let tail = w - 16 * (v - 1);
+                let mask = if tail == 16 { u16::MAX } else { (1u16 << tail) - 1 };
+                // Panels before this one are all NR wide.
+                let panel = b.add(j0 * k);
+                strip(r, v, k, n, a.add(i0 * lda), lda, panel, i0, j0, mask, e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::linalg::serial;
+    use rand::{Rng, SeedableRng};
+
+    fn values(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Shapes with every row and column remainder, and widths the model uses.
+    const SHAPES: [(usize, usize, usize); 8] = [
+        (1, 1, 1),
+        (7, 3, 17),
+        (13, 32, 256),
+        (50, 256, 128),
+        (37, 128, 64),
+        (11, 40, 80),
+        (6, 5, 200),
+        (29, 64, 33),
+    ];
+
+    /// Sums against an f64 reference: one fused chain per element, so
+    /// within a few ulps of k terms.
+    #[test]
+    fn products_match_a_reference_in_every_shape() {
+        if !available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for (m, k, n) in SHAPES {
+            let lda = k + 3;
+            let a = values(m * lda, &mut rng);
+            let b = values(k * n, &mut rng);
+            let mut panels = Panels::default();
+            panels.pack(k, n, &b, (n, 1));
+            let mut c = vec![f32::NAN; m * n];
+            product(m, &a, lda, &panels, &mut Store { c: &mut c });
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|p| f64::from(a[i * lda + p]) * f64::from(b[p * n + j]))
+                        .sum();
+                    let got = f64::from(c[i * n + j]);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (k as f64).sqrt().max(1.0),
+                        "({m},{k},{n}) [{i},{j}]: {got} vs {want}"
+                    );
+                }
+            }
+            // The transpose's packing: b stored [n, k].
+            let bt: Vec<f32> = (0..n * k).map(|x| b[(x % k) * n + x / k]).collect();
+            panels.pack(k, n, &bt, (1, k));
+            let mut ct = vec![0.0; m * n];
+            product(m, &a, lda, &panels, &mut Store { c: &mut ct });
+            assert_eq!(c, ct, "({m},{k},{n}): the transposed packing gives the same product");
+            // The same sums as the gemm crate's kernels where they run one
+            // chain per element too (k up to its depth block).
+            if k <= 64 {
+                let mut g = vec![0.0; m * n];
+                serial::matmul_lda(m, k, n, &a, lda, &b, &mut g, false);
+                let same = c.iter().zip(&g).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "({m},{k},{n}): not the gemm crate's bits");
+            }
+        }
+    }
+
+    #[test]
+    fn the_forward_epilogue_is_bias_then_prelu_or_relu() {
+        if !available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        for (m, k, n) in SHAPES {
+            let a = values(m * k, &mut rng);
+            let b = values(k * n, &mut rng);
+            let mut panels = Panels::default();
+            panels.pack(k, n, &b, (n, 1));
+            let mut c = vec![0.0; m * n];
+            product(m, &a, k, &panels, &mut Store { c: &mut c });
+            let slopes = values(n, &mut rng);
+            // Per-sample rows: samples of 0, 1, 2, ... rows from row 5 on.
+            let mut offsets = vec![0u32, 5];
+            while (*offsets.last().unwrap() as usize) < 5 + m {
+                let len = offsets.len() as u32 - 2;
+                offsets.push(offsets.last().unwrap() + len);
+            }
+            let per_sample = values((offsets.len() - 1) * n, &mut rng);
+            let columns = values(n, &mut rng);
+            for (bias, alpha) in [
+                (Bias::Columns(&columns), Some(&slopes[..])),
+                (Bias::Columns(&columns), None),
+                (
+                    Bias::Samples {
+                        rows: &per_sample[n..],
+                        offsets: &offsets,
+                        s0: 1,
+                        r0: 5,
+                    },
+                    Some(&slopes[..]),
+                ),
+            ] {
+                let (mut pre, mut out) = (vec![0.0; m * n], vec![0.0; m * n]);
+                product(
+                    m,
+                    &a,
+                    k,
+                    &panels,
+                    &mut Forward {
+                        bias,
+                        alpha,
+                        pre: &mut pre,
+                        out: &mut out,
+                    },
+                );
+                for i in 0..m {
+                    let add = bias.row(i, n);
+                    for j in 0..n {
+                        let x = c[i * n + j] + add[j];
+                        assert_eq!(pre[i * n + j].to_bits(), x.to_bits(), "pre ({m},{k},{n}) [{i},{j}]");
+                        let a = alpha.map_or(0.0, |a| a[j]);
+                        let y = x.max(0.0) + a * x.min(0.0);
+                        assert_eq!(out[i * n + j], y, "out ({m},{k},{n}) [{i},{j}]");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_backward_epilogue_is_the_activation_backward_and_the_sums() {
+        if !available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for (m, k, n) in SHAPES {
+            let a = values(m * k, &mut rng);
+            let b = values(k * n, &mut rng);
+            let mut panels = Panels::default();
+            panels.pack(k, n, &b, (n, 1));
+            let mut dy = vec![0.0; m * n];
+            product(m, &a, k, &panels, &mut Store { c: &mut dy });
+            let pre = values(m * n, &mut rng);
+            let slopes = values(n, &mut rng);
+            for alpha in [Some(&slopes[..]), None] {
+                let (da0, db0) = (values(n, &mut rng), values(n, &mut rng));
+                let (mut g, mut dalpha, mut dbias) = (vec![0.0; m * n], da0.clone(), db0.clone());
+                product(
+                    m,
+                    &a,
+                    k,
+                    &panels,
+                    &mut Backward {
+                        pre: &pre,
+                        alpha,
+                        g: &mut g,
+                        dalpha: &mut dalpha,
+                        dbias: &mut dbias,
+                    },
+                );
+                let (mut want_da, mut want_db) = (da0.clone(), db0.clone());
+                for i in 0..m {
+                    for j in 0..n {
+                        let (x, d) = (pre[i * n + j], dy[i * n + j]);
+                        let a = alpha.map_or(0.0, |a| a[j]);
+                        let want = d * if x > 0.0 { 1.0 } else { a };
+                        assert_eq!(g[i * n + j].to_bits(), want.to_bits(), "g ({m},{k},{n}) [{i},{j}]");
+                        want_da[j] += d * x.min(0.0);
+                        want_db[j] += want;
+                    }
+                }
+                assert_eq!(dbias, want_db, "bias gradient ({m},{k},{n})");
+                if alpha.is_some() {
+                    assert_eq!(dalpha, want_da, "slope gradient ({m},{k},{n})");
+                } else {
+                    assert_eq!(dalpha, da0, "ReLU leaves the slope gradient alone");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "shorter")]
+    fn short_outputs_are_refused() {
+        if !available() {
+            panic!("shorter (skipped: no AVX-512F)");
+        }
+        let mut panels = Panels::default();
+        panels.pack(2, 3, &[0.0; 6], (3, 1));
+        product(2, &[0.0; 4], 2, &panels, &mut Store { c: &mut [0.0; 5] });
+    }
+}
