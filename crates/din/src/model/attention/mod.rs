@@ -897,14 +897,17 @@ mod tests {
         let q = rand_vec(b * d, 21);
         let keys = rand_vec(n * d, 22);
         let dpooled = rand_vec(b * d, 23);
-        for (activation, normalization) in [
-            (ActivationKind::Prelu, Normalization::None),
-            (ActivationKind::Sigmoid, Normalization::Softmax),
-            (ActivationKind::Relu, Normalization::None),
-            (ActivationKind::Dice, Normalization::None),
-            (ActivationKind::Dice, Normalization::Softmax),
+        for (activation, normalization, units) in [
+            (ActivationKind::Prelu, Normalization::None, &[12, 6, 5][..]),
+            (ActivationKind::Prelu, Normalization::None, &[9]),
+            (ActivationKind::Sigmoid, Normalization::Softmax, &[12, 6, 5]),
+            (ActivationKind::Relu, Normalization::None, &[12, 6, 5]),
+            (ActivationKind::Relu, Normalization::Softmax, &[20, 17]),
+            (ActivationKind::Prelu, Normalization::Softmax, &[100, 70, 33]),
+            (ActivationKind::Dice, Normalization::None, &[12, 6, 5]),
+            (ActivationKind::Dice, Normalization::Softmax, &[12, 6, 5]),
         ] {
-            let mut fast = unit(d, &[12, 6, 5], activation, normalization, 31);
+            let mut fast = unit(d, units, activation, normalization, 31);
             fast.visit_mut("att", &mut |name, p| {
                 if name.ends_with("alpha") {
                     p.value.iter_mut().enumerate().for_each(|(i, v)| *v = 0.05 * i as f32);
@@ -917,7 +920,7 @@ mod tests {
                 }
             });
             let mut slow = fast.clone();
-            let name = format!("{activation:?}/{normalization:?}");
+            let name = format!("{activation:?}/{normalization:?}/{units:?}");
             let close = |what: &str, a: &[f32], b: &[f32]| {
                 let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
                 assert_eq!(a.len(), b.len(), "{name} {what}");
