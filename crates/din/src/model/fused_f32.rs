@@ -199,13 +199,24 @@ impl Bias<'_> {
         match *self {
             Bias::Columns(b) => b,
             Bias::Samples { rows, offsets, s0, r0 } => {
-                // Rows come in order: the sample is found by a search over
-                // the offsets (a tile row at a time, so the cost is small).
+                // A search over the offsets from the chunk's first sample
+                // on (a tile row at a time, so the cost is small).
                 let r = (r0 + i) as u32;
-                let s = offsets.partition_point(|&o| o <= r) - 1;
+                let s = s0 + offsets[s0..].partition_point(|&o| o <= r) - 1;
                 &rows[(s - s0) * n..(s - s0 + 1) * n]
             }
         }
+    }
+}
+
+/// The lanes of vector `v` of a row of `V` vectors: all of them but in the
+/// last, whose lanes inside the product are `mask`.
+#[inline(always)]
+fn lanes<const V: usize>(v: usize, mask: u16) -> u16 {
+    if v + 1 == V {
+        mask
+    } else {
+        u16::MAX
     }
 }
 
@@ -255,7 +266,7 @@ impl Epilogue for Forward<'_> {
         let zero = _mm512_setzero_ps();
         for (v, &acc) in acc.iter().enumerate() {
             let j = j0 + 16 * v;
-            let m = if v + 1 == V { mask } else { u16::MAX };
+            let m = lanes::<V>(v, mask);
             let x = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, bias.add(j)));
             _mm512_mask_storeu_ps(pre.add(j), m, x);
             // x if x > 0, else a·x, as `Rowwise::apply` computes it.
@@ -299,7 +310,7 @@ impl Epilogue for Backward<'_> {
         let (one, zero) = (_mm512_set1_ps(1.0), _mm512_setzero_ps());
         for (v, &dy) in acc.iter().enumerate() {
             let j = j0 + 16 * v;
-            let m = if v + 1 == V { mask } else { u16::MAX };
+            let m = lanes::<V>(v, mask);
             let x = _mm512_maskz_loadu_ps(m, pre.add(j));
             let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, zero);
             // As `Rowwise::backward`: the slope gradient from `dy`, then
@@ -341,7 +352,7 @@ impl Epilogue for Store<'_> {
         use std::arch::x86_64::*;
         let c = self.c.as_mut_ptr().add(i * n);
         for (v, &acc) in acc.iter().enumerate() {
-            let m = if v + 1 == V { mask } else { u16::MAX };
+            let m = lanes::<V>(v, mask);
             _mm512_mask_storeu_ps(c.add(j0 + 16 * v), m, acc);
         }
     }
@@ -457,10 +468,35 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::model::linalg::serial;
-    use rand::{Rng, SeedableRng};
+    use crate::model::testutil::rand_vec;
 
-    fn values(n: usize, rng: &mut impl Rng) -> Vec<f32> {
-        (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    /// Successive [`rand_vec`]s, each from the next seed.
+    struct Values(u64);
+
+    impl Values {
+        fn take(&mut self, n: usize) -> Vec<f32> {
+            self.0 += 1;
+            rand_vec(n, self.0)
+        }
+    }
+
+    /// Whether the CPU lacks AVX-512F (the test then passes, saying so).
+    fn skipped() -> bool {
+        let skip = !available();
+        if skip {
+            eprintln!("skipped: no AVX-512F");
+        }
+        skip
+    }
+
+    /// `a [m, k]`, `b [k, n]` packed, and their plain product.
+    fn plain_product(m: usize, k: usize, n: usize, values: &mut Values) -> (Vec<f32>, Panels, Vec<f32>) {
+        let (a, b) = (values.take(m * k), values.take(k * n));
+        let mut panels = Panels::default();
+        panels.pack(k, n, &b, (n, 1));
+        let mut c = vec![0.0; m * n];
+        product(m, &a, k, &panels, &mut Store { c: &mut c });
+        (a, panels, c)
     }
 
     /// Shapes with every row and column remainder, and widths the model uses.
@@ -479,15 +515,14 @@ mod tests {
     /// within a few ulps of k terms.
     #[test]
     fn products_match_a_reference_in_every_shape() {
-        if !available() {
-            eprintln!("skipped: no AVX-512F");
+        if skipped() {
             return;
         }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let values = &mut Values(700);
         for (m, k, n) in SHAPES {
             let lda = k + 3;
-            let a = values(m * lda, &mut rng);
-            let b = values(k * n, &mut rng);
+            let a = values.take(m * lda);
+            let b = values.take(k * n);
             let mut panels = Panels::default();
             panels.pack(k, n, &b, (n, 1));
             let mut c = vec![f32::NAN; m * n];
@@ -523,27 +558,21 @@ mod tests {
 
     #[test]
     fn the_forward_epilogue_is_bias_then_prelu_or_relu() {
-        if !available() {
-            eprintln!("skipped: no AVX-512F");
+        if skipped() {
             return;
         }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        let values = &mut Values(800);
         for (m, k, n) in SHAPES {
-            let a = values(m * k, &mut rng);
-            let b = values(k * n, &mut rng);
-            let mut panels = Panels::default();
-            panels.pack(k, n, &b, (n, 1));
-            let mut c = vec![0.0; m * n];
-            product(m, &a, k, &panels, &mut Store { c: &mut c });
-            let slopes = values(n, &mut rng);
+            let (a, panels, c) = plain_product(m, k, n, values);
+            let slopes = values.take(n);
             // Per-sample rows: samples of 0, 1, 2, ... rows from row 5 on.
             let mut offsets = vec![0u32, 5];
             while (*offsets.last().unwrap() as usize) < 5 + m {
                 let len = offsets.len() as u32 - 2;
                 offsets.push(offsets.last().unwrap() + len);
             }
-            let per_sample = values((offsets.len() - 1) * n, &mut rng);
-            let columns = values(n, &mut rng);
+            let per_sample = values.take((offsets.len() - 1) * n);
+            let columns = values.take(n);
             for (bias, alpha) in [
                 (Bias::Columns(&columns), Some(&slopes[..])),
                 (Bias::Columns(&columns), None),
@@ -586,22 +615,16 @@ mod tests {
 
     #[test]
     fn the_backward_epilogue_is_the_activation_backward_and_the_sums() {
-        if !available() {
-            eprintln!("skipped: no AVX-512F");
+        if skipped() {
             return;
         }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let values = &mut Values(900);
         for (m, k, n) in SHAPES {
-            let a = values(m * k, &mut rng);
-            let b = values(k * n, &mut rng);
-            let mut panels = Panels::default();
-            panels.pack(k, n, &b, (n, 1));
-            let mut dy = vec![0.0; m * n];
-            product(m, &a, k, &panels, &mut Store { c: &mut dy });
-            let pre = values(m * n, &mut rng);
-            let slopes = values(n, &mut rng);
+            let (a, panels, dy) = plain_product(m, k, n, values);
+            let pre = values.take(m * n);
+            let slopes = values.take(n);
             for alpha in [Some(&slopes[..]), None] {
-                let (da0, db0) = (values(n, &mut rng), values(n, &mut rng));
+                let (da0, db0) = (values.take(n), values.take(n));
                 let (mut g, mut dalpha, mut dbias) = (vec![0.0; m * n], da0.clone(), db0.clone());
                 product(
                     m,

@@ -1126,23 +1126,20 @@ impl Attention {
             st.packed.clear();
             st.packed_t.clear();
         }
-        st.panels.clear();
-        st.panels_t.clear();
-        if keep && !compact && !products.is_bf16() && self.fuses_f32() {
-            let mut width_in = 2 * d;
-            for (l, block) in self.hidden().enumerate() {
-                let h = block.linear.output_dim();
-                let w: &[f32] = if l == 0 { &st.wkp } else { &block.linear.weight.value };
-                let mut p = Panels::default();
-                p.pack(width_in, h, w, (h, 1));
-                st.panels.push(p);
-                if l > 0 {
-                    let mut t = Panels::default();
-                    t.pack(h, width_in, w, (1, h)); // W_lᵀ, [h, width_in]
-                    st.panels_t.push(t);
-                }
-                width_in = h;
+        // Packed into the buffers of the batch before.
+        let fuses = keep && !compact && !products.is_bf16() && self.fuses_f32();
+        let layers = if fuses { self.rest.blocks.len() + 1 } else { 0 };
+        st.panels.resize_with(layers, Panels::default);
+        st.panels_t.resize_with(layers.saturating_sub(1), Panels::default);
+        let mut width_in = 2 * d;
+        for (l, block) in self.hidden().enumerate().take(layers) {
+            let h = block.linear.output_dim();
+            let w: &[f32] = if l == 0 { &st.wkp } else { &block.linear.weight.value };
+            st.panels[l].pack(width_in, h, w, (h, 1));
+            if l > 0 {
+                st.panels_t[l - 1].pack(h, width_in, w, (1, h)); // W_lᵀ, [h, width_in]
             }
+            width_in = h;
         }
         let mut batch_moments = Vec::new();
         let mut shared = Shared {
