@@ -5,7 +5,9 @@
 //! and slope gradients (backward), so that no separate pass reads the
 //! product back. The weights are packed once per batch into panels of 64
 //! columns ([`Panels`]) instead of once per product, and the other operand is
-//! read in place (its rows are short and stay in L1 within a tile row).
+//! read in place. Long inner dimensions go in blocks of [`KC`], so that the
+//! block of a panel that every strip of rows runs over stays in L1 (a
+//! whole panel of a 256-wide layer is 64 KiB, more than L1 holds).
 //!
 //! Hand-written because no maintained crate offers what this needs: the
 //! `gemm` crate the rest of the model uses runs its own kernels to the end
@@ -14,7 +16,8 @@
 //! the `gemm` products and the separate passes.
 //!
 //! Each output element is one chain of fused multiply-adds over the inner
-//! dimension in order, as in `gemm`'s kernels; the epilogues do the
+//! dimension in order, as in `gemm`'s kernels (between blocks its sum is
+//! stored and reloaded exactly); the epilogues do the
 //! activations' arithmetic in the order of [`super::activation::Rowwise`],
 //! and add the bias and slope gradients row by row, as it does.
 
@@ -23,6 +26,12 @@ pub(crate) const NR: usize = 64;
 /// Rows per tile: 6 x 4 accumulators, 4 vectors of the panel and a
 /// broadcast fill 29 of the 32 vector registers.
 const MR: usize = 6;
+
+/// Inner indices per block: a block of a panel (`KC x NR`, 32 KiB) stays
+/// in L1 while every strip of rows runs over it; between blocks the sums
+/// wait in the epilogue's [`Epilogue::partial`] (each element stays one
+/// chain of fused multiply-adds, stored and reloaded exactly).
+const KC: usize = 128;
 
 /// Whether this CPU runs these products (AVX-512F).
 pub(crate) fn available() -> bool {
@@ -167,6 +176,11 @@ pub(crate) trait Epilogue: private::Sealed {
     /// Asserts that the epilogue's buffers hold an `[m, n]` product.
     fn check(&self, m: usize, n: usize);
 
+    /// An `[m, n]` row-major buffer that holds the partial sums between
+    /// blocks of the inner dimension, before `row` writes the tile's
+    /// results (it may be one of the epilogue's outputs).
+    fn partial(&mut self) -> *mut f32;
+
     /// Row `i` of the product, columns `j0..j0 + 16 * V` in `acc` (the
     /// last vector's valid lanes in `mask`).
     ///
@@ -221,6 +235,10 @@ fn lanes<const V: usize>(v: usize, mask: u16) -> u16 {
 }
 
 impl Epilogue for Forward<'_> {
+    fn partial(&mut self) -> *mut f32 {
+        self.pre.as_mut_ptr()
+    }
+
     fn check(&self, m: usize, n: usize) {
         assert!(
             self.pre.len() >= m * n && self.out.len() >= m * n,
@@ -283,6 +301,10 @@ impl Epilogue for Forward<'_> {
 }
 
 impl Epilogue for Backward<'_> {
+    fn partial(&mut self) -> *mut f32 {
+        self.g.as_mut_ptr()
+    }
+
     fn check(&self, m: usize, n: usize) {
         assert!(
             self.pre.len() >= m * n && self.g.len() >= m * n,
@@ -335,6 +357,10 @@ impl Epilogue for Backward<'_> {
 
 #[cfg(test)]
 impl Epilogue for Store<'_> {
+    fn partial(&mut self) -> *mut f32 {
+        self.c.as_mut_ptr()
+    }
+
     fn check(&self, m: usize, n: usize) {
         assert!(self.c.len() >= m * n, "fused product: c shorter than [{m}, {n}]");
     }
@@ -362,10 +388,14 @@ impl Epilogue for Store<'_> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Epilogue, MR, NR};
+    use super::{lanes, Epilogue, KC, MR, NR};
 
     /// Rows `i0..i0 + R` of the product against one panel (`V` vectors
-    /// wide, `b` its first row), through `e`.
+    /// wide), over inner indices `k0..k0 + k` (`a` and `b` at `k0`'s
+    /// column and row). The sums start from zero when `first`, else from
+    /// the partial sums that the previous block left in `e`'s
+    /// [`Epilogue::partial`]; they leave through `e` when `last`, else
+    /// into the partial sums.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const R: usize, const V: usize, E: Epilogue>(
@@ -377,9 +407,19 @@ mod avx512 {
         i0: usize,
         j0: usize,
         mask: u16,
+        (first, last): (bool, bool),
         e: &mut E,
     ) {
         let mut acc = [[_mm512_setzero_ps(); V]; R];
+        if !first {
+            let partial = e.partial();
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    let at = partial.add((i0 + r) * n + j0 + 16 * v);
+                    *acc = _mm512_maskz_loadu_ps(lanes::<V>(v, mask), at);
+                }
+            }
+        }
         let mut bp = b;
         let mut ap = a;
         for _ in 0..k {
@@ -396,8 +436,18 @@ mod avx512 {
             bp = bp.add(16 * V);
             ap = ap.add(1);
         }
-        for (r, acc) in acc.iter().enumerate() {
-            e.row::<V>(n, i0 + r, j0, acc, mask);
+        if last {
+            for (r, acc) in acc.iter().enumerate() {
+                e.row::<V>(n, i0 + r, j0, acc, mask);
+            }
+        } else {
+            let partial = e.partial();
+            for (r, acc) in acc.iter().enumerate() {
+                for (v, &acc) in acc.iter().enumerate() {
+                    let at = partial.add((i0 + r) * n + j0 + 16 * v);
+                    _mm512_mask_storeu_ps(at, lanes::<V>(v, mask), acc);
+                }
+            }
         }
     }
 
@@ -415,17 +465,18 @@ mod avx512 {
         i0: usize,
         j0: usize,
         mask: u16,
+        ends: (bool, bool),
         e: &mut E,
     ) {
         macro_rules! by_rows {
             ($v:literal) => {
                 match r {
-                    1 => tile::<1, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
-                    2 => tile::<2, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
-                    3 => tile::<3, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
-                    4 => tile::<4, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
-                    5 => tile::<5, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
-                    _ => tile::<MR, $v, E>(k, n, a, lda, b, i0, j0, mask, e),
+                    1 => tile::<1, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
+                    2 => tile::<2, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
+                    3 => tile::<3, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
+                    4 => tile::<4, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
+                    5 => tile::<5, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
+                    _ => tile::<MR, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
                 }
             };
         }
@@ -437,8 +488,9 @@ mod avx512 {
         }
     }
 
-    /// The whole product, a strip of [`MR`] rows at a time (the strip's
-    /// rows stay in L1 across the panels), every panel per strip.
+    /// The whole product, in blocks of [`KC`] inner indices (at most
+    /// `KC + KC / 2` in one block); per block, panel by panel (the block's
+    /// rows of the panel stay in L1), a strip of [`MR`] rows at a time.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn product<E: Epilogue>(
         m: usize,
@@ -449,16 +501,22 @@ mod avx512 {
         b: *const f32,
         e: &mut E,
     ) {
-        for i0 in (0..m).step_by(MR) {
-            let r = (m - i0).min(MR);
+        let blocks = if k <= KC + KC / 2 { 1 } else { k.div_ceil(KC) };
+        for blk in 0..blocks {
+            let k0 = blk * KC;
+            let kb = if blk + 1 == blocks { k - k0 } else { KC };
+            let ends = (blk == 0, blk + 1 == blocks);
             for j0 in (0..n).step_by(NR) {
                 let w = (n - j0).min(NR);
                 let v = w.div_ceil(16);
                 let tail = w - 16 * (v - 1);
                 let mask = if tail == 16 { u16::MAX } else { (1u16 << tail) - 1 };
-                // Panels before this one are all NR wide.
-                let panel = b.add(j0 * k);
-                strip(r, v, k, n, a.add(i0 * lda), lda, panel, i0, j0, mask, e);
+                // Panels before this one are all NR wide; its rows are 16 v wide.
+                let panel = b.add(j0 * k + k0 * 16 * v);
+                for i0 in (0..m).step_by(MR) {
+                    let r = (m - i0).min(MR);
+                    strip(r, v, kb, n, a.add(i0 * lda + k0), lda, panel, i0, j0, mask, ends, e);
+                }
             }
         }
     }
@@ -499,8 +557,9 @@ mod tests {
         (a, panels, c)
     }
 
-    /// Shapes with every row and column remainder, and widths the model uses.
-    const SHAPES: [(usize, usize, usize); 8] = [
+    /// Shapes with every row and column remainder, and widths the model
+    /// uses; inner dimensions of one, two (256) and three (300) blocks.
+    const SHAPES: [(usize, usize, usize); 9] = [
         (1, 1, 1),
         (7, 3, 17),
         (13, 32, 256),
@@ -509,10 +568,12 @@ mod tests {
         (11, 40, 80),
         (6, 5, 200),
         (29, 64, 33),
+        (9, 300, 70),
     ];
 
-    /// Sums against an f64 reference: one fused chain per element, so
-    /// within a few ulps of k terms.
+    /// Sums against an f64 reference (within a few ulps of k terms), and
+    /// bit for bit one chain of fused multiply-adds per element over the
+    /// inner dimension in order, whatever the blocks.
     #[test]
     fn products_match_a_reference_in_every_shape() {
         if skipped() {
@@ -536,6 +597,12 @@ mod tests {
                     assert!(
                         (got - want).abs() <= 1e-5 * (k as f64).sqrt().max(1.0),
                         "({m},{k},{n}) [{i},{j}]: {got} vs {want}"
+                    );
+                    let chain = (0..k).fold(0.0f32, |acc, p| a[i * lda + p].mul_add(b[p * n + j], acc));
+                    assert_eq!(
+                        c[i * n + j].to_bits(),
+                        chain.to_bits(),
+                        "({m},{k},{n}) [{i},{j}]: not one chain"
                     );
                 }
             }
