@@ -166,44 +166,94 @@ fn state(v: &mut [f32], from: usize, len: usize) -> &mut [f32] {
 /// Lazy update of the rows `g` touched. Large updates run in parallel over
 /// contiguous ranges of the table: each range is a disjoint mutable slice of
 /// the table and its state, and each task applies the touched rows that fall
-/// in its range (every row is updated once, by the same arithmetic, so the
-/// result does not depend on the split).
+/// in its range, in the order of `g.ids` (every row is updated once, by the
+/// same arithmetic, so the result does not depend on the split).
 fn update_rows(kind: OptimizerKind, lr: f32, table: &mut [f32], g: &SparseGrad, s: &mut Slots) {
     use rayon::prelude::*;
     let d = g.dim.max(1);
-    let apply = |w: &mut [f32], a: &mut [f32], b: &mut [f32], first_row: usize, end_row: usize| {
-        for (&id, grad) in g.ids.iter().zip(g.grads.chunks_exact(d)) {
-            let id = id as usize;
-            if (first_row..end_row).contains(&id) {
-                let at = (id - first_row) * d;
-                update(kind, lr, &mut w[at..at + d], grad, state(a, at, d), state(b, at, d));
-            }
-        }
-    };
     let rows = table.len() / d;
     let parts = 4 * rayon::current_num_threads();
     if g.ids.len() * d < PARALLEL_ROW_UPDATE || parts <= 4 {
-        apply(table, &mut s.a, &mut s.b, 0, rows);
+        for (&id, grad) in g.ids.iter().zip(g.grads.chunks_exact(d)) {
+            let at = id as usize * d;
+            update(
+                kind,
+                lr,
+                &mut table[at..at + d],
+                grad,
+                state(&mut s.a, at, d),
+                state(&mut s.b, at, d),
+            );
+        }
         return;
     }
-    let span = rows.div_ceil(parts) * d;
-    fn pieces(v: &mut [f32], span: usize, parts: usize) -> Vec<&mut [f32]> {
+    let span = rows.div_ceil(parts).max(1); // rows per range
+                                            // Each range's touched rows (positions in `g.ids`, in order), bucketed
+                                            // in one pass rather than every task scanning all of them.
+    let mut starts = vec![0usize; parts + 1];
+    for &id in &g.ids {
+        starts[id as usize / span + 1] += 1;
+    }
+    for p in 0..parts {
+        starts[p + 1] += starts[p];
+    }
+    let mut order = vec![0u32; g.ids.len()];
+    let mut next = starts.clone();
+    for (i, &id) in g.ids.iter().enumerate() {
+        let p = id as usize / span;
+        order[next[p]] = i as u32;
+        next[p] += 1;
+    }
+    fn pieces(v: &mut [f32], len: usize, parts: usize) -> Vec<&mut [f32]> {
         if v.is_empty() {
             (0..parts).map(|_| &mut [][..]).collect()
         } else {
-            v.chunks_mut(span).collect()
+            v.chunks_mut(len).collect()
         }
     }
-    let (a, b) = (pieces(&mut s.a, span, parts), pieces(&mut s.b, span, parts));
+    let (a, b) = (pieces(&mut s.a, span * d, parts), pieces(&mut s.b, span * d, parts));
     table
-        .par_chunks_mut(span)
+        .par_chunks_mut(span * d)
         .zip(a)
         .zip(b)
         .enumerate()
-        .for_each(|(i, ((w, a), b))| {
-            let first = i * span / d;
-            apply(w, a, b, first, first + w.len() / d)
+        .for_each(|(p, ((w, a), b))| {
+            let first = p * span;
+            let mine = &order[starts[p]..starts[p + 1]];
+            for (j, &i) in mine.iter().enumerate() {
+                // The rows are scattered over a large table: fetch the
+                // one PREFETCH_AHEAD rows on while this one is updated.
+                if let Some(&ahead) = mine.get(j + PREFETCH_AHEAD) {
+                    let at = (g.ids[ahead as usize] as usize - first) * d;
+                    for v in [&*w, &*a, &*b] {
+                        prefetch(v.as_ptr().wrapping_add(at));
+                    }
+                }
+                let i = i as usize;
+                let at = (g.ids[i] as usize - first) * d;
+                let grad = &g.grads[i * d..(i + 1) * d];
+                update(kind, lr, &mut w[at..at + d], grad, state(a, at, d), state(b, at, d));
+            }
         });
+}
+
+/// How many rows ahead a parallel row update prefetches. Measured on the
+/// tutorial model (`din bench run`, about 6,400 of the 100,001 item rows
+/// per batch): the optimizer step took 0.067 s of an epoch without, 0.061 s
+/// with (6 and 16 rows ahead did the same).
+const PREFETCH_AHEAD: usize = 8;
+
+/// Asks the CPU for the cache line at `p` (a hint: no effect elsewhere).
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that never faults, whatever the address
+    // (SSE, part of x86_64).
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Touched embedding values from which the update is split over threads.
