@@ -729,7 +729,9 @@ impl Loop<'_> {
         let n = bounds.len() - 1;
         let (total, last) = (epoch_batches.unwrap_or(n), epoch_batches.is_none());
         let epoch = s.epoch;
+        let spinners = crate::threads::Spinners::new();
         for i in s.window_batches_done..n {
+            spinners.ensure();
             let units = &s.order[bounds[i]..bounds[i + 1]];
             let rows = match groups {
                 None => {
