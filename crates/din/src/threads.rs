@@ -83,17 +83,22 @@ thread_local! {
 }
 
 impl Spinners {
-    /// Spinners for the current pool: none outside a pool or with one
-    /// worker. None runs before [`Spinners::ensure`].
+    /// Spinners for the current pool: none outside a pool, with one
+    /// worker, or with more workers than cores. None runs before
+    /// [`Spinners::ensure`].
     pub(crate) fn new() -> Spinners {
         Spinners::with_idle(SPIN_IDLE)
     }
 
     /// [`Spinners::new`] whose spinners stop after `idle` without a job.
+    /// None either when the pool has more workers than the machine has
+    /// cores: a spinner would then take a core from the worker it waits for.
     fn with_idle(idle: Duration) -> Spinners {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = rayon::current_num_threads();
         let wanted = match rayon::current_thread_index() {
-            Some(_) => rayon::current_num_threads().saturating_sub(1),
-            None => 0,
+            Some(_) if threads <= cores => threads - 1,
+            _ => 0,
         };
         Spinners {
             wanted,
@@ -171,22 +176,32 @@ mod tests {
         true
     }
 
+    fn cores() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
     #[test]
     fn spinners_run_jobs_and_stop_when_dropped_or_idle() {
-        let pool = thread_pool(3).expect("pool");
+        let threads = cores().min(3);
+        if threads < 2 {
+            eprintln!("skipped: one core");
+            return;
+        }
+        let pool = thread_pool(threads).expect("pool");
         pool.install(|| {
             let spinners = Spinners::with_idle(Duration::from_secs(60));
-            assert_eq!(spinners.wanted, 2, "every worker but the caller");
+            let others = threads - 1;
+            assert_eq!(spinners.wanted, others, "every worker but the caller");
             spinners.ensure();
             let state = Arc::clone(&spinners.state);
             let running = || state.running.load(Ordering::Acquire);
-            assert!(eventually(|| running() == 2), "two spinners run");
+            assert!(eventually(|| running() == others), "the other workers spin");
             // Jobs still run, on the spinning workers too.
             let sum: u64 = (0..100_000u64).into_par_iter().map(|x| x * 2).sum();
             assert_eq!(sum, 99_999 * 100_000);
             // A second `ensure` sends nothing more.
             spinners.ensure();
-            assert_eq!((running(), state.pending.load(Ordering::Acquire)), (2, 0));
+            assert_eq!((running(), state.pending.load(Ordering::Acquire)), (others, 0));
             drop(spinners);
             assert!(eventually(|| running() == 0), "dropped spinners stop");
             // Idle spinners stop by themselves; `ensure` restarts them.
@@ -206,7 +221,7 @@ mod tests {
     }
 
     #[test]
-    fn no_spinners_outside_a_pool_or_with_one_worker() {
+    fn no_spinners_outside_a_pool_with_one_worker_or_more_workers_than_cores() {
         let outside = Spinners::new();
         outside.ensure();
         assert_eq!(outside.wanted, 0);
@@ -214,6 +229,11 @@ mod tests {
             let one = Spinners::new();
             one.ensure();
             assert_eq!((one.wanted, one.state.running.load(Ordering::Acquire)), (0, 0));
+        });
+        thread_pool(cores() + 1).expect("pool").install(|| {
+            let many = Spinners::new();
+            many.ensure();
+            assert_eq!((many.wanted, many.state.pending.load(Ordering::Acquire)), (0, 0));
         });
     }
 
