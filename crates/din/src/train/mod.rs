@@ -571,7 +571,7 @@ pub(crate) fn non_finite_gradient(model: &Din, emb: &EmbeddingGrads, layout: &La
     let mut found = None;
     model.visit("", &mut |name, p| {
         if found.is_none() {
-            if let Some(i) = p.grad.iter().position(|g| !g.is_finite()) {
+            if let Some(i) = first_non_finite(&p.grad) {
                 found = Some(format!("the gradient of `{name}` is {} (element {i})", p.grad[i]));
             }
         }
@@ -580,13 +580,27 @@ pub(crate) fn non_finite_gradient(model: &Din, emb: &EmbeddingGrads, layout: &La
         return found;
     }
     emb.iter().enumerate().find_map(|(t, g)| {
-        let k = g.grads.iter().position(|x| !x.is_finite())?;
+        let k = first_non_finite(&g.grads)?;
         let row = g.ids.get(k / g.dim.max(1)).copied().unwrap_or(0);
         let table = layout.tables.get(t).map_or("?", |t| t.name.as_str());
         Some(format!(
             "the gradient of `embeddings.{table}.weight` row {row} is {}",
             g.grads[k]
         ))
+    })
+}
+
+/// The index of the first infinite or NaN value of `v`. Blocks of 256 are
+/// tested with a bit mask ORed over the block (the compiler vectorises it;
+/// a search stopping at the first value does not), and only a block with
+/// one is searched.
+fn first_non_finite(v: &[f32]) -> Option<usize> {
+    const EXPONENT: u32 = 0x7f80_0000;
+    v.chunks(256).enumerate().find_map(|(b, block)| {
+        let any = block
+            .iter()
+            .fold(false, |any, x| any | ((x.to_bits() & EXPONENT) == EXPONENT));
+        any.then(|| b * 256 + block.iter().position(|x| !x.is_finite()).unwrap_or(0))
     })
 }
 
@@ -1011,7 +1025,25 @@ fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::batch_bounds;
+    use super::{batch_bounds, first_non_finite};
+
+    #[test]
+    fn the_first_non_finite_value_is_found_anywhere() {
+        let finite = [0.0, -0.0, 1.0, -3.0e38, f32::MAX, f32::MIN_POSITIVE, 1e-45];
+        let base: Vec<f32> = (0..1000).map(|i| finite[i % finite.len()]).collect();
+        assert_eq!(first_non_finite(&base), None);
+        assert_eq!(first_non_finite(&[]), None);
+        for at in [0, 1, 255, 256, 257, 511, 999] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+                let mut v = base.clone();
+                v[at] = bad;
+                if at + 3 < v.len() {
+                    v[at + 3] = f32::NAN; // a later one does not count
+                }
+                assert_eq!(first_non_finite(&v), Some(at), "{bad} at {at}");
+            }
+        }
+    }
 
     #[test]
     fn flat_batches_are_batch_size_rows() {

@@ -110,7 +110,7 @@ impl Optimizer {
         model.visit_mut("", &mut |_, p| {
             if trained_densely(p.role) {
                 let s = &mut dense[i];
-                update(kind, lr_t, &mut p.value, &p.grad, &mut s.a, &mut s.b);
+                update_dense(kind, lr_t, &mut p.value, &p.grad, &mut s.a, &mut s.b);
                 i += 1;
             }
         });
@@ -163,6 +163,37 @@ fn state(v: &mut [f32], from: usize, len: usize) -> &mut [f32] {
     }
 }
 
+/// [`update`] of a dense tensor; a large one in blocks over the pool (the
+/// same arithmetic per element, so the same bits).
+fn update_dense(kind: OptimizerKind, lr: f32, w: &mut [f32], g: &[f32], a: &mut [f32], b: &mut [f32]) {
+    use rayon::prelude::*;
+    if w.len() < 2 * DENSE_BLOCK {
+        return update(kind, lr, w, g, a, b);
+    }
+    let parts = w.len().div_ceil(DENSE_BLOCK);
+    let (a, b) = (pieces(a, DENSE_BLOCK, parts), pieces(b, DENSE_BLOCK, parts));
+    w.par_chunks_mut(DENSE_BLOCK)
+        .zip(g.par_chunks(DENSE_BLOCK))
+        .zip(a)
+        .zip(b)
+        .for_each(|(((w, g), a), b)| update(kind, lr, w, g, a, b));
+}
+
+/// `v` in pieces of `len` for `parts` tasks; an empty `v` (SGD has no
+/// state, Adagrad no second one) as `parts` empty pieces.
+fn pieces(v: &mut [f32], len: usize, parts: usize) -> Vec<&mut [f32]> {
+    if v.is_empty() {
+        (0..parts).map(|_| &mut [][..]).collect()
+    } else {
+        v.chunks_mut(len).collect()
+    }
+}
+
+/// Values per task of a dense tensor's update; smaller tensors are updated
+/// on the calling thread. The tutorial model's dense update took 0.010 s
+/// of a `din bench run` epoch on one thread.
+const DENSE_BLOCK: usize = 4096;
+
 /// Lazy update of the rows `g` touched. Large updates run in parallel over
 /// contiguous ranges of the table: each range is a disjoint mutable slice of
 /// the table and its state, and each task applies the touched rows that fall
@@ -203,13 +234,6 @@ fn update_rows(kind: OptimizerKind, lr: f32, table: &mut [f32], g: &SparseGrad, 
         let p = id as usize / span;
         order[next[p]] = i as u32;
         next[p] += 1;
-    }
-    fn pieces(v: &mut [f32], len: usize, parts: usize) -> Vec<&mut [f32]> {
-        if v.is_empty() {
-            (0..parts).map(|_| &mut [][..]).collect()
-        } else {
-            v.chunks_mut(len).collect()
-        }
     }
     let (a, b) = (pieces(&mut s.a, span * d, parts), pieces(&mut s.b, span * d, parts));
     table
@@ -330,6 +354,37 @@ mod tests {
             let serial = run(1);
             assert!(serial.0 != table, "{kind:?} updated something");
             assert!(run(3) == serial, "{kind:?}: parallel differs from serial");
+        }
+    }
+
+    /// A large dense tensor's update in blocks gives bitwise the update in
+    /// one piece, for every optimizer.
+    #[test]
+    fn dense_updates_in_blocks_equal_one_piece() {
+        use rand::{Rng, SeedableRng};
+        let n = 3 * DENSE_BLOCK + 17;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+        let (w0, g, a0, b0) = (draw(n), draw(n), draw(n), draw(n));
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("pool");
+        for kind in [OptimizerKind::Adam, OptimizerKind::Adagrad, OptimizerKind::Sgd] {
+            let state = |v: &Vec<f32>, has: bool| {
+                if has {
+                    v.iter().map(|x| x.abs()).collect()
+                } else {
+                    vec![]
+                }
+            };
+            let (a0, b0) = (
+                state(&a0, kind != OptimizerKind::Sgd),
+                state(&b0, kind == OptimizerKind::Adam),
+            );
+            let (mut w1, mut a1, mut b1) = (w0.clone(), a0.clone(), b0.clone());
+            update(kind, 0.01, &mut w1, &g, &mut a1, &mut b1);
+            let (mut w2, mut a2, mut b2) = (w0.clone(), a0.clone(), b0.clone());
+            pool.install(|| update_dense(kind, 0.01, &mut w2, &g, &mut a2, &mut b2));
+            assert!(w1 != w0, "{kind:?} updated something");
+            assert!((w1, a1, b1) == (w2, a2, b2), "{kind:?}: blocks differ from one piece");
         }
     }
 
