@@ -52,7 +52,6 @@ pub(crate) struct Spinners {
 }
 
 /// What [`Spinners`] and their jobs share.
-
 #[derive(Debug)]
 struct SpinState {
     /// How long a spinner goes without a job before it stops.

@@ -218,9 +218,10 @@ fn update_rows(kind: OptimizerKind, lr: f32, table: &mut [f32], g: &SparseGrad, 
         }
         return;
     }
-    let span = rows.div_ceil(parts).max(1); // rows per range
-                                            // Each range's touched rows (positions in `g.ids`, in order), bucketed
-                                            // in one pass rather than every task scanning all of them.
+    // Rows per range, then each range's touched rows (positions in
+    // `g.ids`, in order), bucketed in one pass rather than every task
+    // scanning all of them.
+    let span = rows.div_ceil(parts).max(1);
     let mut starts = vec![0usize; parts + 1];
     for &id in &g.ids {
         starts[id as usize / span + 1] += 1;
@@ -246,7 +247,7 @@ fn update_rows(kind: OptimizerKind, lr: f32, table: &mut [f32], g: &SparseGrad, 
             let mine = &order[starts[p]..starts[p + 1]];
             for (j, &i) in mine.iter().enumerate() {
                 // The rows are scattered over a large table: fetch the
-                // one PREFETCH_AHEAD rows on while this one is updated.
+                // row PREFETCH_AHEAD places on while this one is updated.
                 if let Some(&ahead) = mine.get(j + PREFETCH_AHEAD) {
                     let at = (g.ids[ahead as usize] as usize - first) * d;
                     for v in [&*w, &*a, &*b] {
