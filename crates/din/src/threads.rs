@@ -93,10 +93,9 @@ impl Spinners {
     /// None either when the pool has more workers than the machine has
     /// cores: a spinner would then take a core from the worker it waits for.
     fn with_idle(idle: Duration) -> Spinners {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = rayon::current_num_threads();
         let wanted = match rayon::current_thread_index() {
-            Some(_) if threads <= cores => threads - 1,
+            Some(_) if threads <= cores() => threads - 1,
             _ => 0,
         };
         Spinners {
@@ -131,6 +130,11 @@ impl Drop for Spinners {
     fn drop(&mut self) {
         self.state.stop.store(true, Ordering::Release);
     }
+}
+
+/// The machine's cores (as the process may use them).
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// A spinner job: runs the pool's jobs as they come, until `state.stop`
@@ -173,10 +177,6 @@ mod tests {
             std::thread::yield_now();
         }
         true
-    }
-
-    fn cores() -> usize {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
     #[test]

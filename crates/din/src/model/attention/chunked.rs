@@ -776,13 +776,8 @@ impl<'a> Shared<'a> {
                 // into dpre_{l-1} (over its output), with its bias and slope
                 // gradients.
                 let pre_below = &earlier[at - 2 * n * width_in..];
-                let below_grads = &mut lower[offsets[l - 1]..];
-                let w_below = if l == 1 {
-                    3 * d * width_in
-                } else {
-                    lay.widths[l - 2] * width_in
-                };
-                let (dbias, dalpha) = below_grads[w_below..w_below + 2 * width_in].split_at_mut(width_in);
+                // Layer l-1's gradients end with its bias's and slopes'.
+                let (dbias, dalpha) = lower[offsets[l] - 2 * width_in..].split_at_mut(width_in);
                 let epilogue = &mut fused_f32::Backward {
                     pre: pre_below,
                     alpha,
