@@ -196,6 +196,33 @@ pub(crate) trait Epilogue: private::Sealed {
         acc: &[std::arch::x86_64::__m512; V],
         mask: u16,
     );
+
+    /// Asks for the memory that [`Epilogue::row`] will touch for row `i`,
+    /// columns `j0..j0 + 16 * V` (a hint: nothing is read or written).
+    #[cfg(target_arch = "x86_64")]
+    fn prefetch<const V: usize>(&self, n: usize, i: usize, j0: usize);
+}
+
+/// Asks for the cache lines of `V` vectors from `p` on, to be written.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_write<const V: usize>(p: *const f32) {
+    use std::arch::x86_64::*;
+    for v in 0..V {
+        // SAFETY: a prefetch neither reads nor faults.
+        unsafe { _mm_prefetch::<_MM_HINT_ET0>(p.wrapping_add(16 * v).cast()) };
+    }
+}
+
+/// Asks for the cache lines of `V` vectors from `p` on, to be read.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_read<const V: usize>(p: *const f32) {
+    use std::arch::x86_64::*;
+    for v in 0..V {
+        // SAFETY: a prefetch neither reads nor faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(16 * v).cast()) };
+    }
 }
 
 mod private {
@@ -298,6 +325,13 @@ impl Epilogue for Forward<'_> {
             _mm512_mask_storeu_ps(out.add(j), m, y);
         }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch<const V: usize>(&self, n: usize, i: usize, j0: usize) {
+        prefetch_write::<V>(self.pre.as_ptr().wrapping_add(i * n + j0));
+        prefetch_write::<V>(self.out.as_ptr().wrapping_add(i * n + j0));
+    }
 }
 
 impl Epilogue for Backward<'_> {
@@ -353,6 +387,13 @@ impl Epilogue for Backward<'_> {
             _mm512_mask_storeu_ps(db, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, db), gv));
         }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch<const V: usize>(&self, n: usize, i: usize, j0: usize) {
+        prefetch_read::<V>(self.pre.as_ptr().wrapping_add(i * n + j0));
+        prefetch_write::<V>(self.g.as_ptr().wrapping_add(i * n + j0));
+    }
 }
 
 #[cfg(test)]
@@ -382,6 +423,12 @@ impl Epilogue for Store<'_> {
             _mm512_mask_storeu_ps(c.add(j0 + 16 * v), m, acc);
         }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch<const V: usize>(&self, n: usize, i: usize, j0: usize) {
+        prefetch_write::<V>(self.c.as_ptr().wrapping_add(i * n + j0));
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -408,6 +455,7 @@ mod avx512 {
         j0: usize,
         mask: u16,
         (first, last): (bool, bool),
+        ahead: usize,
         e: &mut E,
     ) {
         let mut acc = [[_mm512_setzero_ps(); V]; R];
@@ -419,6 +467,13 @@ mod avx512 {
                     *acc = _mm512_maskz_loadu_ps(lanes::<V>(v, mask), at);
                 }
             }
+        }
+        // The next strip's lines of the epilogue's buffers: asked for now,
+        // they arrive while this tile sums. The training pass's buffers are
+        // out of L2 (a batch's activations are tens of MiB), and a tile's
+        // stores would otherwise each wait for their line.
+        for r in 0..ahead {
+            e.prefetch::<V>(n, i0 + R + r, j0);
         }
         let mut bp = b;
         let mut ap = a;
@@ -466,17 +521,18 @@ mod avx512 {
         j0: usize,
         mask: u16,
         ends: (bool, bool),
+        ahead: usize,
         e: &mut E,
     ) {
         macro_rules! by_rows {
             ($v:literal) => {
                 match r {
-                    1 => tile::<1, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
-                    2 => tile::<2, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
-                    3 => tile::<3, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
-                    4 => tile::<4, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
-                    5 => tile::<5, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
-                    _ => tile::<MR, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, e),
+                    1 => tile::<1, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, ahead, e),
+                    2 => tile::<2, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, ahead, e),
+                    3 => tile::<3, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, ahead, e),
+                    4 => tile::<4, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, ahead, e),
+                    5 => tile::<5, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, ahead, e),
+                    _ => tile::<MR, $v, E>(k, n, a, lda, b, i0, j0, mask, ends, ahead, e),
                 }
             };
         }
@@ -515,7 +571,22 @@ mod avx512 {
                 let panel = b.add(j0 * k + k0 * 16 * v);
                 for i0 in (0..m).step_by(MR) {
                     let r = (m - i0).min(MR);
-                    strip(r, v, kb, n, a.add(i0 * lda + k0), lda, panel, i0, j0, mask, ends, e);
+                    let ahead = (m - i0 - r).min(MR);
+                    strip(
+                        r,
+                        v,
+                        kb,
+                        n,
+                        a.add(i0 * lda + k0),
+                        lda,
+                        panel,
+                        i0,
+                        j0,
+                        mask,
+                        ends,
+                        ahead,
+                        e,
+                    );
                 }
             }
         }
