@@ -134,6 +134,10 @@ pub(crate) struct Backward<'a> {
     pub dalpha: &'a mut [f32],
     /// The bias gradient `[n]`, added to.
     pub dbias: &'a mut [f32],
+    /// What the product after this one reads, `[m, w]` row-major (with
+    /// `w`), asked for into L2 row by row as the strips go (a hint: it may
+    /// be empty).
+    pub next: (&'a [f32], usize),
 }
 
 /// Plain `c = a·b`, `[m, n]` row-major (the tests' reference for the sums).
@@ -393,6 +397,20 @@ impl Epilogue for Backward<'_> {
     fn prefetch<const V: usize>(&self, n: usize, i: usize, j0: usize) {
         prefetch_read::<V>(self.pre.as_ptr().wrapping_add(i * n + j0));
         prefetch_write::<V>(self.g.as_ptr().wrapping_add(i * n + j0));
+        // The next product's row `i`, its lines shared out over the panels.
+        let (next, w) = self.next;
+        if i * w < next.len() {
+            let (lines, panels, panel) = (w.div_ceil(16), n.div_ceil(NR), j0 / NR);
+            let row = next.as_ptr().wrapping_add(i * w);
+            for line in panel * lines / panels..(panel + 1) * lines / panels {
+                // SAFETY: a prefetch neither reads nor faults.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                        row.wrapping_add(16 * line).cast(),
+                    )
+                };
+            }
+        }
     }
 }
 
@@ -775,6 +793,7 @@ mod tests {
                         g: &mut g,
                         dalpha: &mut dalpha,
                         dbias: &mut dbias,
+                        next: (&a, k),
                     },
                 );
                 let (mut want_da, mut want_db) = (da0.clone(), db0.clone());

@@ -778,12 +778,16 @@ impl<'a> Shared<'a> {
                 let pre_below = &earlier[at - 2 * n * width_in..];
                 // Layer l-1's gradients end with its bias's and slopes'.
                 let (dbias, dalpha) = lower[offsets[l] - 2 * width_in..].split_at_mut(width_in);
+                // Layer l-1's input, which its weight gradient reads next.
+                let below_in = if l == 1 { lay.kq } else { lay.widths[l - 2] };
+                let next_input = &earlier[at - 2 * n * width_in - n * below_in..at - 2 * n * width_in];
                 let epilogue = &mut fused_f32::Backward {
                     pre: pre_below,
                     alpha,
                     g: input,
                     dalpha,
                     dbias,
+                    next: (next_input, below_in),
                 };
                 fused_f32::product(n, g, h, &panels_t[l - 1], epilogue); // [n, width_in]
                 fused_below = true;
