@@ -207,21 +207,13 @@ pub(crate) trait Epilogue: private::Sealed {
     fn prefetch<const V: usize>(&self, n: usize, i: usize, j0: usize);
 }
 
-/// Asks for the cache lines of `V` vectors from `p` on, to be written.
+/// Asks for the cache lines of `V` vectors from `p` on, into L1 (a hint:
+/// nothing is read or written). For lines that are then written too: a
+/// line no other core holds arrives exclusive, and the store needs nothing
+/// more (`prefetchw` measured the same).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch_write<const V: usize>(p: *const f32) {
-    use std::arch::x86_64::*;
-    for v in 0..V {
-        // SAFETY: a prefetch neither reads nor faults.
-        unsafe { _mm_prefetch::<_MM_HINT_ET0>(p.wrapping_add(16 * v).cast()) };
-    }
-}
-
-/// Asks for the cache lines of `V` vectors from `p` on, to be read.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_read<const V: usize>(p: *const f32) {
+fn prefetch_lines<const V: usize>(p: *const f32) {
     use std::arch::x86_64::*;
     for v in 0..V {
         // SAFETY: a prefetch neither reads nor faults.
@@ -333,8 +325,8 @@ impl Epilogue for Forward<'_> {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn prefetch<const V: usize>(&self, n: usize, i: usize, j0: usize) {
-        prefetch_write::<V>(self.pre.as_ptr().wrapping_add(i * n + j0));
-        prefetch_write::<V>(self.out.as_ptr().wrapping_add(i * n + j0));
+        prefetch_lines::<V>(self.pre.as_ptr().wrapping_add(i * n + j0));
+        prefetch_lines::<V>(self.out.as_ptr().wrapping_add(i * n + j0));
     }
 }
 
@@ -395,8 +387,8 @@ impl Epilogue for Backward<'_> {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn prefetch<const V: usize>(&self, n: usize, i: usize, j0: usize) {
-        prefetch_read::<V>(self.pre.as_ptr().wrapping_add(i * n + j0));
-        prefetch_write::<V>(self.g.as_ptr().wrapping_add(i * n + j0));
+        prefetch_lines::<V>(self.pre.as_ptr().wrapping_add(i * n + j0));
+        prefetch_lines::<V>(self.g.as_ptr().wrapping_add(i * n + j0));
         // The next product's row `i`, its lines shared out over the panels.
         let (next, w) = self.next;
         if i * w < next.len() {
@@ -445,7 +437,7 @@ impl Epilogue for Store<'_> {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     fn prefetch<const V: usize>(&self, n: usize, i: usize, j0: usize) {
-        prefetch_write::<V>(self.c.as_ptr().wrapping_add(i * n + j0));
+        prefetch_lines::<V>(self.c.as_ptr().wrapping_add(i * n + j0));
     }
 }
 
