@@ -201,6 +201,26 @@ pub(crate) trait Epilogue: private::Sealed {
         mask: u16,
     );
 
+    /// Rows `i0..i0 + R` of the product, in order, as [`Epilogue::row`]
+    /// each.
+    ///
+    /// # Safety
+    /// As [`Epilogue::row`], for every row.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn rows<const R: usize, const V: usize>(
+        &mut self,
+        n: usize,
+        i0: usize,
+        j0: usize,
+        acc: &[[std::arch::x86_64::__m512; V]; R],
+        mask: u16,
+    ) {
+        for (r, acc) in acc.iter().enumerate() {
+            self.row::<V>(n, i0 + r, j0, acc, mask);
+        }
+    }
+
     /// Asks for the memory that [`Epilogue::row`] will touch for row `i`,
     /// columns `j0..j0 + 16 * V` (a hint: nothing is read or written).
     #[cfg(target_arch = "x86_64")]
@@ -335,6 +355,53 @@ impl Epilogue for Backward<'_> {
         self.g.as_mut_ptr()
     }
 
+    /// As [`Epilogue::row`] row after row, with the slope and bias
+    /// gradients of each column vector held in registers over the rows
+    /// (the same additions in the same order).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn rows<const R: usize, const V: usize>(
+        &mut self,
+        n: usize,
+        i0: usize,
+        j0: usize,
+        acc: &[[std::arch::x86_64::__m512; V]; R],
+        mask: u16,
+    ) {
+        use std::arch::x86_64::*;
+        let (one, zero) = (_mm512_set1_ps(1.0), _mm512_setzero_ps());
+        for v in 0..V {
+            let j = j0 + 16 * v;
+            let m = lanes::<V>(v, mask);
+            let (db_at, da_at) = (self.dbias.as_mut_ptr().add(j), self.dalpha.as_mut_ptr().add(j));
+            let mut db = _mm512_maskz_loadu_ps(m, db_at);
+            let (slopes, mut da) = match self.alpha {
+                Some(a) => (
+                    _mm512_maskz_loadu_ps(m, a.as_ptr().add(j)),
+                    _mm512_maskz_loadu_ps(m, da_at),
+                ),
+                None => (zero, zero),
+            };
+            for (r, acc) in acc.iter().enumerate() {
+                let at = (i0 + r) * n + j;
+                let (x, dy) = (_mm512_maskz_loadu_ps(m, self.pre.as_ptr().add(at)), acc[v]);
+                let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, zero);
+                // As `Rowwise::backward`: the slope gradient from `dy`, then
+                // `g = dy·1` where x > 0, else `dy·a` (ReLU: `dy·0`).
+                if self.alpha.is_some() {
+                    da = _mm512_add_ps(da, _mm512_mul_ps(dy, _mm512_min_ps(x, zero)));
+                }
+                let gv = _mm512_mul_ps(dy, _mm512_mask_blend_ps(pos, slopes, one));
+                _mm512_mask_storeu_ps(self.g.as_mut_ptr().add(at), m, gv);
+                db = _mm512_add_ps(db, gv);
+            }
+            if self.alpha.is_some() {
+                _mm512_mask_storeu_ps(da_at, m, da);
+            }
+            _mm512_mask_storeu_ps(db_at, m, db);
+        }
+    }
+
     fn check(&self, m: usize, n: usize) {
         assert!(
             self.pre.len() >= m * n && self.g.len() >= m * n,
@@ -357,31 +424,7 @@ impl Epilogue for Backward<'_> {
         acc: &[std::arch::x86_64::__m512; V],
         mask: u16,
     ) {
-        use std::arch::x86_64::*;
-        let (pre, g) = (self.pre.as_ptr().add(i * n), self.g.as_mut_ptr().add(i * n));
-        let (one, zero) = (_mm512_set1_ps(1.0), _mm512_setzero_ps());
-        for (v, &dy) in acc.iter().enumerate() {
-            let j = j0 + 16 * v;
-            let m = lanes::<V>(v, mask);
-            let x = _mm512_maskz_loadu_ps(m, pre.add(j));
-            let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, zero);
-            // As `Rowwise::backward`: the slope gradient from `dy`, then
-            // `g = dy·1` where x > 0, else `dy·a` (ReLU: `dy·0`).
-            let factor = match self.alpha {
-                Some(a) => {
-                    let a = _mm512_maskz_loadu_ps(m, a.as_ptr().add(j));
-                    let da = self.dalpha.as_mut_ptr().add(j);
-                    let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(m, da), _mm512_mul_ps(dy, _mm512_min_ps(x, zero)));
-                    _mm512_mask_storeu_ps(da, m, sum);
-                    _mm512_mask_blend_ps(pos, a, one)
-                }
-                None => _mm512_mask_blend_ps(pos, zero, one),
-            };
-            let gv = _mm512_mul_ps(dy, factor);
-            _mm512_mask_storeu_ps(g.add(j), m, gv);
-            let db = self.dbias.as_mut_ptr().add(j);
-            _mm512_mask_storeu_ps(db, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, db), gv));
-        }
+        self.rows::<1, V>(n, i, j0, &[*acc], mask);
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -502,9 +545,7 @@ mod avx512 {
             ap = ap.add(1);
         }
         if last {
-            for (r, acc) in acc.iter().enumerate() {
-                e.row::<V>(n, i0 + r, j0, acc, mask);
-            }
+            e.rows::<R, V>(n, i0, j0, &acc, mask);
         } else {
             let partial = e.partial();
             for (r, acc) in acc.iter().enumerate() {
