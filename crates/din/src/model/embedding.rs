@@ -126,6 +126,28 @@ impl SparseGrad {
             .for_each(|(a, b)| *a += b);
     }
 
+    /// [`SparseGrad::add`] of `g[i * stride..][..dim]` to row `ids[i]`, for
+    /// every `i` in order, with the slots and rows of the ids a little
+    /// further on asked for from memory meanwhile (the ids of a batch's
+    /// histories land anywhere in the table).
+    pub fn add_rows(&mut self, ids: &[u32], g: &[f32], stride: usize) {
+        /// Ids between asking for a row's gradient and adding to it; its
+        /// slot is asked for twice as far ahead.
+        const AHEAD: usize = 8;
+        let d = self.dim;
+        for (i, &id) in ids.iter().enumerate() {
+            if let Some(&next) = ids.get(i + 2 * AHEAD) {
+                crate::model::prefetch(self.slot.as_ptr().wrapping_add(next as usize));
+            }
+            if let Some(&s) = ids.get(i + AHEAD).and_then(|&next| self.slot.get(next as usize)) {
+                if s > 0 {
+                    crate::model::prefetch(self.grads.as_ptr().wrapping_add((s as usize - 1) * d));
+                }
+            }
+            self.add(id, &g[i * stride..i * stride + d]);
+        }
+    }
+
     /// The gradient of row `id`, if touched.
     pub fn get(&self, id: u32) -> Option<&[f32]> {
         match self.slot.get(id as usize) {
@@ -141,5 +163,34 @@ impl SparseGrad {
         }
         self.ids.clear();
         self.grads.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testutil::rand_vec;
+
+    /// Rows added with `add_rows` (strided, ids repeated, ids that grow the
+    /// slot index, more ids than the look-ahead) are those of `add` in
+    /// order, bit for bit.
+    #[test]
+    fn add_rows_is_add_in_order() {
+        let (dim, stride) = (3, 5);
+        for n in [0, 1, 7, 40] {
+            let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % 23 + i / 10 * 1000).collect();
+            let g = rand_vec(n * stride + dim, n as u64);
+            let (mut by_rows, mut one_by_one) = (SparseGrad::new(dim), SparseGrad::new(dim));
+            by_rows.add(5, &g[..dim]);
+            one_by_one.add(5, &g[..dim]);
+            by_rows.add_rows(&ids, &g[1..], stride);
+            for (i, &id) in ids.iter().enumerate() {
+                one_by_one.add(id, &g[1 + i * stride..1 + i * stride + dim]);
+            }
+            assert_eq!(by_rows.ids, one_by_one.ids, "{n} ids");
+            let bits = |s: &SparseGrad| s.grads.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&by_rows), bits(&one_by_one), "{n} ids");
+            assert!(ids.iter().all(|&id| by_rows.get(id).is_some()));
+        }
     }
 }

@@ -439,9 +439,7 @@ impl Din {
                 g.add(id, &dq[r * dq_width + qcol..r * dq_width + qcol + dim]);
             });
             let htable = l.sequences[h].table;
-            for (i, &id) in batch.sequences[h].values.iter().enumerate() {
-                grads[htable].add(id, &dk[i * dq_width + qcol..i * dq_width + qcol + dim]);
-            }
+            grads[htable].add_rows(&batch.sequences[h].values, &dk[qcol..], dq_width);
             qcol += dim;
         }
         for s in l.unpaired_sequences() {
@@ -476,6 +474,20 @@ impl Din {
     pub fn zero_grad(&mut self) {
         self.visit_mut("", &mut |_, p| p.zero_grad());
     }
+}
+
+/// Asks the CPU for the cache line at `p` (a hint: no effect elsewhere,
+/// and never a fault, whatever the address).
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that never faults, whatever the address
+    // (SSE, part of x86_64).
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Refuses, before anything is allocated, a model whose dense layers cannot
