@@ -148,6 +148,29 @@ pub(crate) struct Store<'a> {
     pub c: &'a mut [f32],
 }
 
+/// `out = max(pre, 0) + α·min(pre, 0)` (`α = 0`: ReLU) for `[m, n]`
+/// row-major `pre`, with the forward epilogue's arithmetic (so its bits).
+///
+/// # Panics
+/// If the CPU lacks AVX-512F, or `out` or the slopes are shorter than
+/// `pre`'s rows need.
+pub(crate) fn activate(pre: &[f32], alpha: Option<&[f32]>, n: usize, out: &mut [f32]) {
+    assert!(available(), "the fused f32 products need AVX-512F");
+    assert!(
+        n > 0 && out.len() >= pre.len() && pre.len().is_multiple_of(n) && alpha.is_none_or(|a| a.len() >= n),
+        "activate: [{}] by rows of {n} into [{}]",
+        pre.len(),
+        out.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present (asserted); every row of `pre` and `out`
+    // and the slopes hold `n` values (asserted), and the masks keep the
+    // loads and stores inside them.
+    unsafe {
+        avx512::activate(pre, alpha, n, out)
+    }
+}
+
 /// `a[m, k]` (row `i` at `a[i * lda..]`) times `b`, each tile of the
 /// result handed to `epilogue`.
 ///
@@ -490,6 +513,27 @@ mod avx512 {
 
     use super::{lanes, Epilogue, KC, MR, NR};
 
+    /// See [`super::activate`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn activate(pre: &[f32], alpha: Option<&[f32]>, n: usize, out: &mut [f32]) {
+        let zero = _mm512_setzero_ps();
+        for (x, y) in pre.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            for j in (0..n).step_by(16) {
+                let m = if n - j >= 16 { u16::MAX } else { (1u16 << (n - j)) - 1 };
+                let x = _mm512_maskz_loadu_ps(m, x.as_ptr().add(j));
+                // As the forward epilogue.
+                let v = match alpha {
+                    Some(a) => {
+                        let a = _mm512_maskz_loadu_ps(m, a.as_ptr().add(j));
+                        _mm512_add_ps(_mm512_max_ps(x, zero), _mm512_mul_ps(a, _mm512_min_ps(x, zero)))
+                    }
+                    None => _mm512_max_ps(x, zero),
+                };
+                _mm512_mask_storeu_ps(y.as_mut_ptr().add(j), m, v);
+            }
+        }
+    }
+
     /// Rows `i0..i0 + R` of the product against one panel (`V` vectors
     /// wide), over inner indices `k0..k0 + k` (`a` and `b` at `k0`'s
     /// column and row). The sums start from zero when `first`, else from
@@ -788,6 +832,12 @@ mod tests {
                         out: &mut out,
                     },
                 );
+                // The activation recomputed from the pre-activation, as the
+                // training backward pass does: the epilogue's bits.
+                let mut again = vec![f32::NAN; m * n];
+                activate(&pre, alpha, n, &mut again);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&again), bits(&out), "activate ({m},{k},{n})");
                 for i in 0..m {
                     let add = bias.row(i, n);
                     for j in 0..n {
@@ -846,6 +896,35 @@ mod tests {
                 } else {
                     assert_eq!(dalpha, da0, "ReLU leaves the slope gradient alone");
                 }
+            }
+        }
+    }
+
+    /// Zeros of both signs, infinities and widths with a partial last
+    /// vector: PReLU's and ReLU's values.
+    #[test]
+    fn activate_is_prelu_or_relu() {
+        if skipped() {
+            return;
+        }
+        for n in [1, 16, 21, 40] {
+            let special = [-0.0, 0.0, -1.5, 2.0, f32::INFINITY, f32::NEG_INFINITY, 1e-40, -1e-40];
+            let pre: Vec<f32> = (0..3 * n)
+                .map(|i| special[i % special.len()] * (1.0 + i as f32))
+                .collect();
+            let slopes = Values(1000).take(n);
+            for alpha in [Some(&slopes[..]), None] {
+                let mut out = vec![f32::NAN; 3 * n + 5];
+                activate(&pre, alpha, n, &mut out);
+                for (i, &x) in pre.iter().enumerate() {
+                    let want = match alpha {
+                        _ if x > 0.0 => x,
+                        Some(a) => a[i % n] * x,
+                        None => 0.0,
+                    };
+                    assert_eq!(out[i], want, "n {n}, [{i}] = {x}");
+                }
+                assert!(out[3 * n..].iter().all(|v| v.is_nan()), "nothing written past the rows");
             }
         }
     }

@@ -359,7 +359,7 @@ impl<'a> Shared<'a> {
         s0: usize,
         s1: usize,
         region: &mut [f32],
-        k1: &mut [f32],
+        mut k1: &mut [f32],
         aq: &mut [f32],
         weights: &mut [f32],
         pooled: &mut [f32],
@@ -458,6 +458,12 @@ impl<'a> Shared<'a> {
                         r0,
                     },
                     _ => Bias::Columns(bias),
+                };
+                // Layer 0's output goes to the thread's scratch when the
+                // backward pass recomputes it (see `Shared::scratch_out0`).
+                let out = match (l, self.scratch_out0()) {
+                    (0, true) => &mut std::mem::take(&mut k1)[..n * h],
+                    _ => out,
                 };
                 let epilogue = &mut fused_f32::Forward { bias, alpha, pre, out };
                 fused_f32::product(n, input, width_in, &panels[l], epilogue); // [n, h]
@@ -632,6 +638,17 @@ impl<'a> Shared<'a> {
         self.normalize_and_pool(s0, s1, weights, pooled);
     }
 
+    /// FP32 training on the fused products with two or more hidden layers:
+    /// the first layer's output goes to the worker's scratch (`[n, H1]`, in
+    /// L2), not to the chunk's region, which keeps only its pre-activation
+    /// for the backward pass; the backward pass recomputes the output from
+    /// it. A batch's region is tens of MiB, out of L2; this spares the
+    /// forward pass 1 KiB of stores per row there (H1 = 256), and the
+    /// backward pass reading them back.
+    fn scratch_out0(&self) -> bool {
+        self.keep && self.layout.widths.len() >= 2 && (self.panels.is_some() || self.panels_t.is_some())
+    }
+
     /// Rows `i0..i0 + m` of a chunk whose rows start at `r0`, split by
     /// sample from sample `s` (whose rows reach past `i0`) on: each run as
     /// `(first, end, sample)`, rows counted from `i0`.
@@ -716,7 +733,12 @@ impl<'a> Shared<'a> {
             let at = lay.layer(l, n);
             let (below, here) = region.split_at_mut(at);
             let (pre, out) = here.split_at_mut(n * h);
-            let g = &mut out[..n * h];
+            // With `scratch_out0`, the first layer's dpre is in the scratch;
+            // `spare` is the rest of the scratch for this layer.
+            let (g, spare): (&mut [f32], &mut [f32]) = match (l, self.scratch_out0()) {
+                (0, true) => (&mut dk1[..n * h], &mut []),
+                _ => (&mut out[..n * h], &mut *dk1),
+            };
             let width_in = if l == 0 { lay.kq } else { lay.widths[l - 1] };
             let (earlier, input) = below.split_at_mut(at - n * width_in); // previous output, or [k, q*k]
             let (lower, gl) = grads.split_at_mut(offsets[l]);
@@ -746,7 +768,7 @@ impl<'a> Shared<'a> {
             if l == 0 && lay.kq == d {
                 // Grouped: dk1_j = Σ dpre1_t over the rows of history row j.
                 let nk = k_end - k0;
-                let dk1 = &mut dk1[..nk * h];
+                let dk1 = &mut spare[..nk * h];
                 dk1.iter_mut().for_each(|v| *v = 0.0);
                 for s in s0..s1 {
                     let (t0, t1) = self.rows(s, s + 1);
@@ -770,17 +792,31 @@ impl<'a> Shared<'a> {
                 self.per_sample_grads(s0, s1, g, ds, gwq, dq);
                 serial::matmul_a_bt(n, h, 2 * d, g, self.wkp, input, false); // d[k, q*k]
             } else if let (Some(panels_t), Some(alpha)) = (self.panels_t, self.acts[l - 1].as_prelu()) {
+                let pre_below = &earlier[at - 2 * n * width_in..];
+                // With `scratch_out0`, the first layer's output is recomputed
+                // from its pre-activation (as the forward epilogue computed
+                // it), into the scratch.
+                let input = match (l, self.scratch_out0()) {
+                    (1, true) => {
+                        let x = &mut spare[..n * width_in];
+                        fused_f32::activate(pre_below, alpha, width_in, x);
+                        x
+                    }
+                    _ => input,
+                };
                 self.products.matmul_at_b(width_in, n, h, input, g, gw, true); // dW_l
 
                 // dh_{l-1} = g·W_lᵀ, through layer l-1's activation backward
                 // into dpre_{l-1} (over its output), with its bias and slope
                 // gradients.
-                let pre_below = &earlier[at - 2 * n * width_in..];
                 // Layer l-1's gradients end with its bias's and slopes'.
                 let (dbias, dalpha) = lower[offsets[l] - 2 * width_in..].split_at_mut(width_in);
-                // Layer l-1's input, which its weight gradient reads next.
+                // What layer l-1's weight gradient reads next: its input, or
+                // with `scratch_out0`, for layer 1, layer 0's pre-activation.
                 let below_in = if l == 1 { lay.kq } else { lay.widths[l - 2] };
-                let next_input = &earlier[at - 2 * n * width_in - n * below_in..at - 2 * n * width_in];
+                let skip = if l == 2 && self.scratch_out0() { n * below_in } else { 0 };
+                let next_end = at - 2 * n * width_in - skip;
+                let next_input = &earlier[next_end - n * below_in..next_end];
                 let epilogue = &mut fused_f32::Backward {
                     pre: pre_below,
                     alpha,
@@ -1213,9 +1249,15 @@ impl Attention {
                     let mut scratch = scratch.borrow_mut();
                     let (s0, s1) = (c.s0, c.s1);
                     if keep {
-                        // A grouped pass's history term, [nk, H1].
+                        // A grouped pass's history term, [nk, H1], or the
+                        // first layer's output, [n, H1] (`scratch_out0`).
                         let (k0, k1) = pass.key_range(s0, s1);
-                        let k1 = at_least(&mut scratch, if compact { (k1 - k0) * h1 } else { 0 });
+                        let len = match (compact, pass.scratch_out0()) {
+                            (true, _) => (k1 - k0) * h1,
+                            (false, true) => (offsets[s1] - offsets[s0]) as usize * h1,
+                            (false, false) => 0,
+                        };
+                        let k1 = at_least(&mut scratch, len);
                         pass.forward(from, s0, s1, c.region, k1, c.aq, c.weights, c.pooled, c.moments);
                     } else {
                         let n = (offsets[s1] - offsets[s0]) as usize;
@@ -1338,8 +1380,15 @@ impl Attention {
                 }
                 SCRATCH.with(|scratch| {
                     let mut scratch = scratch.borrow_mut();
+                    // A grouped pass's dk1, [nk, H1], or the first layer's
+                    // output and then its gradient, [n, H1] (`scratch_out0`).
                     let (k0, k1) = pass.key_range(s0, s1);
-                    let dk1 = at_least(&mut scratch, if st.grouped { (k1 - k0) * h1 } else { 0 });
+                    let len = match (st.grouped, pass.scratch_out0()) {
+                        (true, _) => (k1 - k0) * h1,
+                        (false, true) => (r1 - r0) * h1,
+                        (false, false) => 0,
+                    };
+                    let dk1 = at_least(&mut scratch, len);
                     pass.backward(
                         resume,
                         s0,
