@@ -379,6 +379,12 @@ impl<'a> Shared<'a> {
 
         let mut input: &[f32] = kq;
         let mut width_in = self.layout.kq;
+        // The halves of the scratch for `in_scratch` (k1 serves only the
+        // grouped and shared-history paths otherwise).
+        let mut scratch: (&mut [f32], &mut [f32]) = match self.scratch_width() {
+            0 => (&mut [], &mut []),
+            w => std::mem::take(&mut k1).split_at_mut(n * w),
+        };
         for (l, block) in att.hidden().enumerate() {
             let h = block.linear.output_dim();
             let (pre, tail) = std::mem::take(&mut rest).split_at_mut(n * h);
@@ -459,11 +465,12 @@ impl<'a> Shared<'a> {
                     },
                     _ => Bias::Columns(bias),
                 };
-                // Layer 0's output goes to the thread's scratch when the
-                // backward pass recomputes it (see `Shared::scratch_out0`).
-                let out = match (l, self.scratch_out0()) {
-                    (0, true) => &mut std::mem::take(&mut k1)[..n * h],
-                    _ => out,
+                // To the worker's scratch, where the backward pass
+                // recomputes it (see `Shared::in_scratch`).
+                let out = match (self.in_scratch(l), l) {
+                    (true, 0) => &mut std::mem::take(&mut scratch.0)[..n * h],
+                    (true, _) => &mut std::mem::take(&mut scratch.1)[..n * h],
+                    (false, _) => out,
                 };
                 let epilogue = &mut fused_f32::Forward { bias, alpha, pre, out };
                 fused_f32::product(n, input, width_in, &panels[l], epilogue); // [n, h]
@@ -638,15 +645,27 @@ impl<'a> Shared<'a> {
         self.normalize_and_pool(s0, s1, weights, pooled);
     }
 
-    /// FP32 training on the fused products with two or more hidden layers:
-    /// the first layer's output goes to the worker's scratch (`[n, H1]`, in
-    /// L2), not to the chunk's region, which keeps only its pre-activation
-    /// for the backward pass; the backward pass recomputes the output from
-    /// it. A batch's region is tens of MiB, out of L2; this spares the
-    /// forward pass 1 KiB of stores per row there (H1 = 256), and the
-    /// backward pass reading them back.
-    fn scratch_out0(&self) -> bool {
-        self.keep && self.layout.widths.len() >= 2 && (self.panels.is_some() || self.panels_t.is_some())
+    /// FP32 training on the fused products: hidden layer `l`'s output
+    /// goes to the worker's scratch (in L2), not to the chunk's region, for
+    /// the first two layers that are not the last; the region keeps their
+    /// pre-activations, from which the backward pass recomputes the outputs.
+    /// A batch's region is tens of MiB, out of L2: this spares the forward
+    /// pass the stores of those outputs there (1 KiB and 512 B a row for
+    /// the (256,128,64) unit), and the backward pass reading them back.
+    /// Layer 0 uses the scratch's first half, layer 1 its second
+    /// (`[n, scratch_width]` each): layer 1 reads layer 0's output while it
+    /// writes its own.
+    fn in_scratch(&self, l: usize) -> bool {
+        self.keep && l < 2 && l + 1 < self.layout.widths.len() && (self.panels.is_some() || self.panels_t.is_some())
+    }
+
+    /// Floats per row of each half of the scratch for [`Shared::in_scratch`].
+    fn scratch_width(&self) -> usize {
+        (0..2)
+            .filter(|&l| self.in_scratch(l))
+            .map(|l| self.layout.widths[l])
+            .max()
+            .unwrap_or(0)
     }
 
     /// Rows `i0..i0 + m` of a chunk whose rows start at `r0`, split by
@@ -733,11 +752,16 @@ impl<'a> Shared<'a> {
             let at = lay.layer(l, n);
             let (below, here) = region.split_at_mut(at);
             let (pre, out) = here.split_at_mut(n * h);
-            // With `scratch_out0`, the first layer's dpre is in the scratch;
-            // `spare` is the rest of the scratch for this layer.
-            let (g, spare): (&mut [f32], &mut [f32]) = match (l, self.scratch_out0()) {
-                (0, true) => (&mut dk1[..n * h], &mut []),
-                _ => (&mut out[..n * h], &mut *dk1),
+            // With `in_scratch`, layers 0 and 1's dpre are in the scratch's
+            // halves; else `dk1` serves the grouped path.
+            let (mut scratch, dk1): ((&mut [f32], &mut [f32]), &mut [f32]) = match self.scratch_width() {
+                0 => ((&mut [], &mut []), &mut *dk1),
+                w => (dk1.split_at_mut(n * w), &mut []),
+            };
+            let g: &mut [f32] = match (self.in_scratch(l), l) {
+                (true, 0) => &mut std::mem::take(&mut scratch.0)[..n * h],
+                (true, _) => &mut std::mem::take(&mut scratch.1)[..n * h],
+                (false, _) => &mut out[..n * h],
             };
             let width_in = if l == 0 { lay.kq } else { lay.widths[l - 1] };
             let (earlier, input) = below.split_at_mut(at - n * width_in); // previous output, or [k, q*k]
@@ -768,7 +792,7 @@ impl<'a> Shared<'a> {
             if l == 0 && lay.kq == d {
                 // Grouped: dk1_j = Σ dpre1_t over the rows of history row j.
                 let nk = k_end - k0;
-                let dk1 = &mut spare[..nk * h];
+                let dk1 = &mut dk1[..nk * h];
                 dk1.iter_mut().for_each(|v| *v = 0.0);
                 for s in s0..s1 {
                     let (t0, t1) = self.rows(s, s + 1);
@@ -793,16 +817,17 @@ impl<'a> Shared<'a> {
                 serial::matmul_a_bt(n, h, 2 * d, g, self.wkp, input, false); // d[k, q*k]
             } else if let (Some(panels_t), Some(alpha)) = (self.panels_t, self.acts[l - 1].as_prelu()) {
                 let pre_below = &earlier[at - 2 * n * width_in..];
-                // With `scratch_out0`, the first layer's output is recomputed
-                // from its pre-activation (as the forward epilogue computed
-                // it), into the scratch.
-                let input = match (l, self.scratch_out0()) {
-                    (1, true) => {
-                        let x = &mut spare[..n * width_in];
+                // With `in_scratch`, layer l-1's output is recomputed from its
+                // pre-activation (as the forward epilogue computed it), into
+                // its half of the scratch.
+                let input = match (self.in_scratch(l - 1), l - 1) {
+                    (false, _) => input,
+                    (true, below) => {
+                        let half = if below == 0 { &mut scratch.0 } else { &mut scratch.1 };
+                        let x = &mut std::mem::take(half)[..n * width_in];
                         fused_f32::activate(pre_below, alpha, width_in, x);
                         x
                     }
-                    _ => input,
                 };
                 self.products.matmul_at_b(width_in, n, h, input, g, gw, true); // dW_l
 
@@ -812,9 +837,13 @@ impl<'a> Shared<'a> {
                 // Layer l-1's gradients end with its bias's and slopes'.
                 let (dbias, dalpha) = lower[offsets[l] - 2 * width_in..].split_at_mut(width_in);
                 // What layer l-1's weight gradient reads next: its input, or
-                // with `scratch_out0`, for layer 1, layer 0's pre-activation.
+                // with `in_scratch`, the pre-activation it is recomputed from.
                 let below_in = if l == 1 { lay.kq } else { lay.widths[l - 2] };
-                let skip = if l == 2 && self.scratch_out0() { n * below_in } else { 0 };
+                let skip = if l >= 2 && self.in_scratch(l - 2) {
+                    n * below_in
+                } else {
+                    0
+                };
                 let next_end = at - 2 * n * width_in - skip;
                 let next_input = &earlier[next_end - n * below_in..next_end];
                 let epilogue = &mut fused_f32::Backward {
@@ -1250,12 +1279,11 @@ impl Attention {
                     let (s0, s1) = (c.s0, c.s1);
                     if keep {
                         // A grouped pass's history term, [nk, H1], or the
-                        // first layer's output, [n, H1] (`scratch_out0`).
+                        // outputs kept in the scratch (`in_scratch`).
                         let (k0, k1) = pass.key_range(s0, s1);
-                        let len = match (compact, pass.scratch_out0()) {
-                            (true, _) => (k1 - k0) * h1,
-                            (false, true) => (offsets[s1] - offsets[s0]) as usize * h1,
-                            (false, false) => 0,
+                        let len = match compact {
+                            true => (k1 - k0) * h1,
+                            false => 2 * (offsets[s1] - offsets[s0]) as usize * pass.scratch_width(),
                         };
                         let k1 = at_least(&mut scratch, len);
                         pass.forward(from, s0, s1, c.region, k1, c.aq, c.weights, c.pooled, c.moments);
@@ -1380,13 +1408,12 @@ impl Attention {
                 }
                 SCRATCH.with(|scratch| {
                     let mut scratch = scratch.borrow_mut();
-                    // A grouped pass's dk1, [nk, H1], or the first layer's
-                    // output and then its gradient, [n, H1] (`scratch_out0`).
+                    // A grouped pass's dk1, [nk, H1], or the outputs kept in
+                    // the scratch and then their gradients (`in_scratch`).
                     let (k0, k1) = pass.key_range(s0, s1);
-                    let len = match (st.grouped, pass.scratch_out0()) {
-                        (true, _) => (k1 - k0) * h1,
-                        (false, true) => (r1 - r0) * h1,
-                        (false, false) => 0,
+                    let len = match st.grouped {
+                        true => (k1 - k0) * h1,
+                        false => 2 * (r1 - r0) * pass.scratch_width(),
                     };
                     let dk1 = at_least(&mut scratch, len);
                     pass.backward(
