@@ -654,7 +654,8 @@ impl<'a> Shared<'a> {
     /// the (256,128,64) unit), and the backward pass reading them back.
     /// Layer 0 uses the scratch's first half, layer 1 its second
     /// (`[n, scratch_width]` each): layer 1 reads layer 0's output while it
-    /// writes its own.
+    /// writes its own. Their output slots in the region go unused (the
+    /// layout stays that of the other paths).
     fn in_scratch(&self, l: usize) -> bool {
         self.keep && l < 2 && l + 1 < self.layout.widths.len() && (self.panels.is_some() || self.panels_t.is_some())
     }
@@ -743,8 +744,9 @@ impl<'a> Shared<'a> {
                 layers
             }
         };
-        // Hidden layers, last to first; layer l's output slot holds dh_l on
-        // entry, or dpre_l when the fused product of layer l + 1 wrote it.
+        // Hidden layers, last to first; layer l's output slot (or with
+        // `in_scratch`, its half of the scratch) holds dh_l on entry, or
+        // dpre_l when the fused product of layer l + 1 wrote it.
         let mut fused_below = false;
         for l in (0..top).rev() {
             let block = if l == 0 { &att.first } else { &att.rest.blocks[l - 1] };
