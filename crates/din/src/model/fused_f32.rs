@@ -7,7 +7,9 @@
 //! columns ([`Panels`]) instead of once per product, and the other operand is
 //! read in place. Long inner dimensions go in blocks of [`KC`], so that the
 //! block of a panel that every strip of rows runs over stays in L1 (a
-//! whole panel of a 256-wide layer is 64 KiB, more than L1 holds).
+//! whole panel of a 256-wide layer is 64 KiB, more than L1 holds). Each
+//! tile asks for the lines of the next strip's epilogue before it sums: a
+//! training pass's buffers are tens of MiB, out of L2.
 //!
 //! Hand-written because no maintained crate offers what this needs: the
 //! `gemm` crate the rest of the model uses runs its own kernels to the end
