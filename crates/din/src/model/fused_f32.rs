@@ -259,10 +259,20 @@ pub(crate) trait Epilogue: private::Sealed {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_lines<const V: usize>(p: *const f32) {
-    use std::arch::x86_64::*;
     for v in 0..V {
-        // SAFETY: a prefetch neither reads nor faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(16 * v).cast()) };
+        crate::model::prefetch(p.wrapping_add(16 * v));
+    }
+}
+
+/// The lanes of a vector that hold the first `count` of its 16 floats
+/// (`1..=16`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn first_lanes(count: usize) -> u16 {
+    if count >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << count) - 1
     }
 }
 
@@ -463,12 +473,7 @@ impl Epilogue for Backward<'_> {
             let (lines, panels, panel) = (w.div_ceil(16), n.div_ceil(NR), j0 / NR);
             let row = next.as_ptr().wrapping_add(i * w);
             for line in panel * lines / panels..(panel + 1) * lines / panels {
-                // SAFETY: a prefetch neither reads nor faults.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                        row.wrapping_add(16 * line).cast(),
-                    )
-                };
+                crate::model::prefetch_l2(row.wrapping_add(16 * line));
             }
         }
     }
@@ -513,7 +518,7 @@ impl Epilogue for Store<'_> {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{lanes, Epilogue, KC, MR, NR};
+    use super::{first_lanes, lanes, Epilogue, KC, MR, NR};
 
     /// See [`super::activate`].
     #[target_feature(enable = "avx512f")]
@@ -521,7 +526,7 @@ mod avx512 {
         let zero = _mm512_setzero_ps();
         for (x, y) in pre.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
             for j in (0..n).step_by(16) {
-                let m = if n - j >= 16 { u16::MAX } else { (1u16 << (n - j)) - 1 };
+                let m = first_lanes(n - j);
                 let x = _mm512_maskz_loadu_ps(m, x.as_ptr().add(j));
                 // As the forward epilogue.
                 let v = match alpha {
@@ -662,8 +667,7 @@ mod avx512 {
             for j0 in (0..n).step_by(NR) {
                 let w = (n - j0).min(NR);
                 let v = w.div_ceil(16);
-                let tail = w - 16 * (v - 1);
-                let mask = if tail == 16 { u16::MAX } else { (1u16 << tail) - 1 };
+                let mask = first_lanes(w - 16 * (v - 1));
                 // Panels before this one are all NR wide; its rows are 16 v wide.
                 let panel = b.add(j0 * k + k0 * 16 * v);
                 for i0 in (0..m).step_by(MR) {

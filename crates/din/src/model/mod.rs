@@ -476,18 +476,31 @@ impl Din {
     }
 }
 
-/// Asks the CPU for the cache line at `p` (a hint: no effect elsewhere,
-/// and never a fault, whatever the address).
+/// Asks the CPU for the cache line at `p`, into L1 (a hint: no effect
+/// elsewhere, and never a fault, whatever the address).
 #[inline(always)]
 pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint that never faults, whatever the address
-    // (SSE, part of x86_64).
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
-    }
+    prefetch_hint::<{ std::arch::x86_64::_MM_HINT_T0 }, T>(p);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// [`prefetch`] into L2 only, leaving L1 to the data in use.
+#[inline(always)]
+pub(crate) fn prefetch_l2<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    prefetch_hint::<{ std::arch::x86_64::_MM_HINT_T1 }, T>(p);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_hint<const HINT: i32, T>(p: *const T) {
+    // SAFETY: a prefetch is a hint that never faults, whatever the address
+    // (SSE, part of x86_64).
+    unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p.cast()) }
 }
 
 /// Refuses, before anything is allocated, a model whose dense layers cannot

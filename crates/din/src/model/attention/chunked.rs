@@ -748,6 +748,7 @@ impl<'a> Shared<'a> {
         // `in_scratch`, its half of the scratch) holds dh_l on entry, or
         // dpre_l when the fused product of layer l + 1 wrote it.
         let mut fused_below = false;
+        let scratch_width = self.scratch_width();
         for l in (0..top).rev() {
             let block = if l == 0 { &att.first } else { &att.rest.blocks[l - 1] };
             let h = lay.widths[l];
@@ -756,7 +757,7 @@ impl<'a> Shared<'a> {
             let (pre, out) = here.split_at_mut(n * h);
             // With `in_scratch`, layers 0 and 1's dpre are in the scratch's
             // halves; else `dk1` serves the grouped path.
-            let (mut scratch, dk1): ((&mut [f32], &mut [f32]), &mut [f32]) = match self.scratch_width() {
+            let (mut scratch, dk1): ((&mut [f32], &mut [f32]), &mut [f32]) = match scratch_width {
                 0 => ((&mut [], &mut []), &mut *dk1),
                 w => (dk1.split_at_mut(n * w), &mut []),
             };
