@@ -120,12 +120,12 @@ impl<'a> Rowwise<'a> {
     }
 }
 
-impl Rowwise<'_> {
+impl<'a> Rowwise<'a> {
     /// ReLU and PReLU, which are `max(x, 0) + a·min(x, 0)`: `Some` of the
     /// per-channel slopes (`None`: ReLU, `a = 0`), so that a caller may
     /// apply them in its own loop ([`super::bf16::Bf16Matrix::pack_prelu_rows`]);
     /// `None` for the others.
-    pub(crate) fn as_prelu(&self) -> Option<Option<&[f32]>> {
+    pub(crate) fn as_prelu(&self) -> Option<Option<&'a [f32]>> {
         match self.kind {
             ActivationKind::Relu => Some(None),
             ActivationKind::Prelu => Some(Some(self.alpha)),

@@ -142,8 +142,8 @@ pub(crate) struct Backward<'a> {
     pub next: (&'a [f32], usize),
 }
 
-/// Plain `c = a·b`, `[m, n]` row-major (the tests' reference for the sums).
-#[cfg(test)]
+/// Plain `c = a·b`, `[m, n]` row-major (the DNN's input gradient in a
+/// chunked training step, and the tests' reference for the sums).
 #[derive(Debug)]
 pub(crate) struct Store<'a> {
     /// The product.
@@ -280,7 +280,6 @@ mod private {
     pub trait Sealed {}
     impl Sealed for super::Forward<'_> {}
     impl Sealed for super::Backward<'_> {}
-    #[cfg(test)]
     impl Sealed for super::Store<'_> {}
 }
 
@@ -479,7 +478,6 @@ impl Epilogue for Backward<'_> {
     }
 }
 
-#[cfg(test)]
 impl Epilogue for Store<'_> {
     fn partial(&mut self) -> *mut f32 {
         self.c.as_mut_ptr()

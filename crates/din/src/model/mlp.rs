@@ -4,6 +4,7 @@ use rand::Rng;
 
 use super::activation::{Activation, ActivationCache};
 use super::bf16::{Bf16Matrix, Kernel};
+use super::fused_f32::{self, Bias, Panels};
 use super::linalg::Gemm;
 use super::linear::Linear;
 use super::param::{Module, Param};
@@ -30,6 +31,14 @@ pub struct Mlp {
     /// sums (mixed precision, see [`crate::model::Din::set_training_precision`]).
     /// Inference ([`Mode::Infer`]) is not affected.
     pub(crate) products: Kernel,
+}
+
+/// The blocks' weights packed for [`fused_f32`]'s products (see
+/// [`Mlp::pack_panels`]): `W` and `Wᵀ` per block, or none.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct MlpPanels {
+    forward: Vec<Panels>,
+    backward: Vec<Panels>,
 }
 
 /// Intermediate values of [`Mlp::forward`] kept for the backward pass.
@@ -198,6 +207,189 @@ impl Mlp {
             b.activation
                 .backward(&cache.pre[i], rows, &cache.activations[i], g, scratch);
             b.linear.backward_with(gemm, &cache.inputs[i], rows, scratch, Some(g));
+        }
+    }
+
+    /// Whether [`Mlp::forward_rows`] and [`Mlp::backward_rows`] train these
+    /// layers: every activation row-wise in training (no Dice), no
+    /// dropout, FP32 products.
+    pub(crate) fn trains_by_rows(&self) -> bool {
+        self.products == Kernel::Fp32
+            && self
+                .blocks
+                .iter()
+                .all(|b| b.dropout == 0.0 && b.activation.is_rowwise(Mode::Train))
+    }
+
+    /// Floats of the gradient buffers of [`Mlp::backward_rows`]: per
+    /// block, `dW` `[in, out]`, `db` `[out]`, then `dalpha` `[out]` with
+    /// PReLU or Dice.
+    pub(crate) fn grad_len(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| b.linear.weight.value.len() + Self::tail_len(b))
+            .sum()
+    }
+
+    fn tail_len(b: &Block) -> usize {
+        let o = b.linear.output_dim();
+        o + b.activation.alpha.as_ref().map_or(0, |_| o)
+    }
+
+    /// Packs each block's weight `W` (`[in, out]`) and its transpose for
+    /// [`Mlp::forward_rows`] and [`Mlp::backward_rows`] on [`fused_f32`]
+    /// (AVX-512F, PReLU or ReLU in every block); leaves `panels` empty
+    /// otherwise (the `gemm` products then serve).
+    pub(crate) fn pack_panels(&self, panels: &mut MlpPanels) {
+        let fuses = fused_f32::available()
+            && self
+                .blocks
+                .iter()
+                .all(|b| b.activation.rowwise(b.linear.output_dim()).as_prelu().is_some());
+        let layers = if fuses { self.blocks.len() } else { 0 };
+        panels.forward.resize_with(layers, Panels::default);
+        panels.backward.resize_with(layers, Panels::default);
+        for (l, b) in self.blocks.iter().enumerate().take(layers) {
+            let (i, o, w) = (b.linear.input_dim(), b.linear.output_dim(), &b.linear.weight.value);
+            panels.forward[l].pack(i, o, w, (o, 1));
+            panels.backward[l].pack(o, i, w, (1, o)); // Wᵀ, [out, in]
+        }
+    }
+
+    /// A training forward pass over some rows of a batch (`x`, `[rows,
+    /// in]`; see [`Mlp::trains_by_rows`]) into `cache`, on the calling
+    /// thread, on `panels` when [`Mlp::pack_panels`] packed any; returns
+    /// the output `[rows, out_last]`. Row by row what [`Mlp::forward_into`]
+    /// computes, but for the sums' rounding on `panels`.
+    pub(crate) fn forward_rows<'c>(
+        &self,
+        x: &[f32],
+        rows: usize,
+        panels: &MlpPanels,
+        cache: &'c mut MlpCache,
+    ) -> &'c [f32] {
+        let layers = self.blocks.len();
+        cache.inputs.resize_with(layers.max(1), Vec::new);
+        cache.pre.resize_with(layers, Vec::new);
+        cache.masks.iter_mut().for_each(Vec::clear);
+        cache.activations.clear();
+        if layers == 0 {
+            cache.output.clear();
+            cache.output.extend_from_slice(x);
+        }
+        let gemm = Gemm::F32.serial();
+        for (l, b) in self.blocks.iter().enumerate() {
+            let (o, pre) = (b.linear.output_dim(), &mut cache.pre[l]);
+            let (before, after) = cache.inputs.split_at_mut(l + 1);
+            let input: &[f32] = if l == 0 { x } else { &before[l] };
+            let out = if l + 1 < layers {
+                &mut after[0]
+            } else {
+                &mut cache.output
+            };
+            match (panels.forward.get(l), b.activation.rowwise(o).as_prelu()) {
+                (Some(p), Some(alpha)) => {
+                    for v in [&mut *pre, &mut *out] {
+                        v.clear();
+                        v.resize(rows * o, 0.0);
+                    }
+                    let bias = Bias::Columns(&b.linear.bias.value);
+                    let epilogue = &mut fused_f32::Forward { bias, alpha, pre, out };
+                    fused_f32::product(rows, input, b.linear.input_dim(), p, epilogue);
+                    // [rows, out]
+                }
+                _ => {
+                    b.linear.forward_with(gemm, input, rows, pre); // [rows, out]
+                    b.activation.forward(pre, rows, Mode::Train, out); // [rows, out]
+                }
+            }
+        }
+        &cache.output
+    }
+
+    /// The backward pass of [`Mlp::forward_rows`] (the same `x` and
+    /// `panels`): `g` holds `dy` on entry and `dx` on return (`dpre` is
+    /// working space); the parameter gradients are added to `grads` (laid
+    /// out as [`Mlp::grad_len`] says), not to the parameters.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward_rows(
+        &self,
+        x: &[f32],
+        cache: &MlpCache,
+        rows: usize,
+        panels: &MlpPanels,
+        g: &mut Vec<f32>,
+        dpre: &mut Vec<f32>,
+        grads: &mut [f32],
+    ) {
+        let gemm = Gemm::F32.serial();
+        let mut end = grads.len();
+        // Whether `g` holds dpre of the block (the product above applied
+        // its activation's backward pass and summed its bias and slope
+        // gradients).
+        let mut fused_below = false;
+        for (l, b) in self.blocks.iter().enumerate().rev() {
+            let (i, o) = (b.linear.input_dim(), b.linear.output_dim());
+            let start = end - b.linear.weight.value.len() - Self::tail_len(b);
+            let (lower, here) = grads[..end].split_at_mut(start);
+            let (dw, tail) = here.split_at_mut(b.linear.weight.value.len());
+            let (db, dalpha) = tail.split_at_mut(o);
+            let input: &[f32] = if l == 0 { x } else { &cache.inputs[l] };
+            if fused_below {
+                std::mem::swap(g, dpre);
+            } else {
+                dpre.clear();
+                dpre.extend_from_slice(g);
+                b.activation.rowwise(o).backward(&cache.pre[l], dpre, dalpha); // dpre
+                for row in dpre.chunks_exact(o) {
+                    db.iter_mut().zip(row).for_each(|(a, d)| *a += d);
+                }
+            }
+            gemm.matmul_at_b(i, rows, o, input, dpre, dw, true); // dW += inputᵀ·dpre, [in, out]
+            g.clear();
+            g.resize(rows * i, 0.0);
+            let below = l.checked_sub(1).map(|k| &self.blocks[k]);
+            let alpha_below = below.and_then(|k| k.activation.rowwise(i).as_prelu());
+            fused_below = false;
+            match (panels.backward.get(l), below, alpha_below) {
+                (Some(p), Some(k), Some(alpha)) => {
+                    // dx = dpre·Wᵀ through the block below's activation
+                    // backward pass, with its bias and slope gradients.
+                    let at = lower.len() - Self::tail_len(k);
+                    let (dbias, dalpha) = lower[at..].split_at_mut(i);
+                    let next: &[f32] = if l == 1 { x } else { &cache.inputs[l - 1] };
+                    let epilogue = &mut fused_f32::Backward {
+                        pre: &cache.pre[l - 1],
+                        alpha,
+                        g,
+                        dalpha,
+                        dbias,
+                        next: (next, k.linear.input_dim()),
+                    };
+                    fused_f32::product(rows, dpre, o, p, epilogue); // [rows, in]
+                    fused_below = true;
+                }
+                (Some(p), _, _) => fused_f32::product(rows, dpre, o, p, &mut fused_f32::Store { c: g }), // [rows, in]
+                _ => gemm.matmul_a_bt(rows, o, i, dpre, &b.linear.weight.value, g, false),               // [rows, in]
+            }
+            end = start;
+        }
+    }
+
+    /// Adds gradients laid out as [`Mlp::grad_len`] says to the parameters.
+    pub(crate) fn add_grads(&mut self, grads: &[f32]) {
+        let mut at = 0;
+        for b in &mut self.blocks {
+            let o = b.linear.output_dim();
+            let mut take = |dst: &mut [f32]| {
+                dst.iter_mut().zip(&grads[at..]).for_each(|(a, g)| *a += g);
+                at += dst.len();
+            };
+            take(&mut b.linear.weight.grad);
+            take(&mut b.linear.bias.grad);
+            if let Some(alpha) = &mut b.activation.alpha {
+                take(&mut alpha.grad[..o]);
+            }
         }
     }
 

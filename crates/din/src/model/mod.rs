@@ -89,6 +89,11 @@ pub struct DinCache {
     /// Gradients reaching the queries `[B, Dq]` and keys `[N, Dq]`.
     dq: Vec<f32>,
     dk: Vec<f32>,
+    /// [`Din::train_step_into`]: its chunks' bounds, and each chunk's
+    /// gradients of the DNN and output layer.
+    bounds: Vec<usize>,
+    partial: Vec<Vec<f32>>,
+    dnn_panels: mlp::MlpPanels,
 }
 
 impl DinCache {
@@ -260,21 +265,35 @@ impl Din {
     /// Writes the pooled histories `[B, Dq]` and the means of the unpaired
     /// sequences into the DNN input `x`.
     fn finish_inputs(&self, batch: &Batch, pooled: &[f32], x: &mut [f32]) {
-        let l = &self.layout;
-        let b = batch.rows;
-        let width = l.dnn_input_dim();
-        let dq = l.query_dim();
-        let mut col = l.sparse.iter().map(|s| self.embeddings[s.table].dim()).sum::<usize>()
-            + l.dense.iter().map(|d| d.1).sum::<usize>();
-        for r in 0..b {
-            x[r * width + col..r * width + col + dq].copy_from_slice(&pooled[r * dq..(r + 1) * dq]);
+        let (width, dq, col) = (
+            self.layout.dnn_input_dim(),
+            self.layout.query_dim(),
+            self.pooled_column(),
+        );
+        for (row, p) in x.chunks_exact_mut(width).zip(pooled.chunks_exact(dq)) {
+            row[col..col + dq].copy_from_slice(p);
         }
-        col += dq;
-        // Sequences outside the attention: mean of their embeddings (zero if empty).
+        self.write_unpaired(batch, x);
+    }
+
+    /// Where the pooled histories start in a row of the DNN input: after the
+    /// sparse features' embeddings and the dense features.
+    fn pooled_column(&self) -> usize {
+        let l = &self.layout;
+        l.sparse.iter().map(|s| self.embeddings[s.table].dim()).sum::<usize>()
+            + l.dense.iter().map(|d| d.1).sum::<usize>()
+    }
+
+    /// Writes the means of the sequences outside the attention (zero if
+    /// empty) into the DNN input `x`, after the pooled histories.
+    fn write_unpaired(&self, batch: &Batch, x: &mut [f32]) {
+        let l = &self.layout;
+        let width = l.dnn_input_dim();
+        let mut col = self.pooled_column() + l.query_dim();
         for s in l.unpaired_sequences() {
             let table = &self.embeddings[l.sequences[s].table];
             let dim = table.dim();
-            for r in 0..b {
+            for r in 0..batch.rows {
                 let ids = batch.history(s, r);
                 let out = &mut x[r * width + col..r * width + col + dim];
                 for &id in ids {
@@ -387,7 +406,30 @@ impl Din {
         let mut dx = std::mem::take(&mut cache.dx);
         self.output.backward(&cache.dnn.output, b, dlogits, Some(&mut dx)); // [B, H]
         self.dnn.backward_into(&cache.dnn, b, &mut dx, &mut cache.dscratch); // [B, Din]
+        let (width, dq_width, col) = (
+            self.layout.dnn_input_dim(),
+            self.layout.query_dim(),
+            self.pooled_column(),
+        );
+        let mut dpooled = std::mem::take(&mut cache.dpooled);
+        dpooled.clear();
+        dpooled.resize(b * dq_width, 0.0);
+        for (p, row) in dpooled.chunks_exact_mut(dq_width).zip(dx.chunks_exact(width)) {
+            p.copy_from_slice(&row[col..col + dq_width]);
+        }
+        let (mut dq, mut dk) = (std::mem::take(&mut cache.dq), std::mem::take(&mut cache.dk));
+        self.attention
+            .backward_into(&cache.q, &cache.keys, &mut cache.attention, &dpooled, &mut dq, &mut dk);
+        self.embedding_grads(batch, &dx, &dq, &dk, grads);
+        (cache.dq, cache.dk, cache.dx, cache.dpooled) = (dq, dk, dx, dpooled);
+    }
+
+    /// The embedding gradients of a batch (`grads`, cleared first), from
+    /// the gradients of the DNN input `dx` (`[B, Din]`), of the queries
+    /// `dq` (`[B, Dq]`) and of the keys `dk` (`[N, Dq]`).
+    fn embedding_grads(&self, batch: &Batch, dx: &[f32], dq: &[f32], dk: &[f32], grads: &mut EmbeddingGrads) {
         let l = &self.layout;
+        let b = batch.rows;
         let width = l.dnn_input_dim();
         let dq_width = l.query_dim();
         grads.resize_with(self.embeddings.len(), SparseGrad::default);
@@ -419,17 +461,7 @@ impl Din {
             }
             col += dim;
         }
-        col += l.dense.iter().map(|d| d.1).sum::<usize>();
-        let mut dpooled = std::mem::take(&mut cache.dpooled);
-        dpooled.clear();
-        dpooled.resize(b * dq_width, 0.0);
-        for r in 0..b {
-            dpooled[r * dq_width..(r + 1) * dq_width].copy_from_slice(&dx[r * width + col..r * width + col + dq_width]);
-        }
-        col += dq_width;
-        let (mut dq, mut dk) = (std::mem::take(&mut cache.dq), std::mem::take(&mut cache.dk));
-        self.attention
-            .backward_into(&cache.q, &cache.keys, &mut cache.attention, &dpooled, &mut dq, &mut dk);
+        col += l.dense.iter().map(|d| d.1).sum::<usize>() + dq_width;
         let mut qcol = 0;
         for &(t, h) in &l.pairs {
             let table = l.sparse[t].table;
@@ -461,7 +493,137 @@ impl Din {
             }
             col += dim;
         }
-        (cache.dq, cache.dk, cache.dx, cache.dpooled) = (dq, dk, dx, dpooled);
+    }
+
+    /// Whether [`Din::train_step_into`] can train on `batch`: its samples
+    /// each have their own history (not grouped), the attention unit runs
+    /// [`Attention::train_step`]'s path (PReLU or ReLU, FP32, AVX-512F),
+    /// and the DNN has no batch statistics or dropout (every sample's
+    /// forward and backward passes are then its own).
+    pub fn steps_in_chunks(&self, batch: &Batch) -> bool {
+        !batch.is_grouped() && self.attention.steps_in_chunks() && self.dnn.trains_by_rows()
+    }
+
+    /// A training step's forward and backward passes in one (see
+    /// [`Din::steps_in_chunks`]): the batch is cut into chunks of samples,
+    /// and one task per chunk runs the attention unit's forward pass over
+    /// the chunk's behaviours, the DNN and the loss's gradient over its
+    /// samples, and the unit's backward pass, while the chunk's activations
+    /// are still in its core's cache (a batch's are tens of MiB). Returns
+    /// the logits `[B]`; adds the dense parameters' gradients of the mean
+    /// binary cross-entropy over the batch (call [`Din::zero_grad`] first)
+    /// and writes the embedding gradients into `grads`. Each chunk's
+    /// gradients are summed in chunk order: the results do not depend on
+    /// the number of threads, and equal [`Din::forward_into`] then
+    /// [`Din::backward_into`] with `bce_with_logits`'s gradient but for
+    /// the order of those sums.
+    pub fn train_step_into<'c>(
+        &mut self,
+        batch: &Batch,
+        cache: &'c mut DinCache,
+        grads: &mut EmbeddingGrads,
+    ) -> &'c [f32] {
+        let b = batch.rows;
+        let (width, dqw, col) = (
+            self.layout.dnn_input_dim(),
+            self.layout.query_dim(),
+            self.pooled_column(),
+        );
+        self.gather_inputs(batch, &mut cache.x, &mut cache.q, &mut cache.keys);
+        self.write_unpaired(batch, &mut cache.x);
+        let offsets = &batch.sequences[self.layout.pairs[0].1].offsets;
+        cache.bounds.clear();
+        cache
+            .bounds
+            .extend_from_slice(self.attention.plan_step(offsets, &mut cache.attention));
+        let chunks = cache.bounds.len().saturating_sub(1);
+        let h_last = self.output.input_dim();
+        let dnn_len = self.dnn.grad_len();
+        let grad_len = dnn_len + h_last + 1;
+        cache.partial.resize_with(chunks.max(1), Vec::new);
+        for p in &mut cache.partial {
+            p.resize(grad_len, 0.0);
+        }
+        if chunks == 0 {
+            cache.partial[0].fill(0.0);
+        }
+        cache.logits.clear();
+        cache.logits.resize(b, 0.0);
+        cache.dx.clear();
+        cache.dx.resize(b * width, 0.0);
+        let samples = cache.bounds.windows(2).map(|w| w[1] - w[0]);
+        let xs = split_pieces(&mut cache.x, samples.clone().map(|s| s * width));
+        let dxs = split_pieces(&mut cache.dx, samples.clone().map(|s| s * width));
+        let logits = split_pieces(&mut cache.logits, samples);
+        let mut extras: Vec<StepChunk<'_>> = xs
+            .into_iter()
+            .zip(dxs)
+            .zip(logits)
+            .zip(cache.partial.iter_mut())
+            .map(|(((x, dx), logits), grads)| StepChunk { x, dx, logits, grads })
+            .collect();
+        let (mut dq, mut dk) = (std::mem::take(&mut cache.dq), std::mem::take(&mut cache.dk));
+        self.dnn.pack_panels(&mut cache.dnn_panels);
+        let (dnn, output, labels, panels) = (&self.dnn, &self.output, &batch.labels, &cache.dnn_panels);
+        let middle = |c: &mut StepChunk<'_>, s0: usize, s1: usize, pooled: &[f32], dpooled: &mut [f32]| {
+            let m = s1 - s0;
+            c.grads.fill(0.0);
+            for (row, p) in c.x.chunks_exact_mut(width).zip(pooled.chunks_exact(dqw)) {
+                row[col..col + dqw].copy_from_slice(p);
+            }
+            STEP.with(|scratch| {
+                let StepScratch { dnn: cache, dpre, g } = &mut *scratch.borrow_mut();
+                let out = dnn.forward_rows(c.x, m, panels, cache); // [m, H]
+                                                                   // The output layer, [H] -> 1, and the mean binary
+                                                                   // cross-entropy's gradient (as `bce_with_logits` computes it).
+                let (gd, go) = c.grads.split_at_mut(dnn_len);
+                let (dw, db) = go.split_at_mut(h_last);
+                let (w_out, b_out) = (&output.weight.value, output.bias.value[0]);
+                g.clear();
+                g.resize(m * h_last, 0.0);
+                for (((z, h), &y), gr) in c
+                    .logits
+                    .iter_mut()
+                    .zip(out.chunks_exact(h_last))
+                    .zip(&labels[s0..s1])
+                    .zip(g.chunks_exact_mut(h_last))
+                {
+                    *z = dot(h, w_out) + b_out;
+                    let p = 1.0 / (1.0 + (-*z).exp());
+                    let dz = (p - y) / b as f32;
+                    dw.iter_mut().zip(h).for_each(|(a, h)| *a += h * dz);
+                    db[0] += dz;
+                    gr.iter_mut().zip(w_out).for_each(|(a, w)| *a = dz * w); // [H]
+                }
+                dnn.backward_rows(c.x, cache, m, panels, g, dpre, gd); // [m, Din]
+                c.dx.copy_from_slice(g);
+            });
+            for (p, row) in dpooled.chunks_exact_mut(dqw).zip(c.dx.chunks_exact(width)) {
+                p.copy_from_slice(&row[col..col + dqw]);
+            }
+        };
+        self.attention.train_step(
+            &cache.q,
+            &cache.keys,
+            &mut cache.attention,
+            &mut cache.pooled,
+            &mut dq,
+            &mut dk,
+            &mut extras,
+            middle,
+        );
+        drop(extras);
+        sum_in_order(&mut cache.partial, chunks);
+        let total = &cache.partial[0];
+        self.dnn.add_grads(&total[..dnn_len]);
+        let (dw, db) = total[dnn_len..].split_at(h_last);
+        self.output.weight.grad.iter_mut().zip(dw).for_each(|(a, g)| *a += g);
+        self.output.bias.grad[0] += db[0];
+        self.embedding_grads(batch, &cache.dx, &dq, &dk, grads);
+        (cache.dq, cache.dk) = (dq, dk);
+        // Nothing is kept for a backward pass, nor Dice statistics.
+        cache.dnn = MlpCache::default();
+        &cache.logits
     }
 
     /// Folds a training batch's statistics into Dice's moving averages.
@@ -474,6 +636,68 @@ impl Din {
     pub fn zero_grad(&mut self) {
         self.visit_mut("", &mut |_, p| p.zero_grad());
     }
+}
+
+/// `a·b` with 8 partial sums, so that it vectorises (a plain sum of f32 is
+/// kept in order by the compiler and runs one element at a time).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Sums the first `count` of `partial` into `partial[0]`, element by
+/// element in order whichever thread sums it (deterministic).
+pub(crate) fn sum_in_order(partial: &mut [Vec<f32>], count: usize) {
+    use rayon::prelude::*;
+    const SPAN: usize = 4096;
+    let (total, others) = partial.split_at_mut(1);
+    let others = &others[..count.saturating_sub(1)];
+    total[0].par_chunks_mut(SPAN).enumerate().for_each(|(i, t)| {
+        for p in others {
+            t.iter_mut().zip(&p[i * SPAN..]).for_each(|(a, b)| *a += b);
+        }
+    });
+}
+
+/// One chunk's share of [`Din::train_step_into`]'s batch buffers.
+struct StepChunk<'a> {
+    /// DNN input rows `[bc, Din]`, then their gradients.
+    x: &'a mut [f32],
+    dx: &'a mut [f32],
+    /// Logits `[bc]`.
+    logits: &'a mut [f32],
+    /// Gradients of the DNN and the output layer, laid out as
+    /// [`Mlp::grad_len`] says, then `dw_out`, `db_out`.
+    grads: &'a mut [f32],
+}
+
+/// Working buffers of a [`Din::train_step_into`] task (each worker's own).
+#[derive(Default)]
+struct StepScratch {
+    dnn: MlpCache,
+    g: Vec<f32>,
+    dpre: Vec<f32>,
+}
+
+thread_local! {
+    static STEP: std::cell::RefCell<StepScratch> = std::cell::RefCell::new(StepScratch::default());
+}
+
+/// Splits `buf` into consecutive pieces of the given lengths.
+pub(crate) fn split_pieces<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+    lens.map(|len| {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(len);
+        buf = tail;
+        head
+    })
+    .collect()
 }
 
 /// Asks the CPU for the cache line at `p`, into L1 (a hint: no effect

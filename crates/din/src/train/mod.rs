@@ -761,7 +761,15 @@ impl Loop<'_> {
             };
             let (batch, cache, emb) = (&self.batch, &mut self.cache, &mut self.emb);
             let model = &mut s.model;
-            let logits = model.forward_into(batch, Mode::Train, Some(&mut self.rng.dropout), cache);
+            // One pass chunk by chunk where the model allows it, else the
+            // forward pass, then (with a finite loss) the backward pass.
+            let whole = model.steps_in_chunks(batch);
+            let logits = if whole {
+                model.zero_grad();
+                model.train_step_into(batch, cache, emb)
+            } else {
+                model.forward_into(batch, Mode::Train, Some(&mut self.rng.dropout), cache)
+            };
             observer.on_outputs(epoch, rows, &batch.labels, logits);
             let loss = bce_with_logits(logits, &batch.labels, &mut self.dlogits);
             let mut fault = (!loss.is_finite()).then(|| format!("the loss is {loss} (the output logits)"));
@@ -769,8 +777,10 @@ impl Loop<'_> {
             s.batches_done += 1;
             let done = s.batches_done;
             if fault.is_none() {
-                model.zero_grad();
-                model.backward_into(batch, cache, &self.dlogits, emb);
+                if !whole {
+                    model.zero_grad();
+                    model.backward_into(batch, cache, &self.dlogits, emb);
+                }
                 regularize(&tc.regularization, model, emb, self.counts);
                 observer.on_gradients(epoch, done, model, emb);
                 fault = non_finite_gradient(model, emb, &data.layout);

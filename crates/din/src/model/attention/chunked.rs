@@ -27,6 +27,15 @@
 //! tiles, a block of 32 rows at a time, each layer's activations rounded
 //! straight into the next product's operand.
 //!
+//! Training takes a third form where nothing couples a batch's samples
+//! ([`Attention::train_step`]): each chunk's task runs the unit's forward
+//! pass, hands the chunk's pooled histories to the rest of the model (the
+//! DNN and the loss, over the chunk's samples), and runs the unit's
+//! backward pass on the gradients it gets back, while the chunk's
+//! activations are still in its core's cache; the batch's region of
+//! activations (tens of MiB) is never made. The chunks and their sums are
+//! those of the two passes.
+//!
 //! FP32 training on AVX-512 with PReLU or ReLU runs its hidden layers'
 //! forward products and the backward `dy·W_lᵀ` on [`fused_f32`]: the bias
 //! and activation (forward), or the activation's backward pass with the
@@ -38,13 +47,15 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{softmax_in_place, Attention, Histories};
+use super::{softmax_in_place, Attention, AttentionCache, Histories, Path};
+use crate::model::activation::ActivationCache;
 use crate::model::activation::Moments;
 use crate::model::bf16::{Bf16Matrix, Kernel};
 use crate::model::fused_f32::{self, Bias, Panels};
 use crate::model::linalg::{serial, Gemm};
 use crate::model::mlp::Block;
-use crate::model::{Mode, Rowwise};
+use crate::model::mlp::MlpCache;
+use crate::model::{dot, split_pieces, Mode, Rowwise};
 use crate::schema::{ActivationKind, Normalization};
 
 /// Behaviours per training task, about: the chunk's activations (about
@@ -970,28 +981,45 @@ impl<'a> Shared<'a> {
     }
 }
 
-/// `a·b` with 8 partial sums, so that it vectorises (a plain sum of f32 is
-/// kept in order by the compiler and runs one element at a time).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+/// Cuts samples into chunks (`bounds`: each chunk's first sample, then
+/// the batch size; empty for an empty batch) from `offsets`, where each
+/// sample's rows start (`[B + 1]`). Training (`even`): an even number of
+/// chunks (but for one) of about `chunk_rows` rows or more each, each
+/// closed at the first sample boundary past its share of the rows, so that
+/// two threads stay equally busy to the end; with group `starts` (a
+/// grouped training pass), only at group ends, so that a chunk sums its
+/// histories' gradients whole. Inference: a chunk closes once it holds
+/// `chunk_rows` rows. The chunks depend on the batch alone.
+fn plan_chunks(offsets: &[u32], starts: Option<&[u32]>, even: bool, chunk_rows: usize, bounds: &mut Vec<usize>) {
+    let b = offsets.len() - 1;
+    let n = offsets[b] as usize;
+    let chunks = n.div_ceil(chunk_rows).max(1);
+    let chunks = chunks + chunks % 2 * usize::from(chunks > 1);
+    bounds.clear();
+    bounds.push(0);
+    let mut next = 1; // the first group start after sample s
+    for s in 0..b {
+        let group_end = match starts {
+            Some(starts) => {
+                while starts[next] as usize <= s {
+                    next += 1;
+                }
+                starts[next] as usize == s + 1
+            }
+            None => true,
+        };
+        let big = if even {
+            offsets[s + 1] as usize * chunks >= n * bounds.len()
+        } else {
+            (offsets[s + 1] - offsets[bounds[bounds.len() - 1]]) as usize >= chunk_rows
+        };
+        if s + 1 == b || (big && group_end) {
+            bounds.push(s + 1);
         }
     }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Splits `buf` into consecutive pieces of the given lengths.
-fn split_pieces<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
-    lens.map(|len| {
-        let (head, tail) = std::mem::take(&mut buf).split_at_mut(len);
-        buf = tail;
-        head
-    })
-    .collect()
+    if b == 0 {
+        bounds.clear();
+    }
 }
 
 /// Rows of `x` through `act` after adding `bias`, rounded into `w`'s packed
@@ -1110,6 +1138,45 @@ impl Attention {
         });
     }
 
+    /// The first layer's weight split for the chunked passes (`st.wq`,
+    /// `st.wkp`): `[q, k, q-k, q*k]·W = q·(Wq + Wd) + [k, q*k]·[Wk - Wd; Wp]`.
+    fn split_first_layer(&self, st: &mut ChunkedState) {
+        let (d, h1) = self.dims();
+        let w = &self.first.linear.weight.value; // [4D, H1]: Wq, Wk, Wd, Wp
+        let (wq_, wk_, wd, wp) = (
+            &w[..d * h1],
+            &w[d * h1..2 * d * h1],
+            &w[2 * d * h1..3 * d * h1],
+            &w[3 * d * h1..],
+        );
+        st.wq.clear();
+        st.wq.extend(wq_.iter().zip(wd).map(|(a, b)| a + b));
+        st.wkp.clear();
+        st.wkp.extend(wk_.iter().zip(wd).map(|(a, b)| a - b));
+        st.wkp.extend_from_slice(wp);
+    }
+
+    /// FP32 training on [`fused_f32`] (`fuses`): every hidden layer's
+    /// weights packed for the forward products (layer 0: `st.wkp`, after
+    /// [`Attention::split_first_layer`]), and layers `1..`'s transposes for
+    /// the backward ones, into the buffers of the batch before; none
+    /// otherwise.
+    fn pack_panels(&self, fuses: bool, st: &mut ChunkedState) {
+        let layers = if fuses { self.rest.blocks.len() + 1 } else { 0 };
+        st.panels.resize_with(layers, Panels::default);
+        st.panels_t.resize_with(layers.saturating_sub(1), Panels::default);
+        let mut width_in = 2 * self.dims().0;
+        for (l, block) in self.hidden().enumerate().take(layers) {
+            let h = block.linear.output_dim();
+            let w: &[f32] = if l == 0 { &st.wkp } else { &block.linear.weight.value };
+            st.panels[l].pack(width_in, h, w, (h, 1));
+            if l > 0 {
+                st.panels_t[l - 1].pack(h, width_in, w, (1, h)); // W_lᵀ, [h, width_in]
+            }
+            width_in = h;
+        }
+    }
+
     /// Chunked forward pass (see the module documentation): writes the
     /// pooled histories `[B, D]` and the attention weights (`[R]`, one per
     /// (sample, behaviour) row). With `keep`, `st` keeps what
@@ -1138,51 +1205,15 @@ impl Attention {
         let n = offsets[b] as usize;
         let compact = keep && st.grouped;
         let layout = Layout::new(self, compact);
-        // The split first layer's weights.
-        let w = &self.first.linear.weight.value; // [4D, H1]: Wq, Wk, Wd, Wp
-        let (wq_, wk_, wd, wp) = (
-            &w[..d * h1],
-            &w[d * h1..2 * d * h1],
-            &w[2 * d * h1..3 * d * h1],
-            &w[3 * d * h1..],
-        );
-        st.wq.clear();
-        st.wq.extend(wq_.iter().zip(wd).map(|(a, b)| a + b));
-        st.wkp.clear();
-        st.wkp.extend(wk_.iter().zip(wd).map(|(a, b)| a - b));
-        st.wkp.extend_from_slice(wp);
+        self.split_first_layer(st);
         let chunk_rows = if keep { CHUNK_ROWS_TRAIN } else { CHUNK_ROWS_INFER };
-        // A grouped training pass keeps each group in one chunk, so that a
-        // chunk sums its histories' gradients whole.
-        // Training: an even number of chunks (but for one), each closed at
-        // the first sample boundary past its share of the rows.
-        let chunks = n.div_ceil(chunk_rows).max(1);
-        let chunks = chunks + chunks % 2 * usize::from(chunks > 1);
-        st.bounds.clear();
-        st.bounds.push(0);
-        let mut next = 1; // the first group start after sample s
-        for s in 0..b {
-            let group_end = match (compact, histories.starts) {
-                (true, Some(starts)) => {
-                    while starts[next] as usize <= s {
-                        next += 1;
-                    }
-                    starts[next] as usize == s + 1
-                }
-                _ => true,
-            };
-            let big = if keep {
-                offsets[s + 1] as usize * chunks >= n * st.bounds.len()
-            } else {
-                (offsets[s + 1] - offsets[st.bounds[st.bounds.len() - 1]]) as usize >= chunk_rows
-            };
-            if s + 1 == b || (big && group_end) {
-                st.bounds.push(s + 1);
-            }
-        }
-        if b == 0 {
-            st.bounds.clear();
-        }
+        plan_chunks(
+            &st.offsets,
+            histories.starts.filter(|_| compact),
+            keep,
+            chunk_rows,
+            &mut st.bounds,
+        );
         pooled.clear();
         pooled.resize(b * d, 0.0);
         weights.clear();
@@ -1208,21 +1239,8 @@ impl Attention {
             st.packed.clear();
             st.packed_t.clear();
         }
-        // Packed into the buffers of the batch before.
         let fuses = keep && !compact && !products.is_bf16() && self.fuses_f32();
-        let layers = if fuses { self.rest.blocks.len() + 1 } else { 0 };
-        st.panels.resize_with(layers, Panels::default);
-        st.panels_t.resize_with(layers.saturating_sub(1), Panels::default);
-        let mut width_in = 2 * d;
-        for (l, block) in self.hidden().enumerate().take(layers) {
-            let h = block.linear.output_dim();
-            let w: &[f32] = if l == 0 { &st.wkp } else { &block.linear.weight.value };
-            st.panels[l].pack(width_in, h, w, (h, 1));
-            if l > 0 {
-                st.panels_t[l - 1].pack(h, width_in, w, (1, h)); // W_lᵀ, [h, width_in]
-            }
-            width_in = h;
-        }
+        self.pack_panels(fuses, st);
         let mut batch_moments = Vec::new();
         let mut shared = Shared {
             same_history,
@@ -1457,20 +1475,147 @@ impl Attention {
         }
         drop(parts);
         st.sums = sums;
-        // Sum the chunks in order (deterministic), then add to the parameters.
-        // Each element is summed in chunk order, whichever thread sums it.
-        let (total, others) = partial.split_at_mut(1);
-        let total = &mut total[0];
-        let others = &others[..chunks.len().saturating_sub(1)];
-        const SPAN: usize = 4096;
-        total.par_chunks_mut(SPAN).enumerate().for_each(|(i, t)| {
-            for p in others {
-                t.iter_mut().zip(&p[i * SPAN..]).for_each(|(a, b)| *a += b);
-            }
-        });
-        self.add_chunk_grads(total, grad_offsets);
+        // Sum the chunks in order, then add to the parameters.
+        crate::model::sum_in_order(&mut partial, chunks.len());
+        self.add_chunk_grads(&partial[0], grad_offsets);
         st.partial = partial;
         st.region = region;
+        st.per_sample = per_sample;
+    }
+
+    /// Whether [`Attention::train_step`] can run this unit: attention
+    /// pooling, PReLU or ReLU in every hidden layer (no batch statistics),
+    /// FP32 products on AVX-512F.
+    pub(crate) fn steps_in_chunks(&self) -> bool {
+        self.chunkable() && self.fuses_f32() && !self.rest.products.is_bf16()
+    }
+
+    /// Cuts a training batch whose samples each have their own history
+    /// (`offsets`, `[B + 1]`) into the chunks of [`Attention::train_step`]
+    /// (kept in `cache`); returns their bounds (each chunk's first sample,
+    /// then `B`).
+    pub(crate) fn plan_step<'s>(&self, offsets: &[u32], cache: &'s mut AttentionCache) -> &'s [usize] {
+        let st = &mut cache.chunked;
+        Histories::own(offsets).index(&mut st.offsets, &mut st.key_at);
+        st.grouped = false;
+        plan_chunks(&st.offsets, None, true, CHUNK_ROWS_TRAIN, &mut st.bounds);
+        &st.bounds
+    }
+
+    /// The unit's part of a whole training step over the chunks of
+    /// [`Attention::plan_step`] with the same `cache`, one task per chunk:
+    /// the unit's forward pass
+    /// over the chunk's rows, then `middle(extra, s0, s1, pooled, dpooled)`
+    /// (the rest of the model over samples `s0..s1`: from their pooled
+    /// histories `[s1-s0, D]` to their gradients `dpooled`), then the
+    /// unit's backward pass, while the chunk's activations are still in the
+    /// core's cache. Writes the attention weights (`[N]`, into `cache`), the pooled
+    /// histories (`[B, D]`), `dq` (`[B, D]`) and `dk` (`[N, D]`), and adds
+    /// the weight gradients to the parameters, summed over the chunks in
+    /// chunk order. `extras` holds one value per chunk. The results do not
+    /// depend on the number of threads; each chunk's are those of
+    /// [`Attention::forward_chunked`] and [`Attention::backward_chunked`]
+    /// over the same chunks.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn train_step<E: Send>(
+        &mut self,
+        q: &[f32],
+        keys: &[f32],
+        cache: &mut AttentionCache,
+        pooled: &mut Vec<f32>,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        extras: &mut [E],
+        middle: impl Fn(&mut E, usize, usize, &[f32], &mut [f32]) + Sync,
+    ) {
+        let (d, h1) = self.dims();
+        let layout = Layout::new(self, false);
+        // Nothing is left for a backward pass, nor of a layer-by-layer one.
+        cache.path = Path::Empty;
+        cache.first_act = ActivationCache::default();
+        cache.rest = MlpCache::default();
+        let (st, weights) = (&mut cache.chunked, &mut cache.weights);
+        let b = st.offsets.len() - 1;
+        let n = st.offsets[b] as usize;
+        st.train = true;
+        st.batch_moments.clear();
+        st.packed.clear();
+        st.packed_t.clear();
+        self.split_first_layer(st);
+        self.pack_panels(true, st);
+        let width = layout.row_width();
+        let grad_len = layout.grad_offsets[layout.grad_offsets.len() - 1];
+        let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
+        assert_eq!(extras.len(), chunks.len(), "one extra per chunk");
+        let mut partial = std::mem::take(&mut st.partial);
+        partial.resize_with(chunks.len().max(1), Vec::new);
+        for p in &mut partial {
+            p.resize(grad_len, 0.0);
+        }
+        if chunks.is_empty() {
+            partial[0].fill(0.0);
+        }
+        let mut per_sample = std::mem::take(&mut st.per_sample);
+        pooled.clear();
+        pooled.resize(b * d, 0.0);
+        weights.clear();
+        weights.resize(n, 0.0);
+        dq.clear();
+        dq.resize(b * d, 0.0);
+        dk.clear();
+        dk.resize(keys.len(), 0.0);
+        let shared = Shared {
+            panels: Some(&st.panels[..]),
+            panels_t: Some(&st.panels_t[..]),
+            ..Shared::new(self, &layout, st, q, keys)
+        };
+        let offsets = &st.offsets;
+        let rows = |&(s0, s1): &(usize, usize)| (offsets[s1] - offsets[s0]) as usize;
+        let samples = |&(s0, s1): &(usize, usize)| s1 - s0;
+        let aqs = split_pieces(
+            at_least(&mut per_sample, b * h1),
+            chunks.iter().map(|c| samples(c) * h1),
+        );
+        let weights = split_pieces(weights, chunks.iter().map(rows));
+        let pooled = split_pieces(pooled, chunks.iter().map(|c| samples(c) * d));
+        let dqs = split_pieces(dq, chunks.iter().map(|c| samples(c) * d));
+        let dks = split_pieces(dk, chunks.iter().map(|c| rows(c) * d));
+        let mut parts: Vec<_> = chunks
+            .iter()
+            .zip(aqs)
+            .zip(weights)
+            .zip(pooled)
+            .zip(dqs)
+            .zip(dks)
+            .zip(partial.iter_mut())
+            .zip(extras.iter_mut())
+            .map(|(((((((c, aq), w), p), dq), dk), g), e)| (*c, aq, w, p, dq, dk, g, e))
+            .collect();
+        let shared = &shared;
+        let middle = &middle;
+        parts
+            .par_iter_mut()
+            .for_each(|(c, aq, weights, pooled, dq, dk, grads, extra)| {
+                let (s0, s1) = *c;
+                let rows = rows(c);
+                SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    // The chunk's region, the scratch of `in_scratch`, and its dpooled.
+                    let len = rows * width + 2 * rows * shared.scratch_width();
+                    let buf = at_least(&mut scratch, len + (s1 - s0) * d);
+                    let (buf, dpooled) = buf.split_at_mut(len);
+                    let (region, k1) = buf.split_at_mut(rows * width);
+                    let mut moments = Moments::default();
+                    shared.forward(0, s0, s1, region, k1, aq, weights, pooled, &mut moments);
+                    middle(extra, s0, s1, pooled, dpooled);
+                    grads.fill(0.0);
+                    shared.backward(None, s0, s1, region, aq, weights, dpooled, grads, dq, dk, k1, &mut []);
+                });
+            });
+        drop(parts);
+        crate::model::sum_in_order(&mut partial, chunks.len());
+        self.add_chunk_grads(&partial[0], &layout.grad_offsets);
+        st.partial = partial;
         st.per_sample = per_sample;
     }
 
