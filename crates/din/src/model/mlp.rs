@@ -1,6 +1,7 @@
 //! A stack of fully connected layers with activations and dropout.
 
 use rand::Rng;
+use rayon::prelude::*;
 
 use super::activation::{Activation, ActivationCache};
 use super::bf16::{Bf16Matrix, Kernel};
@@ -249,11 +250,26 @@ impl Mlp {
         let layers = if fuses { self.blocks.len() } else { 0 };
         panels.forward.resize_with(layers, Panels::default);
         panels.backward.resize_with(layers, Panels::default);
-        for (l, b) in self.blocks.iter().enumerate().take(layers) {
-            let (i, o, w) = (b.linear.input_dim(), b.linear.output_dim(), &b.linear.weight.value);
-            panels.forward[l].pack(i, o, w, (o, 1));
-            panels.backward[l].pack(o, i, w, (1, o)); // Wᵀ, [out, in]
-        }
+        // Each on its own task (copies).
+        let blocks = &self.blocks;
+        let shape = |l: usize| -> (usize, usize, &[f32]) {
+            let b = &blocks[l].linear;
+            (b.input_dim(), b.output_dim(), &b.weight.value)
+        };
+        rayon::join(
+            || {
+                panels.forward.par_iter_mut().enumerate().for_each(|(l, p)| {
+                    let (i, o, w) = shape(l);
+                    p.pack(i, o, w, (o, 1));
+                })
+            },
+            || {
+                panels.backward.par_iter_mut().enumerate().for_each(|(l, p)| {
+                    let (i, o, w) = shape(l);
+                    p.pack(o, i, w, (1, o)); // Wᵀ, [out, in]
+                })
+            },
+        );
     }
 
     /// A training forward pass over some rows of a batch (`x`, `[rows,

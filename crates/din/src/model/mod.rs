@@ -529,8 +529,15 @@ impl Din {
             self.layout.query_dim(),
             self.pooled_column(),
         );
-        self.gather_inputs(batch, &mut cache.x, &mut cache.q, &mut cache.keys);
-        self.write_unpaired(batch, &mut cache.x);
+        // The DNN's weights packed while the inputs are gathered.
+        let (x, q, keys) = (&mut cache.x, &mut cache.q, &mut cache.keys);
+        rayon::join(
+            || self.dnn.pack_panels(&mut cache.dnn_panels),
+            || {
+                self.gather_inputs(batch, x, q, keys);
+                self.write_unpaired(batch, x);
+            },
+        );
         let offsets = &batch.sequences[self.layout.pairs[0].1].offsets;
         cache.bounds.clear();
         cache
@@ -563,7 +570,6 @@ impl Din {
             .map(|(((x, dx), logits), grads)| StepChunk { x, dx, logits, grads })
             .collect();
         let (mut dq, mut dk) = (std::mem::take(&mut cache.dq), std::mem::take(&mut cache.dk));
-        self.dnn.pack_panels(&mut cache.dnn_panels);
         let (dnn, output, labels, panels) = (&self.dnn, &self.output, &batch.labels, &cache.dnn_panels);
         let middle = |c: &mut StepChunk<'_>, s0: usize, s1: usize, pooled: &[f32], dpooled: &mut [f32]| {
             let m = s1 - s0;

@@ -1177,16 +1177,38 @@ impl Attention {
         let layers = if fuses { self.rest.blocks.len() + 1 } else { 0 };
         st.panels.resize_with(layers, Panels::default);
         st.panels_t.resize_with(layers.saturating_sub(1), Panels::default);
-        let mut width_in = 2 * self.dims().0;
-        for (l, block) in self.hidden().enumerate().take(layers) {
-            let h = block.linear.output_dim();
-            let w: &[f32] = if l == 0 { &st.wkp } else { &block.linear.weight.value };
-            st.panels[l].pack(width_in, h, w, (h, 1));
-            if l > 0 {
-                st.panels_t[l - 1].pack(h, width_in, w, (1, h)); // W_lᵀ, [h, width_in]
+        // Each layer's (and transpose's) on its own task: a copy, serial
+        // otherwise while the other workers wait.
+        let blocks: Vec<&Block> = self.hidden().take(layers).collect();
+        let width_in = |l: usize| {
+            if l == 0 {
+                2 * self.dims().0
+            } else {
+                blocks[l - 1].linear.output_dim()
             }
-            width_in = h;
-        }
+        };
+        let weight = |l: usize| -> &[f32] {
+            if l == 0 {
+                &st.wkp
+            } else {
+                &blocks[l].linear.weight.value
+            }
+        };
+        let (panels, panels_t) = (&mut st.panels, &mut st.panels_t);
+        rayon::join(
+            || {
+                panels.par_iter_mut().enumerate().for_each(|(l, p)| {
+                    let h = blocks[l].linear.output_dim();
+                    p.pack(width_in(l), h, weight(l), (h, 1));
+                })
+            },
+            || {
+                panels_t.par_iter_mut().enumerate().for_each(|(i, p)| {
+                    let (l, h) = (i + 1, blocks[i + 1].linear.output_dim());
+                    p.pack(h, width_in(l), weight(l), (1, h)); // W_lᵀ, [h, width_in]
+                })
+            },
+        );
     }
 
     /// Chunked forward pass (see the module documentation): writes the
