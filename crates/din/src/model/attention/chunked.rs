@@ -187,6 +187,18 @@ impl Layout {
         }
     }
 
+    /// Zeroes a chunk's gradient buffer but for the weight gradients, which
+    /// the chunk's backward pass writes, not adds to, once each (every
+    /// layer's, whatever passes Dice splits it into).
+    fn clear_sums(&self, g: &mut [f32]) {
+        let mut width_in = 3 * self.d;
+        for (l, &h) in self.widths.iter().enumerate() {
+            g[self.grad_offsets[l] + width_in * h..self.grad_offsets[l + 1]].fill(0.0);
+            width_in = h;
+        }
+        g[self.grad_offsets[self.widths.len()]..].fill(0.0);
+    }
+
     /// Floats per behaviour row.
     fn row_width(&self) -> usize {
         self.kq + 2 * self.widths.iter().sum::<usize>() + 1
@@ -727,7 +739,8 @@ impl<'a> Shared<'a> {
 
     /// Backward pass of samples `s0..s1` from their `dpooled` (`[bc, D]`):
     /// writes `dq` (`[bc, D]`) and `dk` (`[nk, D]`, the keys of
-    /// [`Shared::key_range`]), adds the weight gradients to `grads`.
+    /// [`Shared::key_range`]), writes the weight gradients into `grads`
+    /// and adds the others (see [`Layout::clear_sums`]).
     /// Consumes `region` (it is reused for gradients). A grouped batch's
     /// history term needs `dk1` of at least `[nk, H1]`.
     ///
@@ -831,14 +844,14 @@ impl<'a> Shared<'a> {
                 let (gwkp, gwq) = gw.split_at_mut(2 * d * h);
                 let (gwk, gwp) = gwkp.split_at_mut(d * h);
                 let (wk, wp) = self.wkp.split_at(d * h);
-                serial::matmul_at_b(d, n, h, input, g, gwp, true); // dWp
-                serial::matmul_at_b(d, nk, h, &self.keys[k0 * d..k_end * d], dk1, gwk, true); // dWk', once per history row
+                serial::matmul_at_b(d, n, h, input, g, gwp, false); // dWp
+                serial::matmul_at_b(d, nk, h, &self.keys[k0 * d..k_end * d], dk1, gwk, false); // dWk', once per history row
                 self.per_sample_grads(s0, s1, g, ds, gwq, dq);
                 serial::matmul_a_bt(n, h, d, g, wp, input, false); // d(q*k)
                 serial::matmul_a_bt(nk, h, d, dk1, wk, dk, true); // dk += dk1·Wk'ᵀ
             } else if l == 0 {
                 let (gwkp, gwq) = gw.split_at_mut(2 * d * h);
-                serial::matmul_at_b(2 * d, n, h, input, g, gwkp, true); // d[Wk'; Wp]
+                serial::matmul_at_b(2 * d, n, h, input, g, gwkp, false); // d[Wk'; Wp]
                 self.per_sample_grads(s0, s1, g, ds, gwq, dq);
                 serial::matmul_a_bt(n, h, 2 * d, g, self.wkp, input, false); // d[k, q*k]
             } else if let (Some(panels_t), Some(alpha)) = (self.panels_t, self.acts[l - 1].as_prelu()) {
@@ -855,7 +868,7 @@ impl<'a> Shared<'a> {
                         x
                     }
                 };
-                self.products.matmul_at_b(width_in, n, h, input, g, gw, true); // dW_l
+                self.products.matmul_at_b(width_in, n, h, input, g, gw, false); // dW_l
 
                 // dh_{l-1} = g·W_lᵀ, through layer l-1's activation backward
                 // into dpre_{l-1} (over its output), with its bias and slope
@@ -883,7 +896,7 @@ impl<'a> Shared<'a> {
                 fused_f32::product(n, g, h, &panels_t[l - 1], epilogue); // [n, width_in]
                 fused_below = true;
             } else {
-                self.products.matmul_at_b(width_in, n, h, input, g, gw, true); // dW_l
+                self.products.matmul_at_b(width_in, n, h, input, g, gw, false); // dW_l
                 match self.transposed {
                     Some(wt) => wt[l - 1].matmul(n, g, input),
                     None => self
@@ -988,7 +1001,7 @@ impl<'a> Shared<'a> {
                 dsb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
             }
         }
-        serial::matmul_at_b(d, bc, h, &self.q[s0 * d..s1 * d], ds, gwq, true); // dWq'
+        serial::matmul_at_b(d, bc, h, &self.q[s0 * d..s1 * d], ds, gwq, false); // dWq'
         serial::matmul_a_bt(bc, h, d, ds, self.wq, dq, false); // [bc, D]
     }
 }
@@ -1401,8 +1414,9 @@ impl Attention {
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
         let mut partial = std::mem::take(&mut st.partial);
         partial.resize_with(chunks.len().max(1), Vec::new);
-        // Sized here, zeroed by each chunk's task (in parallel, and just
-        // before the chunk writes its gradients); an empty batch has none.
+        // Sized here, cleared by each chunk's task (in parallel, and just
+        // before the chunk writes its gradients: `Layout::clear_sums`); an
+        // empty batch has none.
         for p in &mut partial {
             p.resize(grad_len, 0.0);
         }
@@ -1459,7 +1473,7 @@ impl Attention {
                 let (s0, s1) = (c.s0, c.s1);
                 let (r0, r1) = pass.rows(s0, s1);
                 if resume.is_none() {
-                    c.grads.fill(0.0);
+                    layout.clear_sums(c.grads);
                 }
                 SCRATCH.with(|scratch| {
                     let mut scratch = scratch.borrow_mut();
@@ -1642,7 +1656,7 @@ impl Attention {
                     let mut moments = Moments::default();
                     shared.forward(0, s0, s1, region, &mut [], aq, weights, pooled, &mut moments);
                     middle(extra, s0, s1, pooled, dpooled);
-                    grads.fill(0.0);
+                    layout.clear_sums(grads);
                     shared.backward(
                         None,
                         s0,
