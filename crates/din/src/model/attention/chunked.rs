@@ -1610,7 +1610,8 @@ impl Attention {
         weights.resize(n, 0.0);
         dq.clear();
         dq.resize(b * d, 0.0);
-        dk.clear();
+        // Not zeroed here: each chunk's backward pass zeroes its rows
+        // (`Shared::backward_scores`), in parallel.
         dk.resize(keys.len(), 0.0);
         let shared = Shared {
             panels: Some(&st.panels[..]),
