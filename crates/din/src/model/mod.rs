@@ -579,9 +579,10 @@ impl Din {
             }
             STEP.with(|scratch| {
                 let StepScratch { dnn: cache, dpre, g } = &mut *scratch.borrow_mut();
-                let out = dnn.forward_rows(c.x, m, panels, cache); // [m, H]
-                                                                   // The output layer, [H] -> 1, and the mean binary
-                                                                   // cross-entropy's gradient (as `bce_with_logits` computes it).
+                // The DNN, [m, Din] -> [m, H]; the output layer, [H] -> 1,
+                // and the mean binary cross-entropy's gradient (as
+                // `bce_with_logits` computes it).
+                let out = dnn.forward_rows(c.x, m, panels, cache);
                 let (gd, go) = c.grads.split_at_mut(dnn_len);
                 let (dw, db) = go.split_at_mut(h_last);
                 let (w_out, b_out) = (&output.weight.value, output.bias.value[0]);
@@ -674,8 +675,9 @@ pub(crate) fn sum_in_order(partial: &mut [Vec<f32>], count: usize) {
 
 /// One chunk's share of [`Din::train_step_into`]'s batch buffers.
 struct StepChunk<'a> {
-    /// DNN input rows `[bc, Din]`, then their gradients.
+    /// DNN input rows `[bc, Din]`.
     x: &'a mut [f32],
+    /// Their gradients, `[bc, Din]`.
     dx: &'a mut [f32],
     /// Logits `[bc]`.
     logits: &'a mut [f32],
