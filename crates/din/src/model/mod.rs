@@ -496,8 +496,8 @@ impl Din {
     }
 
     /// Whether [`Din::train_step_into`] can train on `batch`: its samples
-    /// each have their own history (not grouped), the attention unit runs
-    /// [`Attention::train_step`]'s path (PReLU or ReLU, FP32, AVX-512F),
+    /// each have their own history (not grouped), the attention unit's
+    /// hidden layers run the fused FP32 products (PReLU or ReLU, AVX-512F),
     /// and the DNN has no batch statistics or dropout (every sample's
     /// forward and backward passes are then its own).
     pub fn steps_in_chunks(&self, batch: &Batch) -> bool {
