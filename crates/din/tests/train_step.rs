@@ -1,8 +1,10 @@
 //! `Din::train_step_into`, the training step that runs the forward and
-//! backward passes chunk by chunk in one pass: the same logits and
-//! gradients as `forward` then `backward` (but for the order of the
-//! chunks' sums), bitwise the same whatever the number of threads, and
-//! taken only by the models it serves.
+//! backward passes chunk by chunk in one pass (or, with Dice in the
+//! attention unit, the DNN and the loss chunk by chunk between the unit's
+//! two passes): the same logits and gradients as `forward` then
+//! `backward` (but for the order of the chunks' sums), bitwise the same
+//! whatever the number of threads, and taken only by the models it
+//! serves.
 
 mod common;
 
@@ -11,18 +13,6 @@ use din::model::{Din, EmbeddingGrads, Mode, Module, Precision};
 use din::schema::Config;
 use din::train::bce_with_logits;
 use rand::{Rng, SeedableRng};
-
-/// Whether this CPU runs the chunked step (it needs AVX-512F).
-fn supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// `samples` random samples for [`common::config`], with histories of 0 to
 /// 40 behaviours (a few thousand rows: several chunks).
@@ -112,15 +102,15 @@ fn assert_close(what: &str, a: &[f32], b: &[f32]) {
 
 #[test]
 fn one_step_equals_forward_then_backward() {
-    if !supported() {
-        eprintln!("skipped: no AVX-512F");
-        return;
-    }
-    // PReLU and ReLU run on the fused products; a sigmoid DNN on `gemm`'s.
+    // PReLU and ReLU run on the fused products (with AVX-512F); a sigmoid
+    // DNN on `gemm`'s; Dice in the unit takes its two passes around the
+    // chunked DNN.
     for (attention, normalization, dnn) in [
         ("prelu", "none", "prelu"),
         ("relu", "softmax", "relu"),
         ("prelu", "none", "sigmoid"),
+        ("dice", "softmax", "prelu"),
+        ("dice", "none", "relu"),
     ] {
         let config = common::config(attention, normalization, dnn);
         for (b, batch) in [common::batch(), big_batch(150, 3)].iter().enumerate() {
@@ -146,18 +136,19 @@ fn one_step_equals_forward_then_backward() {
 
 #[test]
 fn one_step_does_not_depend_on_the_threads() {
-    if !supported() {
-        eprintln!("skipped: no AVX-512F");
-        return;
+    for attention in ["prelu", "dice"] {
+        let config = common::config(attention, "none", "prelu");
+        threads_agree(&model(&config, 3), &big_batch(200, 11));
     }
-    let config = common::config("prelu", "none", "prelu");
-    let batch = big_batch(200, 11);
-    let base = model(&config, 3);
+}
+
+/// Bitwise the same step on 1, 2 and 3 threads.
+fn threads_agree(base: &Din, batch: &Batch) {
     let run = |threads: usize| {
         let pool = din::threads::thread_pool(threads).expect("pool");
         pool.install(|| {
             let mut m = base.clone();
-            let (logits, dense, emb) = one_pass(&mut m, &batch);
+            let (logits, dense, emb) = one_pass(&mut m, batch);
             let emb: Vec<(Vec<u32>, Vec<u32>)> = emb
                 .iter()
                 .map(|g| (g.ids.clone(), g.grads.iter().map(|v| v.to_bits()).collect()))
@@ -174,16 +165,16 @@ fn one_step_does_not_depend_on_the_threads() {
 }
 
 #[test]
-fn only_models_without_batch_coupling_step_in_chunks() {
+fn only_models_whose_dnn_sees_each_sample_alone_step_in_chunks() {
     let batch = common::batch();
     let steps = |attention: &str, dnn: &str, edit: &dyn Fn(&mut Config)| {
         let mut config = common::config(attention, "none", dnn);
         edit(&mut config);
         model(&config, 1).steps_in_chunks(&batch)
     };
-    assert_eq!(steps("prelu", "prelu", &|_| {}), supported());
-    // Dice's batch statistics couple the samples.
-    assert!(!steps("dice", "prelu", &|_| {}));
+    assert!(steps("prelu", "prelu", &|_| {}));
+    assert!(steps("dice", "relu", &|_| {}));
+    // Dice's batch statistics in the DNN couple the samples.
     assert!(!steps("prelu", "dice", &|_| {}));
     // So does dropout's draw, in batch order.
     assert!(!steps("prelu", "prelu", &|c| c.model.dnn.dropout = 0.5));

@@ -39,6 +39,12 @@ use crate::Result;
 /// slower than on one: 0.023 s against 0.020 s.)
 const KEY_BLOCK: usize = 1024;
 
+/// Samples per task of [`Din::train_step_into`]'s DNN when the attention
+/// unit takes its two passes (Dice): the DNN and the loss over each block
+/// of samples, the blocks in parallel. The tasks depend on the batch
+/// alone.
+const DNN_CHUNK: usize = 64;
+
 /// Whether a forward pass trains (batch statistics, dropout) or infers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -496,12 +502,12 @@ impl Din {
     }
 
     /// Whether [`Din::train_step_into`] can train on `batch`: its samples
-    /// each have their own history (not grouped), the attention unit's
-    /// hidden layers run the fused FP32 products (PReLU or ReLU, AVX-512F),
-    /// and the DNN has no batch statistics or dropout (every sample's
-    /// forward and backward passes are then its own).
+    /// each have their own history (not grouped), the history is pooled by
+    /// the attention unit, and the DNN has no batch statistics or dropout
+    /// (each sample's pass through it is then its own) and multiplies in
+    /// FP32.
     pub fn steps_in_chunks(&self, batch: &Batch) -> bool {
-        !batch.is_grouped() && self.attention.steps_in_chunks() && self.dnn.trains_by_rows()
+        !batch.is_grouped() && self.attention.chunkable() && self.dnn.trains_by_rows()
     }
 
     /// A training step's forward and backward passes in one (see
@@ -509,14 +515,17 @@ impl Din {
     /// and one task per chunk runs the attention unit's forward pass over
     /// the chunk's behaviours, the DNN and the loss's gradient over its
     /// samples, and the unit's backward pass, while the chunk's activations
-    /// are still in its core's cache (a batch's are tens of MiB). Returns
-    /// the logits `[B]`; adds the dense parameters' gradients of the mean
-    /// binary cross-entropy over the batch (call [`Din::zero_grad`] first)
-    /// and writes the embedding gradients into `grads`. Each chunk's
-    /// gradients are summed in chunk order: the results do not depend on
-    /// the number of threads, and equal [`Din::forward_into`] then
-    /// [`Din::backward_into`] with `bce_with_logits`'s gradient but for
-    /// the order of those sums.
+    /// are still in its core's cache (a batch's are tens of MiB). When the
+    /// unit cannot run so (Dice's batch statistics, or no AVX-512F for its
+    /// fused products), it takes its two passes over the batch, and the
+    /// DNN and the loss run in between, a task per block of samples.
+    /// Returns the logits `[B]`; adds the dense parameters' gradients of
+    /// the mean binary cross-entropy over the batch (call
+    /// [`Din::zero_grad`] first) and writes the embedding gradients into
+    /// `grads`. Each task's gradients are summed in task order: the
+    /// results do not depend on the number of threads, and equal
+    /// [`Din::forward_into`] then [`Din::backward_into`] with
+    /// `bce_with_logits`'s gradient but for the order of those sums.
     pub fn train_step_into<'c>(
         &mut self,
         batch: &Batch,
@@ -538,11 +547,28 @@ impl Din {
                 self.write_unpaired(batch, x);
             },
         );
-        let offsets = &batch.sequences[self.layout.pairs[0].1].offsets;
+        // One pass over the unit's chunks, or (batch statistics in the
+        // unit: Dice) its forward pass, the rest over chunks of samples,
+        // then its backward pass.
+        let one_pass = self.attention.steps_in_chunks();
         cache.bounds.clear();
-        cache
-            .bounds
-            .extend_from_slice(self.attention.plan_step(offsets, &mut cache.attention));
+        if one_pass {
+            let offsets = &batch.sequences[self.layout.pairs[0].1].offsets;
+            cache
+                .bounds
+                .extend_from_slice(self.attention.plan_step(offsets, &mut cache.attention));
+        } else {
+            self.attention.forward_histories_into(
+                &cache.q,
+                &cache.keys,
+                self.histories(batch),
+                Mode::Train,
+                &mut cache.attention,
+                &mut cache.pooled,
+            ); // [B, Dq]
+            cache.bounds.extend((0..b).step_by(DNN_CHUNK));
+            cache.bounds.extend((b > 0).then_some(b));
+        }
         let chunks = cache.bounds.len().saturating_sub(1);
         let h_last = self.output.input_dim();
         let dnn_len = self.dnn.grad_len();
@@ -609,16 +635,34 @@ impl Din {
                 p.copy_from_slice(&row[col..col + dqw]);
             }
         };
-        self.attention.train_step(
-            &cache.q,
-            &cache.keys,
-            &mut cache.attention,
-            &mut cache.pooled,
-            &mut dq,
-            &mut dk,
-            &mut extras,
-            middle,
-        );
+        if one_pass {
+            self.attention.train_step(
+                &cache.q,
+                &cache.keys,
+                &mut cache.attention,
+                &mut cache.pooled,
+                &mut dq,
+                &mut dk,
+                &mut extras,
+                middle,
+            );
+        } else {
+            use rayon::prelude::*;
+            let mut dpooled = std::mem::take(&mut cache.dpooled);
+            dpooled.clear();
+            dpooled.resize(b * dqw, 0.0);
+            let pooled = &cache.pooled;
+            let samples = cache.bounds.windows(2).map(|w| (w[0], w[1]));
+            let pieces = split_pieces(&mut dpooled, samples.clone().map(|(s0, s1)| (s1 - s0) * dqw));
+            let mut parts: Vec<_> = extras.iter_mut().zip(pieces).zip(samples).collect();
+            parts.par_iter_mut().for_each(|((c, dp), (s0, s1))| {
+                middle(c, *s0, *s1, &pooled[*s0 * dqw..*s1 * dqw], dp);
+            });
+            drop(parts);
+            self.attention
+                .backward_into(&cache.q, &cache.keys, &mut cache.attention, &dpooled, &mut dq, &mut dk);
+            cache.dpooled = dpooled;
+        }
         drop(extras);
         sum_in_order(&mut cache.partial, chunks);
         let total = &cache.partial[0];

@@ -1103,7 +1103,7 @@ impl Attention {
 
     /// Whether the chunked path computes this unit: attention pooling (sum
     /// pooling needs no unit).
-    pub(super) fn chunkable(&self) -> bool {
+    pub(crate) fn chunkable(&self) -> bool {
         self.pooling == crate::schema::Pooling::Attention
     }
 
