@@ -504,7 +504,10 @@ impl<'a> Shared<'a> {
                 input = out;
             } else if l == 0 {
                 // pre1_t = [k_t, q_b*k_t]·[Wk'; Wp] + (q_b·Wq' + b1)
-                serial::matmul(n, 2 * d, h, input, self.wkp, pre, false); // [n, H1]
+                match self.panels {
+                    Some(p) => fused_f32::product(n, input, 2 * d, &p[0], &mut fused_f32::Store { c: pre }),
+                    None => serial::matmul(n, 2 * d, h, input, self.wkp, pre, false),
+                } // [n, H1]
                 for s in s0..s1 {
                     let (t0, t1) = self.rows(s, s + 1);
                     let rows = (t0 - r0) * h..(t1 - r0) * h;
@@ -519,9 +522,12 @@ impl<'a> Shared<'a> {
             } else {
                 match self.bf16 {
                     Some(w) => w[l - 1].matmul(n, input, pre),
-                    None => self
-                        .products
-                        .matmul(n, width_in, h, input, &block.linear.weight.value, pre, false),
+                    None => match self.panels {
+                        Some(p) => fused_f32::product(n, input, width_in, &p[l], &mut fused_f32::Store { c: pre }),
+                        None => self
+                            .products
+                            .matmul(n, width_in, h, input, &block.linear.weight.value, pre, false),
+                    },
                 } // [n, h]
                 if self.keep {
                     self.add_bias_apply(l, pre, bias, out);
@@ -693,6 +699,7 @@ impl<'a> Shared<'a> {
             && l < 2
             && l + 1 < self.layout.widths.len()
             && (self.panels.is_some() || self.panels_t.is_some())
+            && self.att.fuses_f32()
     }
 
     /// Floats per row of each half of the scratch for [`Shared::in_scratch`].
@@ -899,9 +906,12 @@ impl<'a> Shared<'a> {
                 self.products.matmul_at_b(width_in, n, h, input, g, gw, false); // dW_l
                 match self.transposed {
                     Some(wt) => wt[l - 1].matmul(n, g, input),
-                    None => self
-                        .products
-                        .matmul_a_bt(n, h, width_in, g, &block.linear.weight.value, input, false),
+                    None => match self.panels_t {
+                        Some(p) => fused_f32::product(n, g, h, &p[l - 1], &mut fused_f32::Store { c: input }),
+                        None => self
+                            .products
+                            .matmul_a_bt(n, h, width_in, g, &block.linear.weight.value, input, false),
+                    },
                 } // dh_{l-1}
             }
         }
@@ -1286,7 +1296,7 @@ impl Attention {
             st.packed.clear();
             st.packed_t.clear();
         }
-        let fuses = keep && !compact && !products.is_bf16() && self.fuses_f32();
+        let fuses = keep && !compact && !products.is_bf16() && fused_f32::available();
         self.pack_panels(fuses, st);
         let mut batch_moments = Vec::new();
         let mut shared = Shared {
