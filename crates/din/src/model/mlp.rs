@@ -305,10 +305,9 @@ impl Mlp {
             };
             match (panels.forward.get(l), b.activation.rowwise(o).as_prelu()) {
                 (Some(p), Some(alpha)) => {
-                    for v in [&mut *pre, &mut *out] {
-                        v.clear();
-                        v.resize(rows * o, 0.0);
-                    }
+                    // Sized only: the product writes every value.
+                    pre.resize(rows * o, 0.0);
+                    out.resize(rows * o, 0.0);
                     let bias = Bias::Columns(&b.linear.bias.value);
                     let epilogue = &mut fused_f32::Forward { bias, alpha, pre, out };
                     fused_f32::product(rows, input, b.linear.input_dim(), p, epilogue);
@@ -362,8 +361,7 @@ impl Mlp {
                 }
             }
             gemm.matmul_at_b(i, rows, o, input, dpre, dw, true); // dW += inputᵀ·dpre, [in, out]
-            g.clear();
-            g.resize(rows * i, 0.0);
+            g.resize(rows * i, 0.0); // every value written below
             let below = l.checked_sub(1).map(|k| &self.blocks[k]);
             let alpha_below = below.and_then(|k| k.activation.rowwise(i).as_prelu());
             fused_below = false;

@@ -573,16 +573,9 @@ impl Din {
         let h_last = self.output.input_dim();
         let dnn_len = self.dnn.grad_len();
         let grad_len = dnn_len + h_last + 1;
-        cache.partial.resize_with(chunks.max(1), Vec::new);
-        for p in &mut cache.partial {
-            p.resize(grad_len, 0.0);
-        }
-        if chunks == 0 {
-            cache.partial[0].fill(0.0);
-        }
-        cache.logits.clear();
+        size_partials(&mut cache.partial, chunks, grad_len);
+        // Sized only: every chunk writes its rows.
         cache.logits.resize(b, 0.0);
-        cache.dx.clear();
         cache.dx.resize(b * width, 0.0);
         let samples = cache.bounds.windows(2).map(|w| w[1] - w[0]);
         let xs = split_pieces(&mut cache.x, samples.clone().map(|s| s * width));
@@ -612,8 +605,7 @@ impl Din {
                 let (gd, go) = c.grads.split_at_mut(dnn_len);
                 let (dw, db) = go.split_at_mut(h_last);
                 let (w_out, b_out) = (&output.weight.value, output.bias.value[0]);
-                g.clear();
-                g.resize(m * h_last, 0.0);
+                g.resize(m * h_last, 0.0); // every row written below
                 for (((z, h), &y), gr) in c
                     .logits
                     .iter_mut()
@@ -701,6 +693,20 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// Gives `partial` one gradient buffer of `len` per chunk (at least one),
+/// reusing the buffers of the batch before. Each chunk's task clears its
+/// own before it writes; with no chunks the one buffer is zeroed here, so
+/// that the sums are zero.
+pub(crate) fn size_partials(partial: &mut Vec<Vec<f32>>, chunks: usize, len: usize) {
+    partial.resize_with(chunks.max(1), Vec::new);
+    for p in partial.iter_mut() {
+        p.resize(len, 0.0);
+    }
+    if chunks == 0 {
+        partial[0].fill(0.0);
+    }
 }
 
 /// Sums the first `count` of `partial` into `partial[0]`, element by

@@ -55,7 +55,7 @@ use crate::model::fused_f32::{self, Bias, Panels};
 use crate::model::linalg::{serial, Gemm};
 use crate::model::mlp::Block;
 use crate::model::mlp::MlpCache;
-use crate::model::{dot, split_pieces, Mode, Rowwise};
+use crate::model::{dot, size_partials, split_pieces, Mode, Rowwise};
 use crate::schema::{ActivationKind, Normalization};
 
 /// Behaviours per training task, about: the chunk's activations (about
@@ -1202,32 +1202,32 @@ impl Attention {
         st.panels_t.resize_with(layers.saturating_sub(1), Panels::default);
         // Each layer's (and transpose's) on its own task: a copy, serial
         // otherwise while the other workers wait.
-        let blocks: Vec<&Block> = self.hidden().take(layers).collect();
+        let block = |l: usize| if l == 0 { &self.first } else { &self.rest.blocks[l - 1] };
         let width_in = |l: usize| {
             if l == 0 {
                 2 * self.dims().0
             } else {
-                blocks[l - 1].linear.output_dim()
+                block(l - 1).linear.output_dim()
             }
         };
         let weight = |l: usize| -> &[f32] {
             if l == 0 {
                 &st.wkp
             } else {
-                &blocks[l].linear.weight.value
+                &block(l).linear.weight.value
             }
         };
         let (panels, panels_t) = (&mut st.panels, &mut st.panels_t);
         rayon::join(
             || {
                 panels.par_iter_mut().enumerate().for_each(|(l, p)| {
-                    let h = blocks[l].linear.output_dim();
+                    let h = block(l).linear.output_dim();
                     p.pack(width_in(l), h, weight(l), (h, 1));
                 })
             },
             || {
                 panels_t.par_iter_mut().enumerate().for_each(|(i, p)| {
-                    let (l, h) = (i + 1, blocks[i + 1].linear.output_dim());
+                    let (l, h) = (i + 1, block(i + 1).linear.output_dim());
                     p.pack(h, width_in(l), weight(l), (1, h)); // W_lᵀ, [h, width_in]
                 })
             },
@@ -1423,16 +1423,9 @@ impl Attention {
         let grad_len = grad_offsets[grad_offsets.len() - 1];
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
         let mut partial = std::mem::take(&mut st.partial);
-        partial.resize_with(chunks.len().max(1), Vec::new);
-        // Sized here, cleared by each chunk's task (in parallel, and just
-        // before the chunk writes its gradients: `Layout::clear_sums`); an
-        // empty batch has none.
-        for p in &mut partial {
-            p.resize(grad_len, 0.0);
-        }
-        if chunks.is_empty() {
-            partial[0].fill(0.0);
-        }
+        // Cleared by each chunk's task (in parallel, and just before the
+        // chunk writes its gradients: `Layout::clear_sums`).
+        size_partials(&mut partial, chunks.len(), grad_len);
         let mut region = std::mem::take(&mut st.region);
         let mut per_sample = std::mem::take(&mut st.per_sample);
         let mut sums = std::mem::take(&mut st.sums);
@@ -1606,13 +1599,7 @@ impl Attention {
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
         assert_eq!(extras.len(), chunks.len(), "one extra per chunk");
         let mut partial = std::mem::take(&mut st.partial);
-        partial.resize_with(chunks.len().max(1), Vec::new);
-        for p in &mut partial {
-            p.resize(grad_len, 0.0);
-        }
-        if chunks.is_empty() {
-            partial[0].fill(0.0);
-        }
+        size_partials(&mut partial, chunks.len(), grad_len);
         let mut per_sample = std::mem::take(&mut st.per_sample);
         pooled.clear();
         pooled.resize(b * d, 0.0);
