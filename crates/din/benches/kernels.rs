@@ -89,15 +89,51 @@ fn activation(c: &mut Criterion) {
     // Dice at inference, in place as the attention unit runs it, over the
     // tutorial's (80,40) widths: 80 and 40 are not whole multiples of the
     // main loop's 32 channels.
+    // 512 rows (a training chunk's; at inference the unit runs blocks of a
+    // few hundred rows), so that the data stays in L2 as it does there.
+    let rows = 512;
     for channels in [80, 40] {
         let dice = Activation::new(ActivationKind::Dice, channels);
         let rowwise = dice.rowwise(channels);
         let bias = vec![0.0; channels];
-        let mut x = values(rows * channels, &mut rng);
+        let x0 = values(rows * channels, &mut rng);
+        let mut x = x0.clone();
         group.throughput(Throughput::Elements((rows * channels) as u64));
         group.bench_function(BenchmarkId::new("dice_infer_in_place", channels), |bench| {
-            // Repeated, the values shrink toward 0; the arithmetic costs the same.
-            bench.iter(|| rowwise.add_apply_in_place(&mut x, None, &bias))
+            // From the same values each time: repeated, Dice would shrink
+            // them to subnormals, which cost more.
+            bench.iter(|| {
+                x.copy_from_slice(&x0);
+                rowwise.add_apply_in_place(&mut x, None, &bias)
+            })
+        });
+    }
+    // Dice in training, over one chunk's rows: the forward activation with
+    // the batch's moments, and the two halves of its backward pass.
+    for channels in [80, 40] {
+        let dice = Activation::new(ActivationKind::Dice, channels);
+        let (mean, var) = (values(channels, &mut rng), vec![0.01; channels]);
+        let rowwise = dice.rowwise_with_moments(&mean, &var);
+        let x = values(rows * channels, &mut rng);
+        let dy = values(rows * channels, &mut rng);
+        let (mut y, mut g) = (vec![0.0; rows * channels], dy.clone());
+        let (mut dalpha, mut sums, mut dbias) = (vec![0.0; channels], vec![0.0; 2 * channels], vec![0.0; channels]);
+        let (mean_gz, mean_gzz) = (values(channels, &mut rng), values(channels, &mut rng));
+        group.throughput(Throughput::Elements((rows * channels) as u64));
+        group.bench_function(BenchmarkId::new("dice_train_forward", channels), |bench| {
+            bench.iter(|| rowwise.apply_rows(&x, &mut y))
+        });
+        group.bench_function(BenchmarkId::new("dice_backward_partial", channels), |bench| {
+            bench.iter(|| {
+                g.copy_from_slice(&dy);
+                rowwise.dice_backward_partial(&x, &mut g, &mut dalpha, &mut sums)
+            })
+        });
+        group.bench_function(BenchmarkId::new("dice_backward_finish", channels), |bench| {
+            bench.iter(|| {
+                g.copy_from_slice(&dy);
+                rowwise.dice_backward_finish(&x, &mut g, &mean_gz, &mean_gzz, &mut dbias)
+            })
         });
     }
     group.finish();

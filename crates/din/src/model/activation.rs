@@ -54,13 +54,14 @@ pub struct Rowwise<'a> {
     inv_std: Vec<f32>,
     /// Dice at inference, per channel `[α, 1 - α, -inv_std, mean·inv_std]`
     /// (so that `-z` is one multiply-add), padded with zeros to a multiple
-    /// of [`LANES`] channels (see [`Rowwise::dice_in_place`]).
+    /// of [`PAD`] channels (see [`Rowwise::dice_in_place`]).
     dice_params: [Vec<f32>; 4],
 }
 
 /// Defines a method of [`Rowwise`] that runs `body` (an `#[inline(always)]`
 /// method with the same arguments, generic over `FMA`: whether `exp`'s
-/// polynomial may use fused multiply-adds) in the widest build the CPU has
+/// polynomial may use fused multiply-adds, and `WIDE`: whether Dice may
+/// run on the AVX-512 loops of [`wide`]) in the widest build the CPU has
 /// (see [`Build`]): the element-wise loops run on data already in L1/L2,
 /// where vector width pays.
 macro_rules! multiversion {
@@ -71,11 +72,11 @@ macro_rules! multiversion {
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
                 unsafe fn avx512(this: &Rowwise<'_> $(, $arg: $ty)*) {
-                    this.$body::<true>($($arg),*)
+                    this.$body::<true, true>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2(this: &Rowwise<'_> $(, $arg: $ty)*) {
-                    this.$body::<true>($($arg),*)
+                    this.$body::<true, false>($($arg),*)
                 }
                 match widest_build() {
                     // SAFETY: the CPU has every feature `avx512` is compiled for.
@@ -85,7 +86,7 @@ macro_rules! multiversion {
                     Build::Baseline => {}
                 }
             }
-            self.$body::<false>($($arg),*)
+            self.$body::<false, false>($($arg),*)
         }
     };
 }
@@ -96,7 +97,7 @@ impl<'a> Rowwise<'a> {
     fn new(kind: ActivationKind, channels: usize, alpha: &'a [f32], mean: Vec<f32>, inv_std: Vec<f32>) -> Self {
         let padded = |v: Vec<f32>| {
             let mut p = v;
-            p.resize(channels.next_multiple_of(LANES), 0.0);
+            p.resize(channels.next_multiple_of(PAD), 0.0);
             p
         };
         let dice_params = if kind == ActivationKind::Dice {
@@ -133,6 +134,16 @@ impl<'a> Rowwise<'a> {
         }
     }
 
+    /// The channels (the width of a row).
+    pub(crate) fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Whether this is Dice.
+    pub(crate) fn is_dice(&self) -> bool {
+        self.kind == ActivationKind::Dice
+    }
+
     /// Dice's moving mean and `1 / sqrt(moving var + eps)` per channel, as
     /// inference uses them (empty for the other activations).
     pub fn dice_statistics(&self) -> (&[f32], &[f32]) {
@@ -153,8 +164,14 @@ impl<'a> Rowwise<'a> {
 
     /// `y = act(x)`, both `[rows, channels]`.
     #[inline(always)]
-    pub fn apply<const FMA: bool>(&self, x: &[f32], y: &mut [f32]) {
+    pub fn apply<const FMA: bool, const WIDE: bool>(&self, x: &[f32], y: &mut [f32]) {
         debug_assert_eq!(x.len(), y.len());
+        #[cfg(target_arch = "x86_64")]
+        if WIDE && self.kind == ActivationKind::Dice {
+            let n = x.len().min(y.len());
+            // SAFETY: `WIDE` is only set in the AVX-512 build; both hold `n` floats.
+            return unsafe { wide::dice(self, x.as_ptr(), y.as_mut_ptr(), n) };
+        }
         let alpha = self.alpha;
         match self.kind {
             // Branch-free forms: signs are unpredictable, and a mispredicted
@@ -182,7 +199,8 @@ impl<'a> Rowwise<'a> {
     /// 31 channels of every row (16 of 80) to a scalar tail, `exp` and all;
     /// a loop over blocks of [`LANES`] channels was vectorised across the
     /// blocks once `exp` used fused multiply-adds (an 8 x 8 transpose in
-    /// and out of every 64 values).
+    /// and out of every 64 values). The AVX-512 build runs [`wide`]'s loops
+    /// instead.
     #[inline(always)]
     fn dice_in_place<const FMA: bool>(&self, x: &mut [f32]) {
         let n = x.len();
@@ -252,7 +270,12 @@ impl<'a> Rowwise<'a> {
     }
 
     #[inline(always)]
-    fn add_apply_in_place_body<const FMA: bool>(&self, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) {
+    fn add_apply_in_place_body<const FMA: bool, const WIDE: bool>(
+        &self,
+        x: &mut [f32],
+        extra: Option<&[f32]>,
+        bias: &[f32],
+    ) {
         let c = self.channels;
         let alpha = self.alpha;
         if matches!(self.kind, ActivationKind::Prelu | ActivationKind::Relu) {
@@ -276,6 +299,11 @@ impl<'a> Rowwise<'a> {
                 }
             }
             return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if WIDE && self.kind == ActivationKind::Dice {
+            // SAFETY: `WIDE` is only set in the AVX-512 build.
+            return unsafe { wide::add_dice_in_place(self, x, extra, bias) };
         }
         for (r, xr) in x.chunks_exact_mut(c).enumerate() {
             match extra {
@@ -320,12 +348,13 @@ impl<'a> Rowwise<'a> {
         /// Second half of [`Rowwise::dice_backward_partial`], once the batch's
         /// means of `gz` and `gz·z` (`[channels]` each) are known:
         /// `g -= inv_std·(mean_gz + z·mean_gzz)`, the part of `dx` that flows
-        /// through the batch mean and variance.
-        pub fn dice_backward_finish(&self, x: &[f32], g: &mut [f32], mean_gz: &[f32], mean_gzz: &[f32]) => dice_backward_finish_body;
+        /// through the batch mean and variance; then adds `g` (now the
+        /// gradient of the pre-activation) to `dbias` (`[channels]`), row by row.
+        pub fn dice_backward_finish(&self, x: &[f32], g: &mut [f32], mean_gz: &[f32], mean_gzz: &[f32], dbias: &mut [f32]) => dice_backward_finish_body;
     }
 
     #[inline(always)]
-    fn dice_backward_partial_body<const FMA: bool>(
+    fn dice_backward_partial_body<const FMA: bool, const WIDE: bool>(
         &self,
         x: &[f32],
         g: &mut [f32],
@@ -333,6 +362,11 @@ impl<'a> Rowwise<'a> {
         sums: &mut [f32],
     ) {
         let c = self.channels;
+        #[cfg(target_arch = "x86_64")]
+        if WIDE {
+            // SAFETY: `WIDE` is only set in the AVX-512 build.
+            return unsafe { wide::dice_backward_partial(self, x, g, dalpha, sums) };
+        }
         let (sum_gz, sum_gzz) = sums.split_at_mut(c);
         // In blocks of LANES channels, as `dice_in_place`.
         let (ab, at) = self.alpha.as_chunks::<LANES>();
@@ -372,13 +406,26 @@ impl<'a> Rowwise<'a> {
     }
 
     #[inline(always)]
-    fn dice_backward_finish_body<const FMA: bool>(&self, x: &[f32], g: &mut [f32], mean_gz: &[f32], mean_gzz: &[f32]) {
+    fn dice_backward_finish_body<const FMA: bool, const WIDE: bool>(
+        &self,
+        x: &[f32],
+        g: &mut [f32],
+        mean_gz: &[f32],
+        mean_gzz: &[f32],
+        dbias: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if WIDE {
+            // SAFETY: `WIDE` is only set in the AVX-512 build.
+            return unsafe { wide::dice_backward_finish(self, x, g, [mean_gz, mean_gzz], dbias) };
+        }
         let c = self.channels;
         for (gr, xr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
             let params = self.mean.iter().zip(&self.inv_std).zip(mean_gz.iter().zip(mean_gzz));
-            for ((g, &x), ((&m, &s), (&mg, &mgz))) in gr.iter_mut().zip(xr).zip(params) {
+            for (((g, &x), ((&m, &s), (&mg, &mgz))), db) in gr.iter_mut().zip(xr).zip(params).zip(dbias.iter_mut()) {
                 let z = (x - m) * s;
                 *g -= s * (mg + z * mgz);
+                *db += *g;
             }
         }
     }
@@ -396,7 +443,7 @@ impl<'a> Rowwise<'a> {
                 // `exp` per value: the wider builds pay, and give the bits
                 // the other passes (built the same way) give.
                 ActivationKind::Sigmoid | ActivationKind::Dice => self.apply_rows(pr, yr),
-                ActivationKind::Relu | ActivationKind::Prelu => self.apply::<false>(pr, yr),
+                ActivationKind::Relu | ActivationKind::Prelu => self.apply::<false, false>(pr, yr),
             }
         }
     }
@@ -408,7 +455,7 @@ impl<'a> Rowwise<'a> {
     }
 
     #[inline(always)]
-    fn backward_body<const FMA: bool>(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32]) {
+    fn backward_body<const FMA: bool, const WIDE: bool>(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32]) {
         debug_assert_eq!(x.len(), g.len());
         let c = self.channels;
         let (alpha, mean, inv_std) = (self.alpha, &self.mean[..], &self.inv_std[..]);
@@ -476,6 +523,10 @@ fn widest_build() -> Build {
 /// Channels per block of Dice's loops (see [`Rowwise::dice_in_place`] and
 /// [`Rowwise::dice_backward_partial`]): one AVX2 vector.
 const LANES: usize = 8;
+
+/// Dice's per-channel parameters are padded with zeros to a multiple of
+/// this many channels: one AVX-512 vector (see [`wide`]).
+const PAD: usize = 16;
 
 /// Channels of [`Rowwise::dice_in_place`]'s main loop: a multiple of its
 /// vectorised iteration (8 lanes unrolled 4 times).
@@ -592,6 +643,309 @@ const ROUND: f32 = 12_582_912.0;
 /// The minimax polynomial of e^r on [-ln 2 / 2, ln 2 / 2] with its
 /// constant term 1 (relative error, Lawson's iteration), rounded to f32.
 const EXP_POLY: [f32; 6] = [1.0, 0.999_999_7, 0.499_991_5, 0.166_676_36, 0.041_897_93, 0.008_290_315];
+
+/// Dice's element-wise loops in AVX-512 intrinsics, 16 channels a vector,
+/// for the AVX-512 build ([`Build::Avx512`]). Hand-written because LLVM
+/// vectorised the scalar forms by 8 lanes there (the blocks of [`LANES`]),
+/// or for widths that are not multiples of [`DICE_MAIN`] by 8 or fewer
+/// (Dice over 40 channels ran at 0.4x its speed over 80). Each value takes
+/// the operations of [`exp_parts`], [`dice_inference`] and
+/// [`dice_backward_lane`] with fused multiply-adds, one for one and in
+/// their order, and the per-channel sums are added row by row: the same
+/// bits as the AVX2 build (tested).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod wide {
+    use std::arch::x86_64::*;
+
+    use super::{Rowwise, EXP_MAX, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E, ROUND};
+    use crate::model::fused_f32::first_lanes;
+
+    /// Rows ahead that [`dice_backward_partial`] asks for.
+    const AHEAD: usize = 8;
+
+    /// `-x` (the sign bit flipped, as the scalar negation).
+    #[inline(always)]
+    unsafe fn neg(x: __m512) -> __m512 {
+        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN)))
+    }
+
+    /// [`super::exp_parts`] with fused multiply-adds.
+    #[inline(always)]
+    unsafe fn exp_parts(x: __m512) -> (__m512, __m512) {
+        // `clamp`: `max(min, x)` and `min(max, x)` return `x` when it is NaN.
+        let x = _mm512_min_ps(_mm512_set1_ps(EXP_MAX), _mm512_max_ps(_mm512_set1_ps(EXP_MIN), x));
+        let round = _mm512_set1_ps(ROUND);
+        let t = _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), round);
+        let n = _mm512_sub_ps(t, round);
+        // fma(-n, c, v) is -(n·c) + v, rounded once either way.
+        let r = _mm512_fnmadd_ps(
+            n,
+            _mm512_set1_ps(LN2_LO),
+            _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x),
+        );
+        let mut p = _mm512_set1_ps(EXP_POLY[5]);
+        for &c in EXP_POLY[..5].iter().rev() {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        // `two_to`: the exponent field from t's bits.
+        let shift = _mm512_set1_epi32(127u32.wrapping_sub(ROUND.to_bits()) as i32);
+        let two_n = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_castps_si512(t), shift));
+        (p, _mm512_castsi512_ps(two_n))
+    }
+
+    /// `1 / (1 + p·2^n)`: the sigmoid from `exp_parts(-z)`.
+    #[inline(always)]
+    unsafe fn reciprocal_one_plus((p, two_n): (__m512, __m512)) -> __m512 {
+        let one = _mm512_set1_ps(1.0);
+        _mm512_div_ps(one, _mm512_fmadd_ps(p, two_n, one))
+    }
+
+    /// [`super::dice_inference`] on the vector of channels `j..j + 16`
+    /// (`params`: [`Rowwise`]'s `dice_params`, padded to whole vectors).
+    #[inline(always)]
+    unsafe fn dice_vector([a, oma, ns, ms]: &[Vec<f32>; 4], xv: __m512, j: usize) -> __m512 {
+        let (av, omav) = (_mm512_loadu_ps(a.as_ptr().add(j)), _mm512_loadu_ps(oma.as_ptr().add(j)));
+        let (nsv, msv) = (_mm512_loadu_ps(ns.as_ptr().add(j)), _mm512_loadu_ps(ms.as_ptr().add(j)));
+        let s = reciprocal_one_plus(exp_parts(_mm512_fmadd_ps(xv, nsv, msv)));
+        _mm512_fmadd_ps(_mm512_mul_ps(xv, omav), s, _mm512_mul_ps(xv, av))
+    }
+
+    /// `x = dice(x + extra + bias)` in place, row by row: the sums as
+    /// [`Rowwise::add_apply_in_place`] adds them (`x + (e + b)`, or `x + b`),
+    /// each activated while in a register (a separate pass's narrower
+    /// stores would hold up the wide loads after them).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[inline(always)]
+    pub(super) unsafe fn add_dice_in_place(rw: &Rowwise<'_>, x: &mut [f32], extra: Option<&[f32]>, bias: &[f32]) {
+        let c = rw.channels;
+        assert!(
+            bias.len() >= c && extra.is_none_or(|e| e.len() >= x.len()),
+            "Dice: bias or addend shorter than the values"
+        );
+        if c == 0 {
+            return;
+        }
+        let params = &rw.dice_params;
+        let whole = c - c % 16;
+        let (b, e) = (bias.as_ptr(), extra.map(<[f32]>::as_ptr));
+        // The sum at offset `at` of `x`, channels `j..`, from `m`'s lanes
+        // (a function, not a closure, so that it is inlined into this
+        // target's code for certain).
+        #[inline(always)]
+        unsafe fn sum(xv: __m512, (b, e): (*const f32, Option<*const f32>), at: usize, j: usize, m: u16) -> __m512 {
+            match e {
+                Some(e) => _mm512_add_ps(
+                    xv,
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(m, e.add(at)), _mm512_maskz_loadu_ps(m, b.add(j))),
+                ),
+                None => _mm512_add_ps(xv, _mm512_maskz_loadu_ps(m, b.add(j))),
+            }
+        }
+        let be = (b, e);
+        for r in 0..x.len() / c {
+            let xr = x.as_mut_ptr().add(r * c);
+            if c < 16 {
+                let m = first_lanes(c);
+                let v = sum(_mm512_maskz_loadu_ps(m, xr), be, r * c, 0, m);
+                _mm512_mask_storeu_ps(xr, m, dice_vector(params, v, 0));
+                continue;
+            }
+            // As in `dice`.
+            let last = (whole < c).then(|| sum(_mm512_loadu_ps(xr.add(c - 16)), be, r * c + c - 16, c - 16, u16::MAX));
+            for j in (0..whole).step_by(16) {
+                let v = sum(_mm512_loadu_ps(xr.add(j)), be, r * c + j, j, u16::MAX);
+                _mm512_storeu_ps(xr.add(j), dice_vector(params, v, j));
+            }
+            if let Some(v) = last {
+                _mm512_storeu_ps(xr.add(c - 16), dice_vector(params, v, c - 16));
+            }
+        }
+    }
+
+    /// Dice at inference or with fixed moments, `y[i] = dice(x[i])` over
+    /// `n` floats (whole rows of `rw.channels`); `y` may be `x`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `x` and `y` hold `n` floats.
+    #[inline(always)]
+    pub(super) unsafe fn dice(rw: &Rowwise<'_>, x: *const f32, y: *mut f32, n: usize) {
+        let c = rw.channels;
+        if c == 0 {
+            return;
+        }
+        let params = &rw.dice_params;
+        let whole = c - c % 16;
+        for r in 0..n / c {
+            let (xr, yr) = (x.add(r * c), y.add(r * c));
+            if c < 16 {
+                let m = first_lanes(c);
+                _mm512_mask_storeu_ps(yr, m, dice_vector(params, _mm512_maskz_loadu_ps(m, xr), 0));
+                continue;
+            }
+            // A row's last channels as one whole vector that overlaps the
+            // one before, read before anything of the row is written (`y`
+            // may be `x`) and written last (the overlap gets the same
+            // values twice): a masked store would hold up the next row's
+            // loads from the same lines.
+            let last = (whole < c).then(|| _mm512_loadu_ps(xr.add(c - 16)));
+            for j in (0..whole).step_by(16) {
+                _mm512_storeu_ps(yr.add(j), dice_vector(params, _mm512_loadu_ps(xr.add(j)), j));
+            }
+            if let Some(xv) = last {
+                _mm512_storeu_ps(yr.add(c - 16), dice_vector(params, xv, c - 16));
+            }
+        }
+    }
+
+    /// [`Rowwise::dice_backward_partial`]: channel vector by channel
+    /// vector, its rows in order, the slope gradient and the sums held in
+    /// registers over the rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[inline(always)]
+    pub(super) unsafe fn dice_backward_partial(
+        rw: &Rowwise<'_>,
+        x: &[f32],
+        g: &mut [f32],
+        dalpha: &mut [f32],
+        sums: &mut [f32],
+    ) {
+        let c = rw.channels;
+        assert!(
+            rw.alpha.len() >= c
+                && rw.mean.len() >= c
+                && rw.inv_std.len() >= c
+                && dalpha.len() >= c
+                && sums.len() >= 2 * c,
+            "Dice's backward pass: parameters or sums shorter than {c} channels"
+        );
+        if c == 0 {
+            return;
+        }
+        let rows = (x.len() / c).min(g.len() / c);
+        let (sum_gz, sum_gzz) = sums.split_at_mut(c);
+        for j in (0..c).step_by(16) {
+            let m = first_lanes(c - j);
+            let ch = Channels::load(rw, j, m);
+            let mut acc = [
+                _mm512_maskz_loadu_ps(m, dalpha.as_ptr().add(j)),
+                _mm512_maskz_loadu_ps(m, sum_gz.as_ptr().add(j)),
+                _mm512_maskz_loadu_ps(m, sum_gzz.as_ptr().add(j)),
+            ];
+            for r in 0..rows {
+                let at = r * c + j;
+                if r + AHEAD < rows {
+                    // The rows come from L3 or memory (a training pass's
+                    // buffers are tens of MiB), a line each per vector.
+                    _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().add(at + AHEAD * c).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(g.as_ptr().add(at + AHEAD * c).cast());
+                }
+                let dy = _mm512_maskz_loadu_ps(m, g.as_ptr().add(at));
+                let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(at));
+                let gv = ch.partial(dy, xv, &mut acc);
+                _mm512_mask_storeu_ps(g.as_mut_ptr().add(at), m, gv);
+            }
+            _mm512_mask_storeu_ps(dalpha.as_mut_ptr().add(j), m, acc[0]);
+            _mm512_mask_storeu_ps(sum_gz.as_mut_ptr().add(j), m, acc[1]);
+            _mm512_mask_storeu_ps(sum_gzz.as_mut_ptr().add(j), m, acc[2]);
+        }
+    }
+
+    /// [`Rowwise::dice_backward_finish`]: channel vector by channel vector,
+    /// its rows in order, the bias gradient held in a register over the rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[inline(always)]
+    pub(super) unsafe fn dice_backward_finish(
+        rw: &Rowwise<'_>,
+        x: &[f32],
+        g: &mut [f32],
+        [mean_gz, mean_gzz]: [&[f32]; 2],
+        dbias: &mut [f32],
+    ) {
+        let c = rw.channels;
+        assert!(
+            rw.mean.len() >= c
+                && rw.inv_std.len() >= c
+                && mean_gz.len() >= c
+                && mean_gzz.len() >= c
+                && dbias.len() >= c,
+            "Dice's backward pass: moments or sums shorter than {c} channels"
+        );
+        if c == 0 {
+            return;
+        }
+        let rows = (x.len() / c).min(g.len() / c);
+        for j in (0..c).step_by(16) {
+            let m = first_lanes(c - j);
+            let mean = _mm512_maskz_loadu_ps(m, rw.mean.as_ptr().add(j));
+            let inv_std = _mm512_maskz_loadu_ps(m, rw.inv_std.as_ptr().add(j));
+            let mg = _mm512_maskz_loadu_ps(m, mean_gz.as_ptr().add(j));
+            let mgz = _mm512_maskz_loadu_ps(m, mean_gzz.as_ptr().add(j));
+            let mut db = _mm512_maskz_loadu_ps(m, dbias.as_ptr().add(j));
+            for r in 0..rows {
+                let at = r * c + j;
+                if r + AHEAD < rows {
+                    _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().add(at + AHEAD * c).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(g.as_ptr().add(at + AHEAD * c).cast());
+                }
+                let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(at));
+                let gv = _mm512_maskz_loadu_ps(m, g.as_ptr().add(at));
+                // As the scalar form: z = (x - m)·s; g -= s·(mg + z·mgz).
+                let z = _mm512_mul_ps(_mm512_sub_ps(xv, mean), inv_std);
+                let gv = _mm512_sub_ps(gv, _mm512_mul_ps(inv_std, _mm512_add_ps(mg, _mm512_mul_ps(z, mgz))));
+                db = _mm512_add_ps(db, gv);
+                _mm512_mask_storeu_ps(g.as_mut_ptr().add(at), m, gv);
+            }
+            _mm512_mask_storeu_ps(dbias.as_mut_ptr().add(j), m, db);
+        }
+    }
+
+    /// Dice's parameters of a vector of 16 channels, with the batch's moments.
+    pub(crate) struct Channels {
+        alpha: __m512,
+        one_minus_alpha: __m512,
+        mean: __m512,
+        inv_std: __m512,
+    }
+
+    impl Channels {
+        /// Channels `j..` of `rw`, `m`'s lanes (the others zero).
+        #[inline(always)]
+        pub(crate) unsafe fn load(rw: &Rowwise<'_>, j: usize, m: u16) -> Self {
+            let alpha = _mm512_maskz_loadu_ps(m, rw.alpha.as_ptr().add(j));
+            Channels {
+                alpha,
+                one_minus_alpha: _mm512_sub_ps(_mm512_set1_ps(1.0), alpha),
+                mean: _mm512_maskz_loadu_ps(m, rw.mean.as_ptr().add(j)),
+                inv_std: _mm512_maskz_loadu_ps(m, rw.inv_std.as_ptr().add(j)),
+            }
+        }
+
+        /// [`super::dice_backward_lane`] on a vector, operation for
+        /// operation: returns `g` from `dy` and the input `x`; adds to
+        /// `acc`, `[dalpha, Σ gz, Σ gz·z]`.
+        #[inline(always)]
+        pub(crate) unsafe fn partial(&self, dy: __m512, x: __m512, acc: &mut [__m512; 3]) -> __m512 {
+            let (a, oma, inv_std) = (self.alpha, self.one_minus_alpha, self.inv_std);
+            let z = _mm512_mul_ps(_mm512_sub_ps(x, self.mean), inv_std);
+            let p = reciprocal_one_plus(exp_parts(neg(z)));
+            let omp = _mm512_sub_ps(_mm512_set1_ps(1.0), p);
+            acc[0] = _mm512_add_ps(acc[0], _mm512_mul_ps(_mm512_mul_ps(dy, x), omp));
+            let gz = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dy, oma), x), p), omp);
+            acc[1] = _mm512_add_ps(acc[1], gz);
+            acc[2] = _mm512_add_ps(acc[2], _mm512_mul_ps(gz, z));
+            _mm512_add_ps(
+                _mm512_mul_ps(dy, _mm512_add_ps(a, _mm512_mul_ps(oma, p))),
+                _mm512_mul_ps(inv_std, gz),
+            )
+        }
+    }
+}
 
 impl Activation {
     /// A new activation over `channels`.
@@ -1011,6 +1365,122 @@ mod tests {
                     extra.is_some()
                 );
                 assert!(want.iter().any(|&w| w > 0.0) && sums.iter().any(|&s| s < 0.0));
+            }
+        }
+    }
+
+    /// Dice's AVX-512 loops ([`wide`]) give the AVX2 build's bits: the
+    /// activation with moving averages and with a batch's moments, in place
+    /// with the sums, and both halves of the backward pass; widths below,
+    /// at and past a vector, values out to `exp`'s clamps, zeros and NaN.
+    #[test]
+    fn dice_gives_the_same_bits_in_the_avx2_and_avx512_builds() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if widest_build() != Build::Avx512 {
+                eprintln!("skipped: no AVX-512");
+                return;
+            }
+            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+            unsafe fn apply_wide(rw: &Rowwise<'_>, x: &[f32], y: &mut [f32]) {
+                rw.apply::<true, true>(x, y)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn apply_avx2(rw: &Rowwise<'_>, x: &[f32], y: &mut [f32]) {
+                rw.apply::<true, false>(x, y)
+            }
+            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+            unsafe fn add_wide(rw: &Rowwise<'_>, x: &mut [f32], e: Option<&[f32]>, b: &[f32]) {
+                rw.add_apply_in_place_body::<true, true>(x, e, b)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn add_avx2(rw: &Rowwise<'_>, x: &mut [f32], e: Option<&[f32]>, b: &[f32]) {
+                rw.add_apply_in_place_body::<true, false>(x, e, b)
+            }
+            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+            unsafe fn partial_wide(rw: &Rowwise<'_>, x: &[f32], g: &mut [f32], da: &mut [f32], s: &mut [f32]) {
+                rw.dice_backward_partial_body::<true, true>(x, g, da, s)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn partial_avx2(rw: &Rowwise<'_>, x: &[f32], g: &mut [f32], da: &mut [f32], s: &mut [f32]) {
+                rw.dice_backward_partial_body::<true, false>(x, g, da, s)
+            }
+            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+            unsafe fn finish_wide(rw: &Rowwise<'_>, x: &[f32], g: &mut [f32], m: [&[f32]; 2], db: &mut [f32]) {
+                rw.dice_backward_finish_body::<true, true>(x, g, m[0], m[1], db)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn finish_avx2(rw: &Rowwise<'_>, x: &[f32], g: &mut [f32], m: [&[f32]; 2], db: &mut [f32]) {
+                rw.dice_backward_finish_body::<true, false>(x, g, m[0], m[1], db)
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let rows = 7;
+            for c in [1, 5, 16, 37, 40, 80] {
+                let full = |n, seed| -> Vec<f32> { rand_vec(n, seed).iter().map(|v| v * 3.1 + 0.013).collect() };
+                let mut x = full(rows * c, 11);
+                // exp's clamps both ways, a zero and a NaN.
+                x[0] = 500.0;
+                x[rows * c / 2] = -500.0;
+                x[rows * c - 1] = 0.0;
+                let with_nan = {
+                    let mut v = x.clone();
+                    v[rows * c / 3] = f32::NAN;
+                    v
+                };
+                let mut act = Activation::new(ActivationKind::Dice, c);
+                if let Some(a) = &mut act.alpha {
+                    a.value = rand_vec(c, 12);
+                }
+                if let Some(m) = &mut act.running_mean {
+                    m.value = rand_vec(c, 13);
+                }
+                if let Some(v) = &mut act.running_var {
+                    v.value = rand_vec(c, 14).iter().map(|v| v.abs() + 0.05).collect();
+                }
+                let (mean, var) = (
+                    rand_vec(c, 15),
+                    rand_vec(c, 16).iter().map(|v| v.abs() + 0.05).collect::<Vec<_>>(),
+                );
+                let moving = act.rowwise(c);
+                let batch = act.rowwise_with_moments(&mean, &var);
+                let (e, b) = (full(rows * c, 17), full(c, 18));
+                for (name, rw) in [("moving", &moving), ("batch", &batch)] {
+                    for input in [&x, &with_nan] {
+                        let (mut y1, mut y2) = (vec![0.0; rows * c], vec![0.0; rows * c]);
+                        // SAFETY: the CPU has AVX-512 (checked above) and so AVX2 and FMA.
+                        unsafe { (apply_wide(rw, input, &mut y1), apply_avx2(rw, input, &mut y2)) };
+                        assert_eq!(bits(&y1), bits(&y2), "apply, {c} channels, {name}");
+                        for extra in [None, Some(&e[..])] {
+                            let (mut x1, mut x2) = (input.clone(), input.clone());
+                            // SAFETY: as above.
+                            unsafe { (add_wide(rw, &mut x1, extra, &b), add_avx2(rw, &mut x2, extra, &b)) };
+                            assert_eq!(bits(&x1), bits(&x2), "in place, {c} channels, {name}");
+                        }
+                    }
+                }
+                let dy = full(rows * c, 19);
+                let (da0, s0, db0) = (full(c, 20), full(2 * c, 21), full(c, 22));
+                let (mut g1, mut da1, mut s1) = (dy.clone(), da0.clone(), s0.clone());
+                let (mut g2, mut da2, mut s2) = (dy.clone(), da0.clone(), s0.clone());
+                // SAFETY: as above.
+                unsafe {
+                    partial_wide(&batch, &x, &mut g1, &mut da1, &mut s1);
+                    partial_avx2(&batch, &x, &mut g2, &mut da2, &mut s2);
+                }
+                assert_eq!(bits(&g1), bits(&g2), "backward, {c} channels");
+                assert_eq!(bits(&da1), bits(&da2), "slope gradient, {c} channels");
+                assert_eq!(bits(&s1), bits(&s2), "sums, {c} channels");
+                assert!(g1.iter().all(|v| v.is_finite()) && g1 != dy);
+                let (mg, mgz) = (full(c, 23), full(c, 24));
+                let (mut db1, mut db2) = (db0.clone(), db0.clone());
+                // SAFETY: as above.
+                unsafe {
+                    finish_wide(&batch, &x, &mut g1, [&mg, &mgz], &mut db1);
+                    finish_avx2(&batch, &x, &mut g2, [&mg, &mgz], &mut db2);
+                }
+                assert_eq!(bits(&g1), bits(&g2), "finish, {c} channels");
+                assert_eq!(bits(&db1), bits(&db2), "bias gradient, {c} channels");
+                assert_ne!(db1, db0);
             }
         }
     }

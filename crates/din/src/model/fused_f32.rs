@@ -23,6 +23,10 @@
 //! activations' arithmetic in the order of [`super::activation::Rowwise`],
 //! and add the bias and slope gradients row by row, as it does.
 
+#[cfg(target_arch = "x86_64")]
+use super::activation::wide::Channels;
+use super::activation::Rowwise;
+
 /// Columns per panel: four AVX-512 vectors.
 pub(crate) const NR: usize = 64;
 /// Rows per tile: 6 x 4 accumulators, 4 vectors of the panel and a
@@ -140,6 +144,26 @@ pub(crate) struct Backward<'a> {
     /// `w`), asked for into L2 row by row as the strips go (a hint: it may
     /// be empty).
     pub next: (&'a [f32], usize),
+}
+
+/// The backward epilogue, the product being `dy = ∂L/∂out` of a Dice
+/// layer in training, normalised by its batch's moments: the first half
+/// of Dice's backward pass, as [`Rowwise::dice_backward_partial`] (same
+/// operations, same order per channel, so the same bits): `g` gets the
+/// gradient with the moments held fixed, and `dalpha`, `Σ gz` and `Σ gz·z`
+/// are added to row by row.
+#[derive(Debug)]
+pub(crate) struct DiceBackward<'a> {
+    /// Dice with the batch's moments ([`crate::model::Activation::rowwise_with_moments`]).
+    pub act: &'a Rowwise<'a>,
+    /// The layer's pre-activation, `[m, n]`.
+    pub pre: &'a [f32],
+    /// Receives `g`, `[m, n]`.
+    pub g: &'a mut [f32],
+    /// Dice's slope gradient `[n]`, added to.
+    pub dalpha: &'a mut [f32],
+    /// `Σ gz` then `Σ gz·z`, `[2, n]`, added to.
+    pub sums: &'a mut [f32],
 }
 
 /// Plain `c = a·b`, `[m, n]` row-major (the DNN's input gradient in a
@@ -268,7 +292,7 @@ fn prefetch_lines<const V: usize>(p: *const f32) {
 /// (`1..=16`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn first_lanes(count: usize) -> u16 {
+pub(crate) fn first_lanes(count: usize) -> u16 {
     if count >= 16 {
         u16::MAX
     } else {
@@ -281,6 +305,7 @@ mod private {
     impl Sealed for super::Forward<'_> {}
     impl Sealed for super::Backward<'_> {}
     impl Sealed for super::Store<'_> {}
+    impl Sealed for super::DiceBackward<'_> {}
 }
 
 impl Bias<'_> {
@@ -475,6 +500,84 @@ impl Epilogue for Backward<'_> {
                 crate::model::prefetch_l2(row.wrapping_add(16 * line));
             }
         }
+    }
+}
+
+impl Epilogue for DiceBackward<'_> {
+    fn partial(&mut self) -> *mut f32 {
+        self.g.as_mut_ptr()
+    }
+
+    /// As [`Epilogue::row`] row after row, with the slope gradient and the
+    /// sums of each column vector held in registers over the rows (the
+    /// same additions in the same order).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn rows<const R: usize, const V: usize>(
+        &mut self,
+        n: usize,
+        i0: usize,
+        j0: usize,
+        acc: &[[std::arch::x86_64::__m512; V]; R],
+        mask: u16,
+    ) {
+        use std::arch::x86_64::*;
+        let (sum_gz, sum_gzz) = self.sums.split_at_mut(n);
+        for v in 0..V {
+            let j = j0 + 16 * v;
+            let m = lanes::<V>(v, mask);
+            let ch = Channels::load(self.act, j, m);
+            let (da_at, gz_at, gzz_at) = (
+                self.dalpha.as_mut_ptr().add(j),
+                sum_gz.as_mut_ptr().add(j),
+                sum_gzz.as_mut_ptr().add(j),
+            );
+            let mut sums = [
+                _mm512_maskz_loadu_ps(m, da_at),
+                _mm512_maskz_loadu_ps(m, gz_at),
+                _mm512_maskz_loadu_ps(m, gzz_at),
+            ];
+            for (r, acc) in acc.iter().enumerate() {
+                let at = (i0 + r) * n + j;
+                let x = _mm512_maskz_loadu_ps(m, self.pre.as_ptr().add(at));
+                let gv = ch.partial(acc[v], x, &mut sums);
+                _mm512_mask_storeu_ps(self.g.as_mut_ptr().add(at), m, gv);
+            }
+            _mm512_mask_storeu_ps(da_at, m, sums[0]);
+            _mm512_mask_storeu_ps(gz_at, m, sums[1]);
+            _mm512_mask_storeu_ps(gzz_at, m, sums[2]);
+        }
+    }
+
+    fn check(&self, m: usize, n: usize) {
+        assert!(
+            self.pre.len() >= m * n && self.g.len() >= m * n,
+            "fused product: buffers shorter than [{m}, {n}]"
+        );
+        assert!(
+            self.act.channels() == n && self.act.is_dice() && self.dalpha.len() >= n && self.sums.len() >= 2 * n,
+            "fused product: Dice's parameters or sums are not {n} channels"
+        );
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn row<const V: usize>(
+        &mut self,
+        n: usize,
+        i: usize,
+        j0: usize,
+        acc: &[std::arch::x86_64::__m512; V],
+        mask: u16,
+    ) {
+        self.rows::<1, V>(n, i, j0, &[*acc], mask);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch<const V: usize>(&self, n: usize, i: usize, j0: usize) {
+        prefetch_lines::<V>(self.pre.as_ptr().wrapping_add(i * n + j0));
+        prefetch_lines::<V>(self.g.as_ptr().wrapping_add(i * n + j0));
     }
 }
 
@@ -853,6 +956,54 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_dice_epilogue_is_the_first_half_of_dices_backward_pass_bit_for_bit() {
+        if skipped() {
+            return;
+        }
+        let values = &mut Values(950);
+        for (m, k, n) in SHAPES {
+            let (a, panels, dy) = plain_product(m, k, n, values);
+            // Pre-activations of both signs and some far out (exp's clamps).
+            let pre: Vec<f32> = values
+                .take(m * n)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match i % 11 {
+                    3 => v * 300.0,
+                    _ => v * 3.1 + 0.013,
+                })
+                .collect();
+            let mut dice = crate::model::Activation::new(crate::schema::ActivationKind::Dice, n);
+            if let Some(p) = &mut dice.alpha {
+                p.value = values.take(n);
+            }
+            let (mean, var) = (
+                values.take(n),
+                values.take(n).iter().map(|v| v.abs() + 0.1).collect::<Vec<_>>(),
+            );
+            let act = dice.rowwise_with_moments(&mean, &var);
+            let (da0, s0) = (values.take(n), values.take(2 * n));
+            let (mut g, mut dalpha, mut sums) = (vec![f32::NAN; m * n], da0.clone(), s0.clone());
+            let epilogue = &mut DiceBackward {
+                act: &act,
+                pre: &pre,
+                g: &mut g,
+                dalpha: &mut dalpha,
+                sums: &mut sums,
+            };
+            product(m, &a, k, &panels, epilogue);
+            // The product stored, then Dice's own pass over it.
+            let (mut want, mut want_da, mut want_sums) = (dy.clone(), da0.clone(), s0.clone());
+            act.dice_backward_partial(&pre, &mut want, &mut want_da, &mut want_sums);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&g), bits(&want), "g ({m},{k},{n})");
+            assert_eq!(bits(&dalpha), bits(&want_da), "slope gradient ({m},{k},{n})");
+            assert_eq!(bits(&sums), bits(&want_sums), "sums ({m},{k},{n})");
+            assert!(g.iter().all(|v| v.is_finite()));
         }
     }
 

@@ -819,8 +819,10 @@ impl<'a> Shared<'a> {
                 // The product above already applied this layer's activation
                 // backward and summed its bias and slope gradients.
             } else if resume == Some(l) {
+                // With the bias gradient summed (the rows' loop below is skipped).
                 let (mean_gz, mean_gzz) = &self.dice_means;
-                self.acts[l].dice_backward_finish(pre, g, mean_gz, mean_gzz); // g = dpre_l
+                self.acts[l].dice_backward_finish(pre, g, mean_gz, mean_gzz, gb);
+            // g = dpre_l
             } else if self.batch_stats[l] {
                 let sums = &mut sums[..2 * h];
                 sums.iter_mut().for_each(|v| *v = 0.0);
@@ -829,7 +831,7 @@ impl<'a> Shared<'a> {
             } else {
                 self.acts[l].backward(pre, g, ga); // g = dpre_l
             }
-            if !fused_below {
+            if !fused_below && resume != Some(l) {
                 for row in g.chunks_exact(h) {
                     gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
                 }
@@ -902,6 +904,24 @@ impl<'a> Shared<'a> {
                 };
                 fused_f32::product(n, g, h, &panels_t[l - 1], epilogue); // [n, width_in]
                 fused_below = true;
+            } else if let (Some(panels_t), None, true) = (self.panels_t, self.transposed, self.batch_stats[l - 1]) {
+                self.products.matmul_at_b(width_in, n, h, input, g, gw, false); // dW_l
+                                                                                // dh_{l-1} = g·W_lᵀ, through the first half of Dice's
+                                                                                // backward pass (layer l-1 waits for its batch's sums),
+                                                                                // over its output; then the pass stops.
+                let pre_below = &earlier[at - 2 * n * width_in..];
+                let dalpha = &mut lower[offsets[l] - width_in..];
+                let sums = &mut sums[..2 * width_in];
+                sums.iter_mut().for_each(|v| *v = 0.0);
+                let epilogue = &mut fused_f32::DiceBackward {
+                    act: &self.acts[l - 1],
+                    pre: pre_below,
+                    g: input,
+                    dalpha,
+                    sums,
+                };
+                fused_f32::product(n, g, h, &panels_t[l - 1], epilogue); // [n, width_in]
+                return;
             } else {
                 self.products.matmul_at_b(width_in, n, h, input, g, gw, false); // dW_l
                 match self.transposed {
