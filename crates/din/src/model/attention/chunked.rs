@@ -819,10 +819,10 @@ impl<'a> Shared<'a> {
                 // The product above already applied this layer's activation
                 // backward and summed its bias and slope gradients.
             } else if resume == Some(l) {
-                // With the bias gradient summed (the rows' loop below is skipped).
+                // g = dpre_l, and the bias gradient summed (the rows' loop
+                // below is skipped).
                 let (mean_gz, mean_gzz) = &self.dice_means;
                 self.acts[l].dice_backward_finish(pre, g, mean_gz, mean_gzz, gb);
-            // g = dpre_l
             } else if self.batch_stats[l] {
                 let sums = &mut sums[..2 * h];
                 sums.iter_mut().for_each(|v| *v = 0.0);
@@ -906,9 +906,10 @@ impl<'a> Shared<'a> {
                 fused_below = true;
             } else if let (Some(panels_t), None, true) = (self.panels_t, self.transposed, self.batch_stats[l - 1]) {
                 self.products.matmul_at_b(width_in, n, h, input, g, gw, false); // dW_l
-                                                                                // dh_{l-1} = g·W_lᵀ, through the first half of Dice's
-                                                                                // backward pass (layer l-1 waits for its batch's sums),
-                                                                                // over its output; then the pass stops.
+
+                // dh_{l-1} = g·W_lᵀ, through the first half of Dice's
+                // backward pass (layer l-1 waits for its batch's sums),
+                // over its output; then the pass stops.
                 let pre_below = &earlier[at - 2 * n * width_in..];
                 let dalpha = &mut lower[offsets[l] - width_in..];
                 let sums = &mut sums[..2 * width_in];
