@@ -162,14 +162,19 @@ impl<'a> Rowwise<'a> {
         }
     }
 
-    /// `y = act(x)`, both `[rows, channels]`.
+    /// `y = act(x)`, both `[rows, channels]`. `FMA`: whether `exp`'s
+    /// polynomial uses fused multiply-adds (a library call per value
+    /// outside a build with FMA); `WIDE`: whether Dice runs on the AVX-512
+    /// loops, where the CPU has AVX-512 (see [`Rowwise::apply_rows`],
+    /// which picks both for this CPU).
     #[inline(always)]
     pub fn apply<const FMA: bool, const WIDE: bool>(&self, x: &[f32], y: &mut [f32]) {
         debug_assert_eq!(x.len(), y.len());
         #[cfg(target_arch = "x86_64")]
-        if WIDE && self.kind == ActivationKind::Dice {
+        if WIDE && self.kind == ActivationKind::Dice && widest_build() == Build::Avx512 {
             let n = x.len().min(y.len());
-            // SAFETY: `WIDE` is only set in the AVX-512 build; both hold `n` floats.
+            // SAFETY: the CPU has AVX-512 (checked: this method is public);
+            // both hold `n` floats.
             return unsafe { wide::dice(self, x.as_ptr(), y.as_mut_ptr(), n) };
         }
         let alpha = self.alpha;
@@ -302,7 +307,8 @@ impl<'a> Rowwise<'a> {
         }
         #[cfg(target_arch = "x86_64")]
         if WIDE && self.kind == ActivationKind::Dice {
-            // SAFETY: `WIDE` is only set in the AVX-512 build.
+            // SAFETY: `WIDE` is only set by `multiversion!`'s AVX-512 build,
+            // which runs only on CPUs with AVX-512.
             return unsafe { wide::add_dice_in_place(self, x, extra, bias) };
         }
         for (r, xr) in x.chunks_exact_mut(c).enumerate() {
@@ -364,7 +370,8 @@ impl<'a> Rowwise<'a> {
         let c = self.channels;
         #[cfg(target_arch = "x86_64")]
         if WIDE {
-            // SAFETY: `WIDE` is only set in the AVX-512 build.
+            // SAFETY: `WIDE` is only set by `multiversion!`'s AVX-512 build,
+            // which runs only on CPUs with AVX-512.
             return unsafe { wide::dice_backward_partial(self, x, g, dalpha, sums) };
         }
         let (sum_gz, sum_gzz) = sums.split_at_mut(c);
@@ -416,7 +423,8 @@ impl<'a> Rowwise<'a> {
     ) {
         #[cfg(target_arch = "x86_64")]
         if WIDE {
-            // SAFETY: `WIDE` is only set in the AVX-512 build.
+            // SAFETY: `WIDE` is only set by `multiversion!`'s AVX-512 build,
+            // which runs only on CPUs with AVX-512.
             return unsafe { wide::dice_backward_finish(self, x, g, [mean_gz, mean_gzz], dbias) };
         }
         let c = self.channels;
