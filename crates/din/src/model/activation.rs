@@ -172,10 +172,8 @@ impl<'a> Rowwise<'a> {
         debug_assert_eq!(x.len(), y.len());
         #[cfg(target_arch = "x86_64")]
         if WIDE && self.kind == ActivationKind::Dice && widest_build() == Build::Avx512 {
-            let n = x.len().min(y.len());
-            // SAFETY: the CPU has AVX-512 (checked: this method is public);
-            // both hold `n` floats.
-            return unsafe { wide::dice(self, x.as_ptr(), y.as_mut_ptr(), n) };
+            // SAFETY: the CPU has AVX-512 (checked: this method is public).
+            return unsafe { wide::dice(self, x, y) };
         }
         let alpha = self.alpha;
         match self.kind {
@@ -718,10 +716,78 @@ pub(crate) mod wide {
         _mm512_fmadd_ps(_mm512_mul_ps(xv, omav), s, _mm512_mul_ps(xv, av))
     }
 
-    /// `x = dice(x + extra + bias)` in place, row by row: the sums as
-    /// [`Rowwise::add_apply_in_place`] adds them (`x + (e + b)`, or `x + b`),
-    /// each activated while in a register (a separate pass's narrower
-    /// stores would hold up the wide loads after them).
+    /// Where [`activate_rows`] reads the values it activates: the vector of
+    /// row `r`'s channels `j..` (lanes `m`; the others zero).
+    trait Values {
+        /// # Safety
+        /// AVX-512F; row `r` and channels `j..` (lanes `m`) lie inside the values.
+        unsafe fn load(&self, r: usize, j: usize, m: u16) -> __m512;
+    }
+
+    /// The values as they are (`[rows, c]` from a pointer).
+    struct Plain(*const f32, usize);
+
+    impl Values for Plain {
+        #[inline(always)]
+        unsafe fn load(&self, r: usize, j: usize, m: u16) -> __m512 {
+            _mm512_maskz_loadu_ps(m, self.0.add(r * self.1 + j))
+        }
+    }
+
+    /// The values plus `extra` (if any) plus `bias`, summed as
+    /// [`Rowwise::add_apply_in_place`] sums them: `x + (e + b)`, or `x + b`.
+    struct Summed {
+        x: *const f32,
+        extra: Option<*const f32>,
+        bias: *const f32,
+        c: usize,
+    }
+
+    impl Values for Summed {
+        #[inline(always)]
+        unsafe fn load(&self, r: usize, j: usize, m: u16) -> __m512 {
+            let at = r * self.c + j;
+            let x = _mm512_maskz_loadu_ps(m, self.x.add(at));
+            let b = _mm512_maskz_loadu_ps(m, self.bias.add(j));
+            match self.extra {
+                Some(e) => _mm512_add_ps(x, _mm512_add_ps(_mm512_maskz_loadu_ps(m, e.add(at)), b)),
+                None => _mm512_add_ps(x, b),
+            }
+        }
+    }
+
+    /// `y[r] = dice(values[r])` for `rows` rows of `rw.channels`, `y` at
+    /// `y`; `values` may read from `y` (in place).
+    ///
+    /// A row's last channels are one whole vector that overlaps the one
+    /// before, read before anything of the row is written and written last
+    /// (the overlap gets the same values twice): a masked store there would
+    /// hold up the next row's loads from the same lines.
+    #[inline(always)]
+    unsafe fn activate_rows(rw: &Rowwise<'_>, values: &impl Values, rows: usize, y: *mut f32) {
+        let c = rw.channels;
+        let params = &rw.dice_params;
+        let whole = c - c % 16;
+        for r in 0..rows {
+            let yr = y.add(r * c);
+            if c < 16 {
+                let m = first_lanes(c);
+                _mm512_mask_storeu_ps(yr, m, dice_vector(params, values.load(r, 0, m), 0));
+                continue;
+            }
+            let last = (whole < c).then(|| values.load(r, c - 16, u16::MAX));
+            for j in (0..whole).step_by(16) {
+                _mm512_storeu_ps(yr.add(j), dice_vector(params, values.load(r, j, u16::MAX), j));
+            }
+            if let Some(v) = last {
+                _mm512_storeu_ps(yr.add(c - 16), dice_vector(params, v, c - 16));
+            }
+        }
+    }
+
+    /// `x = dice(x + extra + bias)` in place, row by row, each sum
+    /// activated while in a register (a separate pass's narrower stores
+    /// would hold up the wide loads after them).
     ///
     /// # Safety
     /// The CPU has AVX-512F.
@@ -735,75 +801,38 @@ pub(crate) mod wide {
         if c == 0 {
             return;
         }
-        let params = &rw.dice_params;
-        let whole = c - c % 16;
-        let (b, e) = (bias.as_ptr(), extra.map(<[f32]>::as_ptr));
-        // The sum at offset `at` of `x`, channels `j..`, from `m`'s lanes
-        // (a function, not a closure, so that it is inlined into this
-        // target's code for certain).
-        #[inline(always)]
-        unsafe fn sum(xv: __m512, (b, e): (*const f32, Option<*const f32>), at: usize, j: usize, m: u16) -> __m512 {
-            match e {
-                Some(e) => _mm512_add_ps(
-                    xv,
-                    _mm512_add_ps(_mm512_maskz_loadu_ps(m, e.add(at)), _mm512_maskz_loadu_ps(m, b.add(j))),
-                ),
-                None => _mm512_add_ps(xv, _mm512_maskz_loadu_ps(m, b.add(j))),
-            }
-        }
-        let be = (b, e);
-        for r in 0..x.len() / c {
-            let xr = x.as_mut_ptr().add(r * c);
-            if c < 16 {
-                let m = first_lanes(c);
-                let v = sum(_mm512_maskz_loadu_ps(m, xr), be, r * c, 0, m);
-                _mm512_mask_storeu_ps(xr, m, dice_vector(params, v, 0));
-                continue;
-            }
-            // As in `dice`.
-            let last = (whole < c).then(|| sum(_mm512_loadu_ps(xr.add(c - 16)), be, r * c + c - 16, c - 16, u16::MAX));
-            for j in (0..whole).step_by(16) {
-                let v = sum(_mm512_loadu_ps(xr.add(j)), be, r * c + j, j, u16::MAX);
-                _mm512_storeu_ps(xr.add(j), dice_vector(params, v, j));
-            }
-            if let Some(v) = last {
-                _mm512_storeu_ps(xr.add(c - 16), dice_vector(params, v, c - 16));
-            }
-        }
+        let y = x.as_mut_ptr();
+        let values = Summed {
+            x: y,
+            extra: extra.map(<[f32]>::as_ptr),
+            bias: bias.as_ptr(),
+            c,
+        };
+        activate_rows(rw, &values, x.len() / c, y);
     }
 
-    /// Dice at inference or with fixed moments, `y[i] = dice(x[i])` over
-    /// `n` floats (whole rows of `rw.channels`); `y` may be `x`.
+    /// `y = dice(x)`, row by row (Dice at inference or with fixed moments).
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `x` and `y` hold `n` floats.
+    /// The CPU has AVX-512F.
     #[inline(always)]
-    pub(super) unsafe fn dice(rw: &Rowwise<'_>, x: *const f32, y: *mut f32, n: usize) {
+    pub(super) unsafe fn dice(rw: &Rowwise<'_>, x: &[f32], y: &mut [f32]) {
         let c = rw.channels;
         if c == 0 {
             return;
         }
-        let params = &rw.dice_params;
-        let whole = c - c % 16;
-        for r in 0..n / c {
-            let (xr, yr) = (x.add(r * c), y.add(r * c));
-            if c < 16 {
-                let m = first_lanes(c);
-                _mm512_mask_storeu_ps(yr, m, dice_vector(params, _mm512_maskz_loadu_ps(m, xr), 0));
-                continue;
-            }
-            // A row's last channels as one whole vector that overlaps the
-            // one before, read before anything of the row is written (`y`
-            // may be `x`) and written last (the overlap gets the same
-            // values twice): a masked store would hold up the next row's
-            // loads from the same lines.
-            let last = (whole < c).then(|| _mm512_loadu_ps(xr.add(c - 16)));
-            for j in (0..whole).step_by(16) {
-                _mm512_storeu_ps(yr.add(j), dice_vector(params, _mm512_loadu_ps(xr.add(j)), j));
-            }
-            if let Some(xv) = last {
-                _mm512_storeu_ps(yr.add(c - 16), dice_vector(params, xv, c - 16));
-            }
+        let rows = x.len().min(y.len()) / c;
+        activate_rows(rw, &Plain(x.as_ptr(), c), rows, y.as_mut_ptr());
+    }
+
+    /// Asks for the lines of `x` and `g` at `at`, [`AHEAD`] rows of `c`
+    /// on (the training passes' rows come from L3 or memory: their buffers
+    /// are tens of MiB), if row `r + AHEAD` is one of the `rows`.
+    #[inline(always)]
+    unsafe fn prefetch_ahead(x: &[f32], g: &[f32], (r, rows): (usize, usize), at: usize, c: usize) {
+        if r + AHEAD < rows {
+            _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().add(at + AHEAD * c).cast());
+            _mm_prefetch::<_MM_HINT_T0>(g.as_ptr().add(at + AHEAD * c).cast());
         }
     }
 
@@ -834,31 +863,55 @@ pub(crate) mod wide {
             return;
         }
         let rows = (x.len() / c).min(g.len() / c);
-        let (sum_gz, sum_gzz) = sums.split_at_mut(c);
         for j in (0..c).step_by(16) {
             let m = first_lanes(c - j);
             let ch = Channels::load(rw, j, m);
-            let mut acc = [
-                _mm512_maskz_loadu_ps(m, dalpha.as_ptr().add(j)),
-                _mm512_maskz_loadu_ps(m, sum_gz.as_ptr().add(j)),
-                _mm512_maskz_loadu_ps(m, sum_gzz.as_ptr().add(j)),
-            ];
+            let at_sums = PartialSums::at(dalpha, sums, c, j);
+            let mut acc = at_sums.load(m);
             for r in 0..rows {
                 let at = r * c + j;
-                if r + AHEAD < rows {
-                    // The rows come from L3 or memory (a training pass's
-                    // buffers are tens of MiB), a line each per vector.
-                    _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().add(at + AHEAD * c).cast());
-                    _mm_prefetch::<_MM_HINT_T0>(g.as_ptr().add(at + AHEAD * c).cast());
-                }
+                prefetch_ahead(x, g, (r, rows), at, c);
                 let dy = _mm512_maskz_loadu_ps(m, g.as_ptr().add(at));
                 let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(at));
                 let gv = ch.partial(dy, xv, &mut acc);
                 _mm512_mask_storeu_ps(g.as_mut_ptr().add(at), m, gv);
             }
-            _mm512_mask_storeu_ps(dalpha.as_mut_ptr().add(j), m, acc[0]);
-            _mm512_mask_storeu_ps(sum_gz.as_mut_ptr().add(j), m, acc[1]);
-            _mm512_mask_storeu_ps(sum_gzz.as_mut_ptr().add(j), m, acc[2]);
+            at_sums.store(m, acc);
+        }
+    }
+
+    /// Where the first backward half's sums of channels `j..` sit: the
+    /// slope gradient in `dalpha` (`[c]`), `Σ gz` and `Σ gz·z` in the
+    /// halves of `sums` (`[2, c]`); in the order of [`Channels::partial`]'s `acc`.
+    pub(crate) struct PartialSums([*mut f32; 3]);
+
+    impl PartialSums {
+        /// Channels `j..` of `dalpha` and `sums` (callers check their lengths).
+        #[inline(always)]
+        pub(crate) unsafe fn at(dalpha: &mut [f32], sums: &mut [f32], c: usize, j: usize) -> Self {
+            let s = sums.as_mut_ptr();
+            PartialSums([dalpha.as_mut_ptr().add(j), s.add(j), s.add(c + j)])
+        }
+
+        /// The sums, lanes `m` (the others zero).
+        #[inline(always)]
+        pub(crate) unsafe fn load(&self, m: u16) -> [__m512; 3] {
+            // Not `map`: a closure is not compiled with the caller's target
+            // features, and its intrinsics would not be inlined.
+            let [a, b, c] = self.0;
+            [
+                _mm512_maskz_loadu_ps(m, a),
+                _mm512_maskz_loadu_ps(m, b),
+                _mm512_maskz_loadu_ps(m, c),
+            ]
+        }
+
+        /// Writes lanes `m` of `v` back.
+        #[inline(always)]
+        pub(crate) unsafe fn store(&self, m: u16, v: [__m512; 3]) {
+            for (p, v) in self.0.into_iter().zip(v) {
+                _mm512_mask_storeu_ps(p, m, v);
+            }
         }
     }
 
@@ -897,10 +950,7 @@ pub(crate) mod wide {
             let mut db = _mm512_maskz_loadu_ps(m, dbias.as_ptr().add(j));
             for r in 0..rows {
                 let at = r * c + j;
-                if r + AHEAD < rows {
-                    _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().add(at + AHEAD * c).cast());
-                    _mm_prefetch::<_MM_HINT_T0>(g.as_ptr().add(at + AHEAD * c).cast());
-                }
+                prefetch_ahead(x, g, (r, rows), at, c);
                 let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(at));
                 let gv = _mm512_maskz_loadu_ps(m, g.as_ptr().add(at));
                 // As the scalar form: z = (x - m)·s; g -= s·(mg + z·mgz).

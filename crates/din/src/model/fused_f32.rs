@@ -24,7 +24,7 @@
 //! and add the bias and slope gradients row by row, as it does.
 
 #[cfg(target_arch = "x86_64")]
-use super::activation::wide::Channels;
+use super::activation::wide::{Channels, PartialSums};
 use super::activation::Rowwise;
 
 /// Columns per panel: four AVX-512 vectors.
@@ -522,30 +522,19 @@ impl Epilogue for DiceBackward<'_> {
         mask: u16,
     ) {
         use std::arch::x86_64::*;
-        let (sum_gz, sum_gzz) = self.sums.split_at_mut(n);
         for v in 0..V {
             let j = j0 + 16 * v;
             let m = lanes::<V>(v, mask);
             let ch = Channels::load(self.act, j, m);
-            let (da_at, gz_at, gzz_at) = (
-                self.dalpha.as_mut_ptr().add(j),
-                sum_gz.as_mut_ptr().add(j),
-                sum_gzz.as_mut_ptr().add(j),
-            );
-            let mut sums = [
-                _mm512_maskz_loadu_ps(m, da_at),
-                _mm512_maskz_loadu_ps(m, gz_at),
-                _mm512_maskz_loadu_ps(m, gzz_at),
-            ];
+            let at_sums = PartialSums::at(self.dalpha, self.sums, n, j);
+            let mut sums = at_sums.load(m);
             for (r, acc) in acc.iter().enumerate() {
                 let at = (i0 + r) * n + j;
                 let x = _mm512_maskz_loadu_ps(m, self.pre.as_ptr().add(at));
                 let gv = ch.partial(acc[v], x, &mut sums);
                 _mm512_mask_storeu_ps(self.g.as_mut_ptr().add(at), m, gv);
             }
-            _mm512_mask_storeu_ps(da_at, m, sums[0]);
-            _mm512_mask_storeu_ps(gz_at, m, sums[1]);
-            _mm512_mask_storeu_ps(gzz_at, m, sums[2]);
+            at_sums.store(m, sums);
         }
     }
 
