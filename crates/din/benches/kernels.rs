@@ -108,25 +108,35 @@ fn activation(c: &mut Criterion) {
             })
         });
     }
-    // Dice in training, over one chunk's rows: the forward activation with
-    // the batch's moments, and the two halves of its backward pass.
+    // Dice in training, over 512 rows: the forward activation with the
+    // batch's moments (keeping its sigmoids), and the two halves of its
+    // backward pass (the first from those sigmoids; and from the scores'
+    // gradient, as for the last hidden layer).
     for channels in [80, 40] {
         let dice = Activation::new(ActivationKind::Dice, channels);
         let (mean, var) = (values(channels, &mut rng), vec![0.01; channels]);
         let rowwise = dice.rowwise_with_moments(&mean, &var);
         let x = values(rows * channels, &mut rng);
         let dy = values(rows * channels, &mut rng);
-        let (mut y, mut g) = (vec![0.0; rows * channels], dy.clone());
+        let (mut y, mut g, mut p) = (vec![0.0; rows * channels], dy.clone(), vec![0.0; rows * channels]);
+        rowwise.dice_keeping_sigmoid(&x, &mut y, &mut p);
         let (mut dalpha, mut sums, mut dbias) = (vec![0.0; channels], vec![0.0; 2 * channels], vec![0.0; channels]);
         let (mean_gz, mean_gzz) = (values(channels, &mut rng), values(channels, &mut rng));
         group.throughput(Throughput::Elements((rows * channels) as u64));
         group.bench_function(BenchmarkId::new("dice_train_forward", channels), |bench| {
-            bench.iter(|| rowwise.apply_rows(&x, &mut y))
+            bench.iter(|| rowwise.dice_keeping_sigmoid(&x, &mut y, &mut p))
         });
         group.bench_function(BenchmarkId::new("dice_backward_partial", channels), |bench| {
             bench.iter(|| {
-                g.copy_from_slice(&dy);
-                rowwise.dice_backward_partial(&x, &mut g, &mut dalpha, &mut sums)
+                g.copy_from_slice(&p);
+                rowwise.dice_backward_partial(&x, &dy, &mut g, &mut dalpha, &mut sums)
+            })
+        });
+        let (ds, w, mut dw) = (values(rows, &mut rng), values(channels, &mut rng), vec![0.0; channels]);
+        group.bench_function(BenchmarkId::new("dice_backward_scored", channels), |bench| {
+            bench.iter(|| {
+                g.copy_from_slice(&p);
+                rowwise.dice_backward_partial_scored(&x, (&ds, &w), &mut g, &mut dw, &mut dalpha, &mut sums)
             })
         });
         group.bench_function(BenchmarkId::new("dice_backward_finish", channels), |bench| {

@@ -187,7 +187,7 @@ impl<'a> Rowwise<'a> {
                 let c = self.channels;
                 for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
                     yr.copy_from_slice(xr);
-                    self.dice_in_place::<FMA>(yr);
+                    self.dice_in_place::<FMA, false>(yr, &mut []);
                 }
             }
         }
@@ -205,50 +205,72 @@ impl<'a> Rowwise<'a> {
     /// and out of every 64 values). The AVX-512 build runs [`wide`]'s loops
     /// instead.
     #[inline(always)]
-    fn dice_in_place<const FMA: bool>(&self, x: &mut [f32]) {
+    fn dice_in_place<const FMA: bool, const KEEP: bool>(&self, x: &mut [f32], p: &mut [f32]) {
         let n = x.len();
         let mut j = n - n % DICE_MAIN;
-        self.dice_span::<FMA>(&mut x[..j], 0);
+        self.dice_span::<FMA, KEEP>(&mut x[..j], 0, p);
         // At most three whole blocks: no loop, so each block is one vector.
         if j + LANES <= n {
-            self.dice_block::<FMA>((&mut x[j..j + LANES]).try_into().unwrap(), j);
+            self.dice_whole_block::<FMA, KEEP>(x, j, p);
             j += LANES;
         }
         if j + LANES <= n {
-            self.dice_block::<FMA>((&mut x[j..j + LANES]).try_into().unwrap(), j);
+            self.dice_whole_block::<FMA, KEEP>(x, j, p);
             j += LANES;
         }
         if j + LANES <= n {
-            self.dice_block::<FMA>((&mut x[j..j + LANES]).try_into().unwrap(), j);
+            self.dice_whole_block::<FMA, KEEP>(x, j, p);
             j += LANES;
         }
         if j < n {
             let mut block = [0.0f32; LANES];
             block[..n - j].copy_from_slice(&x[j..]);
-            self.dice_block::<FMA>(&mut block, j);
+            let s = self.dice_block::<FMA>(&mut block, j);
             x[j..].copy_from_slice(&block[..n - j]);
+            if KEEP {
+                p[j..n].copy_from_slice(&s[..n - j]);
+            }
         }
     }
 
-    /// Dice over `x`, channels `j0..j0 + x.len()`.
+    /// [`Rowwise::dice_block`] over the row's channels `j..j + LANES`
+    /// (and with `KEEP`, their sigmoids into `p`).
     #[inline(always)]
-    fn dice_span<const FMA: bool>(&self, x: &mut [f32], j0: usize) {
+    fn dice_whole_block<const FMA: bool, const KEEP: bool>(&self, x: &mut [f32], j: usize, p: &mut [f32]) {
+        let s = self.dice_block::<FMA>((&mut x[j..j + LANES]).try_into().unwrap(), j);
+        if KEEP {
+            p[j..j + LANES].copy_from_slice(&s);
+        }
+    }
+
+    /// Dice over `x`, channels `j0..j0 + x.len()`; with `KEEP`, each
+    /// value's sigmoid into `p` (the row's, indexed by channel).
+    #[inline(always)]
+    fn dice_span<const FMA: bool, const KEEP: bool>(&self, x: &mut [f32], j0: usize, p: &mut [f32]) {
         let j1 = j0 + x.len();
         let [a, oma, ns, ms] = &self.dice_params;
         let params = a[j0..j1]
             .iter()
             .zip(&oma[j0..j1])
             .zip(ns[j0..j1].iter().zip(&ms[j0..j1]));
-        for (x, ((&a, &oma), (&ns, &ms))) in x.iter_mut().zip(params) {
-            *x = dice_inference::<FMA>(*x, a, oma, ns, ms);
+        if KEEP {
+            for ((x, ((&a, &oma), (&ns, &ms))), p) in x.iter_mut().zip(params).zip(&mut p[j0..j1]) {
+                *p = dice_sigmoid::<FMA>(*x, ns, ms);
+                *x = dice_from_sigmoid::<FMA>(*x, a, oma, *p);
+            }
+        } else {
+            for (x, ((&a, &oma), (&ns, &ms))) in x.iter_mut().zip(params) {
+                *x = dice_inference::<FMA>(*x, a, oma, ns, ms);
+            }
         }
     }
 
     /// Dice over one block, channels `j0..j0 + LANES` of the padded
     /// parameters, computed in a local array: LLVM vectorises it without
-    /// asking whether the output overlaps the parameters.
+    /// asking whether the output overlaps the parameters. Returns the
+    /// block's sigmoids (unused but by [`Rowwise::dice_keeping_sigmoid`]).
     #[inline(always)]
-    fn dice_block<const FMA: bool>(&self, x: &mut [f32; LANES], j0: usize) {
+    fn dice_block<const FMA: bool>(&self, x: &mut [f32; LANES], j0: usize) -> [f32; LANES] {
         let [a, oma, ns, ms] = &self.dice_params;
         let (a, oma, ns, ms) = (
             &a[j0..j0 + LANES],
@@ -258,11 +280,63 @@ impl<'a> Rowwise<'a> {
         );
         // A loop, not `array::from_fn`: that is not always inlined, and
         // outside this build `mul_add` is a library call.
-        let mut y = [0.0; LANES];
+        let (mut y, mut s) = ([0.0; LANES], [0.0; LANES]);
         for i in 0..LANES {
-            y[i] = dice_inference::<FMA>(x[i], a[i], oma[i], ns[i], ms[i]);
+            s[i] = dice_sigmoid::<FMA>(x[i], ns[i], ms[i]);
+            y[i] = dice_from_sigmoid::<FMA>(x[i], a[i], oma[i], s[i]);
         }
         *x = y;
+        s
+    }
+
+    multiversion! {
+        /// Dice with a batch's moments in a training pass: `y = dice(x)`,
+        /// the same bits as [`Rowwise::apply_rows`], and each value's
+        /// sigmoid into `p` (all `[rows, channels]`), which the backward
+        /// pass ([`Rowwise::dice_backward_partial`]) takes instead of
+        /// computing it again, and from which [`Rowwise::dice_from_sigmoid`]
+        /// gives `y` back. Dice only.
+        pub fn dice_keeping_sigmoid(&self, x: &[f32], y: &mut [f32], p: &mut [f32]) => dice_keeping_sigmoid_body;
+    }
+
+    #[inline(always)]
+    fn dice_keeping_sigmoid_body<const FMA: bool, const WIDE: bool>(&self, x: &[f32], y: &mut [f32], p: &mut [f32]) {
+        assert_eq!(self.kind, ActivationKind::Dice, "the sigmoid kept is Dice's");
+        #[cfg(target_arch = "x86_64")]
+        if WIDE {
+            // SAFETY: `WIDE` is only set by `multiversion!`'s AVX-512 build,
+            // which runs only on CPUs with AVX-512.
+            return unsafe { wide::dice_keeping_sigmoid(self, x, y, p) };
+        }
+        let c = self.channels;
+        let rows = y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(p.chunks_exact_mut(c));
+        for ((yr, xr), pr) in rows {
+            yr.copy_from_slice(xr);
+            self.dice_in_place::<FMA, true>(yr, pr);
+        }
+    }
+
+    multiversion! {
+        /// `y = dice(x)` again from the sigmoids that
+        /// [`Rowwise::dice_keeping_sigmoid`] kept (`p`; all `[rows,
+        /// channels]`): the same bits as that pass's `y`, at the cost of a
+        /// multiply-add and two products per value. Dice only.
+        pub fn dice_from_sigmoid(&self, x: &[f32], p: &[f32], y: &mut [f32]) => dice_from_sigmoid_body;
+    }
+
+    #[inline(always)]
+    fn dice_from_sigmoid_body<const FMA: bool, const WIDE: bool>(&self, x: &[f32], p: &[f32], y: &mut [f32]) {
+        assert_eq!(self.kind, ActivationKind::Dice, "the sigmoid kept is Dice's");
+        let c = self.channels;
+        let [a, oma, ..] = &self.dice_params;
+        let (a, oma) = (&a[..c], &oma[..c]);
+        let rows = y.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(p.chunks_exact(c));
+        for ((yr, xr), pr) in rows {
+            let params = a.iter().zip(oma);
+            for ((y, (&x, &p)), (&a, &oma)) in yr.iter_mut().zip(xr.iter().zip(pr)).zip(params) {
+                *y = dice_from_sigmoid::<FMA>(x, a, oma, p);
+            }
+        }
     }
 
     multiversion! {
@@ -325,7 +399,7 @@ impl<'a> Rowwise<'a> {
                     .iter_mut()
                     .zip(alpha)
                     .for_each(|(x, a)| *x = x.max(0.0) + a * x.min(0.0)),
-                ActivationKind::Dice => self.dice_in_place::<FMA>(xr),
+                ActivationKind::Dice => self.dice_in_place::<FMA, false>(xr, &mut []),
             }
         }
     }
@@ -337,15 +411,17 @@ impl<'a> Rowwise<'a> {
 
     multiversion! {
         /// Dice with a batch's own moments ([`Activation::rowwise_with_moments`]),
-        /// first half of the backward pass over some of the batch's rows. `g`
-        /// holds `dy` on entry and, on return, the gradient that the moments
-        /// held fixed would give; the slope gradient is added to `dalpha`.
+        /// first half of the backward pass over some of the batch's rows, from
+        /// `dy` and the input `x`. `g` holds the sigmoids of the forward pass
+        /// ([`Rowwise::dice_keeping_sigmoid`]'s `p`) on entry and, on return,
+        /// the gradient that the moments held fixed would give; the slope
+        /// gradient is added to `dalpha`.
         /// `sums` (`[2, channels]`) gets `Σ gz` and `Σ gz·z` per channel over
         /// these rows (added row by row), where `z = (x - mean)·inv_std` and
         /// `gz = dy·(1-α)·x·p(1-p)` is the gradient reaching `z`: the mean and
         /// the variance depend on every row, so
         /// [`Rowwise::dice_backward_finish`] needs the whole batch's.
-        pub fn dice_backward_partial(&self, x: &[f32], g: &mut [f32], dalpha: &mut [f32], sums: &mut [f32]) => dice_backward_partial_body;
+        pub fn dice_backward_partial(&self, x: &[f32], dy: &[f32], g: &mut [f32], dalpha: &mut [f32], sums: &mut [f32]) => dice_backward_partial_body;
     }
 
     multiversion! {
@@ -361,6 +437,7 @@ impl<'a> Rowwise<'a> {
     fn dice_backward_partial_body<const FMA: bool, const WIDE: bool>(
         &self,
         x: &[f32],
+        dy: &[f32],
         g: &mut [f32],
         dalpha: &mut [f32],
         sums: &mut [f32],
@@ -370,7 +447,7 @@ impl<'a> Rowwise<'a> {
         if WIDE {
             // SAFETY: `WIDE` is only set by `multiversion!`'s AVX-512 build,
             // which runs only on CPUs with AVX-512.
-            return unsafe { wide::dice_backward_partial(self, x, g, dalpha, sums) };
+            return unsafe { wide::dice_backward_partial(self, x, dy, g, dalpha, sums) };
         }
         let (sum_gz, sum_gzz) = sums.split_at_mut(c);
         // In blocks of LANES channels, as `dice_in_place`.
@@ -380,17 +457,20 @@ impl<'a> Rowwise<'a> {
         let (dab, dat) = dalpha.as_chunks_mut::<LANES>();
         let (gzb, gzt) = sum_gz.as_chunks_mut::<LANES>();
         let (gzzb, gzzt) = sum_gzz.as_chunks_mut::<LANES>();
-        for (gr, xr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        for ((gr, xr), dyr) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(dy.chunks_exact(c)) {
             let (gb, gt) = gr.as_chunks_mut::<LANES>();
             let (xb, xt) = xr.as_chunks::<LANES>();
+            let (dyb, dyt) = dyr.as_chunks::<LANES>();
             let params = ab.iter().zip(mb).zip(sb);
             let sums = dab.iter_mut().zip(gzb.iter_mut()).zip(gzzb.iter_mut());
-            for (((g, x), ((a, m), s)), ((da, sg), sgz)) in gb.iter_mut().zip(xb).zip(params).zip(sums) {
+            let values = gb.iter_mut().zip(xb.iter().zip(dyb));
+            for (((g, (x, dy)), ((a, m), s)), ((da, sg), sgz)) in values.zip(params).zip(sums) {
                 // In local arrays, as in `dice_in_place`.
                 let (mut gv, mut dav, mut sgv, mut sgzv) = (*g, *da, *sg, *sgz);
                 for i in 0..LANES {
-                    dice_backward_lane::<FMA>(
+                    dice_backward_lane(
                         &mut gv[i],
+                        dy[i],
                         x[i],
                         a[i],
                         m[i],
@@ -404,8 +484,64 @@ impl<'a> Rowwise<'a> {
             }
             let params = at.iter().zip(mt).zip(st);
             let sums = dat.iter_mut().zip(gzt.iter_mut()).zip(gzzt.iter_mut());
-            for (((g, &x), ((&a, &m), &s)), ((da, sg), sgz)) in gt.iter_mut().zip(xt).zip(params).zip(sums) {
-                dice_backward_lane::<FMA>(g, x, a, m, s, da, sg, sgz);
+            let values = gt.iter_mut().zip(xt.iter().zip(dyt));
+            for (((g, (&x, &dy)), ((&a, &m), &s)), ((da, sg), sgz)) in values.zip(params).zip(sums) {
+                dice_backward_lane(g, dy, x, a, m, s, da, sg, sgz);
+            }
+        }
+    }
+
+    multiversion! {
+        /// [`Rowwise::dice_backward_partial`] of the last hidden layer,
+        /// whose output `y` feeds a score per row (`score_r = y_r·w + b`),
+        /// with the score layer's backward pass in the same pass over the
+        /// rows: from `scores`, the scores' gradient `ds` (`[rows]`) and
+        /// their weights `w` (`[channels]`), adds `y_r·ds_r` to `dw` row by row, `y`
+        /// recomputed from `x` and the sigmoids in `g` as
+        /// [`Rowwise::dice_from_sigmoid`] does, and takes `dy_r = ds_r·w`.
+        /// The same bits as those three passes one after the other.
+        pub fn dice_backward_partial_scored(&self, x: &[f32], scores: (&[f32], &[f32]), g: &mut [f32], dw: &mut [f32], dalpha: &mut [f32], sums: &mut [f32]) => dice_backward_partial_scored_body;
+    }
+
+    #[inline(always)]
+    fn dice_backward_partial_scored_body<const FMA: bool, const WIDE: bool>(
+        &self,
+        x: &[f32],
+        (ds, w): (&[f32], &[f32]),
+        g: &mut [f32],
+        dw: &mut [f32],
+        dalpha: &mut [f32],
+        sums: &mut [f32],
+    ) {
+        let c = self.channels;
+        assert!(
+            w.len() >= c && dw.len() >= c && dalpha.len() >= c && sums.len() >= 2 * c,
+            "Dice's backward pass: weights or sums shorter than {c} channels"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if WIDE {
+            // SAFETY: `WIDE` is only set by `multiversion!`'s AVX-512 build,
+            // which runs only on CPUs with AVX-512.
+            return unsafe { wide::dice_backward_partial_scored(self, x, ds, w, g, dw, dalpha, sums) };
+        }
+        let [a, oma, ..] = &self.dice_params;
+        let (sum_gz, sum_gzz) = sums.split_at_mut(c);
+        for ((gr, xr), &d) in g.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(ds) {
+            for j in 0..c {
+                let y = dice_from_sigmoid::<FMA>(xr[j], a[j], oma[j], gr[j]);
+                dw[j] += y * d;
+                let (alpha, mean, inv_std) = (self.alpha[j], self.mean[j], self.inv_std[j]);
+                dice_backward_lane(
+                    &mut gr[j],
+                    d * w[j],
+                    xr[j],
+                    alpha,
+                    mean,
+                    inv_std,
+                    &mut dalpha[j],
+                    &mut sum_gz[j],
+                    &mut sum_gzz[j],
+                );
             }
         }
     }
@@ -549,18 +685,36 @@ fn dice_inference<const FMA: bool>(
     neg_inv_std: f32,
     mean_inv_std: f32,
 ) -> f32 {
-    let (p, two_n) = exp_parts::<FMA>(fmadd::<FMA>(x, neg_inv_std, mean_inv_std)); // e^-z = p·2^n
-                                                                                   // x(1-α)·sigmoid + xα: the products wait on nothing, so one step
-                                                                                   // follows the division.
-    fmadd::<FMA>(x * one_minus_alpha, 1.0 / fmadd::<FMA>(p, two_n, 1.0), x * alpha)
+    dice_from_sigmoid::<FMA>(
+        x,
+        alpha,
+        one_minus_alpha,
+        dice_sigmoid::<FMA>(x, neg_inv_std, mean_inv_std),
+    )
 }
 
-/// One element of [`Rowwise::dice_backward_partial`]: `g` from `dy` to the
-/// gradient with the moments held fixed; `da`, `sum_gz`, `sum_gzz` added to.
+/// Dice's `p = sigmoid(z)` from `-inv_std` and `mean·inv_std`.
+#[inline(always)]
+fn dice_sigmoid<const FMA: bool>(x: f32, neg_inv_std: f32, mean_inv_std: f32) -> f32 {
+    let (p, two_n) = exp_parts::<FMA>(fmadd::<FMA>(x, neg_inv_std, mean_inv_std)); // e^-z = p·2^n
+    1.0 / fmadd::<FMA>(p, two_n, 1.0)
+}
+
+/// Dice's `x(1-α)·p + xα` from its sigmoid `p`: the products wait on
+/// nothing, so one step follows the division.
+#[inline(always)]
+fn dice_from_sigmoid<const FMA: bool>(x: f32, alpha: f32, one_minus_alpha: f32, p: f32) -> f32 {
+    fmadd::<FMA>(x * one_minus_alpha, p, x * alpha)
+}
+
+/// One element of [`Rowwise::dice_backward_partial`]: `g` from the
+/// forward pass's sigmoid `p` to the gradient with the moments held fixed
+/// (from `dy`); `da`, `sum_gz`, `sum_gzz` added to.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn dice_backward_lane<const FMA: bool>(
+fn dice_backward_lane(
     g: &mut f32,
+    dy: f32,
     x: f32,
     alpha: f32,
     mean: f32,
@@ -569,9 +723,8 @@ fn dice_backward_lane<const FMA: bool>(
     sum_gz: &mut f32,
     sum_gzz: &mut f32,
 ) {
-    let dy = *g;
+    let p = *g;
     let z = (x - mean) * inv_std;
-    let p = sigmoid::<FMA>(z);
     *da += dy * x * (1.0 - p);
     let gz = dy * (1.0 - alpha) * x * p * (1.0 - p);
     *sum_gz += gz;
@@ -669,12 +822,6 @@ pub(crate) mod wide {
     /// Rows ahead that [`dice_backward_partial`] asks for.
     const AHEAD: usize = 8;
 
-    /// `-x` (the sign bit flipped, as the scalar negation).
-    #[inline(always)]
-    unsafe fn neg(x: __m512) -> __m512 {
-        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN)))
-    }
-
     /// [`super::exp_parts`] with fused multiply-adds.
     #[inline(always)]
     unsafe fn exp_parts(x: __m512) -> (__m512, __m512) {
@@ -707,13 +854,14 @@ pub(crate) mod wide {
     }
 
     /// [`super::dice_inference`] on the vector of channels `j..j + 16`
-    /// (`params`: [`Rowwise`]'s `dice_params`, padded to whole vectors).
+    /// (`params`: [`Rowwise`]'s `dice_params`, padded to whole vectors):
+    /// the values and their sigmoids.
     #[inline(always)]
-    unsafe fn dice_vector([a, oma, ns, ms]: &[Vec<f32>; 4], xv: __m512, j: usize) -> __m512 {
+    unsafe fn dice_vector([a, oma, ns, ms]: &[Vec<f32>; 4], xv: __m512, j: usize) -> (__m512, __m512) {
         let (av, omav) = (_mm512_loadu_ps(a.as_ptr().add(j)), _mm512_loadu_ps(oma.as_ptr().add(j)));
         let (nsv, msv) = (_mm512_loadu_ps(ns.as_ptr().add(j)), _mm512_loadu_ps(ms.as_ptr().add(j)));
         let s = reciprocal_one_plus(exp_parts(_mm512_fmadd_ps(xv, nsv, msv)));
-        _mm512_fmadd_ps(_mm512_mul_ps(xv, omav), s, _mm512_mul_ps(xv, av))
+        (_mm512_fmadd_ps(_mm512_mul_ps(xv, omav), s, _mm512_mul_ps(xv, av)), s)
     }
 
     /// Where [`activate_rows`] reads the values it activates: the vector of
@@ -757,31 +905,57 @@ pub(crate) mod wide {
     }
 
     /// `y[r] = dice(values[r])` for `rows` rows of `rw.channels`, `y` at
-    /// `y`; `values` may read from `y` (in place).
+    /// `y`; `values` may read from `y` (in place). With `KEEP`, each
+    /// value's sigmoid goes to `p` (laid out as `y`).
     ///
     /// A row's last channels are one whole vector that overlaps the one
     /// before, read before anything of the row is written and written last
     /// (the overlap gets the same values twice): a masked store there would
     /// hold up the next row's loads from the same lines.
     #[inline(always)]
-    unsafe fn activate_rows(rw: &Rowwise<'_>, values: &impl Values, rows: usize, y: *mut f32) {
+    unsafe fn activate_rows<const KEEP: bool>(
+        rw: &Rowwise<'_>,
+        values: &impl Values,
+        rows: usize,
+        y: *mut f32,
+        p: *mut f32,
+    ) {
         let c = rw.channels;
         let params = &rw.dice_params;
         let whole = c - c % 16;
         for r in 0..rows {
-            let yr = y.add(r * c);
+            let (yr, pr) = (y.add(r * c), p.wrapping_add(r * c));
             if c < 16 {
                 let m = first_lanes(c);
-                _mm512_mask_storeu_ps(yr, m, dice_vector(params, values.load(r, 0, m), 0));
+                let (yv, s) = dice_vector(params, values.load(r, 0, m), 0);
+                _mm512_mask_storeu_ps(yr, m, yv);
+                if KEEP {
+                    _mm512_mask_storeu_ps(pr, m, s);
+                }
                 continue;
             }
             let last = (whole < c).then(|| values.load(r, c - 16, u16::MAX));
             for j in (0..whole).step_by(16) {
-                _mm512_storeu_ps(yr.add(j), dice_vector(params, values.load(r, j, u16::MAX), j));
+                store::<KEEP>(
+                    yr.add(j),
+                    pr.wrapping_add(j),
+                    dice_vector(params, values.load(r, j, u16::MAX), j),
+                );
             }
             if let Some(v) = last {
-                _mm512_storeu_ps(yr.add(c - 16), dice_vector(params, v, c - 16));
+                store::<KEEP>(yr.add(c - 16), pr.wrapping_add(c - 16), dice_vector(params, v, c - 16));
             }
+        }
+    }
+
+    /// A whole vector of [`dice_vector`]'s values to `y`, and with `KEEP`
+    /// its sigmoids to `p` (a function, not a closure: a closure does not
+    /// get the caller's target features, so its intrinsics are not inlined).
+    #[inline(always)]
+    unsafe fn store<const KEEP: bool>(y: *mut f32, p: *mut f32, (yv, s): (__m512, __m512)) {
+        _mm512_storeu_ps(y, yv);
+        if KEEP {
+            _mm512_storeu_ps(p, s);
         }
     }
 
@@ -808,7 +982,7 @@ pub(crate) mod wide {
             bias: bias.as_ptr(),
             c,
         };
-        activate_rows(rw, &values, x.len() / c, y);
+        activate_rows::<false>(rw, &values, x.len() / c, y, std::ptr::null_mut());
     }
 
     /// `y = dice(x)`, row by row (Dice at inference or with fixed moments).
@@ -822,7 +996,22 @@ pub(crate) mod wide {
             return;
         }
         let rows = x.len().min(y.len()) / c;
-        activate_rows(rw, &Plain(x.as_ptr(), c), rows, y.as_mut_ptr());
+        activate_rows::<false>(rw, &Plain(x.as_ptr(), c), rows, y.as_mut_ptr(), std::ptr::null_mut());
+    }
+
+    /// [`Rowwise::dice_keeping_sigmoid`]: `y = dice(x)` and the sigmoids
+    /// into `p`, row by row.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[inline(always)]
+    pub(super) unsafe fn dice_keeping_sigmoid(rw: &Rowwise<'_>, x: &[f32], y: &mut [f32], p: &mut [f32]) {
+        let c = rw.channels;
+        if c == 0 {
+            return;
+        }
+        let rows = x.len().min(y.len()).min(p.len()) / c;
+        activate_rows::<true>(rw, &Plain(x.as_ptr(), c), rows, y.as_mut_ptr(), p.as_mut_ptr());
     }
 
     /// Asks for the lines of `x` and `g` at `at`, [`AHEAD`] rows of `c`
@@ -846,6 +1035,7 @@ pub(crate) mod wide {
     pub(super) unsafe fn dice_backward_partial(
         rw: &Rowwise<'_>,
         x: &[f32],
+        dy: &[f32],
         g: &mut [f32],
         dalpha: &mut [f32],
         sums: &mut [f32],
@@ -862,7 +1052,7 @@ pub(crate) mod wide {
         if c == 0 {
             return;
         }
-        let rows = (x.len() / c).min(g.len() / c);
+        let rows = (x.len() / c).min(g.len() / c).min(dy.len() / c);
         for j in (0..c).step_by(16) {
             let m = first_lanes(c - j);
             let ch = Channels::load(rw, j, m);
@@ -871,12 +1061,62 @@ pub(crate) mod wide {
             for r in 0..rows {
                 let at = r * c + j;
                 prefetch_ahead(x, g, (r, rows), at, c);
-                let dy = _mm512_maskz_loadu_ps(m, g.as_ptr().add(at));
+                let dyv = _mm512_maskz_loadu_ps(m, dy.as_ptr().add(at));
                 let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(at));
-                let gv = ch.partial(dy, xv, &mut acc);
+                let p = _mm512_maskz_loadu_ps(m, g.as_ptr().add(at));
+                let gv = ch.partial(dyv, xv, p, &mut acc);
                 _mm512_mask_storeu_ps(g.as_mut_ptr().add(at), m, gv);
             }
             at_sums.store(m, acc);
+        }
+    }
+
+    /// [`Rowwise::dice_backward_partial_scored`]: channel vector by channel
+    /// vector, its rows in order, the sums held in registers over the rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(super) unsafe fn dice_backward_partial_scored(
+        rw: &Rowwise<'_>,
+        x: &[f32],
+        ds: &[f32],
+        w: &[f32],
+        g: &mut [f32],
+        dw: &mut [f32],
+        dalpha: &mut [f32],
+        sums: &mut [f32],
+    ) {
+        let c = rw.channels;
+        // (`w`, `dw`, `dalpha` and `sums`: checked by the caller.)
+        assert!(
+            rw.alpha.len() >= c && rw.mean.len() >= c && rw.inv_std.len() >= c,
+            "Dice's backward pass: parameters shorter than {c} channels"
+        );
+        if c == 0 {
+            return;
+        }
+        let rows = (x.len() / c).min(g.len() / c).min(ds.len());
+        for j in (0..c).step_by(16) {
+            let m = first_lanes(c - j);
+            let ch = Channels::load(rw, j, m);
+            let at_sums = PartialSums::at(dalpha, sums, c, j);
+            let mut acc = at_sums.load(m);
+            let wv = _mm512_maskz_loadu_ps(m, w.as_ptr().add(j));
+            let mut dwv = _mm512_maskz_loadu_ps(m, dw.as_ptr().add(j));
+            for r in 0..rows {
+                let at = r * c + j;
+                prefetch_ahead(x, g, (r, rows), at, c);
+                let d = _mm512_set1_ps(*ds.get_unchecked(r));
+                let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(at));
+                let p = _mm512_maskz_loadu_ps(m, g.as_ptr().add(at));
+                dwv = _mm512_add_ps(dwv, _mm512_mul_ps(ch.output(xv, p), d));
+                let gv = ch.partial(_mm512_mul_ps(d, wv), xv, p, &mut acc);
+                _mm512_mask_storeu_ps(g.as_mut_ptr().add(at), m, gv);
+            }
+            at_sums.store(m, acc);
+            _mm512_mask_storeu_ps(dw.as_mut_ptr().add(j), m, dwv);
         }
     }
 
@@ -984,14 +1224,20 @@ pub(crate) mod wide {
             }
         }
 
-        /// [`super::dice_backward_lane`] on a vector, operation for
-        /// operation: returns `g` from `dy` and the input `x`; adds to
-        /// `acc`, `[dalpha, Σ gz, Σ gz·z]`.
+        /// Dice's output from the input `x` and its sigmoid `p`, as
+        /// [`super::dice_from_sigmoid`] (and the forward pass) computes it.
         #[inline(always)]
-        pub(crate) unsafe fn partial(&self, dy: __m512, x: __m512, acc: &mut [__m512; 3]) -> __m512 {
+        pub(crate) unsafe fn output(&self, x: __m512, p: __m512) -> __m512 {
+            _mm512_fmadd_ps(_mm512_mul_ps(x, self.one_minus_alpha), p, _mm512_mul_ps(x, self.alpha))
+        }
+
+        /// [`super::dice_backward_lane`] on a vector, operation for
+        /// operation: returns `g` from `dy`, the input `x` and its sigmoid
+        /// `p`; adds to `acc`, `[dalpha, Σ gz, Σ gz·z]`.
+        #[inline(always)]
+        pub(crate) unsafe fn partial(&self, dy: __m512, x: __m512, p: __m512, acc: &mut [__m512; 3]) -> __m512 {
             let (a, oma, inv_std) = (self.alpha, self.one_minus_alpha, self.inv_std);
             let z = _mm512_mul_ps(_mm512_sub_ps(x, self.mean), inv_std);
-            let p = reciprocal_one_plus(exp_parts(neg(z)));
             let omp = _mm512_sub_ps(_mm512_set1_ps(1.0), p);
             acc[0] = _mm512_add_ps(acc[0], _mm512_mul_ps(_mm512_mul_ps(dy, x), omp));
             let gz = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dy, oma), x), p), omp);
@@ -1429,7 +1675,8 @@ mod tests {
 
     /// Dice's AVX-512 loops ([`wide`]) give the AVX2 build's bits: the
     /// activation with moving averages and with a batch's moments, in place
-    /// with the sums, and both halves of the backward pass; widths below,
+    /// with the sums, keeping its sigmoids and from them, and both halves
+    /// of the backward pass; widths below,
     /// at and past a vector, values out to `exp`'s clamps, zeros and NaN.
     #[test]
     fn dice_gives_the_same_bits_in_the_avx2_and_avx512_builds() {
@@ -1456,12 +1703,51 @@ mod tests {
                 rw.add_apply_in_place_body::<true, false>(x, e, b)
             }
             #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-            unsafe fn partial_wide(rw: &Rowwise<'_>, x: &[f32], g: &mut [f32], da: &mut [f32], s: &mut [f32]) {
-                rw.dice_backward_partial_body::<true, true>(x, g, da, s)
+            unsafe fn keep_wide(rw: &Rowwise<'_>, x: &[f32], y: &mut [f32], p: &mut [f32]) {
+                rw.dice_keeping_sigmoid_body::<true, true>(x, y, p)
             }
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn partial_avx2(rw: &Rowwise<'_>, x: &[f32], g: &mut [f32], da: &mut [f32], s: &mut [f32]) {
-                rw.dice_backward_partial_body::<true, false>(x, g, da, s)
+            unsafe fn keep_avx2(rw: &Rowwise<'_>, x: &[f32], y: &mut [f32], p: &mut [f32]) {
+                rw.dice_keeping_sigmoid_body::<true, false>(x, y, p)
+            }
+            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+            unsafe fn output_wide(rw: &Rowwise<'_>, x: &[f32], p: &[f32], y: &mut [f32]) {
+                rw.dice_from_sigmoid_body::<true, true>(x, p, y)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn output_avx2(rw: &Rowwise<'_>, x: &[f32], p: &[f32], y: &mut [f32]) {
+                rw.dice_from_sigmoid_body::<true, false>(x, p, y)
+            }
+            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+            unsafe fn partial_wide(
+                rw: &Rowwise<'_>,
+                x: &[f32],
+                dy: &[f32],
+                g: &mut [f32],
+                da: &mut [f32],
+                s: &mut [f32],
+            ) {
+                rw.dice_backward_partial_body::<true, true>(x, dy, g, da, s)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn partial_avx2(
+                rw: &Rowwise<'_>,
+                x: &[f32],
+                dy: &[f32],
+                g: &mut [f32],
+                da: &mut [f32],
+                s: &mut [f32],
+            ) {
+                rw.dice_backward_partial_body::<true, false>(x, dy, g, da, s)
+            }
+            type Scored<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], &'a mut [f32]);
+            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+            unsafe fn scored_wide(rw: &Rowwise<'_>, x: &[f32], ds: &[f32], w: &[f32], (g, dw, da, s): Scored<'_>) {
+                rw.dice_backward_partial_scored_body::<true, true>(x, (ds, w), g, dw, da, s)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn scored_avx2(rw: &Rowwise<'_>, x: &[f32], ds: &[f32], w: &[f32], (g, dw, da, s): Scored<'_>) {
+                rw.dice_backward_partial_scored_body::<true, false>(x, (ds, w), g, dw, da, s)
             }
             #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
             unsafe fn finish_wide(rw: &Rowwise<'_>, x: &[f32], g: &mut [f32], m: [&[f32]; 2], db: &mut [f32]) {
@@ -1508,6 +1794,36 @@ mod tests {
                         // SAFETY: the CPU has AVX-512 (checked above) and so AVX2 and FMA.
                         unsafe { (apply_wide(rw, input, &mut y1), apply_avx2(rw, input, &mut y2)) };
                         assert_eq!(bits(&y1), bits(&y2), "apply, {c} channels, {name}");
+                        // The training pass's form: the same values, and
+                        // the sigmoids, from which both builds give them back.
+                        let (mut k1, mut k2) = (vec![0.0; rows * c], vec![0.0; rows * c]);
+                        let (mut p1, mut p2) = (vec![0.0; rows * c], vec![0.0; rows * c]);
+                        // SAFETY: as above.
+                        unsafe {
+                            (
+                                keep_wide(rw, input, &mut k1, &mut p1),
+                                keep_avx2(rw, input, &mut k2, &mut p2),
+                            )
+                        };
+                        assert_eq!(
+                            (bits(&k1), bits(&k2)),
+                            (bits(&y1), bits(&y1)),
+                            "kept, {c} channels, {name}"
+                        );
+                        assert_eq!(bits(&p1), bits(&p2), "sigmoids, {c} channels, {name}");
+                        let (mut o1, mut o2) = (vec![0.0; rows * c], vec![0.0; rows * c]);
+                        // SAFETY: as above.
+                        unsafe {
+                            (
+                                output_wide(rw, input, &p1, &mut o1),
+                                output_avx2(rw, input, &p1, &mut o2),
+                            )
+                        };
+                        assert_eq!(
+                            (bits(&o1), bits(&o2)),
+                            (bits(&y1), bits(&y1)),
+                            "output, {c} channels, {name}"
+                        );
                         for extra in [None, Some(&e[..])] {
                             let (mut x1, mut x2) = (input.clone(), input.clone());
                             // SAFETY: as above.
@@ -1517,18 +1833,35 @@ mod tests {
                     }
                 }
                 let dy = full(rows * c, 19);
+                let (mut y, mut sigmoids) = (vec![0.0; rows * c], vec![0.0; rows * c]);
+                batch.dice_keeping_sigmoid(&x, &mut y, &mut sigmoids);
                 let (da0, s0, db0) = (full(c, 20), full(2 * c, 21), full(c, 22));
-                let (mut g1, mut da1, mut s1) = (dy.clone(), da0.clone(), s0.clone());
-                let (mut g2, mut da2, mut s2) = (dy.clone(), da0.clone(), s0.clone());
+                let (mut g1, mut da1, mut s1) = (sigmoids.clone(), da0.clone(), s0.clone());
+                let (mut g2, mut da2, mut s2) = (sigmoids.clone(), da0.clone(), s0.clone());
                 // SAFETY: as above.
                 unsafe {
-                    partial_wide(&batch, &x, &mut g1, &mut da1, &mut s1);
-                    partial_avx2(&batch, &x, &mut g2, &mut da2, &mut s2);
+                    partial_wide(&batch, &x, &dy, &mut g1, &mut da1, &mut s1);
+                    partial_avx2(&batch, &x, &dy, &mut g2, &mut da2, &mut s2);
                 }
                 assert_eq!(bits(&g1), bits(&g2), "backward, {c} channels");
                 assert_eq!(bits(&da1), bits(&da2), "slope gradient, {c} channels");
                 assert_eq!(bits(&s1), bits(&s2), "sums, {c} channels");
-                assert!(g1.iter().all(|v| v.is_finite()) && g1 != dy);
+                assert!(g1.iter().all(|v| v.is_finite()) && g1 != dy && g1 != sigmoids);
+                let (ds, w, dw0) = (full(rows, 25), full(c, 26), full(c, 27));
+                let (mut h1, mut dw1, mut ha1, mut hs1) = (sigmoids.clone(), dw0.clone(), da0.clone(), s0.clone());
+                let (mut h2, mut dw2, mut ha2, mut hs2) = (sigmoids.clone(), dw0.clone(), da0.clone(), s0.clone());
+                // SAFETY: as above.
+                unsafe {
+                    scored_wide(&batch, &x, &ds, &w, (&mut h1, &mut dw1, &mut ha1, &mut hs1));
+                    scored_avx2(&batch, &x, &ds, &w, (&mut h2, &mut dw2, &mut ha2, &mut hs2));
+                }
+                assert_eq!(bits(&h1), bits(&h2), "backward from scores, {c} channels");
+                assert_eq!(bits(&dw1), bits(&dw2), "score weights' gradient, {c} channels");
+                assert_eq!(
+                    (bits(&ha1), bits(&hs1)),
+                    (bits(&ha2), bits(&hs2)),
+                    "slopes and sums, {c} channels"
+                );
                 let (mg, mgz) = (full(c, 23), full(c, 24));
                 let (mut db1, mut db2) = (db0.clone(), db0.clone());
                 // SAFETY: as above.
@@ -1541,6 +1874,91 @@ mod tests {
                 assert_ne!(db1, db0);
             }
         }
+    }
+
+    /// The sigmoids that Dice's training pass keeps are those of its
+    /// inputs' normalised values (against `f64`), its output is
+    /// `x·(α + (1-α)·p)` of them, and the output recomputed from them has
+    /// the same bits, in whichever build this CPU runs.
+    #[test]
+    fn dice_keeps_the_sigmoids_it_weighs_by() {
+        let (rows, c) = (5, 37);
+        let mut act = Activation::new(ActivationKind::Dice, c);
+        if let Some(a) = &mut act.alpha {
+            a.value = rand_vec(c, 31);
+        }
+        let (mean, var) = (
+            rand_vec(c, 32),
+            rand_vec(c, 33).iter().map(|v| v.abs() + 0.05).collect::<Vec<_>>(),
+        );
+        let rw = act.rowwise_with_moments(&mean, &var);
+        let x: Vec<f32> = rand_vec(rows * c, 34).iter().map(|v| v * 6.0).collect();
+        let (mut y, mut p, mut again) = (vec![0.0; rows * c], vec![0.0; rows * c], vec![0.0; rows * c]);
+        rw.dice_keeping_sigmoid(&x, &mut y, &mut p);
+        rw.dice_from_sigmoid(&x, &p, &mut again);
+        let alpha = &act.alpha.as_ref().map(|a| a.value.clone()).unwrap_or_default();
+        for (i, ((&x, &y), &p)) in x.iter().zip(&y).zip(&p).enumerate() {
+            let j = i % c;
+            let z = (f64::from(x) - f64::from(mean[j])) / (f64::from(var[j]) + f64::from(DICE_EPS)).sqrt();
+            let want_p = 1.0 / (1.0 + (-z).exp());
+            assert!((f64::from(p) - want_p).abs() < 1e-6, "[{i}]: sigmoid {p} vs {want_p}");
+            let a = f64::from(alpha[j]);
+            let want_y = f64::from(x) * (a + (1.0 - a) * f64::from(p));
+            assert!(
+                (f64::from(y) - want_y).abs() < 1e-5 * (1.0 + want_y.abs()),
+                "[{i}]: {y} vs {want_y}"
+            );
+            assert_eq!(again[i].to_bits(), y.to_bits(), "[{i}]: recomputed");
+        }
+        let mut applied = vec![0.0; rows * c];
+        rw.apply_rows(&x, &mut applied);
+        assert!(applied.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(p.iter().any(|&v| v < 0.2) && p.iter().any(|&v| v > 0.8));
+    }
+
+    /// Dice's backward pass from the scores' gradient is the score layer's
+    /// (the output recomputed from the sigmoids, the weight gradient
+    /// summed row by row, `dy = ds·w`) then the first half of Dice's,
+    /// bit for bit.
+    #[test]
+    fn the_backward_pass_from_scores_is_the_score_layer_then_dices() {
+        let (rows, c) = (9, 37);
+        let full = |n, seed| -> Vec<f32> { rand_vec(n, seed).iter().map(|v| v * 3.1 + 0.013).collect() };
+        let mut act = Activation::new(ActivationKind::Dice, c);
+        if let Some(a) = &mut act.alpha {
+            a.value = rand_vec(c, 41);
+        }
+        let (mean, var) = (
+            full(c, 42),
+            full(c, 43).iter().map(|v| v.abs() + 0.05).collect::<Vec<_>>(),
+        );
+        let rw = act.rowwise_with_moments(&mean, &var);
+        let x = full(rows * c, 44);
+        let (mut y, mut sigmoids) = (vec![0.0; rows * c], vec![0.0; rows * c]);
+        rw.dice_keeping_sigmoid(&x, &mut y, &mut sigmoids);
+        let (ds, w, dw0, da0, s0) = (full(rows, 45), full(c, 46), full(c, 47), full(c, 48), full(2 * c, 49));
+        let (mut g, mut dw, mut da, mut sums) = (sigmoids.clone(), dw0.clone(), da0.clone(), s0.clone());
+        rw.dice_backward_partial_scored(&x, (&ds, &w), &mut g, &mut dw, &mut da, &mut sums);
+        // The passes one after the other.
+        let mut want_dw = dw0;
+        let mut dy = vec![0.0; rows * c];
+        for r in 0..rows {
+            for j in 0..c {
+                want_dw[j] += y[r * c + j] * ds[r];
+                dy[r * c + j] = ds[r] * w[j];
+            }
+        }
+        let (mut want_g, mut want_da, mut want_sums) = (sigmoids.clone(), da0, s0);
+        rw.dice_backward_partial(&x, &dy, &mut want_g, &mut want_da, &mut want_sums);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&dw), bits(&want_dw), "score weights' gradient");
+        assert_eq!(bits(&g), bits(&want_g), "g");
+        assert_eq!(
+            (bits(&da), bits(&sums)),
+            (bits(&want_da), bits(&want_sums)),
+            "slopes and sums"
+        );
+        assert!(g.iter().zip(&sigmoids).all(|(a, b)| a != b));
     }
 
     #[test]

@@ -158,8 +158,14 @@ pub(crate) struct DiceBackward<'a> {
     pub act: &'a Rowwise<'a>,
     /// The layer's pre-activation, `[m, n]`.
     pub pre: &'a [f32],
-    /// Receives `g`, `[m, n]`.
+    /// The sigmoids of the forward pass
+    /// ([`Rowwise::dice_keeping_sigmoid`]) on entry, then `g`, `[m, n]`.
     pub g: &'a mut [f32],
+    /// Receives the layer's output, recomputed from the pre-activation and
+    /// the sigmoids ([`Rowwise::dice_from_sigmoid`], the same bits), `[m,
+    /// n]`; before, the sums between blocks of a long inner dimension
+    /// ([`Epilogue::partial`]; `g` holds the sigmoids).
+    pub out: &'a mut [f32],
     /// Dice's slope gradient `[n]`, added to.
     pub dalpha: &'a mut [f32],
     /// `Σ gz` then `Σ gz·z`, `[2, n]`, added to.
@@ -505,7 +511,8 @@ impl Epilogue for Backward<'_> {
 
 impl Epilogue for DiceBackward<'_> {
     fn partial(&mut self) -> *mut f32 {
-        self.g.as_mut_ptr()
+        // A tile's partial sums are read before its rows are written.
+        self.out.as_mut_ptr()
     }
 
     /// As [`Epilogue::row`] row after row, with the slope gradient and the
@@ -531,7 +538,9 @@ impl Epilogue for DiceBackward<'_> {
             for (r, acc) in acc.iter().enumerate() {
                 let at = (i0 + r) * n + j;
                 let x = _mm512_maskz_loadu_ps(m, self.pre.as_ptr().add(at));
-                let gv = ch.partial(acc[v], x, &mut sums);
+                let p = _mm512_maskz_loadu_ps(m, self.g.as_ptr().add(at));
+                _mm512_mask_storeu_ps(self.out.as_mut_ptr().add(at), m, ch.output(x, p));
+                let gv = ch.partial(acc[v], x, p, &mut sums);
                 _mm512_mask_storeu_ps(self.g.as_mut_ptr().add(at), m, gv);
             }
             at_sums.store(m, sums);
@@ -540,7 +549,7 @@ impl Epilogue for DiceBackward<'_> {
 
     fn check(&self, m: usize, n: usize) {
         assert!(
-            self.pre.len() >= m * n && self.g.len() >= m * n,
+            self.pre.len() >= m * n && self.g.len() >= m * n && self.out.len() >= m * n,
             "fused product: buffers shorter than [{m}, {n}]"
         );
         assert!(
@@ -975,20 +984,26 @@ mod tests {
                 values.take(n).iter().map(|v| v.abs() + 0.1).collect::<Vec<_>>(),
             );
             let act = dice.rowwise_with_moments(&mean, &var);
+            // The forward pass's output and sigmoids.
+            let (mut y, mut sigmoids) = (vec![0.0; m * n], vec![0.0; m * n]);
+            act.dice_keeping_sigmoid(&pre, &mut y, &mut sigmoids);
             let (da0, s0) = (values.take(n), values.take(2 * n));
-            let (mut g, mut dalpha, mut sums) = (vec![f32::NAN; m * n], da0.clone(), s0.clone());
+            let (mut g, mut dalpha, mut sums) = (sigmoids.clone(), da0.clone(), s0.clone());
+            let mut out = vec![f32::NAN; m * n];
             let epilogue = &mut DiceBackward {
                 act: &act,
                 pre: &pre,
                 g: &mut g,
+                out: &mut out,
                 dalpha: &mut dalpha,
                 sums: &mut sums,
             };
             product(m, &a, k, &panels, epilogue);
             // The product stored, then Dice's own pass over it.
-            let (mut want, mut want_da, mut want_sums) = (dy.clone(), da0.clone(), s0.clone());
-            act.dice_backward_partial(&pre, &mut want, &mut want_da, &mut want_sums);
+            let (mut want, mut want_da, mut want_sums) = (sigmoids.clone(), da0.clone(), s0.clone());
+            act.dice_backward_partial(&pre, &dy, &mut want, &mut want_da, &mut want_sums);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&y), "the output recomputed ({m},{k},{n})");
             assert_eq!(bits(&g), bits(&want), "g ({m},{k},{n})");
             assert_eq!(bits(&dalpha), bits(&want_da), "slope gradient ({m},{k},{n})");
             assert_eq!(bits(&sums), bits(&want_sums), "sums ({m},{k},{n})");

@@ -1,7 +1,8 @@
 //! The chunk-parallel path of the local activation unit.
 //!
 //! The batch is cut into chunks of whole samples holding about
-//! [`CHUNK_ROWS_TRAIN`] (training) or [`CHUNK_ROWS_INFER`] behaviours. Rayon runs one task per chunk, and each task
+//! [`CHUNK_ROWS_TRAIN`] (training; [`CHUNK_ROWS_DICE`] with Dice's batch
+//! statistics) or [`CHUNK_ROWS_INFER`] behaviours. Rayon runs one task per chunk, and each task
 //! uses single-threaded matrix products, so a chunk's activations stay in its
 //! core's cache from one layer to the next; bias, activation, scoring,
 //! normalisation and pooling are done in the same pass over the chunk.
@@ -20,7 +21,9 @@
 //! backward pass keeps anyway (each layer's pre-activation, or the gradient
 //! in its output's place) plus a few floats per channel and chunk; the cost
 //! is that the chunk's block is read back from memory after the barrier
-//! instead of from L2.
+//! instead of from L2. A Dice layer keeps its sigmoids in its output's
+//! place, so that the backward pass need not compute them again, and the
+//! output is recomputed from them where needed (see [`Shared::kept_width`]).
 //!
 //! Inference on AMX takes a fused form of the same pass
 //! ([`Shared::forward_fused`]): every layer, the first included, on the
@@ -66,6 +69,14 @@ use crate::schema::{ActivationKind, Normalization};
 /// alone. Measured with `din bench run` (2 threads): 512 and larger train
 /// at the same speed, 384 and 256 slower (more partial gradients).
 pub(super) const CHUNK_ROWS_TRAIN: usize = 512;
+/// Behaviours per training task with Dice's batch statistics, whose
+/// passes ([`Attention::forward_chunked`], [`Attention::backward_chunked`])
+/// read each chunk back from L3 and meet at a barrier six times a step:
+/// measured inside one process ((80,40) Dice attention, batch 1024, 2
+/// threads, 48 KiB L1d and 2 MiB L2 per core), alternating builds, a step
+/// took 0.95x the time with 1,024 as with 512 (2,048: 0.98x; 256: 1.07x),
+/// while PReLU's one-pass step took the same time with either.
+pub(super) const CHUNK_ROWS_DICE: usize = 1024;
 /// Behaviours per inference task: nothing is kept between chunks, and
 /// smaller chunks balance the two cores better on small requests
 /// (1 x 200 latency 3.3 ms at 256 against 5.8 ms at 512).
@@ -102,7 +113,8 @@ pub(super) struct ChunkedState {
     /// `[Wk - Wd; Wp]`, `[2D, H1]`: the first layer's weight on `[k, q*k]`.
     wkp: Vec<f32>,
     /// Training only: per behaviour, `[k, q*k]`, each hidden layer's
-    /// pre-activation and output, and the score's gradient (see [`Layout`]).
+    /// pre-activation and output (or sigmoids), and the score's gradient
+    /// (see [`Layout`]).
     region: Vec<f32>,
     /// `[B, H1]`: `q·Wq' + b1` in the forward pass, `Σ_t dpre1_t` in the backward pass.
     per_sample: Vec<f32>,
@@ -152,7 +164,8 @@ pub(super) struct BatchMoments {
 
 /// Where the values of one behaviour row live in a chunk's region: the chunk
 /// stores `[k, q*k]` for all its rows, then each hidden layer's pre-activation
-/// and output, then the score gradients, each block `[rows, width]`.
+/// and output (a Dice layer in training: its sigmoids, see
+/// [`Shared::kept_width`]), then the score gradients, each block `[rows, width]`.
 /// It also places each layer's gradients in a chunk's gradient buffer.
 struct Layout {
     d: usize,
@@ -209,6 +222,23 @@ impl Layout {
     fn layer(&self, l: usize, n: usize) -> usize {
         n * (self.kq + 2 * self.widths[..l].iter().sum::<usize>())
     }
+}
+
+/// The last hidden layer as the score layer's backward pass
+/// ([`Shared::backward_scores`]) finds it.
+enum LastLayer<'x> {
+    /// Its output (`[n, H]`), replaced by its gradient `dh_last`.
+    Output(&'x mut [f32]),
+    /// Dice in training: its pre-activation, and in its output's place
+    /// the sigmoids, replaced by the first half of Dice's backward pass
+    /// (`g`), which adds to the layer's slope gradient and leaves its sums
+    /// (see [`Rowwise::dice_backward_partial_scored`]).
+    Dice {
+        pre: &'x [f32],
+        g: &'x mut [f32],
+        dalpha: &'x mut [f32],
+        sums: &'x mut [f32],
+    },
 }
 
 /// One chunk's samples and its share of a forward pass's buffers.
@@ -375,7 +405,9 @@ impl<'a> Shared<'a> {
     /// Forward pass of samples `s0..s1` from hidden layer `from` on: writes
     /// their attention weights (`[n]`), pooled histories (`[s1-s0, D]`) and
     /// fills `region`. With `same_history`, `k1` (at least `[n, H1]`) holds
-    /// the history term. A pass stops at the first layer from `from` on
+    /// the history term; a pass that starts past a Dice layer in training
+    /// puts that layer's output in `kept` (at least `[n, kept_width]`). A
+    /// pass stops at the first layer from `from` on
     /// with batch statistics, after its pre-activation, and leaves its
     /// moments over these rows in `moments`; the pass that then starts at
     /// the next layer first activates it (`acts` holding the batch's moments).
@@ -387,6 +419,7 @@ impl<'a> Shared<'a> {
         s1: usize,
         region: &mut [f32],
         mut k1: &mut [f32],
+        mut kept: &mut [f32],
         aq: &mut [f32],
         weights: &mut [f32],
         pooled: &mut [f32],
@@ -424,9 +457,12 @@ impl<'a> Shared<'a> {
             }
             if l + 1 == from {
                 // The layer an earlier pass stopped at, now that the batch's
-                // moments are known.
-                self.acts[l].apply_rows(pre, out);
-                (input, width_in) = (out, h);
+                // moments are known: its output to `kept` for this pass's
+                // product, its sigmoids to the output's slot for the
+                // backward pass (see `Shared::kept_width`).
+                let y = &mut std::mem::take(&mut kept)[..n * h];
+                self.acts[l].dice_keeping_sigmoid(pre, y, out);
+                (input, width_in) = (y, h);
                 continue;
             }
             let act = &self.acts[l];
@@ -711,6 +747,24 @@ impl<'a> Shared<'a> {
             .unwrap_or(0)
     }
 
+    /// Floats per row of the worker's scratch for a Dice layer's output in
+    /// training (the widest such layer; 0 without one): the pass that
+    /// activates the layer once its batch's moments are known writes the
+    /// output there, for its product, and the sigmoids it computed to the
+    /// output's slot in the region, for the backward pass, which then
+    /// need not compute them again: without its `exp` and division, the
+    /// first half of Dice's backward pass runs about 1.7x as fast
+    /// (criterion, 512 rows of 80 channels). The
+    /// backward pass recomputes the output there from the pre-activation
+    /// and the sigmoids (the same bits) where the next layer's weight
+    /// gradient needs it, and takes the gradient reaching the output
+    /// there too (see [`Shared::backward`]). The slots keep the sigmoids,
+    /// not the outputs, so that the batch's region is not longer.
+    fn kept_width(&self) -> usize {
+        let widths = self.layout.widths.iter().zip(&self.batch_stats);
+        widths.filter(|&(_, &b)| b).map(|(&w, _)| w).max().unwrap_or(0)
+    }
+
     /// Rows `i0..i0 + m` of a chunk whose rows start at `r0`, split by
     /// sample from sample `s` (whose rows reach past `i0`) on: each run as
     /// `(first, end, sample)`, rows counted from `i0`.
@@ -749,7 +803,8 @@ impl<'a> Shared<'a> {
     /// [`Shared::key_range`]), writes the weight gradients into `grads`
     /// and adds the others (see [`Layout::clear_sums`]).
     /// Consumes `region` (it is reused for gradients). A grouped batch's
-    /// history term needs `dk1` of at least `[nk, H1]`.
+    /// history term needs `dk1` of at least `[nk, H1]`; Dice in training,
+    /// `kept` of at least `[n, kept_width]` (see [`Shared::kept_width`]).
     ///
     /// A pass stops at the first layer with batch statistics it reaches,
     /// after the first half of its activation's backward pass, leaving its
@@ -769,10 +824,10 @@ impl<'a> Shared<'a> {
         grads: &mut [f32],
         dq: &mut [f32],
         dk: &mut [f32],
-        dk1: &mut [f32],
+        (dk1, kept): (&mut [f32], &mut [f32]),
         sums: &mut [f32],
     ) {
-        let (d, att, lay) = (self.layout.d, self.att, self.layout);
+        let (d, lay) = (self.layout.d, self.layout);
         let (r0, r1) = self.rows(s0, s1);
         let n = r1 - r0;
         let (k0, k_end) = self.key_range(s0, s1);
@@ -783,17 +838,40 @@ impl<'a> Shared<'a> {
         let top = match resume {
             Some(l) => l + 1,
             None => {
-                self.backward_scores(s0, s1, region, &mut dscore[..n], weights, dpooled, grads, dk);
-                layers
+                let (last, h) = (layers - 1, lay.widths[layers - 1]);
+                let (hidden, score_grads) = grads.split_at_mut(offsets[layers]);
+                let (pre, out) = region[lay.layer(last, n)..].split_at_mut(n * h);
+                let out = &mut out[..n * h];
+                let dscore = &mut dscore[..n];
+                if !self.batch_stats[last] {
+                    let last = LastLayer::Output(out);
+                    self.backward_scores(s0, s1, last, dscore, weights, dpooled, score_grads, dk);
+                    layers
+                } else {
+                    // The sigmoids in the output's place; the layer's slope
+                    // gradient ends its gradients. Then the pass stops.
+                    let sums = &mut sums[..2 * h];
+                    sums.iter_mut().for_each(|v| *v = 0.0);
+                    let dalpha = &mut hidden[offsets[last + 1] - h..offsets[last + 1]];
+                    let last = LastLayer::Dice {
+                        pre,
+                        g: out,
+                        dalpha,
+                        sums,
+                    };
+                    self.backward_scores(s0, s1, last, dscore, weights, dpooled, score_grads, dk);
+                    return;
+                }
             }
         };
         // Hidden layers, last to first; layer l's output slot (or with
         // `in_scratch`, its half of the scratch) holds dh_l on entry, or
-        // dpre_l when the fused product of layer l + 1 wrote it.
+        // dpre_l when the fused product of layer l + 1 wrote it; a Dice
+        // layer's slot holds its sigmoids (and dh_l is in `kept`), or its
+        // `g` in the pass that resumes at it.
         let mut fused_below = false;
         let scratch_width = self.scratch_width();
         for l in (0..top).rev() {
-            let block = if l == 0 { &att.first } else { &att.rest.blocks[l - 1] };
             let h = lay.widths[l];
             let at = lay.layer(l, n);
             let (below, here) = region.split_at_mut(at);
@@ -824,9 +902,10 @@ impl<'a> Shared<'a> {
                 let (mean_gz, mean_gzz) = &self.dice_means;
                 self.acts[l].dice_backward_finish(pre, g, mean_gz, mean_gzz, gb);
             } else if self.batch_stats[l] {
+                // dh_l in `kept`, the sigmoids in g's place.
                 let sums = &mut sums[..2 * h];
                 sums.iter_mut().for_each(|v| *v = 0.0);
-                self.acts[l].dice_backward_partial(pre, g, ga, sums);
+                self.acts[l].dice_backward_partial(pre, &kept[..n * h], g, ga, sums);
                 return;
             } else {
                 self.acts[l].backward(pre, g, ga); // g = dpre_l
@@ -904,36 +983,40 @@ impl<'a> Shared<'a> {
                 };
                 fused_f32::product(n, g, h, &panels_t[l - 1], epilogue); // [n, width_in]
                 fused_below = true;
-            } else if let (Some(panels_t), None, true) = (self.panels_t, self.transposed, self.batch_stats[l - 1]) {
-                self.products.matmul_at_b(width_in, n, h, input, g, gw, false); // dW_l
+            } else if self.batch_stats[l - 1] {
+                // Layer l-1 is Dice in training: its slot holds the
+                // sigmoids, from which its output is recomputed into `kept`.
+                let pre_below = &earlier[at - 2 * n * width_in..at - n * width_in];
+                let kept = &mut kept[..n * width_in];
+                if let (Some(panels_t), None) = (self.panels_t, self.transposed) {
+                    // dh_{l-1} = g·W_lᵀ, through the first half of Dice's
+                    // backward pass (layer l-1 waits for its batch's sums),
+                    // over the sigmoids, with layer l-1's output
+                    // recomputed into `kept` on the way; then dW_l, and
+                    // the pass stops.
+                    let dalpha = &mut lower[offsets[l] - width_in..];
+                    let sums = &mut sums[..2 * width_in];
+                    sums.iter_mut().for_each(|v| *v = 0.0);
+                    let epilogue = &mut fused_f32::DiceBackward {
+                        act: &self.acts[l - 1],
+                        pre: pre_below,
+                        g: input,
+                        out: kept,
+                        dalpha,
+                        sums,
+                    };
+                    fused_f32::product(n, g, h, &panels_t[l - 1], epilogue); // [n, width_in]
+                    self.products.matmul_at_b(width_in, n, h, kept, g, gw, false); // dW_l
+                    return;
+                }
+                self.acts[l - 1].dice_from_sigmoid(pre_below, input, kept);
+                self.products.matmul_at_b(width_in, n, h, kept, g, gw, false); // dW_l
 
-                // dh_{l-1} = g·W_lᵀ, through the first half of Dice's
-                // backward pass (layer l-1 waits for its batch's sums),
-                // over its output; then the pass stops.
-                let pre_below = &earlier[at - 2 * n * width_in..];
-                let dalpha = &mut lower[offsets[l] - width_in..];
-                let sums = &mut sums[..2 * width_in];
-                sums.iter_mut().for_each(|v| *v = 0.0);
-                let epilogue = &mut fused_f32::DiceBackward {
-                    act: &self.acts[l - 1],
-                    pre: pre_below,
-                    g: input,
-                    dalpha,
-                    sums,
-                };
-                fused_f32::product(n, g, h, &panels_t[l - 1], epilogue); // [n, width_in]
-                return;
+                // dh_{l-1} into `kept`, for layer l-1's first half.
+                self.input_gradient(l, n, g, kept);
             } else {
                 self.products.matmul_at_b(width_in, n, h, input, g, gw, false); // dW_l
-                match self.transposed {
-                    Some(wt) => wt[l - 1].matmul(n, g, input),
-                    None => match self.panels_t {
-                        Some(p) => fused_f32::product(n, g, h, &p[l - 1], &mut fused_f32::Store { c: input }),
-                        None => self
-                            .products
-                            .matmul_a_bt(n, h, width_in, g, &block.linear.weight.value, input, false),
-                    },
-                } // dh_{l-1}
+                self.input_gradient(l, n, g, input);
             }
         }
         // [k, q*k] (or q*k) -> k and q.
@@ -961,27 +1044,42 @@ impl<'a> Shared<'a> {
         }
     }
 
+    /// `dh_{l-1} = g·W_lᵀ` (`[n, width of layer l-1]`) from hidden layer
+    /// `l`'s `g` (`dpre_l`, `[n, width of l]`), `l >= 1`, into `dh`.
+    fn input_gradient(&self, l: usize, n: usize, g: &[f32], dh: &mut [f32]) {
+        let (h, width_in) = (self.layout.widths[l], self.layout.widths[l - 1]);
+        match self.transposed {
+            Some(wt) => wt[l - 1].matmul(n, g, dh),
+            None => match self.panels_t {
+                Some(p) => fused_f32::product(n, g, h, &p[l - 1], &mut fused_f32::Store { c: dh }),
+                None => {
+                    let w = &self.att.rest.blocks[l - 1].linear.weight.value;
+                    self.products.matmul_a_bt(n, h, width_in, g, w, dh, false)
+                }
+            },
+        }
+    }
+
     /// The backward pass's first steps over samples `s0..s1`: pooling
     /// (`dk = w·dpooled`, written over `dk`, and each row's score gradient
-    /// `dscore`, `[n]`), normalisation, then the score layer, whose input
-    /// gradient `dh_last` replaces the last hidden layer's output in `region`.
+    /// `dscore`, `[n]`), normalisation, then the score layer (its gradients
+    /// `score_grads`, `[dw_out, db_out]`, added to) back to the last hidden
+    /// layer (see [`LastLayer`]).
     #[allow(clippy::too_many_arguments)]
     fn backward_scores(
         &self,
         s0: usize,
         s1: usize,
-        region: &mut [f32],
+        last: LastLayer<'_>,
         dscore: &mut [f32],
         weights: &[f32],
         dpooled: &[f32],
-        grads: &mut [f32],
+        score_grads: &mut [f32],
         dk: &mut [f32],
     ) {
         let (d, att, lay) = (self.layout.d, self.att, self.layout);
-        let (r0, r1) = self.rows(s0, s1);
-        let n = r1 - r0;
+        let r0 = self.rows(s0, s1).0;
         let k0 = self.key_range(s0, s1).0;
-        let (layers, offsets) = (lay.widths.len(), &lay.grad_offsets);
         dk.iter_mut().for_each(|v| *v = 0.0);
         // Pooling: pooled_b = Σ_t w_t k_t.
         for s in s0..s1 {
@@ -1004,17 +1102,22 @@ impl<'a> Shared<'a> {
             }
         }
         // Score layer: score_t = h_t·w_out + b_out.
-        let h_last = lay.widths[layers - 1];
-        let out_last = &mut region[lay.layer(layers - 1, n) + n * h_last..];
-        {
-            let (gw, gb) = grads[offsets[layers]..offsets[layers] + h_last + 1].split_at_mut(h_last);
-            for (h, &g) in out_last.chunks_exact(h_last).zip(dscore.iter()) {
-                gw.iter_mut().zip(h).for_each(|(a, h)| *a += h * g);
-                gb[0] += g;
+        let h_last = lay.widths[lay.widths.len() - 1];
+        let (gw, gb) = score_grads[..h_last + 1].split_at_mut(h_last);
+        dscore.iter().for_each(|&g| gb[0] += g);
+        let w_out = &att.output.weight.value;
+        match last {
+            LastLayer::Output(out) => {
+                for (h, &g) in out.chunks_exact(h_last).zip(dscore.iter()) {
+                    gw.iter_mut().zip(h).for_each(|(a, h)| *a += h * g);
+                }
+                for (h, &g) in out.chunks_exact_mut(h_last).zip(dscore.iter()) {
+                    h.iter_mut().zip(w_out).for_each(|(h, w)| *h = g * w); // dh_last
+                }
             }
-            let w_out = &att.output.weight.value;
-            for (h, &g) in out_last.chunks_exact_mut(h_last).zip(dscore.iter()) {
-                h.iter_mut().zip(w_out).for_each(|(h, w)| *h = g * w); // dh_last
+            LastLayer::Dice { pre, g, dalpha, sums } => {
+                let act = &self.acts[lay.widths.len() - 1];
+                act.dice_backward_partial_scored(pre, (dscore, w_out), g, gw, dalpha, sums);
             }
         }
     }
@@ -1284,7 +1387,12 @@ impl Attention {
         let compact = keep && st.grouped;
         let layout = Layout::new(self, compact);
         self.split_first_layer(st);
-        let chunk_rows = if keep { CHUNK_ROWS_TRAIN } else { CHUNK_ROWS_INFER };
+        let batch_stats = keep && mode == Mode::Train && self.hidden().any(|b| !b.activation.is_rowwise(Mode::Train));
+        let chunk_rows = match (keep, batch_stats) {
+            (true, true) => CHUNK_ROWS_DICE,
+            (true, false) => CHUNK_ROWS_TRAIN,
+            (false, _) => CHUNK_ROWS_INFER,
+        };
         plan_chunks(
             &st.offsets,
             histories.starts.filter(|_| compact),
@@ -1380,17 +1488,18 @@ impl Attention {
                         // A grouped pass's history term, [nk, H1], or the
                         // outputs kept in the scratch (`in_scratch`).
                         let (k0, k1) = pass.key_range(s0, s1);
+                        let n = (offsets[s1] - offsets[s0]) as usize;
                         let len = match compact {
                             true => (k1 - k0) * h1,
-                            false => 2 * (offsets[s1] - offsets[s0]) as usize * pass.scratch_width(),
+                            false => 2 * n * pass.scratch_width(),
                         };
-                        let k1 = at_least(&mut scratch, len);
-                        pass.forward(from, s0, s1, c.region, k1, c.aq, c.weights, c.pooled, c.moments);
+                        let (k1, kept) = at_least(&mut scratch, len + n * pass.kept_width()).split_at_mut(len);
+                        pass.forward(from, s0, s1, c.region, k1, kept, c.aq, c.weights, c.pooled, c.moments);
                     } else {
                         let n = (offsets[s1] - offsets[s0]) as usize;
                         let k1 = if pass.same_history.is_some() { n * h1 } else { 0 };
                         let (region, k1) = at_least(&mut scratch, n * width + k1).split_at_mut(n * width);
-                        pass.forward(from, s0, s1, region, k1, c.aq, c.weights, c.pooled, c.moments);
+                        pass.forward(from, s0, s1, region, k1, &mut [], c.aq, c.weights, c.pooled, c.moments);
                     }
                 });
             });
@@ -1503,12 +1612,14 @@ impl Attention {
                     let mut scratch = scratch.borrow_mut();
                     // A grouped pass's dk1, [nk, H1], or the outputs kept in
                     // the scratch and then their gradients (`in_scratch`).
+                    // And a Dice layer's output or its gradient
+                    // (`kept_width`).
                     let (k0, k1) = pass.key_range(s0, s1);
                     let len = match st.grouped {
                         true => (k1 - k0) * h1,
                         false => 2 * (r1 - r0) * pass.scratch_width(),
                     };
-                    let dk1 = at_least(&mut scratch, len);
+                    let (dk1, kept) = at_least(&mut scratch, len + (r1 - r0) * pass.kept_width()).split_at_mut(len);
                     pass.backward(
                         resume,
                         s0,
@@ -1520,7 +1631,7 @@ impl Attention {
                         c.grads,
                         c.dq,
                         c.dk,
-                        dk1,
+                        (dk1, kept),
                         c.sums,
                     );
                 });
@@ -1673,7 +1784,7 @@ impl Attention {
                     let buf = at_least(&mut scratch, rows * width + (s1 - s0) * d);
                     let (region, dpooled) = buf.split_at_mut(rows * width);
                     let mut moments = Moments::default();
-                    shared.forward(0, s0, s1, region, &mut [], aq, weights, pooled, &mut moments);
+                    shared.forward(0, s0, s1, region, &mut [], &mut [], aq, weights, pooled, &mut moments);
                     middle(extra, s0, s1, pooled, dpooled);
                     layout.clear_sums(grads);
                     shared.backward(
@@ -1687,7 +1798,7 @@ impl Attention {
                         grads,
                         dq,
                         dk,
-                        &mut [],
+                        (&mut [], &mut []),
                         &mut [],
                     );
                 });

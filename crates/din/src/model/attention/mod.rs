@@ -797,10 +797,10 @@ mod tests {
     #[test]
     fn shared_histories_equal_their_copies() {
         let d = 4;
-        // 40 groups of 1..=7 samples over histories of 0..=30 behaviours:
-        // several training chunks, a chunk holding whole groups.
+        // 80 groups of 1..=7 samples over histories of 0..=30 behaviours:
+        // several training chunks (Dice's too), a chunk holding whole groups.
         let (mut hist_offsets, mut groups, mut flat_offsets) = (vec![0u32], Vec::new(), vec![0u32]);
-        for g in 0..40u32 {
+        for g in 0..80u32 {
             let len = (g * 11) % 31;
             hist_offsets.push(hist_offsets[hist_offsets.len() - 1] + len);
             for _ in 0..1 + (g * 5) % 7 {
@@ -809,14 +809,14 @@ mod tests {
             }
         }
         let b = groups.len();
-        let keys = rand_vec(hist_offsets[40] as usize * d, 41);
+        let keys = rand_vec(hist_offsets[80] as usize * d, 41);
         let mut flat_keys = Vec::new();
         for &g in &groups {
             flat_keys.extend_from_slice(
                 &keys[hist_offsets[g as usize] as usize * d..hist_offsets[g as usize + 1] as usize * d],
             );
         }
-        assert!(flat_keys.len() / d > 2 * chunked::CHUNK_ROWS_TRAIN);
+        assert!(flat_keys.len() / d > 2 * chunked::CHUNK_ROWS_DICE);
         let q = rand_vec(b * d, 42);
         let dpooled = rand_vec(b * d, 43);
         let mut starts: Vec<u32> = (0..groups.len())
@@ -890,10 +890,11 @@ mod tests {
     #[test]
     fn chunked_and_layered_paths_agree() {
         let d = 4;
-        // 70 samples of 0..=40 behaviours: about 1,400 rows, several chunks.
-        let offsets = ragged_offsets(70, 7, 41);
+        // 150 samples of 0..=40 behaviours: about 3,000 rows, several
+        // chunks (Dice's too).
+        let offsets = ragged_offsets(150, 7, 41);
         let (b, n) = (offsets.len() - 1, offsets[offsets.len() - 1] as usize);
-        assert!(n > 2 * chunked::CHUNK_ROWS_TRAIN, "{n} rows");
+        assert!(n > 2 * chunked::CHUNK_ROWS_DICE, "{n} rows");
         let q = rand_vec(b * d, 21);
         let keys = rand_vec(n * d, 22);
         let dpooled = rand_vec(b * d, 23);
@@ -1040,10 +1041,10 @@ mod tests {
     #[test]
     fn dice_batch_statistics_across_chunks_match_finite_differences() {
         let d = 2;
-        // 60 samples of 0..=36 behaviours: about 1,100 rows, three chunks.
-        let offsets = ragged_offsets(60, 13, 37);
+        // 130 samples of 0..=36 behaviours: about 2,300 rows, two chunks.
+        let offsets = ragged_offsets(130, 13, 37);
         let (b, n) = (offsets.len() - 1, offsets[offsets.len() - 1] as usize);
-        assert!(n > 2 * chunked::CHUNK_ROWS_TRAIN, "{n} rows");
+        assert!(n > 2 * chunked::CHUNK_ROWS_DICE, "{n} rows");
         let q = rand_vec(b * d, 51);
         let keys = rand_vec(n * d, 52);
         let r = rand_vec(b * d, 53);
@@ -1112,9 +1113,9 @@ mod tests {
     #[test]
     fn chunked_training_is_bitwise_the_same_for_any_thread_count() {
         let d = 4;
-        let offsets = ragged_offsets(200, 7, 41);
+        let offsets = ragged_offsets(400, 7, 41);
         let (b, n) = (offsets.len() - 1, offsets[offsets.len() - 1] as usize);
-        assert!(n > 6 * chunked::CHUNK_ROWS_TRAIN, "{n} rows: several chunks a thread");
+        assert!(n > 6 * chunked::CHUNK_ROWS_DICE, "{n} rows: several chunks a thread");
         let q = rand_vec(b * d, 61);
         let keys = rand_vec(n * d, 62);
         let dpooled = rand_vec(b * d, 63);
