@@ -74,8 +74,9 @@ pub(super) const CHUNK_ROWS_TRAIN: usize = 512;
 /// read each chunk back from L3 and meet at a barrier six times a step:
 /// measured inside one process ((80,40) Dice attention, batch 1024, 2
 /// threads, 48 KiB L1d and 2 MiB L2 per core), alternating builds, a step
-/// took 0.95x the time with 1,024 as with 512 (2,048: 0.98x; 256: 1.07x),
-/// while PReLU's one-pass step took the same time with either.
+/// took 0.96x and 0.95x the time (medians of two runs of five) with 1,024
+/// as with 512 (2,048: 0.98x; 256: 1.08x), while PReLU's one-pass step
+/// took the same time with either (0.99x).
 pub(super) const CHUNK_ROWS_DICE: usize = 1024;
 /// Behaviours per inference task: nothing is kept between chunks, and
 /// smaller chunks balance the two cores better on small requests
