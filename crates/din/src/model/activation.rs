@@ -495,10 +495,10 @@ impl<'a> Rowwise<'a> {
         /// [`Rowwise::dice_backward_partial`] of the last hidden layer,
         /// whose output `y` feeds a score per row (`score_r = y_r·w + b`),
         /// with the score layer's backward pass in the same pass over the
-        /// rows: from `scores`, the scores' gradient `ds` (`[rows]`) and
-        /// their weights `w` (`[channels]`), adds `y_r·ds_r` to `dw` row by row, `y`
-        /// recomputed from `x` and the sigmoids in `g` as
-        /// [`Rowwise::dice_from_sigmoid`] does, and takes `dy_r = ds_r·w`.
+        /// rows. From `scores`, the scores' gradient `ds` (`[rows]`) and
+        /// their weights `w` (`[channels]`), it adds `y_r·ds_r` to `dw`
+        /// row by row (`y` recomputed from `x` and the sigmoids in `g`, as
+        /// [`Rowwise::dice_from_sigmoid`] does) and takes `dy_r = ds_r·w`.
         /// The same bits as those three passes one after the other.
         pub fn dice_backward_partial_scored(&self, x: &[f32], scores: (&[f32], &[f32]), g: &mut [f32], dw: &mut [f32], dalpha: &mut [f32], sums: &mut [f32]) => dice_backward_partial_scored_body;
     }
