@@ -15,7 +15,9 @@
 # Environment: A, B (din binaries; B defaults to target/release/din, A to
 # nothing: then only B runs), DATA (runs/bench-data, generated if missing),
 # OUT (runs/dice-speed), ROUNDS (3), THREADS (2), BATCH (1024), ATT (80,40),
-# LATENCY_ROW (0; the first row with 50 behaviours is `bench/serve_load.sh`'s).
+# LATENCY_ROW (0; the first row with 50 behaviours is `bench/serve_load.sh`'s),
+# EPOCHS (1: about a second of training on the default data, which a noisy
+# host moves by several percent; more epochs time a longer run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/common.sh
@@ -28,13 +30,14 @@ THREADS=${THREADS:-2}
 BATCH=${BATCH:-1024}
 ATT=${ATT:-80,40}
 LATENCY_ROW=${LATENCY_ROW:-0}
+EPOCHS=${EPOCHS:-1}
 [[ -f $DATA/samples.tsv ]] || "$B" bench gen --out "$DATA" >/dev/null
 mkdir -p "$OUT"
 RESULTS=$OUT/results.jsonl
 RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)
 CPU=$(cpu_name)
 FLAGS=$(cpu_flags)
-echo "run $RUN_ID on $CPU ($FLAGS), $THREADS threads, attention ($ATT), batch $BATCH, latency row $LATENCY_ROW" >&2
+echo "run $RUN_ID on $CPU ($FLAGS), $THREADS threads, attention ($ATT), batch $BATCH, $EPOCHS epoch(s), latency row $LATENCY_ROW" >&2
 
 builds=()
 [[ -n $A ]] && builds+=("A:$A")
@@ -45,7 +48,7 @@ for round in $(seq 1 "$ROUNDS"); do
     for act in prelu dice; do
       echo "== round $round: $name $act" >&2
       "$bin" bench run --data "$DATA" --threads "$THREADS" --batch-size "$BATCH" --latency-row "$LATENCY_ROW" \
-        --set "model.attention.hidden_units=[$ATT]" --set "model.attention.activation=$act" --json 2>/dev/null |
+        --set "model.attention.hidden_units=[$ATT]" --set "model.attention.activation=$act" --set "train.epochs=$EPOCHS" --json 2>/dev/null |
         python3 -c '
 import json, sys
 build, act, rnd, run_id, cpu = sys.argv[1:]
@@ -79,4 +82,13 @@ for k, label in keys:
     print(f"| {label} | " + " | ".join(cells) + " |")
 n = len({r["round"] for r in rows})
 print(f"\nmedians of {n} round(s), run {run_id}, {rows[0]['cpu']}")
+# Within a round the two activations ran one after the other: their ratio
+# moves less with the host's drift than the ratio of the medians.
+by = {(r["build"], r["activation"], r["round"]): r["train_samples_per_second"] for r in rows}
+for b in builds:
+    ratios = [by[b, "dice", i] / by[b, "prelu", i] for i in sorted({r["round"] for r in rows})
+              if (b, "dice", i) in by and (b, "prelu", i) in by]
+    if ratios:
+        print(f"{b}: training dice/prelu per round " + ", ".join(f"{x:.3f}" for x in ratios)
+              + f" (median {statistics.median(ratios):.3f})")
 EOF
