@@ -1,8 +1,8 @@
 //! The chunk-parallel path of the local activation unit.
 //!
 //! The batch is cut into chunks of whole samples holding about
-//! [`CHUNK_ROWS_TRAIN`] (training; [`CHUNK_ROWS_DICE`] with Dice's batch
-//! statistics) or [`CHUNK_ROWS_INFER`] behaviours. Rayon runs one task per chunk, and each task
+//! [`CHUNK_ROWS_TRAIN`] (training; with Dice's batch statistics, up to
+//! [`CHUNK_ROWS_DICE`], see [`dice_chunk_rows`]) or [`CHUNK_ROWS_INFER`] behaviours. Rayon runs one task per chunk, and each task
 //! uses single-threaded matrix products, so a chunk's activations stay in its
 //! core's cache from one layer to the next; bias, activation, scoring,
 //! normalisation and pooling are done in the same pass over the chunk.
@@ -69,15 +69,31 @@ use crate::schema::{ActivationKind, Normalization};
 /// alone. Measured with `din bench run` (2 threads): 512 and larger train
 /// at the same speed, 384 and 256 slower (more partial gradients).
 pub(super) const CHUNK_ROWS_TRAIN: usize = 512;
-/// Behaviours per training task with Dice's batch statistics, whose
+/// The most behaviours per training task with Dice's batch statistics
+/// (see [`dice_chunk_rows`]).
+pub(super) const CHUNK_ROWS_DICE: usize = 2 * CHUNK_ROWS_TRAIN;
+/// Bytes of a chunk's region that Dice's training passes aim at (see
+/// [`dice_chunk_rows`]).
+const DICE_CHUNK_BYTES: usize = 1_200_000;
+
+/// Behaviours per training task with Dice's batch statistics, for region
+/// rows of `row_width` floats: about [`DICE_CHUNK_BYTES`] of region per
+/// chunk, from [`CHUNK_ROWS_TRAIN`] to [`CHUNK_ROWS_DICE`] rows. Dice's
 /// passes ([`Attention::forward_chunked`], [`Attention::backward_chunked`])
-/// read each chunk back from L3 and meet at a barrier six times a step:
-/// measured inside one process ((80,40) Dice attention, batch 1024, 2
-/// threads, 48 KiB L1d and 2 MiB L2 per core), alternating builds, a step
-/// took 0.96x and 0.95x the time (medians of two runs of five) with 1,024
-/// as with 512 (2,048: 0.98x; 256: 1.08x), while PReLU's one-pass step
-/// took the same time with either (0.99x).
-pub(super) const CHUNK_ROWS_DICE: usize = 1024;
+/// read each chunk back from L3 and meet at a barrier six times a step, so
+/// fewer, larger chunks pay while a pass's blocks still fit in L2.
+/// Measured inside one process (batch 1024, 2 threads, 48 KiB L1d and
+/// 2 MiB L2 per core), alternating builds, medians of five runs, step
+/// time against 512 rows:
+/// * (80,40) over 16-wide keys, 273 floats a row (1,024 rows here): 1,024
+///   rows 0.96x and 0.95x (two runs), 2,048 rows 0.98x, 256 rows 1.08x;
+/// * (256,128,64), 929 floats a row (512 rows here): 1,024 rows 1.06x,
+///   256 rows 1.04x.
+///
+/// PReLU's one-pass step took the same time with 512 and 1,024 rows (0.99x).
+fn dice_chunk_rows(row_width: usize) -> usize {
+    (DICE_CHUNK_BYTES / (4 * row_width.max(1))).clamp(CHUNK_ROWS_TRAIN, CHUNK_ROWS_DICE)
+}
 /// Behaviours per inference task: nothing is kept between chunks, and
 /// smaller chunks balance the two cores better on small requests
 /// (1 x 200 latency 3.3 ms at 256 against 5.8 ms at 512).
@@ -1390,7 +1406,7 @@ impl Attention {
         self.split_first_layer(st);
         let batch_stats = keep && mode == Mode::Train && self.hidden().any(|b| !b.activation.is_rowwise(Mode::Train));
         let chunk_rows = match (keep, batch_stats) {
-            (true, true) => CHUNK_ROWS_DICE,
+            (true, true) => dice_chunk_rows(layout.row_width()),
             (true, false) => CHUNK_ROWS_TRAIN,
             (false, _) => CHUNK_ROWS_INFER,
         };
