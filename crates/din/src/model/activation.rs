@@ -1686,77 +1686,46 @@ mod tests {
                 eprintln!("skipped: no AVX-512");
                 return;
             }
-            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-            unsafe fn apply_wide(rw: &Rowwise<'_>, x: &[f32], y: &mut [f32]) {
-                rw.apply::<true, true>(x, y)
+            /// `$wide` and `$avx2`: `$body` compiled for the AVX-512 build
+            /// (`WIDE`) and for the AVX2 build.
+            macro_rules! both_builds {
+                ($wide:ident, $avx2:ident, $body:ident($($arg:ident: $ty:ty),*)) => {
+                    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                    unsafe fn $wide(rw: &Rowwise<'_>, $($arg: $ty),*) {
+                        rw.$body::<true, true>($($arg),*)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn $avx2(rw: &Rowwise<'_>, $($arg: $ty),*) {
+                        rw.$body::<true, false>($($arg),*)
+                    }
+                };
             }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn apply_avx2(rw: &Rowwise<'_>, x: &[f32], y: &mut [f32]) {
-                rw.apply::<true, false>(x, y)
-            }
-            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-            unsafe fn add_wide(rw: &Rowwise<'_>, x: &mut [f32], e: Option<&[f32]>, b: &[f32]) {
-                rw.add_apply_in_place_body::<true, true>(x, e, b)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn add_avx2(rw: &Rowwise<'_>, x: &mut [f32], e: Option<&[f32]>, b: &[f32]) {
-                rw.add_apply_in_place_body::<true, false>(x, e, b)
-            }
-            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-            unsafe fn keep_wide(rw: &Rowwise<'_>, x: &[f32], y: &mut [f32], p: &mut [f32]) {
-                rw.dice_keeping_sigmoid_body::<true, true>(x, y, p)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn keep_avx2(rw: &Rowwise<'_>, x: &[f32], y: &mut [f32], p: &mut [f32]) {
-                rw.dice_keeping_sigmoid_body::<true, false>(x, y, p)
-            }
-            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-            unsafe fn output_wide(rw: &Rowwise<'_>, x: &[f32], p: &[f32], y: &mut [f32]) {
-                rw.dice_from_sigmoid_body::<true, true>(x, p, y)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn output_avx2(rw: &Rowwise<'_>, x: &[f32], p: &[f32], y: &mut [f32]) {
-                rw.dice_from_sigmoid_body::<true, false>(x, p, y)
-            }
-            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-            unsafe fn partial_wide(
-                rw: &Rowwise<'_>,
-                x: &[f32],
-                dy: &[f32],
-                g: &mut [f32],
-                da: &mut [f32],
-                s: &mut [f32],
-            ) {
-                rw.dice_backward_partial_body::<true, true>(x, dy, g, da, s)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn partial_avx2(
-                rw: &Rowwise<'_>,
-                x: &[f32],
-                dy: &[f32],
-                g: &mut [f32],
-                da: &mut [f32],
-                s: &mut [f32],
-            ) {
-                rw.dice_backward_partial_body::<true, false>(x, dy, g, da, s)
-            }
-            type Scored<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], &'a mut [f32]);
-            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-            unsafe fn scored_wide(rw: &Rowwise<'_>, x: &[f32], ds: &[f32], w: &[f32], (g, dw, da, s): Scored<'_>) {
-                rw.dice_backward_partial_scored_body::<true, true>(x, (ds, w), g, dw, da, s)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn scored_avx2(rw: &Rowwise<'_>, x: &[f32], ds: &[f32], w: &[f32], (g, dw, da, s): Scored<'_>) {
-                rw.dice_backward_partial_scored_body::<true, false>(x, (ds, w), g, dw, da, s)
-            }
-            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-            unsafe fn finish_wide(rw: &Rowwise<'_>, x: &[f32], g: &mut [f32], m: [&[f32]; 2], db: &mut [f32]) {
-                rw.dice_backward_finish_body::<true, true>(x, g, m[0], m[1], db)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn finish_avx2(rw: &Rowwise<'_>, x: &[f32], g: &mut [f32], m: [&[f32]; 2], db: &mut [f32]) {
-                rw.dice_backward_finish_body::<true, false>(x, g, m[0], m[1], db)
-            }
+            both_builds!(apply_wide, apply_avx2, apply(x: &[f32], y: &mut [f32]));
+            both_builds!(add_wide, add_avx2, add_apply_in_place_body(x: &mut [f32], e: Option<&[f32]>, b: &[f32]));
+            both_builds!(keep_wide, keep_avx2, dice_keeping_sigmoid_body(x: &[f32], y: &mut [f32], p: &mut [f32]));
+            both_builds!(output_wide, output_avx2, dice_from_sigmoid_body(x: &[f32], p: &[f32], y: &mut [f32]));
+            both_builds!(
+                partial_wide,
+                partial_avx2,
+                dice_backward_partial_body(x: &[f32], dy: &[f32], g: &mut [f32], da: &mut [f32], s: &mut [f32])
+            );
+            both_builds!(
+                scored_wide,
+                scored_avx2,
+                dice_backward_partial_scored_body(
+                    x: &[f32],
+                    scores: (&[f32], &[f32]),
+                    g: &mut [f32],
+                    dw: &mut [f32],
+                    da: &mut [f32],
+                    s: &mut [f32]
+                )
+            );
+            both_builds!(
+                finish_wide,
+                finish_avx2,
+                dice_backward_finish_body(x: &[f32], g: &mut [f32], mg: &[f32], mgz: &[f32], db: &mut [f32])
+            );
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let rows = 7;
             for c in [1, 5, 16, 37, 40, 80] {
@@ -1852,8 +1821,8 @@ mod tests {
                 let (mut h2, mut dw2, mut ha2, mut hs2) = (sigmoids.clone(), dw0.clone(), da0.clone(), s0.clone());
                 // SAFETY: as above.
                 unsafe {
-                    scored_wide(&batch, &x, &ds, &w, (&mut h1, &mut dw1, &mut ha1, &mut hs1));
-                    scored_avx2(&batch, &x, &ds, &w, (&mut h2, &mut dw2, &mut ha2, &mut hs2));
+                    scored_wide(&batch, &x, (&ds, &w), &mut h1, &mut dw1, &mut ha1, &mut hs1);
+                    scored_avx2(&batch, &x, (&ds, &w), &mut h2, &mut dw2, &mut ha2, &mut hs2);
                 }
                 assert_eq!(bits(&h1), bits(&h2), "backward from scores, {c} channels");
                 assert_eq!(bits(&dw1), bits(&dw2), "score weights' gradient, {c} channels");
@@ -1866,8 +1835,8 @@ mod tests {
                 let (mut db1, mut db2) = (db0.clone(), db0.clone());
                 // SAFETY: as above.
                 unsafe {
-                    finish_wide(&batch, &x, &mut g1, [&mg, &mgz], &mut db1);
-                    finish_avx2(&batch, &x, &mut g2, [&mg, &mgz], &mut db2);
+                    finish_wide(&batch, &x, &mut g1, &mg, &mgz, &mut db1);
+                    finish_avx2(&batch, &x, &mut g2, &mg, &mgz, &mut db2);
                 }
                 assert_eq!(bits(&g1), bits(&g2), "finish, {c} channels");
                 assert_eq!(bits(&db1), bits(&db2), "bias gradient, {c} channels");

@@ -1404,7 +1404,8 @@ impl Attention {
         let compact = keep && st.grouped;
         let layout = Layout::new(self, compact);
         self.split_first_layer(st);
-        let batch_stats = keep && mode == Mode::Train && self.hidden().any(|b| !b.activation.is_rowwise(Mode::Train));
+        st.train = keep && mode == Mode::Train;
+        let batch_stats = st.train && self.hidden().any(|b| !b.activation.is_rowwise(Mode::Train));
         let chunk_rows = match (keep, batch_stats) {
             (true, true) => dice_chunk_rows(layout.row_width()),
             (true, false) => CHUNK_ROWS_TRAIN,
@@ -1429,7 +1430,6 @@ impl Attention {
         let mut region = std::mem::take(&mut st.region);
         let mut per_sample = std::mem::take(&mut st.per_sample);
         let mut moments = std::mem::take(&mut st.moments);
-        st.train = keep && mode == Mode::Train;
         st.batch_moments.clear();
         // Mixed precision: the same bf16 weights serve every chunk, forward
         // and backward (the emulation's products are those of
