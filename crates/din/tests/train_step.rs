@@ -1,10 +1,10 @@
 //! `Din::train_step_into`, the training step that runs the forward and
 //! backward passes chunk by chunk in one pass (or, with Dice in the
 //! attention unit, the DNN and the loss chunk by chunk between the unit's
-//! two passes): the same logits and gradients as `forward` then
-//! `backward` (but for the order of the chunks' sums), bitwise the same
-//! whatever the number of threads, and taken only by the models it
-//! serves.
+//! two passes), in FP32 and in mixed precision: the same logits and
+//! gradients as `forward` then `backward` (but for the order of the
+//! chunks' sums), bitwise the same whatever the number of threads, and
+//! taken only by the models it serves.
 
 mod common;
 
@@ -42,6 +42,14 @@ fn big_batch(samples: usize, seed: u64) -> Batch {
         shared_sparse: Vec::new(),
         shared_dense: Vec::new(),
     }
+}
+
+/// A model with random weights (large embeddings, so that every layer's
+/// inputs vary), training in `precision`.
+fn model_in(config: &Config, seed: u64, precision: Precision) -> Din {
+    let mut m = model(config, seed);
+    m.set_training_precision(precision);
+    m
 }
 
 fn model(config: &Config, seed: u64) -> Din {
@@ -102,20 +110,26 @@ fn assert_close(what: &str, a: &[f32], b: &[f32]) {
 
 #[test]
 fn one_step_equals_forward_then_backward() {
-    // PReLU and ReLU run on the fused products (with AVX-512F); a sigmoid
-    // DNN on `gemm`'s; Dice in the unit takes its two passes around the
-    // chunked DNN.
-    for (attention, normalization, dnn) in [
-        ("prelu", "none", "prelu"),
-        ("relu", "softmax", "relu"),
-        ("prelu", "none", "sigmoid"),
-        ("dice", "softmax", "prelu"),
-        ("dice", "none", "relu"),
+    // FP32: PReLU and ReLU run on the fused products (with AVX-512F); a
+    // sigmoid DNN on `gemm`'s; Dice in the unit takes its two passes
+    // around the chunked DNN. Mixed precision: every product on the step's
+    // bf16 weights (on whichever bf16 kernel this CPU runs), the same
+    // operands rounded the same way as `forward` and `backward` round them.
+    let (fp32, bf16) = (Precision::Fp32, Precision::Bf16);
+    for (attention, normalization, dnn, precision) in [
+        ("prelu", "none", "prelu", fp32),
+        ("relu", "softmax", "relu", fp32),
+        ("prelu", "none", "sigmoid", fp32),
+        ("dice", "softmax", "prelu", fp32),
+        ("dice", "none", "relu", fp32),
+        ("prelu", "none", "prelu", bf16),
+        ("relu", "softmax", "sigmoid", bf16),
+        ("dice", "none", "prelu", bf16),
     ] {
         let config = common::config(attention, normalization, dnn);
         for (b, batch) in [common::batch(), big_batch(150, 3)].iter().enumerate() {
-            let what = format!("{attention}/{normalization}/{dnn}, batch {b}");
-            let mut m = model(&config, 7);
+            let what = format!("{attention}/{normalization}/{dnn} in {precision:?}, batch {b}");
+            let mut m = model_in(&config, 7, precision);
             assert!(m.steps_in_chunks(batch), "{what}: steps in chunks");
             let (logits, dense, emb) = two_passes(&mut m.clone(), batch);
             let (logits2, dense2, emb2) = one_pass(&mut m, batch);
@@ -135,12 +149,17 @@ fn one_step_equals_forward_then_backward() {
 }
 
 /// 400 samples, about 8,000 rows: several chunks a thread, with Dice's
-/// larger chunks too.
+/// larger chunks too; FP32 and mixed precision.
 #[test]
 fn one_step_does_not_depend_on_the_threads() {
-    for attention in ["prelu", "dice"] {
+    for (attention, precision) in [
+        ("prelu", Precision::Fp32),
+        ("dice", Precision::Fp32),
+        ("prelu", Precision::Bf16),
+        ("dice", Precision::Bf16),
+    ] {
         let config = common::config(attention, "none", "prelu");
-        threads_agree(&model(&config, 3), &big_batch(400, 11));
+        threads_agree(&model_in(&config, 3, precision), &big_batch(400, 11));
     }
 }
 
@@ -180,12 +199,15 @@ fn only_models_whose_dnn_sees_each_sample_alone_step_in_chunks() {
     assert!(!steps("prelu", "dice", &|_| {}));
     // So does dropout's draw, in batch order.
     assert!(!steps("prelu", "prelu", &|c| c.model.dnn.dropout = 0.5));
-    // Sum pooling has no unit; mixed precision has its own products.
+    // Sum pooling has no unit.
     assert!(!steps("prelu", "prelu", &|c| c.model.attention.pooling =
         din::schema::Pooling::Sum));
-    let mut m = model(&common::config("prelu", "none", "prelu"), 1);
-    m.set_training_precision(Precision::Bf16);
-    assert!(!m.steps_in_chunks(&batch));
+    // Mixed precision steps so too, but for Dice in the DNN.
+    let bf16 = |attention: &str, dnn: &str| {
+        model_in(&common::config(attention, "none", dnn), 1, Precision::Bf16).steps_in_chunks(&batch)
+    };
+    assert!(bf16("prelu", "prelu") && bf16("dice", "sigmoid"));
+    assert!(!bf16("prelu", "dice"));
     // A grouped batch shares each history among its samples.
     let mut grouped = batch.clone();
     grouped.groups = vec![0, 2, 4];

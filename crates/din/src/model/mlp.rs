@@ -34,12 +34,15 @@ pub struct Mlp {
     pub(crate) products: Kernel,
 }
 
-/// The blocks' weights packed for [`fused_f32`]'s products (see
-/// [`Mlp::pack_panels`]): `W` and `Wᵀ` per block, or none.
+/// The blocks' weights packed once per training step (see
+/// [`Mlp::pack_panels`]): `W` and `Wᵀ` per block for [`fused_f32`]'s
+/// products, or in bf16 for mixed-precision training's, or none.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct MlpPanels {
     forward: Vec<Panels>,
     backward: Vec<Panels>,
+    bf16: Vec<Bf16Matrix>,
+    bf16_t: Vec<Bf16Matrix>,
 }
 
 /// Intermediate values of [`Mlp::forward`] kept for the backward pass.
@@ -213,13 +216,11 @@ impl Mlp {
 
     /// Whether [`Mlp::forward_rows`] and [`Mlp::backward_rows`] train these
     /// layers: every activation row-wise in training (no Dice), no
-    /// dropout, FP32 products.
+    /// dropout.
     pub(crate) fn trains_by_rows(&self) -> bool {
-        self.products == Kernel::Fp32
-            && self
-                .blocks
-                .iter()
-                .all(|b| b.dropout == 0.0 && b.activation.is_rowwise(Mode::Train))
+        self.blocks
+            .iter()
+            .all(|b| b.dropout == 0.0 && b.activation.is_rowwise(Mode::Train))
     }
 
     /// Floats of the gradient buffers of [`Mlp::backward_rows`]: per
@@ -238,11 +239,23 @@ impl Mlp {
     }
 
     /// Packs each block's weight `W` (`[in, out]`) and its transpose for
-    /// [`Mlp::forward_rows`] and [`Mlp::backward_rows`] on [`fused_f32`]
-    /// (AVX-512F, PReLU or ReLU in every block); leaves `panels` empty
-    /// otherwise (the `gemm` products then serve).
+    /// [`Mlp::forward_rows`] and [`Mlp::backward_rows`]: in bf16 for
+    /// mixed-precision training, else on [`fused_f32`] (AVX-512F, PReLU or
+    /// ReLU in every block); leaves `panels` empty otherwise (the `gemm`
+    /// products then serve).
     pub(crate) fn pack_panels(&self, panels: &mut MlpPanels) {
-        let fuses = fused_f32::available()
+        let bf16 = self.products.is_bf16();
+        if bf16 {
+            rayon::join(
+                || self.bf16_weights_into(self.products, false, &mut panels.bf16),
+                || self.bf16_weights_into(self.products, true, &mut panels.bf16_t),
+            );
+        } else {
+            panels.bf16.clear();
+            panels.bf16_t.clear();
+        }
+        let fuses = !bf16
+            && fused_f32::available()
             && self
                 .blocks
                 .iter()
@@ -293,7 +306,7 @@ impl Mlp {
             cache.output.clear();
             cache.output.extend_from_slice(x);
         }
-        let gemm = Gemm::F32.serial();
+        let gemm = Gemm::new(self.products).serial();
         for (l, b) in self.blocks.iter().enumerate() {
             let (o, pre) = (b.linear.output_dim(), &mut cache.pre[l]);
             let (before, after) = cache.inputs.split_at_mut(l + 1);
@@ -312,6 +325,17 @@ impl Mlp {
                     let epilogue = &mut fused_f32::Forward { bias, alpha, pre, out };
                     fused_f32::product(rows, input, b.linear.input_dim(), p, epilogue);
                     // [rows, out]
+                }
+                _ if !panels.bf16.is_empty() => {
+                    // Mixed precision: `x·W` on the step's bf16 weights,
+                    // then `+ b` (the same sum as `Linear::forward_with`'s
+                    // `b + x·W`), then the activation.
+                    pre.resize(rows * o, 0.0); // overwritten by the product
+                    panels.bf16[l].matmul(rows, input, pre); // [rows, out]
+                    for row in pre.chunks_exact_mut(o) {
+                        row.iter_mut().zip(&b.linear.bias.value).for_each(|(p, b)| *p += b);
+                    }
+                    b.activation.forward(pre, rows, Mode::Train, out); // [rows, out]
                 }
                 _ => {
                     b.linear.forward_with(gemm, input, rows, pre); // [rows, out]
@@ -337,7 +361,7 @@ impl Mlp {
         dpre: &mut Vec<f32>,
         grads: &mut [f32],
     ) {
-        let gemm = Gemm::F32.serial();
+        let gemm = Gemm::new(self.products).serial();
         let mut end = grads.len();
         // Whether `g` holds dpre of the block (the product above applied
         // its activation's backward pass and summed its bias and slope
@@ -384,7 +408,10 @@ impl Mlp {
                     fused_below = true;
                 }
                 (Some(p), _, _) => fused_f32::product(rows, dpre, o, p, &mut fused_f32::Store { c: g }), // [rows, in]
-                _ => gemm.matmul_a_bt(rows, o, i, dpre, &b.linear.weight.value, g, false),               // [rows, in]
+                _ => match panels.bf16_t.get(l) {
+                    Some(wt) => wt.matmul(rows, dpre, g), // [rows, in], on the step's bf16 Wᵀ
+                    None => gemm.matmul_a_bt(rows, o, i, dpre, &b.linear.weight.value, g, false), // [rows, in]
+                },
             }
             end = start;
         }

@@ -504,8 +504,7 @@ impl Din {
     /// Whether [`Din::train_step_into`] can train on `batch`: its samples
     /// each have their own history (not grouped), the history is pooled by
     /// the attention unit, and the DNN has no batch statistics or dropout
-    /// (each sample's pass through it is then its own) and multiplies in
-    /// FP32.
+    /// (each sample's pass through it is then its own).
     pub fn steps_in_chunks(&self, batch: &Batch) -> bool {
         !batch.is_grouped() && self.attention.chunkable() && self.dnn.trains_by_rows()
     }
@@ -515,10 +514,12 @@ impl Din {
     /// and one task per chunk runs the attention unit's forward pass over
     /// the chunk's behaviours, the DNN and the loss's gradient over its
     /// samples, and the unit's backward pass, while the chunk's activations
-    /// are still in its core's cache (a batch's are tens of MiB). When the
-    /// unit cannot run so (Dice's batch statistics, or no AVX-512F for its
-    /// fused products), it takes its two passes over the batch, and the
-    /// DNN and the loss run in between, a task per block of samples.
+    /// are still in its core's cache (a batch's are tens of MiB); in
+    /// mixed-precision training, on bf16 weights packed once per step. When
+    /// the unit cannot run so (Dice's batch statistics, or in FP32 no
+    /// AVX-512F for its fused products), it takes its two passes over the
+    /// batch, and the DNN and the loss run in between, a task per block of
+    /// samples.
     /// Returns the logits `[B]`; adds the dense parameters' gradients of
     /// the mean binary cross-entropy over the batch (call
     /// [`Din::zero_grad`] first) and writes the embedding gradients into

@@ -1684,10 +1684,12 @@ impl Attention {
     }
 
     /// Whether [`Attention::train_step`] can run this unit: attention
-    /// pooling, PReLU or ReLU in every hidden layer (no batch statistics),
-    /// FP32 products on AVX-512F.
+    /// pooling, and FP32 products on AVX-512F with PReLU or ReLU in every
+    /// hidden layer, or mixed precision's bf16 products with no batch
+    /// statistics (no Dice).
     pub(crate) fn steps_in_chunks(&self) -> bool {
-        self.chunkable() && self.fuses_f32() && !self.rest.products.is_bf16()
+        let bf16 = self.rest.products.is_bf16() && self.hidden().all(|b| b.activation.is_rowwise(Mode::Train));
+        self.chunkable() && (bf16 || self.fuses_f32())
     }
 
     /// Cuts a training batch whose samples each have their own history
@@ -1739,10 +1741,19 @@ impl Attention {
         let n = st.offsets[b] as usize;
         st.train = true;
         st.batch_moments.clear();
-        st.packed.clear();
-        st.packed_t.clear();
         self.split_first_layer(st);
-        self.pack_panels(true, st);
+        // Mixed precision: hidden layers `1..` on bf16 weights packed once
+        // for every chunk, forward and backward, as in
+        // `Attention::forward_chunked`; FP32: every layer on `fused_f32`.
+        let products = self.rest.products;
+        if products.is_bf16() {
+            self.rest.bf16_weights_into(products, false, &mut st.packed);
+            self.rest.bf16_weights_into(products, true, &mut st.packed_t);
+        } else {
+            st.packed.clear();
+            st.packed_t.clear();
+        }
+        self.pack_panels(!products.is_bf16(), st);
         let width = layout.row_width();
         let grad_len = layout.grad_offsets[layout.grad_offsets.len() - 1];
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
@@ -1760,8 +1771,10 @@ impl Attention {
         // (`Shared::backward_scores`), in parallel.
         dk.resize(keys.len(), 0.0);
         let shared = Shared {
-            panels: Some(&st.panels[..]),
-            panels_t: Some(&st.panels_t[..]),
+            bf16: Some(&st.packed[..]).filter(|p| !p.is_empty()),
+            transposed: Some(&st.packed_t[..]).filter(|p| !p.is_empty()),
+            panels: Some(&st.panels[..]).filter(|p| !p.is_empty()),
+            panels_t: Some(&st.panels_t[..]).filter(|p| !p.is_empty()),
             local: true,
             ..Shared::new(self, &layout, st, q, keys)
         };
