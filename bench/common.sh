@@ -14,14 +14,22 @@ cpu_flags() {
 # gen` samples file whose history holds 50 behaviours (none: no output).
 full_history_row() { awk -F'\t' 'NR > 1 { if (split($4, a, ",") == 50) { print NR - 2; exit } }' "$1"; }
 
-# movielens_split DIN ML OUT PROTOCOL: MovieLens-100K (the folder ML)
-# prepared once by DIN into OUT/PROTOCOL (`next-item` or `rating`, the
-# test file as validation, user features); prints that test file's path.
+# movielens_split DIN ML OUT PROTOCOL [SPLIT]: MovieLens-100K (the folder
+# ML) prepared once by DIN into OUT/PROTOCOL (`next-item` or `rating`, user
+# features); prints the test file's path. SPLIT `test` (the default): no
+# validation file, the test file validates (the fixed-epoch runs of
+# docs/results.md). `validation`: `din prepare`'s own validation samples
+# (valid.tsv, before each user's test ones), on which the generated config
+# stops early (at most 20 epochs, patience 2) and keeps the best epoch,
+# into OUT/PROTOCOL-validation.
 movielens_split() {
-  local din=$1 ml=$2 out=$3 protocol=$4
-  [ -f "$out/$protocol/config.toml" ] ||
-    $din prepare --input "$ml" --format movielens --out "$out/$protocol" --protocol "$protocol" \
-      --valid-per-user 0 --user-feature >/dev/null
-  python3 -c 'import sys,tomllib,os; c=tomllib.load(open(sys.argv[1],"rb")); print(os.path.join(os.path.dirname(sys.argv[1]), c["data"]["validation"]))' \
-    "$out/$protocol/config.toml"
+  local din=$1 ml=$2 out=$3 protocol=$4 split=${5:-test}
+  local dir=$out/$protocol valid=(--valid-per-user 0)
+  if [ "$split" = validation ]; then
+    dir=$out/$protocol-validation valid=()
+  fi
+  [ -f "$dir/config.toml" ] ||
+    $din prepare --input "$ml" --format movielens --out "$dir" --protocol "$protocol" \
+      "${valid[@]}" --user-feature >/dev/null
+  echo "$dir/test.tsv"
 }
