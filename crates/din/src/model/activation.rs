@@ -1845,6 +1845,23 @@ mod tests {
         }
     }
 
+    /// A Dice activation of `c` channels with random slopes (`rand_vec`
+    /// from `seed`), and batch moments from `values` (seeds `seed + 1` and
+    /// `seed + 2`; variances made positive).
+    fn dice_with_moments(
+        c: usize,
+        seed: u64,
+        values: impl Fn(usize, u64) -> Vec<f32>,
+    ) -> (Activation, Vec<f32>, Vec<f32>) {
+        let mut act = Activation::new(ActivationKind::Dice, c);
+        if let Some(a) = &mut act.alpha {
+            a.value = rand_vec(c, seed);
+        }
+        let mean = values(c, seed + 1);
+        let var = values(c, seed + 2).iter().map(|v| v.abs() + 0.05).collect();
+        (act, mean, var)
+    }
+
     /// The sigmoids that Dice's training pass keeps are those of its
     /// inputs' normalised values (against `f64`), its output is
     /// `x·(α + (1-α)·p)` of them, and the output recomputed from them has
@@ -1852,14 +1869,7 @@ mod tests {
     #[test]
     fn dice_keeps_the_sigmoids_it_weighs_by() {
         let (rows, c) = (5, 37);
-        let mut act = Activation::new(ActivationKind::Dice, c);
-        if let Some(a) = &mut act.alpha {
-            a.value = rand_vec(c, 31);
-        }
-        let (mean, var) = (
-            rand_vec(c, 32),
-            rand_vec(c, 33).iter().map(|v| v.abs() + 0.05).collect::<Vec<_>>(),
-        );
+        let (act, mean, var) = dice_with_moments(c, 31, rand_vec);
         let rw = act.rowwise_with_moments(&mean, &var);
         let x: Vec<f32> = rand_vec(rows * c, 34).iter().map(|v| v * 6.0).collect();
         let (mut y, mut p, mut again) = (vec![0.0; rows * c], vec![0.0; rows * c], vec![0.0; rows * c]);
@@ -1893,14 +1903,7 @@ mod tests {
     fn the_backward_pass_from_scores_is_the_score_layer_then_dices() {
         let (rows, c) = (9, 37);
         let full = |n, seed| -> Vec<f32> { rand_vec(n, seed).iter().map(|v| v * 3.1 + 0.013).collect() };
-        let mut act = Activation::new(ActivationKind::Dice, c);
-        if let Some(a) = &mut act.alpha {
-            a.value = rand_vec(c, 41);
-        }
-        let (mean, var) = (
-            full(c, 42),
-            full(c, 43).iter().map(|v| v.abs() + 0.05).collect::<Vec<_>>(),
-        );
+        let (act, mean, var) = dice_with_moments(c, 41, full);
         let rw = act.rowwise_with_moments(&mean, &var);
         let x = full(rows * c, 44);
         let (mut y, mut sigmoids) = (vec![0.0; rows * c], vec![0.0; rows * c]);

@@ -94,6 +94,11 @@ const DICE_CHUNK_BYTES: usize = 1_200_000;
 fn dice_chunk_rows(row_width: usize) -> usize {
     (DICE_CHUNK_BYTES / (4 * row_width.max(1))).clamp(CHUNK_ROWS_TRAIN, CHUNK_ROWS_DICE)
 }
+/// Weights packed for a pass, or `None` where none were (an empty buffer).
+fn packed<T>(v: &[T]) -> Option<&[T]> {
+    Some(v).filter(|v| !v.is_empty())
+}
+
 /// Behaviours per inference task: nothing is kept between chunks, and
 /// smaller chunks balance the two cores better on small requests
 /// (1 x 200 latency 3.3 ms at 256 against 5.8 ms at 512).
@@ -1332,6 +1337,22 @@ impl Attention {
         st.wkp.extend_from_slice(wp);
     }
 
+    /// Mixed-precision training (`train`, and bf16 products): hidden layers
+    /// `1..`'s weights and their transposes in bf16, packed once for every
+    /// chunk, forward and backward, into `st.packed` and `st.packed_t` (the
+    /// emulation's products are those of `Gemm::matmul` and
+    /// `Gemm::matmul_a_bt`, bit for bit); both empty otherwise.
+    fn pack_bf16(&self, train: bool, st: &mut ChunkedState) {
+        let products = self.rest.products;
+        if train && products.is_bf16() {
+            self.rest.bf16_weights_into(products, false, &mut st.packed);
+            self.rest.bf16_weights_into(products, true, &mut st.packed_t);
+        } else {
+            st.packed.clear();
+            st.packed_t.clear();
+        }
+    }
+
     /// FP32 training on [`fused_f32`] (`fuses`): every hidden layer's
     /// weights packed for the forward products (layer 0: `st.wkp`, after
     /// [`Attention::split_first_layer`]), and layers `1..`'s transposes for
@@ -1431,18 +1452,8 @@ impl Attention {
         let mut per_sample = std::mem::take(&mut st.per_sample);
         let mut moments = std::mem::take(&mut st.moments);
         st.batch_moments.clear();
-        // Mixed precision: the same bf16 weights serve every chunk, forward
-        // and backward (the emulation's products are those of
-        // `Gemm::matmul` and `Gemm::matmul_a_bt`, bit for bit).
-        let products = self.rest.products;
-        if st.train && products.is_bf16() {
-            self.rest.bf16_weights_into(products, false, &mut st.packed);
-            self.rest.bf16_weights_into(products, true, &mut st.packed_t);
-        } else {
-            st.packed.clear();
-            st.packed_t.clear();
-        }
-        let fuses = keep && !compact && !products.is_bf16() && fused_f32::available();
+        self.pack_bf16(st.train, st);
+        let fuses = keep && !compact && !self.rest.products.is_bf16() && fused_f32::available();
         self.pack_panels(fuses, st);
         let mut batch_moments = Vec::new();
         let mut shared = Shared {
@@ -1451,11 +1462,11 @@ impl Attention {
             shared_at: &st.shared_at,
             keep,
             bf16: match keep {
-                true => Some(&st.packed[..]).filter(|p| !p.is_empty()),
+                true => packed(&st.packed),
                 false => self.bf16_layers(),
             },
             fused,
-            panels: Some(&st.panels[..]).filter(|p| !p.is_empty()),
+            panels: packed(&st.panels),
             ..Shared::new(self, &layout, st, q, keys)
         };
         let offsets = &st.offsets;
@@ -1577,8 +1588,8 @@ impl Attention {
         let mut per_sample = std::mem::take(&mut st.per_sample);
         let mut sums = std::mem::take(&mut st.sums);
         let mut shared = Shared {
-            transposed: Some(&st.packed_t[..]).filter(|p| !p.is_empty()),
-            panels_t: Some(&st.panels_t[..]).filter(|p| !p.is_empty()),
+            transposed: packed(&st.packed_t),
+            panels_t: packed(&st.panels_t),
             ..Shared::new(self, &layout, st, q, keys)
         };
         let key_ranges: Vec<(usize, usize)> = chunks.iter().map(|&(s0, s1)| shared.key_range(s0, s1)).collect();
@@ -1742,18 +1753,10 @@ impl Attention {
         st.train = true;
         st.batch_moments.clear();
         self.split_first_layer(st);
-        // Mixed precision: hidden layers `1..` on bf16 weights packed once
-        // for every chunk, forward and backward, as in
-        // `Attention::forward_chunked`; FP32: every layer on `fused_f32`.
-        let products = self.rest.products;
-        if products.is_bf16() {
-            self.rest.bf16_weights_into(products, false, &mut st.packed);
-            self.rest.bf16_weights_into(products, true, &mut st.packed_t);
-        } else {
-            st.packed.clear();
-            st.packed_t.clear();
-        }
-        self.pack_panels(!products.is_bf16(), st);
+        // Mixed precision: hidden layers `1..` on bf16 weights; FP32: every
+        // layer on `fused_f32`.
+        self.pack_bf16(true, st);
+        self.pack_panels(!self.rest.products.is_bf16(), st);
         let width = layout.row_width();
         let grad_len = layout.grad_offsets[layout.grad_offsets.len() - 1];
         let chunks: Vec<(usize, usize)> = st.bounds.windows(2).map(|w| (w[0], w[1])).collect();
@@ -1771,10 +1774,10 @@ impl Attention {
         // (`Shared::backward_scores`), in parallel.
         dk.resize(keys.len(), 0.0);
         let shared = Shared {
-            bf16: Some(&st.packed[..]).filter(|p| !p.is_empty()),
-            transposed: Some(&st.packed_t[..]).filter(|p| !p.is_empty()),
-            panels: Some(&st.panels[..]).filter(|p| !p.is_empty()),
-            panels_t: Some(&st.panels_t[..]).filter(|p| !p.is_empty()),
+            bf16: packed(&st.packed),
+            transposed: packed(&st.packed_t),
+            panels: packed(&st.panels),
+            panels_t: packed(&st.panels_t),
             local: true,
             ..Shared::new(self, &layout, st, q, keys)
         };
