@@ -1465,6 +1465,60 @@ fn train_takes_a_training_precision() {
     assert_error(&out, &["precision", "fp16"]);
 }
 
+/// `--precision auto` with AMX hidden (`DIN_BF16_KERNEL=avx512bf16`):
+/// AVX512-BF16 only where `vdpbf16ps` outpaces FP32, and the line on
+/// stderr says which ran and why; scored in fp32, the scores are fp32's.
+#[test]
+fn auto_takes_avx512bf16_only_where_it_is_faster_and_says_so() {
+    use din::model::bf16::{avx512bf16_speedup, AUTO_MIN_SPEEDUP};
+    let tmp = TempDir::new().unwrap();
+    let model = tmp.path().join("model");
+    assert_ok(&train(tmp.path(), &model, &["--epochs", "1"]));
+    let predict = |precision: &str, hide_amx: bool| {
+        let path = tmp.path().join(format!("{precision}.txt"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_din"));
+        cmd.args(["predict", "--precision", precision, "--out"])
+            .arg(&path)
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(sample())
+            .current_dir(tmp.path())
+            .env_remove("RUST_LOG")
+            .env_remove("DIN_BF16_KERNEL");
+        if hide_amx {
+            cmd.env("DIN_BF16_KERNEL", "avx512bf16");
+        }
+        let out = cmd.output().expect("cannot run the din binary");
+        assert_ok(&out);
+        (stderr(&out), fs::read_to_string(&path).unwrap())
+    };
+    let (line, scores) = predict("auto", true);
+    let fp32 = predict("fp32", false).1;
+    let turned_down = "precision auto: fp32 (auto: this CPU's AVX512-BF16 multiplies at";
+    match avx512bf16_speedup() {
+        None => {
+            assert!(!line.contains("precision auto: bf16"), "{line}");
+            assert_eq!(scores, fp32, "no bf16 here: fp32's scores");
+        }
+        // Well under the bar (0.5 on the Xeons measured so far).
+        Some(s) if s < 0.8 * AUTO_MIN_SPEEDUP => {
+            assert!(line.contains(turned_down), "{line}");
+            assert!(line.contains(&format!("under the {AUTO_MIN_SPEEDUP}x")), "{line}");
+            assert_eq!(scores, fp32, "fp32's scores, bit for bit");
+        }
+        Some(s) if s > 1.2 * AUTO_MIN_SPEEDUP => {
+            assert!(line.contains("precision auto: bf16 on AVX512-BF16"), "{line}");
+            assert_ne!(scores, fp32);
+        }
+        // Near the bar, the two processes may measure either side of it.
+        Some(_) => assert!(
+            line.contains(turned_down) || line.contains("precision auto: bf16 on AVX512-BF16"),
+            "{line}"
+        ),
+    }
+}
+
 /// `--precision` on predict and evaluate: bf16 scores within 1e-2 of
 /// fp32's and not all equal, the metrics close, the kernel named; a bad
 /// value is a usage error naming the choices.

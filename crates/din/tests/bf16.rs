@@ -7,7 +7,7 @@
 mod common;
 
 use din::checkpoint::{load_model, save};
-use din::model::bf16::bf16_hardware;
+use din::model::bf16::{auto_choice, avx512bf16_speedup, bf16_hardware};
 use din::model::{Din, Kernel, Module, Precision, Role};
 use din::schema::Config;
 
@@ -116,11 +116,11 @@ fn changed_weights_are_rounded_again() {
 }
 
 #[test]
-fn auto_is_bf16_only_on_bf16_hardware_and_a_saved_model_keeps_its_precision() {
+fn auto_is_bf16_only_where_faster_and_a_saved_model_keeps_its_precision() {
     let mut m = model(&config("prelu", "none", "prelu", &[6, 4]), 3);
     assert_eq!(
         m.set_precision(Precision::Auto),
-        bf16_hardware().unwrap_or(Kernel::Fp32)
+        auto_choice(bf16_hardware(), avx512bf16_speedup)
     );
 
     let tmp = tempfile::tempdir().unwrap();

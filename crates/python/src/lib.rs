@@ -120,7 +120,8 @@ impl Core {
     fn set_precision(&mut self, precision: &str) -> PyResult<String> {
         let precision: Precision = precision.parse().map_err(PyValueError::new_err)?;
         self.config.model.precision = precision;
-        Ok(self.model.set_precision(precision).describe().to_string())
+        let kernel = self.model.set_precision(precision);
+        Ok(din::model::bf16::describe_choice(precision, kernel))
     }
 
     /// The configuration, as JSON.

@@ -69,7 +69,8 @@ pub fn load(source: &Path, precision: Option<Precision>) -> Result<Loaded, Serve
     }
     let precision = scorer.config.model.precision;
     if precision != Precision::Fp32 {
-        tracing::info!(%precision, kernel = scorer.model.kernel().describe(), "inference precision");
+        let kernel = din::model::bf16::describe_choice(precision, scorer.model.kernel());
+        tracing::info!(%precision, %kernel, "inference precision");
     }
     // load_model refuses weights that are not finite, as every loader does.
     let version = version.unwrap_or_else(|| scorer.file.weights_fingerprint.clone());

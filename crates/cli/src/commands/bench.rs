@@ -423,7 +423,7 @@ fn measure(a: &RunArgs) -> Result<()> {
     let infer_gflops = flops_forward / n as f64 * infer_sps / 1e9;
     let report = serde_json::json!({
         "threads": a.threads,
-        "precision": kernel.describe(),
+        "precision": din::model::bf16::describe_choice(data.config.model.precision, kernel),
         "batch_size": a.batch_size,
         "samples": n,
         "mean_history": behaviours as f64 / n as f64,
@@ -444,6 +444,7 @@ fn measure(a: &RunArgs) -> Result<()> {
         "latency_candidates_per_second_1x200": candidates_per_second,
         "latency_useful_gflops": latency_gflops,
         "gemm_peak_gflops": gemm_gflops,
+        "avx512bf16_speedup": din::model::bf16::avx512bf16_speedup(),
         "groups": data.train.batch.group_count(),
         "train_gflop_per_epoch_flat": flops_flat / 1e9,
         "train_gflop_per_epoch_grouped": flops_grouped / 1e9,
@@ -456,7 +457,7 @@ fn measure(a: &RunArgs) -> Result<()> {
             behaviours as f64 / n as f64,
             a.threads,
             a.batch_size,
-            kernel.describe()
+            din::model::bf16::describe_choice(data.config.model.precision, kernel)
         );
         println!("training            {train_sps:>10.0} samples/s   {train_gflops:>6.1} useful GFLOP/s");
         println!(
@@ -478,6 +479,9 @@ fn measure(a: &RunArgs) -> Result<()> {
             json_latencies[json_latencies.len() / 2]
         );
         println!("FP32 GEMM peak      {gemm_gflops:>10.1} GFLOP/s (2048^3, best of 5, same GEMM crate and threads)");
+        if let Some(speedup) = din::model::bf16::avx512bf16_speedup() {
+            println!("AVX512-BF16 peak    {speedup:>10.2}x FP32's (vdpbf16ps against vfmadd231ps, one core)");
+        }
         println!(
             "{}",
             products_line(flops_flat, flops_grouped, data.train.batch.group_count())

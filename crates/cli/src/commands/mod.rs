@@ -51,6 +51,9 @@ pub fn apply_precision(scorer: &mut din::scorer::Scorer, precision: Option<din::
     }
     let precision = scorer.config.model.precision;
     if precision != din::model::Precision::Fp32 {
-        eprintln!("precision {precision}: {}", scorer.model.kernel().describe());
+        eprintln!(
+            "precision {precision}: {}",
+            din::model::bf16::describe_choice(precision, scorer.model.kernel())
+        );
     }
 }

@@ -33,7 +33,8 @@ pub struct Args {
     max_body_bytes: usize,
     /// Inference precision: fp32, bf16 (bf16 products with f32 sums; emulated,
     /// the same arithmetic but no faster, on a CPU without AVX512-BF16) or auto (bf16
-    /// where the CPU has it). Default: each model's model.precision (fp32).
+    /// where the CPU's bf16 kernel is faster than fp32: AMX, or AVX512-BF16 that
+    /// measures at least 1.5x fp32's FLOP/s). Default: each model's model.precision (fp32).
     #[arg(long)]
     precision: Option<din::model::Precision>,
 }

@@ -382,8 +382,9 @@ pub fn run(args: Args) -> Result<()> {
             let kernel = match precision.resolve() {
                 din::model::Kernel::Emulated => {
                     "bf16 emulated in f32 (this CPU has no AVX512-BF16 or AMX: the same arithmetic, slower than fp32)"
+                        .to_string()
                 }
-                kernel => kernel.describe(),
+                kernel => din::model::bf16::describe_choice(precision, kernel),
             };
             println!("training precision {precision}: {kernel}");
         }

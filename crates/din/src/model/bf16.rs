@@ -28,9 +28,14 @@
 //!   everywhere, and what the tests check the hardware kernel against.
 //! * [`Kernel::Fp32`]: the FP32 path, bit for bit what it was.
 //!
-//! `auto` takes bf16 only where the hardware has it, AMX first. The
-//! environment variable `DIN_BF16_KERNEL=avx512bf16` keeps an AMX CPU on
-//! the AVX512-BF16 kernel (to compare the two).
+//! `auto` takes bf16 only where the hardware runs it faster than FP32
+//! ([`auto_choice`]): AMX always, AVX512-BF16 only where `vdpbf16ps`
+//! measures faster than FP32's FMAs by [`AUTO_MIN_SPEEDUP`]
+//! ([`avx512bf16_speedup`]; on the Sapphire Rapids Xeon this was written
+//! on it runs at half their FLOP/s). The environment variable
+//! `DIN_BF16_KERNEL=avx512bf16` hides AMX, so that `bf16` runs the
+//! AVX512-BF16 kernel (to compare the two) and `auto` decides as on a CPU
+//! without AMX.
 //!
 //! What stays in f32: embeddings, the first attention layer (its inputs
 //! are `2D` wide, under 10% of the unit's work in the tutorial model), the
@@ -62,7 +67,8 @@ pub enum Precision {
     /// bf16 products with f32 accumulation: on the CPU's bf16 instructions
     /// where it has them, emulated (the same arithmetic, no faster) where not.
     Bf16,
-    /// bf16 where the CPU has bf16 instructions, f32 elsewhere.
+    /// bf16 where the CPU's bf16 instructions are faster than f32 (see
+    /// [`auto_choice`]), f32 elsewhere.
     Auto,
 }
 
@@ -77,7 +83,7 @@ impl Precision {
         match self {
             Precision::Fp32 => Kernel::Fp32,
             Precision::Bf16 => bf16_hardware().unwrap_or(Kernel::Emulated),
-            Precision::Auto => bf16_hardware().unwrap_or(Kernel::Fp32),
+            Precision::Auto => auto_choice(bf16_hardware(), avx512bf16_speedup),
         }
     }
 }
@@ -152,6 +158,75 @@ pub fn bf16_hardware() -> Option<Kernel> {
     let all = hardware_kernels();
     let avx512_only = std::env::var("DIN_BF16_KERNEL").is_ok_and(|v| v == "avx512bf16");
     all.iter().copied().find(|&k| !(avx512_only && k == Kernel::Amx))
+}
+
+/// How much faster than FP32 the AVX512-BF16 kernel must multiply, in
+/// peak FLOP/s, for `auto` to take it: its products gain at most that
+/// much, and it pays for rounding the activations and packing the weights
+/// that FP32 does not.
+pub const AUTO_MIN_SPEEDUP: f64 = 1.5;
+
+/// The kernel `auto` runs, given the bf16 kernel [`bf16_hardware`] found
+/// and, called only for AVX512-BF16, [`avx512bf16_speedup`]: AMX always
+/// (its tiles multiply several times faster than FP32's FMAs); AVX512-BF16
+/// only where `vdpbf16ps` outpaces FP32 by [`AUTO_MIN_SPEEDUP`], since on
+/// some cores it is the slower of the two (on the Sapphire Rapids Xeons
+/// measured here, half FP32's rate: a CPU whose AMX is off or not granted
+/// would score at about half FP32's speed); FP32 otherwise.
+pub fn auto_choice(hardware: Option<Kernel>, speedup: impl FnOnce() -> Option<f64>) -> Kernel {
+    match hardware {
+        Some(Kernel::Amx) => Kernel::Amx,
+        Some(Kernel::Avx512Bf16) if speedup().is_some_and(|s| s >= AUTO_MIN_SPEEDUP) => Kernel::Avx512Bf16,
+        _ => Kernel::Fp32,
+    }
+}
+
+/// `vdpbf16ps`'s peak FLOP/s over FP32's `vfmadd231ps`'s on this core:
+/// both instructions timed on 512-bit registers, in 24 independent chains
+/// (more than any core's latency times its throughput), alternated 8 times
+/// and the fastest of each kept, so that an interruption only makes a
+/// slower run that is dropped. About 2 on cores that run `vdpbf16ps` as
+/// fast as an FMA (it does twice the products); 0.5 on the Xeon this was
+/// written on. `None` where the CPU has no AVX512-BF16. Measured once, in
+/// about a millisecond, and only when `auto` has to decide.
+pub fn avx512bf16_speedup() -> Option<f64> {
+    static SPEEDUP: OnceLock<Option<f64>> = OnceLock::new();
+    *SPEEDUP.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16") {
+            const ROUNDS: usize = 8192;
+            let (mut dot, mut fma) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..8 {
+                // SAFETY: the CPU has AVX512F and AVX512-BF16 (just detected).
+                dot = dot.min(unsafe { avx512::dot_seconds(ROUNDS) });
+                fma = fma.min(unsafe { avx512::fma_seconds(ROUNDS) });
+            }
+            // A `vdpbf16ps` does 32 multiply-adds, a `vfmadd231ps` 16.
+            return (dot > 0.0).then(|| 2.0 * fma / dot);
+        }
+        None
+    })
+}
+
+/// A line for logs: the kernel `precision` resolved to, and, where `auto`
+/// turned down this CPU's AVX512-BF16, why.
+pub fn describe_choice(precision: Precision, kernel: Kernel) -> String {
+    match (precision, kernel, avx512bf16_turned_down()) {
+        (Precision::Auto, Kernel::Fp32, Some(speedup)) => format!(
+            "fp32 (auto: this CPU's AVX512-BF16 multiplies at {speedup:.2}x its FP32 FLOP/s, \
+             under the {AUTO_MIN_SPEEDUP}x it needs to pay off; `bf16` still runs it)"
+        ),
+        _ => kernel.describe().to_string(),
+    }
+}
+
+/// The measured speedup, where `auto` would have had AVX512-BF16 to
+/// choose and turned it down.
+fn avx512bf16_turned_down() -> Option<f64> {
+    match bf16_hardware() {
+        Some(Kernel::Avx512Bf16) => avx512bf16_speedup().filter(|&s| s < AUTO_MIN_SPEEDUP),
+        _ => None,
+    }
 }
 
 /// Every bf16 kernel this CPU runs, the fastest first (detected once).
@@ -1123,6 +1198,63 @@ mod avx512 {
         }
     }
 
+    /// `$op zmm{0..24}, zmm30, zmm31`, `rounds` times, timed: 24
+    /// independent chains of one instruction.
+    macro_rules! timed_chains {
+        ($op:literal, $rounds:expr, $x:expr) => {{
+            let start = std::time::Instant::now();
+            std::arch::asm!(
+                "2:",
+                concat!($op, " zmm0, zmm30, zmm31"), concat!($op, " zmm1, zmm30, zmm31"),
+                concat!($op, " zmm2, zmm30, zmm31"), concat!($op, " zmm3, zmm30, zmm31"),
+                concat!($op, " zmm4, zmm30, zmm31"), concat!($op, " zmm5, zmm30, zmm31"),
+                concat!($op, " zmm6, zmm30, zmm31"), concat!($op, " zmm7, zmm30, zmm31"),
+                concat!($op, " zmm8, zmm30, zmm31"), concat!($op, " zmm9, zmm30, zmm31"),
+                concat!($op, " zmm10, zmm30, zmm31"), concat!($op, " zmm11, zmm30, zmm31"),
+                concat!($op, " zmm12, zmm30, zmm31"), concat!($op, " zmm13, zmm30, zmm31"),
+                concat!($op, " zmm14, zmm30, zmm31"), concat!($op, " zmm15, zmm30, zmm31"),
+                concat!($op, " zmm16, zmm30, zmm31"), concat!($op, " zmm17, zmm30, zmm31"),
+                concat!($op, " zmm18, zmm30, zmm31"), concat!($op, " zmm19, zmm30, zmm31"),
+                concat!($op, " zmm20, zmm30, zmm31"), concat!($op, " zmm21, zmm30, zmm31"),
+                concat!($op, " zmm22, zmm30, zmm31"), concat!($op, " zmm23, zmm30, zmm31"),
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) $rounds.max(1) => _,
+                in("zmm30") $x, in("zmm31") $x,
+                inout("zmm0") $x => _, inout("zmm1") $x => _, inout("zmm2") $x => _, inout("zmm3") $x => _,
+                inout("zmm4") $x => _, inout("zmm5") $x => _, inout("zmm6") $x => _, inout("zmm7") $x => _,
+                inout("zmm8") $x => _, inout("zmm9") $x => _, inout("zmm10") $x => _, inout("zmm11") $x => _,
+                inout("zmm12") $x => _, inout("zmm13") $x => _, inout("zmm14") $x => _, inout("zmm15") $x => _,
+                inout("zmm16") $x => _, inout("zmm17") $x => _, inout("zmm18") $x => _, inout("zmm19") $x => _,
+                inout("zmm20") $x => _, inout("zmm21") $x => _, inout("zmm22") $x => _, inout("zmm23") $x => _,
+                options(nomem, nostack),
+            );
+            start.elapsed().as_secs_f64()
+        }};
+    }
+
+    /// Seconds for `rounds` rounds of 24 independent `vdpbf16ps` (see
+    /// [`super::avx512bf16_speedup`]); the operands are bf16 pairs of 1/64.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn dot_seconds(rounds: usize) -> f64 {
+        // 1/64 in bf16 is 0x3c80: sums stay small and exact.
+        let x = _mm512_set1_epi32(0x3c80_3c80);
+        timed_chains!("vdpbf16ps", rounds, x)
+    }
+
+    /// Seconds for `rounds` rounds of 24 independent `vfmadd231ps`.
+    ///
+    /// # Safety
+    /// The CPU has AVX512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fma_seconds(rounds: usize) -> f64 {
+        let x = _mm512_set1_ps(1.0 / 64.0);
+        timed_chains!("vfmadd231ps", rounds, x)
+    }
+
     /// `dst[i * ld_dst + j] = src[j * ld_src + i]` for `i, j < 16`: a
     /// 16 x 16 transpose in registers (32-bit, then 64-bit interleaves
     /// within 128-bit lanes, then two rounds of lane shuffles).
@@ -1551,7 +1683,47 @@ mod tests {
         assert!("fp16".parse::<Precision>().unwrap_err().contains("fp32, bf16 or auto"));
         assert_eq!(Precision::Fp32.resolve(), Kernel::Fp32);
         assert!(Precision::Bf16.resolve().is_bf16());
-        assert_eq!(Precision::Auto.resolve().is_bf16(), bf16_hardware().is_some());
+        assert_eq!(
+            Precision::Auto.resolve(),
+            auto_choice(bf16_hardware(), avx512bf16_speedup)
+        );
+    }
+
+    #[test]
+    fn auto_takes_amx_and_takes_avx512bf16_only_where_it_outpaces_fp32() {
+        let never = || -> Option<f64> { panic!("the speed is asked only for AVX512-BF16") };
+        assert_eq!(auto_choice(Some(Kernel::Amx), never), Kernel::Amx);
+        assert_eq!(auto_choice(None, never), Kernel::Fp32);
+        let avx = Some(Kernel::Avx512Bf16);
+        // Twice FP32's rate (as where `vdpbf16ps` is as fast as an FMA).
+        assert_eq!(auto_choice(avx, || Some(2.0)), Kernel::Avx512Bf16);
+        assert_eq!(auto_choice(avx, || Some(AUTO_MIN_SPEEDUP)), Kernel::Avx512Bf16);
+        // Half FP32's rate (the Xeon this was written on), and just short.
+        assert_eq!(auto_choice(avx, || Some(0.5)), Kernel::Fp32);
+        assert_eq!(auto_choice(avx, || Some(AUTO_MIN_SPEEDUP - 0.01)), Kernel::Fp32);
+        assert_eq!(auto_choice(avx, || None), Kernel::Fp32);
+    }
+
+    #[test]
+    fn the_speed_probe_measures_where_the_cpu_has_avx512bf16() {
+        #[cfg(target_arch = "x86_64")]
+        let has = std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bf16");
+        #[cfg(not(target_arch = "x86_64"))]
+        let has = false;
+        let Some(speedup) = avx512bf16_speedup() else {
+            assert!(!has, "measured wherever the CPU has AVX512-BF16");
+            return;
+        };
+        assert!(has);
+        // Any real core lies far inside this: 0.5 and 2 are what the
+        // instruction tables give (a probe timing nothing gives 0 or inf).
+        assert!((0.1..=8.0).contains(&speedup), "speedup {speedup}");
+        let line = describe_choice(Precision::Auto, Precision::Auto.resolve());
+        if speedup < AUTO_MIN_SPEEDUP && bf16_hardware() == Some(Kernel::Avx512Bf16) {
+            assert!(line.contains(&format!("{speedup:.2}x")), "{line}");
+        } else {
+            assert_eq!(line, Precision::Auto.resolve().describe());
+        }
     }
 
     /// Shapes with every kind of edge: odd `k`, `n` past a panel and short

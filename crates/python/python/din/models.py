@@ -441,7 +441,8 @@ class DIN:
         ``"bf16"`` for mixed precision (the hidden layers' products in bf16
         with f32 sums, weights and optimizer state f32; on AMX or
         AVX512-BF16 CPUs through their instructions, emulated and slower
-        elsewhere), or ``"auto"`` (bf16 only on such CPUs). Scoring has its
+        elsewhere), or ``"auto"`` (bf16 only where its kernel is faster than
+        fp32, as :meth:`set_precision`'s ``"auto"``). Scoring has its
         own precision, :meth:`set_precision`."""
         if training_precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"training_precision must be 'fp32', 'bf16' or 'auto', got {training_precision!r}")
@@ -736,7 +737,9 @@ class DIN:
         and of the DNN with bf16 weights and activations and f32 sums; on AMX
         the first attention layer too, on split operands that keep about 16
         bits; on a CPU without AVX512-BF16 emulated: the same bf16
-        arithmetic, no faster) or ``"auto"`` (bf16 where the CPU has it).
+        arithmetic, no faster) or ``"auto"`` (bf16 where the CPU's kernel
+        is faster than fp32: on AMX; on AVX512-BF16 only where ``vdpbf16ps``
+        measures at least 1.5x FP32's FLOP/s; the returned line says why).
         Training stays f32 (see ``compile(training_precision=...)``); a save
         keeps the precision (``model.precision``), as ``din predict`` and
         ``din serve`` read it. Returns what runs it on this CPU."""
