@@ -1506,6 +1506,14 @@ fn auto_takes_avx512bf16_only_where_it_is_faster_and_says_so() {
             assert!(line.contains(turned_down), "{line}");
             assert!(line.contains(&format!("under the {AUTO_MIN_SPEEDUP}x")), "{line}");
             assert_eq!(scores, fp32, "fp32's scores, bit for bit");
+            // Asked for by name, bf16 runs there, with a warning.
+            let (line, bf16) = predict("bf16", true);
+            assert!(
+                line.contains("precision bf16: bf16 on AVX512-BF16 (this CPU multiplies there at"),
+                "{line}"
+            );
+            assert!(line.contains("likely slower than fp32"), "{line}");
+            assert_ne!(bf16, fp32);
         }
         Some(s) if s > 1.2 * AUTO_MIN_SPEEDUP => {
             assert!(line.contains("precision auto: bf16 on AVX512-BF16"), "{line}");

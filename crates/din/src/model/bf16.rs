@@ -208,13 +208,19 @@ pub fn avx512bf16_speedup() -> Option<f64> {
     })
 }
 
-/// A line for logs: the kernel `precision` resolved to, and, where `auto`
-/// turned down this CPU's AVX512-BF16, why.
+/// A line for logs: the kernel `precision` resolved to, and, where this
+/// CPU's AVX512-BF16 is too slow to pay off, that: why `auto` turned it
+/// down, or that `bf16` runs it anyway.
 pub fn describe_choice(precision: Precision, kernel: Kernel) -> String {
     match (precision, kernel, avx512bf16_turned_down()) {
         (Precision::Auto, Kernel::Fp32, Some(speedup)) => format!(
             "fp32 (auto: this CPU's AVX512-BF16 multiplies at {speedup:.2}x its FP32 FLOP/s, \
              under the {AUTO_MIN_SPEEDUP}x it needs to pay off; `bf16` still runs it)"
+        ),
+        (_, Kernel::Avx512Bf16, Some(speedup)) => format!(
+            "{} (this CPU multiplies there at {speedup:.2}x its FP32 FLOP/s: \
+             likely slower than fp32, which `auto` would run)",
+            kernel.describe()
         ),
         _ => kernel.describe().to_string(),
     }
@@ -1719,10 +1725,19 @@ mod tests {
         // instruction tables give (a probe timing nothing gives 0 or inf).
         assert!((0.1..=8.0).contains(&speedup), "speedup {speedup}");
         let line = describe_choice(Precision::Auto, Precision::Auto.resolve());
+        let bf16 = describe_choice(Precision::Bf16, Precision::Bf16.resolve());
         if speedup < AUTO_MIN_SPEEDUP && bf16_hardware() == Some(Kernel::Avx512Bf16) {
-            assert!(line.contains(&format!("{speedup:.2}x")), "{line}");
+            assert!(
+                line.starts_with("fp32 (auto: ") && line.contains(&format!("{speedup:.2}x")),
+                "{line}"
+            );
+            assert!(
+                bf16.starts_with("bf16 on AVX512-BF16 (") && bf16.contains("likely slower"),
+                "{bf16}"
+            );
         } else {
             assert_eq!(line, Precision::Auto.resolve().describe());
+            assert_eq!(bf16, Precision::Bf16.resolve().describe());
         }
     }
 
