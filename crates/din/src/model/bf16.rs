@@ -212,7 +212,13 @@ pub fn avx512bf16_speedup() -> Option<f64> {
 /// CPU's AVX512-BF16 is too slow to pay off, that: why `auto` turned it
 /// down, or that `bf16` runs it anyway.
 pub fn describe_choice(precision: Precision, kernel: Kernel) -> String {
-    match (precision, kernel, avx512bf16_turned_down()) {
+    describe_with(precision, kernel, avx512bf16_turned_down())
+}
+
+/// [`describe_choice`], given the speedup of an AVX512-BF16 that `auto`
+/// turned down (`None`: none was).
+fn describe_with(precision: Precision, kernel: Kernel, turned_down: Option<f64>) -> String {
+    match (precision, kernel, turned_down) {
         (Precision::Auto, Kernel::Fp32, Some(speedup)) => format!(
             "fp32 (auto: this CPU's AVX512-BF16 multiplies at {speedup:.2}x its FP32 FLOP/s, \
              under the {AUTO_MIN_SPEEDUP}x it needs to pay off; `bf16` still runs it)"
@@ -1708,6 +1714,28 @@ mod tests {
         assert_eq!(auto_choice(avx, || Some(0.5)), Kernel::Fp32);
         assert_eq!(auto_choice(avx, || Some(AUTO_MIN_SPEEDUP - 0.01)), Kernel::Fp32);
         assert_eq!(auto_choice(avx, || None), Kernel::Fp32);
+    }
+
+    #[test]
+    fn the_lines_say_why_auto_turned_avx512bf16_down_and_warn_when_bf16_runs_it() {
+        let auto = describe_with(Precision::Auto, Kernel::Fp32, Some(0.5));
+        assert_eq!(
+            auto,
+            "fp32 (auto: this CPU's AVX512-BF16 multiplies at 0.50x its FP32 FLOP/s, \
+             under the 1.5x it needs to pay off; `bf16` still runs it)"
+        );
+        let bf16 = describe_with(Precision::Bf16, Kernel::Avx512Bf16, Some(0.48));
+        assert_eq!(
+            bf16,
+            "bf16 on AVX512-BF16 (this CPU multiplies there at 0.48x its FP32 FLOP/s: \
+             likely slower than fp32, which `auto` would run)"
+        );
+        // Nothing turned down, or another kernel: the kernel's own line.
+        for (p, k) in [(Precision::Auto, Kernel::Fp32), (Precision::Bf16, Kernel::Avx512Bf16)] {
+            assert_eq!(describe_with(p, k, None), k.describe());
+        }
+        assert_eq!(describe_with(Precision::Auto, Kernel::Amx, Some(0.5)), "bf16 on AMX");
+        assert_eq!(describe_with(Precision::Fp32, Kernel::Fp32, Some(0.5)), "fp32");
     }
 
     #[test]
