@@ -183,9 +183,7 @@ impl Mlp {
             pre.clear();
             pre.resize(rows * o, 0.0);
             w.matmul_parallel(rows, &x, &mut pre); // [rows, out]
-            for row in pre.chunks_exact_mut(o) {
-                row.iter_mut().zip(&b.linear.bias.value).for_each(|(p, b)| *p += b);
-            }
+            add_bias(&mut pre, &b.linear.bias.value);
             b.activation.forward(&pre, rows, Mode::Infer, &mut out);
             std::mem::swap(&mut x, &mut out);
         }
@@ -332,9 +330,7 @@ impl Mlp {
                     // `b + x·W`), then the activation.
                     pre.resize(rows * o, 0.0); // overwritten by the product
                     panels.bf16[l].matmul(rows, input, pre); // [rows, out]
-                    for row in pre.chunks_exact_mut(o) {
-                        row.iter_mut().zip(&b.linear.bias.value).for_each(|(p, b)| *p += b);
-                    }
+                    add_bias(pre, &b.linear.bias.value);
                     b.activation.forward(pre, rows, Mode::Train, out); // [rows, out]
                 }
                 _ => {
@@ -464,6 +460,14 @@ impl Module for Block {
     fn visit_mut(&mut self, prefix: &str, f: &mut dyn FnMut(String, &mut Param)) {
         self.linear.visit_mut(prefix, f);
         self.activation.visit_mut(&format!("{prefix}.activation"), f);
+    }
+}
+
+/// `pre += bias` row by row (`pre` is `[rows, bias.len()]`): the bias after
+/// a bf16 product, the same sum as [`Linear::forward_with`]'s `b + x·W`.
+fn add_bias(pre: &mut [f32], bias: &[f32]) {
+    for row in pre.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(p, b)| *p += b);
     }
 }
 
