@@ -165,8 +165,8 @@ pub(super) struct ChunkedState {
     packed_t: Vec<Bf16Matrix>,
     /// FP32 training with fused products (see [`Shared::panels`]): each
     /// hidden layer's weights packed once per batch for the forward pass
-    /// (layer 0: `[Wk'; Wp]`), and layers `1..`'s transposes for the
-    /// backward pass (empty otherwise).
+    /// (layer 0: `[Wk'; Wp]`), and their transposes for the backward pass
+    /// (empty otherwise).
     panels: Vec<Panels>,
     panels_t: Vec<Panels>,
 }
@@ -963,7 +963,11 @@ impl<'a> Shared<'a> {
                 let (gwkp, gwq) = gw.split_at_mut(2 * d * h);
                 serial::matmul_at_b(2 * d, n, h, input, g, gwkp, false); // d[Wk'; Wp]
                 self.per_sample_grads(s0, s1, g, ds, gwq, dq);
-                serial::matmul_a_bt(n, h, 2 * d, g, self.wkp, input, false); // d[k, q*k]
+                // d[k, q*k] = dpre_0·[Wk'; Wp]ᵀ
+                match self.panels_t {
+                    Some(p) => fused_f32::product(n, g, h, &p[0], &mut fused_f32::Store { c: input }),
+                    None => serial::matmul_a_bt(n, h, 2 * d, g, self.wkp, input, false),
+                }
             } else if let (Some(panels_t), Some(alpha)) = (self.panels_t, self.acts[l - 1].as_prelu()) {
                 let pre_below = &earlier[at - 2 * n * width_in..];
                 // With `in_scratch`, layer l-1's output is recomputed from its
@@ -1003,7 +1007,7 @@ impl<'a> Shared<'a> {
                     dbias,
                     next: (next_input, below_in),
                 };
-                fused_f32::product(n, g, h, &panels_t[l - 1], epilogue); // [n, width_in]
+                fused_f32::product(n, g, h, &panels_t[l], epilogue); // [n, width_in]
                 fused_below = true;
             } else if self.batch_stats[l - 1] {
                 // Layer l-1 is Dice in training: its slot holds the
@@ -1027,7 +1031,7 @@ impl<'a> Shared<'a> {
                         dalpha,
                         sums,
                     };
-                    fused_f32::product(n, g, h, &panels_t[l - 1], epilogue); // [n, width_in]
+                    fused_f32::product(n, g, h, &panels_t[l], epilogue); // [n, width_in]
                     self.products.matmul_at_b(width_in, n, h, kept, g, gw, false); // dW_l
                     return;
                 }
@@ -1073,7 +1077,7 @@ impl<'a> Shared<'a> {
         match self.transposed {
             Some(wt) => wt[l - 1].matmul(n, g, dh),
             None => match self.panels_t {
-                Some(p) => fused_f32::product(n, g, h, &p[l - 1], &mut fused_f32::Store { c: dh }),
+                Some(p) => fused_f32::product(n, g, h, &p[l], &mut fused_f32::Store { c: dh }),
                 None => {
                     let w = &self.att.rest.blocks[l - 1].linear.weight.value;
                     self.products.matmul_a_bt(n, h, width_in, g, w, dh, false)
@@ -1355,13 +1359,13 @@ impl Attention {
 
     /// FP32 training on [`fused_f32`] (`fuses`): every hidden layer's
     /// weights packed for the forward products (layer 0: `st.wkp`, after
-    /// [`Attention::split_first_layer`]), and layers `1..`'s transposes for
-    /// the backward ones, into the buffers of the batch before; none
+    /// [`Attention::split_first_layer`]), and their transposes for the
+    /// backward ones, into the buffers of the batch before; none
     /// otherwise.
     fn pack_panels(&self, fuses: bool, st: &mut ChunkedState) {
         let layers = if fuses { self.rest.blocks.len() + 1 } else { 0 };
         st.panels.resize_with(layers, Panels::default);
-        st.panels_t.resize_with(layers.saturating_sub(1), Panels::default);
+        st.panels_t.resize_with(layers, Panels::default);
         // Each layer's (and transpose's) on its own task: a copy, serial
         // otherwise while the other workers wait.
         let block = |l: usize| if l == 0 { &self.first } else { &self.rest.blocks[l - 1] };
@@ -1388,8 +1392,8 @@ impl Attention {
                 })
             },
             || {
-                panels_t.par_iter_mut().enumerate().for_each(|(i, p)| {
-                    let (l, h) = (i + 1, block(i + 1).linear.output_dim());
+                panels_t.par_iter_mut().enumerate().for_each(|(l, p)| {
+                    let h = block(l).linear.output_dim();
                     p.pack(h, width_in(l), weight(l), (1, h)); // W_lᵀ, [h, width_in]
                 })
             },
