@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use din::data::{read_dataset, Batch, Dataset, ReadOptions};
 use din::model::{Din, DinCache, Mode, Module};
 use din::schema::{Config, InputLayout};
-use din::train::{fit, load_training_data, Silent};
+use din::train::{fit, load_training_data, Observer, Silent};
 
 /// `|a - b| <= tol * max(|b|, 1e-3)` element-wise, naming the first miss.
 fn close(what: &str, a: &[f32], b: &[f32], tol: f32) {
@@ -188,6 +188,68 @@ fn grouped_training_gives_the_flat_model_on_the_same_sample_order() {
             assert!((gv.logloss - fv.logloss).abs() < 1e-5, "{activation} val logloss");
         }
     }
+}
+
+/// Records the rows each batch trained on, and whether their labels were
+/// the data set's.
+struct Rows {
+    labels: Vec<f32>,
+    seen: Vec<Vec<usize>>,
+    labels_ok: bool,
+}
+
+impl Observer for Rows {
+    fn on_outputs(&mut self, _epoch: usize, rows: &[usize], labels: &[f32], logits: &[f32]) {
+        self.labels_ok &= rows.len() == labels.len() && labels.len() == logits.len();
+        self.labels_ok &= rows.iter().zip(labels).all(|(&r, &y)| self.labels[r] == y);
+        self.seen.push(rows.to_vec());
+    }
+}
+
+#[test]
+fn grouped_training_shows_each_batch_its_own_rows_whole_groups_each_row_once_an_epoch() {
+    // Shuffled groups; each batch is gathered while the one before it
+    // trains, so the observer must be shown the rows of the batch that
+    // trained, not of the next one.
+    let dir = tempfile::tempdir().unwrap();
+    let config = tutorial(|c| {
+        c.data.train = Some(grouped_file(dir.path()));
+        c.input.layout = InputLayout::Grouped;
+        c.train.batch_size = 60;
+        c.train.epochs = 2;
+    });
+    let data = load_training_data(&config).unwrap();
+    let batch = &data.train.batch;
+    let mut rows = Rows {
+        labels: batch.labels.clone(),
+        seen: Vec::new(),
+        labels_ok: true,
+    };
+    fit(&data, &mut rows).unwrap();
+    assert!(rows.labels_ok, "each batch's labels are its rows'");
+    let n = data.train.len();
+    let (mut epoch, mut distinct) = (Vec::new(), std::collections::BTreeSet::new());
+    for seen in &rows.seen {
+        // Whole groups, each in one piece.
+        let groups: std::collections::BTreeSet<usize> = seen.iter().map(|&r| batch.group_of(r)).collect();
+        for g in groups {
+            let rows_of: Vec<usize> = seen.iter().copied().filter(|&r| batch.group_of(r) == g).collect();
+            assert_eq!(
+                rows_of,
+                batch.group_rows(g).collect::<Vec<_>>(),
+                "group {g} whole, in order"
+            );
+        }
+        epoch.extend_from_slice(seen);
+        distinct.insert(seen.clone());
+        if epoch.len() == n {
+            epoch.sort_unstable();
+            assert_eq!(epoch, (0..n).collect::<Vec<_>>(), "every row once an epoch");
+            epoch.clear();
+        }
+    }
+    assert!(epoch.is_empty(), "whole epochs");
+    assert_eq!(distinct.len(), rows.seen.len(), "no batch shown twice");
 }
 
 /// The tutorial's rows written one group per line (the grouped layout).

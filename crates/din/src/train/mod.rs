@@ -670,6 +670,18 @@ pub(crate) fn batch_bounds(order: &[usize], groups: Option<&[u32]>, batch_size: 
     bounds
 }
 
+/// Gathers the rows of `units` of `window` into `batch`: the units are
+/// rows, or with `grouped` data groups, whose rows then go to `rows`.
+fn gather_batch(window: &Dataset, units: &[usize], grouped: bool, rows: &mut Vec<usize>, batch: &mut Batch) {
+    if grouped {
+        rows.clear();
+        rows.extend(units.iter().flat_map(|&u| window.batch.group_rows(u)));
+        window.batch.gather_into(rows, batch);
+    } else {
+        window.batch.gather_into(units, batch);
+    }
+}
+
 /// A random stream of the run: `stream` of `seed`, at `position`.
 pub(crate) fn stream(seed: u64, stream: u64, position: u128) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -696,6 +708,9 @@ struct Loop<'a> {
     batch: Batch,
     emb: EmbeddingGrads,
     rows: Vec<usize>,
+    /// The next batch, gathered while `batch` trains, and its rows.
+    next_batch: Batch,
+    next_rows: Vec<usize>,
     rng: Streams,
 }
 
@@ -744,21 +759,21 @@ impl Loop<'_> {
         let (total, last) = (epoch_batches.unwrap_or(n), epoch_batches.is_none());
         let epoch = s.epoch;
         let spinners = crate::threads::Spinners::new();
+        // Batch `i`'s units of `s.order`.
+        let units = |i: usize| bounds[i]..bounds[i + 1];
+        let grouped = groups.is_some();
+        if s.window_batches_done < n {
+            gather_batch(
+                window,
+                &s.order[units(s.window_batches_done)],
+                grouped,
+                &mut self.rows,
+                &mut self.batch,
+            );
+        }
         for i in s.window_batches_done..n {
             spinners.ensure();
-            let units = &s.order[bounds[i]..bounds[i + 1]];
-            let rows = match groups {
-                None => {
-                    window.batch.gather_into(units, &mut self.batch);
-                    units
-                }
-                Some(_) => {
-                    self.rows.clear();
-                    self.rows.extend(units.iter().flat_map(|&u| window.batch.group_rows(u)));
-                    window.batch.gather_into(&self.rows, &mut self.batch);
-                    &self.rows
-                }
-            };
+            let rows = if grouped { &self.rows } else { &s.order[units(i)] };
             let (batch, cache, emb) = (&self.batch, &mut self.cache, &mut self.emb);
             let model = &mut s.model;
             // One pass chunk by chunk where the model allows it, else the
@@ -776,33 +791,49 @@ impl Loop<'_> {
             s.window_batches_done = i + 1;
             s.batches_done += 1;
             let done = s.batches_done;
-            if fault.is_none() {
-                if !whole {
-                    model.zero_grad();
-                    model.backward_into(batch, cache, &self.dlogits, emb);
-                }
-                regularize(&tc.regularization, model, emb, self.counts);
-                observer.on_gradients(epoch, done, model, emb);
-                fault = non_finite_gradient(model, emb, &data.layout);
-            }
-            match fault {
-                None => {
-                    s.optimizer.step(model, emb);
-                    model.update_statistics(cache);
-                    s.loss_sum += loss;
-                }
-                Some(what) => {
-                    let place = format!("epoch {epoch}, batch {done} of {}", total.max(done));
-                    match tc.on_non_finite {
-                        OnNonFinite::Stop => {
-                            return Err(Error::Training(format!(
-                                "{what} at {place}; lower train.learning_rate, check the data, or set train.on_non_finite = \"skip_batch\" (the model directory keeps the last good epoch, the checkpoints folder the last good checkpoint)"
-                            )))
+            // The next batch is gathered on another worker while this
+            // one's gradients are finished, checked and applied: the
+            // gather waits on memory (rows anywhere in the data set), and
+            // the optimizer's step has serial parts, which it fills.
+            let (optimizer, loss_sum, dlogits) = (&mut s.optimizer, &mut s.loss_sum, &self.dlogits);
+            let (next_rows, next_batch) = (&mut self.next_rows, &mut self.next_batch);
+            let next = (i + 1 < n).then(|| &s.order[units(i + 1)]);
+            rayon::join(
+                || {
+                    if fault.is_none() {
+                        if !whole {
+                            model.zero_grad();
+                            model.backward_into(batch, cache, dlogits, emb);
                         }
-                        OnNonFinite::SkipBatch => {
-                            observer.on_skipped_batch(epoch, done, &what);
-                            s.skipped += 1;
-                        }
+                        regularize(&tc.regularization, model, emb, self.counts);
+                        observer.on_gradients(epoch, done, model, emb);
+                        fault = non_finite_gradient(model, emb, &data.layout);
+                    }
+                    if fault.is_none() {
+                        optimizer.step(model, emb);
+                        model.update_statistics(cache);
+                        *loss_sum += loss;
+                    }
+                },
+                || {
+                    if let Some(units) = next {
+                        gather_batch(window, units, grouped, next_rows, next_batch);
+                    }
+                },
+            );
+            std::mem::swap(&mut self.batch, &mut self.next_batch);
+            std::mem::swap(&mut self.rows, &mut self.next_rows);
+            if let Some(what) = fault {
+                let place = format!("epoch {epoch}, batch {done} of {}", total.max(done));
+                match tc.on_non_finite {
+                    OnNonFinite::Stop => {
+                        return Err(Error::Training(format!(
+                            "{what} at {place}; lower train.learning_rate, check the data, or set train.on_non_finite = \"skip_batch\" (the model directory keeps the last good epoch, the checkpoints folder the last good checkpoint)"
+                        )))
+                    }
+                    OnNonFinite::SkipBatch => {
+                        observer.on_skipped_batch(epoch, done, &what);
+                        s.skipped += 1;
                     }
                 }
             }
@@ -930,6 +961,8 @@ fn run(
         batch: Batch::default(),
         emb: EmbeddingGrads::new(),
         rows: Vec::with_capacity(tc.batch_size),
+        next_batch: Batch::default(),
+        next_rows: Vec::with_capacity(tc.batch_size),
         // Separate streams for shuffling and dropout, both from the one seed.
         rng: Streams {
             shuffle: stream(tc.seed, 1, s.rng_positions[0]),
