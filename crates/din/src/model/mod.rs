@@ -426,27 +426,34 @@ impl Din {
         let (mut dq, mut dk) = (std::mem::take(&mut cache.dq), std::mem::take(&mut cache.dk));
         self.attention
             .backward_into(&cache.q, &cache.keys, &mut cache.attention, &dpooled, &mut dq, &mut dk);
-        self.embedding_grads(batch, &dx, &dq, &dk, grads);
+        Self::embedding_grads(&self.layout, &self.embeddings, batch, [&dx, &dq, &dk], grads);
         (cache.dq, cache.dk, cache.dx, cache.dpooled) = (dq, dk, dx, dpooled);
     }
 
     /// The embedding gradients of a batch (`grads`, cleared first), from
     /// the gradients of the DNN input `dx` (`[B, Din]`), of the queries
-    /// `dq` (`[B, Dq]`) and of the keys `dk` (`[N, Dq]`).
-    fn embedding_grads(&self, batch: &Batch, dx: &[f32], dq: &[f32], dk: &[f32], grads: &mut EmbeddingGrads) {
-        let l = &self.layout;
+    /// `dq` (`[B, Dq]`) and of the keys `dk` (`[N, Dq]`), for `embeddings`
+    /// laid out by `l` (a model's fields, so that the rest of the model can
+    /// be updated meanwhile).
+    fn embedding_grads(
+        l: &Layout,
+        embeddings: &[Embedding],
+        batch: &Batch,
+        [dx, dq, dk]: [&[f32]; 3],
+        grads: &mut EmbeddingGrads,
+    ) {
         let b = batch.rows;
         let width = l.dnn_input_dim();
         let dq_width = l.query_dim();
-        grads.resize_with(self.embeddings.len(), SparseGrad::default);
-        for (g, e) in grads.iter_mut().zip(&self.embeddings) {
+        grads.resize_with(embeddings.len(), SparseGrad::default);
+        for (g, e) in grads.iter_mut().zip(embeddings) {
             g.clear();
             g.dim = e.dim();
         }
         let mut col = 0;
         let mut sum = Vec::new();
         for (f, slot) in l.sparse.iter().enumerate() {
-            let dim = self.embeddings[slot.table].dim();
+            let dim = embeddings[slot.table].dim();
             if batch.is_shared_sparse(f) {
                 // A user feature of a grouped batch: its group's rows are
                 // summed first and added to its row once.
@@ -471,7 +478,7 @@ impl Din {
         let mut qcol = 0;
         for &(t, h) in &l.pairs {
             let table = l.sparse[t].table;
-            let dim = self.embeddings[table].dim();
+            let dim = embeddings[table].dim();
             let g = &mut grads[table];
             batch.for_each_sparse(t, |r, id| {
                 g.add(id, &dq[r * dq_width + qcol..r * dq_width + qcol + dim]);
@@ -482,7 +489,7 @@ impl Din {
         }
         for s in l.unpaired_sequences() {
             let table = l.sequences[s].table;
-            let dim = self.embeddings[table].dim();
+            let dim = embeddings[table].dim();
             let mut g = vec![0.0f32; dim];
             for r in 0..b {
                 let ids = batch.history(s, r);
@@ -657,13 +664,25 @@ impl Din {
             cache.dpooled = dpooled;
         }
         drop(extras);
-        sum_in_order(&mut cache.partial, chunks);
-        let total = &cache.partial[0];
-        self.dnn.add_grads(&total[..dnn_len]);
-        let (dw, db) = total[dnn_len..].split_at(h_last);
-        self.output.weight.grad.iter_mut().zip(dw).for_each(|(a, g)| *a += g);
-        self.output.bias.grad[0] += db[0];
-        self.embedding_grads(batch, &cache.dx, &dq, &dk, grads);
+        // The chunks' weight gradients summed and added (in parallel
+        // blocks), while one worker gathers the embedding gradients (one
+        // pass over the batch's ids, in order).
+        let (attention, dnn, output) = (&mut self.attention, &mut self.dnn, &mut self.output);
+        let (partial, unit) = (&mut cache.partial, &mut cache.attention);
+        rayon::join(
+            || {
+                if one_pass {
+                    attention.finish_step(unit);
+                }
+                sum_in_order(partial, chunks);
+                let total = &partial[0];
+                dnn.add_grads(&total[..dnn_len]);
+                let (dw, db) = total[dnn_len..].split_at(h_last);
+                output.weight.grad.iter_mut().zip(dw).for_each(|(a, g)| *a += g);
+                output.bias.grad[0] += db[0];
+            },
+            || Self::embedding_grads(&self.layout, &self.embeddings, batch, [&cache.dx, &dq, &dk], grads),
+        );
         (cache.dq, cache.dk) = (dq, dk);
         // Nothing is kept for a backward pass, nor Dice statistics.
         cache.dnn = MlpCache::default();

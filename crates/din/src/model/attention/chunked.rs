@@ -1727,9 +1727,9 @@ impl Attention {
     /// histories `[s1-s0, D]` to their gradients `dpooled`), then the
     /// unit's backward pass, while the chunk's activations are still in the
     /// core's cache. Writes the attention weights (`[N]`, into `cache`), the pooled
-    /// histories (`[B, D]`), `dq` (`[B, D]`) and `dk` (`[N, D]`), and adds
-    /// the weight gradients to the parameters, summed over the chunks in
-    /// chunk order. `extras` holds one value per chunk. The results do not
+    /// histories (`[B, D]`), `dq` (`[B, D]`) and `dk` (`[N, D]`), and keeps
+    /// each chunk's weight gradients in `cache` for
+    /// [`Attention::finish_step`]. `extras` holds one value per chunk. The results do not
     /// depend on the number of threads; each chunk's are those of
     /// [`Attention::forward_chunked`] and [`Attention::backward_chunked`]
     /// over the same chunks.
@@ -1841,10 +1841,19 @@ impl Attention {
                 });
             });
         drop(parts);
-        crate::model::sum_in_order(&mut partial, chunks.len());
-        self.add_chunk_grads(&partial[0], &layout.grad_offsets);
         st.partial = partial;
         st.per_sample = per_sample;
+    }
+
+    /// The end of [`Attention::train_step`] with the same `cache`: adds the
+    /// weight gradients to the parameters, summed over the chunks in chunk
+    /// order.
+    pub(crate) fn finish_step(&mut self, cache: &mut AttentionCache) {
+        let layout = Layout::new(self, false);
+        let st = &mut cache.chunked;
+        let chunks = st.bounds.len().saturating_sub(1);
+        crate::model::sum_in_order(&mut st.partial, chunks);
+        self.add_chunk_grads(&st.partial[0], &layout.grad_offsets);
     }
 
     /// Adds gradients laid out as by `Layout::grad_offsets` to the parameters.
