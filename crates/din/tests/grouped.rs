@@ -230,7 +230,7 @@ fn grouped_training_shows_each_batch_its_own_rows_whole_groups_each_row_once_an_
     let n = data.train.len();
     let (mut epoch, mut distinct) = (Vec::new(), std::collections::BTreeSet::new());
     for seen in &rows.seen {
-        // Whole groups, each in one piece.
+        // Whole groups, their rows in order.
         let groups: std::collections::BTreeSet<usize> = seen.iter().map(|&r| batch.group_of(r)).collect();
         for g in groups {
             let rows_of: Vec<usize> = seen.iter().copied().filter(|&r| batch.group_of(r) == g).collect();
