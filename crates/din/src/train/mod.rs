@@ -670,15 +670,19 @@ pub(crate) fn batch_bounds(order: &[usize], groups: Option<&[u32]>, batch_size: 
     bounds
 }
 
-/// Gathers the rows of `units` of `window` into `batch`: the units are
-/// rows, or with `grouped` data groups, whose rows then go to `rows`.
-fn gather_batch(window: &Dataset, units: &[usize], grouped: bool, rows: &mut Vec<usize>, batch: &mut Batch) {
-    if grouped {
-        rows.clear();
-        rows.extend(units.iter().flat_map(|&u| window.batch.group_rows(u)));
-        window.batch.gather_into(rows, batch);
-    } else {
-        window.batch.gather_into(units, batch);
+/// A training batch and the rows of the data set it holds.
+#[derive(Default)]
+struct Gathered {
+    batch: Batch,
+    rows: Vec<usize>,
+}
+
+impl Gathered {
+    /// Gathers `units` of `window`: rows, or with grouped data whole groups.
+    fn gather(&mut self, window: &Dataset, units: &[usize]) {
+        self.rows.clear();
+        self.rows.extend(units.iter().flat_map(|&u| window.batch.group_rows(u)));
+        window.batch.gather_into(&self.rows, &mut self.batch);
     }
 }
 
@@ -705,12 +709,10 @@ struct Loop<'a> {
     counts: &'a [Vec<u32>],
     dlogits: Vec<f32>,
     cache: DinCache,
-    batch: Batch,
     emb: EmbeddingGrads,
-    rows: Vec<usize>,
-    /// The next batch, gathered while `batch` trains, and its rows.
-    next_batch: Batch,
-    next_rows: Vec<usize>,
+    /// The batch that trains, and the next one, gathered meanwhile.
+    current: Gathered,
+    next: Gathered,
     rng: Streams,
 }
 
@@ -761,20 +763,13 @@ impl Loop<'_> {
         let spinners = crate::threads::Spinners::new();
         // Batch `i`'s units of `s.order`.
         let units = |i: usize| bounds[i]..bounds[i + 1];
-        let grouped = groups.is_some();
         if s.window_batches_done < n {
-            gather_batch(
-                window,
-                &s.order[units(s.window_batches_done)],
-                grouped,
-                &mut self.rows,
-                &mut self.batch,
-            );
+            self.current.gather(window, &s.order[units(s.window_batches_done)]);
         }
         for i in s.window_batches_done..n {
             spinners.ensure();
-            let rows = if grouped { &self.rows } else { &s.order[units(i)] };
-            let (batch, cache, emb) = (&self.batch, &mut self.cache, &mut self.emb);
+            let Gathered { batch, rows } = &self.current;
+            let (cache, emb) = (&mut self.cache, &mut self.emb);
             let model = &mut s.model;
             // One pass chunk by chunk where the model allows it, else the
             // forward pass, then (with a finite loss) the backward pass.
@@ -796,8 +791,8 @@ impl Loop<'_> {
             // gather waits on memory (rows anywhere in the data set), and
             // the optimizer's step has serial parts, which it fills.
             let (optimizer, loss_sum, dlogits) = (&mut s.optimizer, &mut s.loss_sum, &self.dlogits);
-            let (next_rows, next_batch) = (&mut self.next_rows, &mut self.next_batch);
-            let next = (i + 1 < n).then(|| &s.order[units(i + 1)]);
+            let next = &mut self.next;
+            let next_units = (i + 1 < n).then(|| &s.order[units(i + 1)]);
             rayon::join(
                 || {
                     if fault.is_none() {
@@ -816,13 +811,12 @@ impl Loop<'_> {
                     }
                 },
                 || {
-                    if let Some(units) = next {
-                        gather_batch(window, units, grouped, next_rows, next_batch);
+                    if let Some(units) = next_units {
+                        next.gather(window, units);
                     }
                 },
             );
-            std::mem::swap(&mut self.batch, &mut self.next_batch);
-            std::mem::swap(&mut self.rows, &mut self.next_rows);
+            std::mem::swap(&mut self.current, &mut self.next);
             if let Some(what) = fault {
                 let place = format!("epoch {epoch}, batch {done} of {}", total.max(done));
                 match tc.on_non_finite {
@@ -958,11 +952,9 @@ fn run(
         counts,
         dlogits: Vec::new(),
         cache: DinCache::default(),
-        batch: Batch::default(),
         emb: EmbeddingGrads::new(),
-        rows: Vec::with_capacity(tc.batch_size),
-        next_batch: Batch::default(),
-        next_rows: Vec::with_capacity(tc.batch_size),
+        current: Gathered::default(),
+        next: Gathered::default(),
         // Separate streams for shuffling and dropout, both from the one seed.
         rng: Streams {
             shuffle: stream(tc.seed, 1, s.rng_positions[0]),
