@@ -1599,7 +1599,8 @@ impl Attention {
         let key_ranges: Vec<(usize, usize)> = chunks.iter().map(|&(s0, s1)| shared.key_range(s0, s1)).collect();
         dq.clear();
         dq.resize(b * d, 0.0);
-        dk.clear();
+        // Not zeroed here: each chunk's backward pass zeroes its rows
+        // (`Shared::backward_scores`), in parallel.
         dk.resize(keys.len(), 0.0);
         let rows = |&(s0, s1): &(usize, usize)| (offsets[s1] - offsets[s0]) as usize;
         let regions = split_pieces(&mut region[..n * width], chunks.iter().map(|c| rows(c) * width));
