@@ -1691,12 +1691,10 @@ impl Attention {
         }
         drop(parts);
         st.sums = sums;
-        // Sum the chunks in order, then add to the parameters.
-        crate::model::sum_in_order(&mut partial, chunks.len());
-        self.add_chunk_grads(&partial[0], grad_offsets);
         st.partial = partial;
         st.region = region;
         st.per_sample = per_sample;
+        self.add_chunk_grads(st);
     }
 
     /// Whether [`Attention::train_step`] can run this unit: attention
@@ -1850,15 +1848,15 @@ impl Attention {
     /// weight gradients to the parameters, summed over the chunks in chunk
     /// order.
     pub(crate) fn finish_step(&mut self, cache: &mut AttentionCache) {
-        let layout = Layout::new(self, false);
-        let st = &mut cache.chunked;
-        let chunks = st.bounds.len().saturating_sub(1);
-        crate::model::sum_in_order(&mut st.partial, chunks);
-        self.add_chunk_grads(&st.partial[0], &layout.grad_offsets);
+        self.add_chunk_grads(&mut cache.chunked);
     }
 
-    /// Adds gradients laid out as by `Layout::grad_offsets` to the parameters.
-    fn add_chunk_grads(&mut self, g: &[f32], offsets: &[usize]) {
+    /// Sums the chunks' gradients in `st.partial` (laid out as by
+    /// `Layout::grad_offsets`, one buffer per chunk of `st.bounds`) in
+    /// chunk order, and adds them to the parameters.
+    fn add_chunk_grads(&mut self, st: &mut ChunkedState) {
+        crate::model::sum_in_order(&mut st.partial, st.bounds.len().saturating_sub(1));
+        let (g, offsets) = (&st.partial[0], &Layout::new(self, false).grad_offsets);
         let (d, h1) = self.dims();
         let add = |dst: &mut [f32], src: &[f32]| dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
         // Layer 0: dWq = dWq', dWk = dWk', dWd = dWq' - dWk', dWp.
